@@ -1,0 +1,33 @@
+//! Generated protobuf and gRPC types of the chat backend.
+//!
+//! Only the edges of each service (its gRPC handlers, transport and storage
+//! codecs) use these types; domain types live in the service crates.
+
+pub mod chat {
+    pub mod v1 {
+        tonic::include_proto!("chat.v1");
+    }
+}
+
+pub mod store {
+    pub mod v1 {
+        tonic::include_proto!("chat.store.v1");
+    }
+    pub mod log {
+        pub mod v1 {
+            tonic::include_proto!("chat.store.log.v1");
+        }
+    }
+}
+
+pub mod raft {
+    pub mod v1 {
+        tonic::include_proto!("chat.raft.v1");
+    }
+}
+
+pub mod router {
+    pub mod v1 {
+        tonic::include_proto!("chat.router.v1");
+    }
+}

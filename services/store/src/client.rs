@@ -1,0 +1,231 @@
+//! Client of the store used by routers, tools and tests.
+//!
+//! Holds every replica's address (never a single name), sends each call to
+//! the leader it last heard of, follows `NotLeader` hints at once, and
+//! retries retryable failures on the next replica with exponential backoff
+//! and full jitter until the call's deadline. Every store operation is
+//! idempotent (appends through their client message id), so retrying one
+//! whose outcome is unknown never duplicates anything.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chat_proto::store::v1 as api;
+use chat_proto::store::v1::store_admin_client::StoreAdminClient;
+use chat_proto::store::v1::store_client::StoreClient as RawStoreClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status};
+
+use crate::error::StoreError;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+struct Route {
+    /// Address of the replica believed to lead.
+    leader: Option<String>,
+    /// Next replica to try when no leader is known.
+    next: usize,
+}
+
+pub struct StoreClient {
+    endpoints: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    route: Mutex<Route>,
+    deadline: Duration,
+}
+
+impl StoreClient {
+    /// `endpoints` are host:port of the replicas; `deadline` bounds each
+    /// call including its retries.
+    pub fn new(endpoints: Vec<String>, deadline: Duration) -> Result<Self, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::InvalidArgument("no store endpoints given".into()));
+        }
+        Ok(Self {
+            endpoints,
+            channels: Mutex::new(HashMap::new()),
+            route: Mutex::new(Route { leader: None, next: 0 }),
+            deadline,
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, StoreError> {
+        let mut channels = self.channels.lock().expect("client lock poisoned");
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| StoreError::InvalidArgument(format!("bad store address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        channels.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn target(&self) -> String {
+        let mut r = self.route.lock().expect("client lock poisoned");
+        if let Some(l) = &r.leader {
+            return l.clone();
+        }
+        let addr = self.endpoints[r.next % self.endpoints.len()].clone();
+        r.next += 1;
+        addr
+    }
+
+    fn learn(&self, leader: Option<String>) {
+        self.route.lock().expect("client lock poisoned").leader = leader;
+    }
+
+    /// Runs `call` against the leader, following hints and retrying.
+    pub async fn with_leader<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let mut backoff = BACKOFF_MIN;
+        let mut hops = 0usize;
+        loop {
+            let addr = self.target();
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let result = match tokio::time::timeout(remaining, call(self.channel(&addr)?)).await {
+                Ok(r) => r,
+                Err(_) => return Err(StoreError::Unavailable(format!("no answer within {:?}", self.deadline))),
+            };
+            let err = match result {
+                Ok(resp) => {
+                    self.learn(Some(addr));
+                    return Ok(resp.into_inner());
+                }
+                Err(status) => StoreError::from_status(&status),
+            };
+            let wait = match &err {
+                StoreError::NotLeader { leader: Some((_, hint)) } if hint != &addr && hops < 2 * self.endpoints.len() => {
+                    hops += 1;
+                    self.learn(Some(hint.clone()));
+                    Duration::ZERO
+                }
+                StoreError::Overloaded { retry_after } => *retry_after,
+                e if e.is_retryable() => {
+                    self.learn(None);
+                    hops = 0;
+                    let w = backoff.mul_f64(rand::random::<f64>());
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+                _ => return Err(err),
+            };
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    pub async fn append(&self, req: api::AppendRequest) -> Result<api::AppendResponse, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).append(req).await }
+        })
+        .await
+    }
+
+    pub async fn append_batch(&self, req: api::AppendBatchRequest) -> Result<api::AppendBatchResponse, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).max_decoding_message_size(64 << 20).append_batch(req).await }
+        })
+        .await
+    }
+
+    pub async fn read(&self, req: api::ReadRequest) -> Result<api::ReadResponse, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).max_decoding_message_size(256 << 20).read(req).await }
+        })
+        .await
+    }
+
+    pub async fn create_conversation(
+        &self,
+        req: api::CreateConversationRequest,
+    ) -> Result<api::ConversationInfo, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).create_conversation(req).await }
+        })
+        .await
+    }
+
+    pub async fn add_member(&self, req: api::MemberRequest) -> Result<api::ConversationInfo, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).add_member(req).await }
+        })
+        .await
+    }
+
+    pub async fn remove_member(&self, req: api::MemberRequest) -> Result<api::ConversationInfo, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).remove_member(req).await }
+        })
+        .await
+    }
+
+    pub async fn get_conversation(&self, req: api::GetConversationRequest) -> Result<api::ConversationInfo, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).get_conversation(req).await }
+        })
+        .await
+    }
+
+    /// Reads a conversation from one given replica, without retries (for
+    /// stale reads and checks of a particular replica).
+    pub async fn read_from(&self, addr: &str, req: api::ReadRequest) -> Result<api::ReadResponse, StoreError> {
+        let mut c = RawStoreClient::new(self.channel(addr)?).max_decoding_message_size(256 << 20);
+        c.read(req).await.map(Response::into_inner).map_err(|s| StoreError::from_status(&s))
+    }
+
+    /// Status of one given replica.
+    pub async fn status_of(&self, addr: &str) -> Result<api::StatusResponse, StoreError> {
+        let mut c = StoreAdminClient::new(self.channel(addr)?);
+        c.status(api::StatusRequest {}).await.map(Response::into_inner).map_err(|s| StoreError::from_status(&s))
+    }
+
+    pub async fn add_learner(&self, id: u64, address: &str) -> Result<api::MembershipResponse, StoreError> {
+        let req = api::AddLearnerRequest { id, address: address.to_owned() };
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { StoreAdminClient::new(c).add_learner(req).await }
+        })
+        .await
+    }
+
+    pub async fn promote(&self, id: u64) -> Result<api::MembershipResponse, StoreError> {
+        self.with_leader(|c| async move { StoreAdminClient::new(c).promote(api::ReplicaRequest { id }).await })
+            .await
+    }
+
+    pub async fn remove_replica(&self, id: u64) -> Result<api::MembershipResponse, StoreError> {
+        self.with_leader(|c| async move { StoreAdminClient::new(c).remove_replica(api::ReplicaRequest { id }).await })
+            .await
+    }
+
+    /// Moves leadership to `id` (0: the most up-to-date other voter).
+    pub async fn transfer_leader(&self, id: u64) -> Result<api::StatusResponse, StoreError> {
+        self.with_leader(|c| async move { StoreAdminClient::new(c).transfer_leader(api::ReplicaRequest { id }).await })
+            .await
+    }
+}

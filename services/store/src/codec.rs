@@ -1,0 +1,206 @@
+//! Conversions between domain types and their protobuf forms: the replicated
+//! log's records (`chat.store.log.v1`) and the store API (`chat.store.v1`).
+//! The only place where the two meet.
+
+use bytes::Bytes;
+use chat_proto::store::log::v1 as log;
+use chat_proto::store::v1 as api;
+use prost::Message as _;
+
+use crate::error::StoreError;
+use crate::types::{Appended, Conversation, ConversationId, NewMessage, Op, Seq, StoredMessage, UserId};
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(format!("corrupt {what}: {e}"))
+}
+
+/// A decoded raft entry payload.
+pub struct Proposal {
+    pub id: u64,
+    pub ts_ms: i64,
+    pub ops: Vec<Op>,
+}
+
+pub fn encode_proposal(id: u64, ts_ms: i64, ops: &[Op]) -> Vec<u8> {
+    let ops = ops
+        .iter()
+        .map(|op| log::Op {
+            kind: Some(match op {
+                Op::CreateConversation { conversation, members } => log::op::Kind::Create(log::CreateConversation {
+                    conversation_id: conversation.as_str().to_owned(),
+                    members: members.iter().map(|m| m.as_str().to_owned()).collect(),
+                }),
+                Op::AddMember { conversation, user } => log::op::Kind::AddMember(log::Member {
+                    conversation_id: conversation.as_str().to_owned(),
+                    user_id: user.as_str().to_owned(),
+                }),
+                Op::RemoveMember { conversation, user } => log::op::Kind::RemoveMember(log::Member {
+                    conversation_id: conversation.as_str().to_owned(),
+                    user_id: user.as_str().to_owned(),
+                }),
+                Op::Append(m) => log::op::Kind::Append(log::Append {
+                    conversation_id: m.conversation.as_str().to_owned(),
+                    sender: m.sender.as_str().to_owned(),
+                    client_msg_id: m.client_msg_id.clone(),
+                    body: m.body.clone(),
+                }),
+                Op::Noop => log::op::Kind::Noop(log::Noop {}),
+            }),
+        })
+        .collect();
+    log::Proposal { id, ts_ms, ops }.encode_to_vec()
+}
+
+pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
+    let p = log::Proposal::decode(data).map_err(|e| corrupt("log entry", e))?;
+    let mut ops = Vec::with_capacity(p.ops.len());
+    for op in p.ops {
+        let id = |s: &str| ConversationId::parse(s).map_err(|e| corrupt("log entry", e));
+        let user = |s: &str| UserId::parse(s).map_err(|e| corrupt("log entry", e));
+        ops.push(match op.kind {
+            Some(log::op::Kind::Create(c)) => Op::CreateConversation {
+                conversation: id(&c.conversation_id)?,
+                members: c.members.iter().map(|m| user(m)).collect::<Result<_, _>>()?,
+            },
+            Some(log::op::Kind::AddMember(m)) => {
+                Op::AddMember { conversation: id(&m.conversation_id)?, user: user(&m.user_id)? }
+            }
+            Some(log::op::Kind::RemoveMember(m)) => {
+                Op::RemoveMember { conversation: id(&m.conversation_id)?, user: user(&m.user_id)? }
+            }
+            Some(log::op::Kind::Append(a)) => Op::Append(NewMessage {
+                conversation: id(&a.conversation_id)?,
+                sender: user(&a.sender)?,
+                client_msg_id: a.client_msg_id,
+                body: a.body,
+            }),
+            Some(log::op::Kind::Noop(_)) | None => Op::Noop,
+        });
+    }
+    Ok(Proposal { id: p.id, ts_ms: p.ts_ms, ops })
+}
+
+pub fn encode_conversation(c: &Conversation) -> Vec<u8> {
+    log::Conversation {
+        members: c.members.iter().map(|m| m.as_str().to_owned()).collect(),
+        last_seq: c.last_seq.0,
+        created_at_ms: c.created_at_ms,
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_conversation(id: &ConversationId, raw: &[u8]) -> Result<Conversation, StoreError> {
+    let c = log::Conversation::decode(raw).map_err(|e| corrupt("conversation record", e))?;
+    Ok(Conversation {
+        id: id.clone(),
+        members: c
+            .members
+            .iter()
+            .map(|m| UserId::parse(m).map_err(|e| corrupt("conversation record", e)))
+            .collect::<Result<_, _>>()?,
+        last_seq: Seq(c.last_seq),
+        created_at_ms: c.created_at_ms,
+    })
+}
+
+pub fn encode_message(m: &NewMessage, ts_ms: i64) -> Vec<u8> {
+    log::Message {
+        sender: m.sender.as_str().to_owned(),
+        client_msg_id: m.client_msg_id.clone(),
+        body: m.body.to_vec(),
+        server_ts_ms: ts_ms,
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_message(conv: &ConversationId, seq: Seq, raw: &[u8]) -> Result<StoredMessage, StoreError> {
+    let m = log::Message::decode(raw).map_err(|e| corrupt("message record", e))?;
+    Ok(StoredMessage {
+        conversation: conv.clone(),
+        seq,
+        sender: UserId::parse(&m.sender).map_err(|e| corrupt("message record", e))?,
+        client_msg_id: m.client_msg_id,
+        body: Bytes::from(m.body),
+        server_ts_ms: m.server_ts_ms,
+    })
+}
+
+pub fn encode_snapshot_data(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<u8> {
+    log::SnapshotData { entries: pairs.into_iter().map(|(key, value)| log::KeyValue { key, value }).collect() }
+        .encode_to_vec()
+}
+
+pub fn decode_snapshot_data(data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    let d = log::SnapshotData::decode(data).map_err(|e| corrupt("snapshot", e))?;
+    Ok(d.entries.into_iter().map(|kv| (kv.key, kv.value)).collect())
+}
+
+/// Context carried by a membership-change entry.
+pub fn encode_replica_context(proposal_id: u64, id: u64, address: &str) -> Vec<u8> {
+    log::ReplicaAddress { id, address: address.to_owned(), proposal_id }.encode_to_vec()
+}
+
+pub fn decode_replica_context(data: &[u8]) -> Result<(u64, u64, String), StoreError> {
+    let r = log::ReplicaAddress::decode(data).map_err(|e| corrupt("membership change", e))?;
+    Ok((r.proposal_id, r.id, r.address))
+}
+
+impl From<Conversation> for api::ConversationInfo {
+    fn from(c: Conversation) -> Self {
+        Self {
+            conversation_id: c.id.as_str().to_owned(),
+            members: c.members.into_iter().map(|m| m.as_str().to_owned()).collect(),
+            last_seq: c.last_seq.0,
+            created_at_ms: c.created_at_ms,
+        }
+    }
+}
+
+impl From<StoredMessage> for api::StoredMessage {
+    fn from(m: StoredMessage) -> Self {
+        Self {
+            conversation_id: m.conversation.as_str().to_owned(),
+            seq: m.seq.0,
+            sender: m.sender.as_str().to_owned(),
+            client_msg_id: m.client_msg_id,
+            body: m.body.to_vec(),
+            server_ts_ms: m.server_ts_ms,
+        }
+    }
+}
+
+impl From<Appended> for api::AppendResponse {
+    fn from(a: Appended) -> Self {
+        Self { seq: a.seq.0, server_ts_ms: a.server_ts_ms, duplicate: a.duplicate }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposals_round_trip() {
+        let ops = vec![
+            Op::CreateConversation {
+                conversation: ConversationId::parse("c1").unwrap(),
+                members: vec![UserId::parse("alice").unwrap()],
+            },
+            Op::Append(NewMessage {
+                conversation: ConversationId::parse("c1").unwrap(),
+                sender: UserId::parse("alice").unwrap(),
+                client_msg_id: "m1".into(),
+                body: Bytes::from_static(b"hi"),
+            }),
+            Op::Noop,
+        ];
+        let p = decode_proposal(&encode_proposal(7, 99, &ops)).unwrap();
+        assert_eq!((p.id, p.ts_ms), (7, 99));
+        assert_eq!(p.ops, ops);
+    }
+
+    #[test]
+    fn garbage_is_a_storage_error_not_a_panic() {
+        assert!(matches!(decode_proposal(&[0xff, 0xff, 0xff]), Err(StoreError::Storage(_))));
+    }
+}

@@ -1,0 +1,197 @@
+//! Configuration of a store replica: flags, each with a `CHAT_STORE_*`
+//! environment variable, defaults in code, validated before any port is
+//! bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::driver::{DriverConfig, SyncMode};
+use crate::error::StoreError;
+use crate::replica::ReplicaOptions;
+use crate::types::NodeId;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SyncArg {
+    /// fsync before acknowledging (durable against power loss).
+    Always,
+    /// Flush in the background every --sync-interval-ms (faster; a crash of
+    /// a majority can lose acknowledged messages).
+    Interval,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "chat-store", version, about = "Raft-replicated message store of the chat backend")]
+pub struct StoreConfig {
+    /// This replica's id, 1..=65535, unique within the group.
+    #[arg(long, env = "CHAT_STORE_ID")]
+    pub id: u64,
+    /// Address to listen on, for clients and peer replicas.
+    #[arg(long, env = "CHAT_STORE_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: SocketAddr,
+    /// Address others reach this replica at (default: --listen).
+    #[arg(long, env = "CHAT_STORE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Initial voters as id=host:port, comma separated, this replica
+    /// included. Read only when the data directory is new; later changes go
+    /// through the membership admin calls.
+    #[arg(long, env = "CHAT_STORE_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Start with an empty group and wait to be added as a learner by the
+    /// leader (for replicas added at run time).
+    #[arg(long, env = "CHAT_STORE_JOIN")]
+    pub join: bool,
+    /// Directory holding this replica's data.
+    #[arg(long, env = "CHAT_STORE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Durability of acknowledged writes.
+    #[arg(long, env = "CHAT_STORE_SYNC", value_enum, default_value = "always")]
+    pub sync: SyncArg,
+    /// Background flush interval with --sync interval.
+    #[arg(long, env = "CHAT_STORE_SYNC_INTERVAL_MS", default_value_t = 100)]
+    pub sync_interval_ms: u64,
+    /// Raft tick.
+    #[arg(long, env = "CHAT_STORE_TICK_MS", default_value_t = 50)]
+    pub tick_ms: u64,
+    /// Election timeout in ticks; randomized in [n, 2n).
+    #[arg(long, env = "CHAT_STORE_ELECTION_TICKS", default_value_t = 8)]
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    #[arg(long, env = "CHAT_STORE_HEARTBEAT_TICKS", default_value_t = 2)]
+    pub heartbeat_ticks: usize,
+    /// Compact the log once it holds this many applied entries.
+    #[arg(long, env = "CHAT_STORE_SNAPSHOT_ENTRIES", default_value_t = 10_000)]
+    pub snapshot_entries: u64,
+    /// Applied entries kept after compaction.
+    #[arg(long, env = "CHAT_STORE_COMPACT_KEEP", default_value_t = 2_000)]
+    pub compact_keep: u64,
+    /// Largest accepted message body.
+    #[arg(long, env = "CHAT_STORE_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// How long a request may wait for the raft group before UNAVAILABLE.
+    #[arg(long, env = "CHAT_STORE_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+    /// How long SIGTERM waits for leadership transfer and in-flight calls.
+    #[arg(long, env = "CHAT_STORE_SHUTDOWN_GRACE_MS", default_value_t = 3_000)]
+    pub shutdown_grace_ms: u64,
+    /// Log filter (for example `info` or `chat_store=debug,raft=debug`).
+    #[arg(long, env = "CHAT_STORE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Parses `id=host:port` pairs.
+pub fn parse_peers(peers: &[String]) -> Result<Vec<(NodeId, String)>, StoreError> {
+    let mut out = Vec::new();
+    for p in peers.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let (id, addr) = p
+            .split_once('=')
+            .ok_or_else(|| StoreError::InvalidArgument(format!("peer {p:?} is not id=host:port")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| StoreError::InvalidArgument(format!("peer {p:?} has a non-numeric id")))?;
+        let addr = addr.trim();
+        if addr.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()) {
+            return Err(StoreError::InvalidArgument(format!("peer {p:?} has no valid host:port")));
+        }
+        if out.iter().any(|(n, _)| *n == NodeId(id)) {
+            return Err(StoreError::InvalidArgument(format!("peer id {id} is listed twice")));
+        }
+        validate_id(id)?;
+        out.push((NodeId(id), addr.to_owned()));
+    }
+    Ok(out)
+}
+
+fn validate_id(id: u64) -> Result<(), StoreError> {
+    if id == 0 || id > u64::from(u16::MAX) {
+        return Err(StoreError::InvalidArgument(format!("replica id {id} is outside 1..=65535")));
+    }
+    Ok(())
+}
+
+impl StoreConfig {
+    /// Checks the configuration and turns it into replica options.
+    pub fn validate(&self) -> Result<ReplicaOptions, StoreError> {
+        validate_id(self.id)?;
+        let id = NodeId(self.id);
+        let peers = parse_peers(&self.peers)?;
+        if !self.join && !peers.iter().any(|(n, _)| *n == id) {
+            return Err(StoreError::InvalidArgument(format!(
+                "--peers must list this replica ({id}) unless --join is given"
+            )));
+        }
+        if self.tick_ms == 0 {
+            return Err(StoreError::InvalidArgument("--tick-ms must be positive".into()));
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err(StoreError::InvalidArgument(
+                "--election-ticks must be greater than --heartbeat-ticks, which must be positive".into(),
+            ));
+        }
+        if self.snapshot_entries == 0 || self.compact_keep >= self.snapshot_entries {
+            return Err(StoreError::InvalidArgument(
+                "--compact-keep must be smaller than --snapshot-entries, which must be positive".into(),
+            ));
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > 16 << 20 {
+            return Err(StoreError::InvalidArgument("--max-body-bytes must be in 1..=16 MiB".into()));
+        }
+        let advertise = self.advertise.clone().unwrap_or_else(|| self.listen.to_string());
+        Ok(ReplicaOptions {
+            driver: DriverConfig {
+                id,
+                tick: Duration::from_millis(self.tick_ms),
+                election_ticks: self.election_ticks,
+                heartbeat_ticks: self.heartbeat_ticks,
+                sync: match self.sync {
+                    SyncArg::Always => SyncMode::Always,
+                    SyncArg::Interval => SyncMode::Interval,
+                },
+                snapshot_entries: self.snapshot_entries,
+                compact_keep: self.compact_keep,
+            },
+            advertise,
+            initial_voters: if self.join { Vec::new() } else { peers.clone() },
+            peers,
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> StoreConfig {
+        let mut all = vec!["chat-store", "--data-dir", "/tmp/x"];
+        all.extend_from_slice(args);
+        StoreConfig::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn a_replica_missing_from_its_own_peer_list_is_refused() {
+        let err = cfg(&["--id", "4", "--peers", "1=a:1,2=b:2,3=c:3"]).validate().unwrap_err();
+        assert!(err.to_string().contains("must list this replica (4)"), "{err}");
+        assert!(cfg(&["--id", "4", "--join", "--peers", "1=a:1"]).validate().is_ok());
+    }
+
+    #[test]
+    fn malformed_peers_are_refused_with_the_offending_entry() {
+        for bad in ["1=nohost", "x=a:1", "1=a:1,1=b:2", "0=a:1", "1=a:99999"] {
+            let err = parse_peers(&bad.split(',').map(String::from).collect::<Vec<_>>()).unwrap_err();
+            assert!(matches!(err, StoreError::InvalidArgument(_)), "{bad}: {err}");
+        }
+        let ok = parse_peers(&["1=127.0.0.1:7001".into(), " 2=store-2:7001 ".into()]).unwrap();
+        assert_eq!(ok[1], (NodeId(2), "store-2:7001".to_owned()));
+    }
+
+    #[test]
+    fn timing_knobs_are_checked() {
+        assert!(cfg(&["--id", "1", "--peers", "1=a:1", "--election-ticks", "2", "--heartbeat-ticks", "2"]).validate().is_err());
+        assert!(cfg(&["--id", "1", "--peers", "1=a:1", "--compact-keep", "20000"]).validate().is_err());
+    }
+}

@@ -1,0 +1,703 @@
+//! The raft driver: the one task that owns the `RawNode`.
+//!
+//! It runs on its own OS thread (a current-thread runtime), so the fsync it
+//! does for every Ready never stalls the tokio workers that serve gRPC.
+//! Each loop iteration waits for one input, drains everything else already
+//! queued, turns all queued proposals into as few raft entries as possible
+//! (group commit: what arrives while a batch is being persisted joins the
+//! next one), then handles the Ready in raft-rs's order:
+//!
+//! 1. send the leader's messages (they need not wait for our disk),
+//! 2. install a received snapshot,
+//! 3. apply committed entries,
+//! 4. append new entries and the hard state, then sync once,
+//! 5. send the messages that must follow persistence (votes, append acks),
+//! 6. advance, and repeat 1/3 for the light ready, then advance_apply.
+//!
+//! Architecture Invariant: the driver never awaits the network. Outgoing
+//! messages go into bounded per-peer queues and are dropped when those are
+//! full (raft retransmits).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::codec;
+use crate::engine::Engine;
+use crate::error::StoreError;
+use crate::keys;
+use crate::log_store::LogStore;
+use crate::node::{MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport};
+use crate::state_machine::Applier;
+use crate::transport::{Transport, TransportEvent};
+use crate::types::{NodeId, Op};
+
+/// Most queued inputs taken per loop iteration, so ticks are never starved.
+const DRAIN_LIMIT: usize = 4096;
+/// Largest raft entry the driver builds from queued proposals.
+const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// Durability of acknowledged writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync before acknowledging an append to the leader or applying.
+    Always,
+    /// No fsync on the write path; the engine flushes in the background.
+    /// A crash of a majority can lose acknowledged writes.
+    Interval,
+}
+
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub id: NodeId,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub sync: SyncMode,
+    /// Compact the log once it holds this many applied entries.
+    pub snapshot_entries: u64,
+    /// Applied entries kept after compaction, so slightly lagging followers
+    /// catch up from the log rather than by snapshot.
+    pub compact_keep: u64,
+}
+
+type ProposeReply = oneshot::Sender<Result<OpResults, StoreError>>;
+type ReadReply = oneshot::Sender<Result<(), StoreError>>;
+type MembershipReply = oneshot::Sender<Result<Vec<ReplicaView>, StoreError>>;
+
+pub(crate) struct Driver {
+    cfg: DriverConfig,
+    raw: RawNode<LogStore>,
+    log: LogStore,
+    engine: Arc<dyn Engine>,
+    transport: Transport,
+    requests: mpsc::Receiver<Request>,
+    inbox: mpsc::Receiver<Message>,
+    events: mpsc::Receiver<TransportEvent>,
+    status: watch::Sender<NodeStatus>,
+    /// Proposals queued during this iteration (proposed together).
+    queued: Vec<(Vec<Op>, ProposeReply)>,
+    /// Proposed entries awaiting apply, by proposal id: (op count, reply).
+    waiters: HashMap<u64, Vec<(usize, ProposeReply)>>,
+    membership_waiters: HashMap<u64, MembershipReply>,
+    /// Reads waiting for a ReadIndex to be issued.
+    queued_reads: Vec<ReadReply>,
+    /// Issued ReadIndex requests, by context.
+    read_batches: HashMap<u64, Vec<ReadReply>>,
+    /// Confirmed read indexes waiting for apply to reach them.
+    confirmed_reads: VecDeque<(u64, Vec<ReadReply>)>,
+    next_proposal: u64,
+    next_read: u64,
+    applied: u64,
+    /// Commit index at start; serving begins once applied reaches it.
+    start_commit: u64,
+    caught_up: bool,
+    was_leader: bool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: DriverConfig,
+        log: LogStore,
+        transport: Transport,
+        requests: mpsc::Receiver<Request>,
+        inbox: mpsc::Receiver<Message>,
+        events: mpsc::Receiver<TransportEvent>,
+        status: watch::Sender<NodeStatus>,
+    ) -> Result<Self, StoreError> {
+        let (applied, _) = log.applied()?;
+        let raft_cfg = raft::Config {
+            id: cfg.id.0,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_cfg.validate().map_err(|e| StoreError::InvalidArgument(format!("raft config: {e}")))?;
+        let logger = crate::logging::raft_logger(cfg.id);
+        let raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
+        let start_commit = log.hard_state().commit;
+        let engine = log.engine().clone();
+        // Proposal ids: replica id in the top 16 bits, then a counter seeded
+        // from the clock so ids of a previous run are not reused.
+        let seed = (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)) & ((1 << 48) - 1);
+        Ok(Self {
+            next_proposal: (cfg.id.0 << 48) | seed,
+            cfg,
+            raw,
+            log,
+            engine,
+            transport,
+            requests,
+            inbox,
+            events,
+            status,
+            queued: Vec::new(),
+            waiters: HashMap::new(),
+            membership_waiters: HashMap::new(),
+            queued_reads: Vec::new(),
+            read_batches: HashMap::new(),
+            confirmed_reads: VecDeque::new(),
+            next_read: 1,
+            applied,
+            start_commit,
+            caught_up: false,
+            was_leader: false,
+        })
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    fn leader_hint(&self) -> Option<(NodeId, String)> {
+        let lead = self.raw.raft.leader_id;
+        if lead == 0 {
+            return None;
+        }
+        let id = NodeId(lead);
+        Some((id, self.transport.addresses().get(id)?))
+    }
+
+    fn not_leader(&self) -> StoreError {
+        StoreError::NotLeader { leader: self.leader_hint() }
+    }
+
+    /// Runs until `shutdown` fires or storage fails.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = tick.tick() => { self.raw.tick(); }
+                Some(m) = self.inbox.recv() => self.step(m),
+                Some(r) = self.requests.recv() => self.accept(r),
+                Some(e) = self.events.recv() => self.on_transport_event(e),
+            }
+            for _ in 0..DRAIN_LIMIT {
+                match self.inbox.try_recv() {
+                    Ok(m) => self.step(m),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..DRAIN_LIMIT {
+                match self.requests.try_recv() {
+                    Ok(r) => self.accept(r),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(e) = self.events.try_recv() {
+                self.on_transport_event(e);
+            }
+            self.propose_queued();
+            self.issue_reads();
+            if let Err(e) = self.on_ready() {
+                error!(replica = %self.cfg.id, error = %e, "storage failed; stopping the replica");
+                break Err(e);
+            }
+            self.publish_status();
+        };
+        self.fail_all(StoreError::ShuttingDown);
+        if let Err(e) = self.engine.sync() {
+            warn!(error = %e, "final sync failed");
+        }
+        self.status.send_modify(|s| {
+            s.stopped = true;
+            s.serving = false;
+        });
+        self.transport.shutdown();
+        result
+    }
+
+    fn step(&mut self, m: Message) {
+        if let Err(e) = self.raw.step(m) {
+            debug!(error = %e, "dropped raft message");
+        }
+    }
+
+    fn on_transport_event(&mut self, e: TransportEvent) {
+        match e {
+            TransportEvent::Unreachable(id) => self.raw.report_unreachable(id.0),
+            TransportEvent::Snapshot(id, true) => self.raw.report_snapshot(id.0, SnapshotStatus::Finish),
+            TransportEvent::Snapshot(id, false) => self.raw.report_snapshot(id.0, SnapshotStatus::Failure),
+        }
+    }
+
+    fn accept(&mut self, r: Request) {
+        match r {
+            Request::Propose { ops, reply } => self.queued.push((ops, reply)),
+            Request::Read { reply } => self.queued_reads.push(reply),
+            Request::Membership { change, reply } => self.propose_membership(change, reply),
+            Request::TransferLeader { target, reply } => {
+                let _ = reply.send(self.transfer_leader(target));
+            }
+            Request::Status { reply } => {
+                let _ = reply.send(self.report());
+            }
+        }
+    }
+
+    fn next_proposal_id(&mut self) -> u64 {
+        let id = self.next_proposal;
+        let counter = (id + 1) & ((1 << 48) - 1);
+        self.next_proposal = (self.cfg.id.0 << 48) | counter;
+        id
+    }
+
+    /// Turns queued proposals into entries of at most `MAX_ENTRY_BYTES`.
+    fn propose_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued);
+        if !self.is_leader() {
+            let err = self.not_leader();
+            for (_, reply) in queued {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        let ts = now_ms();
+        let mut ops: Vec<Op> = Vec::new();
+        let mut replies: Vec<(usize, ProposeReply)> = Vec::new();
+        let mut bytes = 0usize;
+        for (batch, reply) in queued {
+            let size: usize = batch.iter().map(op_size).sum();
+            if !ops.is_empty() && bytes + size > MAX_ENTRY_BYTES {
+                self.propose_entry(ts, std::mem::take(&mut ops), std::mem::take(&mut replies));
+                bytes = 0;
+            }
+            bytes += size;
+            replies.push((batch.len(), reply));
+            ops.extend(batch);
+        }
+        if !replies.is_empty() {
+            self.propose_entry(ts, ops, replies);
+        }
+    }
+
+    fn propose_entry(&mut self, ts: i64, ops: Vec<Op>, replies: Vec<(usize, ProposeReply)>) {
+        let id = self.next_proposal_id();
+        let data = codec::encode_proposal(id, ts, &ops);
+        match self.raw.propose(Vec::new(), data) {
+            Ok(()) => {
+                self.waiters.insert(id, replies);
+            }
+            Err(e) => {
+                let err = match e {
+                    raft::Error::ProposalDropped => self.not_leader(),
+                    other => StoreError::from(other),
+                };
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn issue_reads(&mut self) {
+        if self.queued_reads.is_empty() {
+            return;
+        }
+        if !self.is_leader() {
+            let err = self.not_leader();
+            for reply in self.queued_reads.drain(..) {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        // A new leader can confirm reads only once it has committed an
+        // entry of its own term; until then the reads stay queued.
+        let log = &self.raw.raft.raft_log;
+        if log.term(log.committed).unwrap_or(0) != self.raw.raft.term {
+            return;
+        }
+        let ctx = self.next_read;
+        self.next_read += 1;
+        self.read_batches.insert(ctx, std::mem::take(&mut self.queued_reads));
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+    }
+
+    fn propose_membership(&mut self, change: MembershipChange, reply: MembershipReply) {
+        let result = self.membership_entry(&change);
+        match result {
+            Ok(Some(id)) => {
+                self.membership_waiters.insert(id, reply);
+            }
+            Ok(None) => {
+                let _ = reply.send(Ok(self.replicas()));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Validates and proposes a membership change; `None` when there is
+    /// nothing to do (the change is already in effect).
+    fn membership_entry(&mut self, change: &MembershipChange) -> Result<Option<u64>, StoreError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if self.raw.raft.has_pending_conf() {
+            return Err(StoreError::FailedPrecondition("another membership change is still in progress".into()));
+        }
+        let cs = self.log.conf_state();
+        let is_voter = |id: NodeId| cs.voters.contains(&id.0);
+        let is_learner = |id: NodeId| cs.learners.contains(&id.0);
+        let (kind, id, address) = match change {
+            MembershipChange::AddLearner { id, address } => {
+                if id.0 == 0 {
+                    return Err(StoreError::InvalidArgument("replica id 0 is reserved".into()));
+                }
+                if is_voter(*id) {
+                    return Err(StoreError::AlreadyExists(format!("replica {id} is already a voter")));
+                }
+                if is_learner(*id) {
+                    return Ok(None);
+                }
+                (ConfChangeType::AddLearnerNode, *id, address.clone())
+            }
+            MembershipChange::Promote { id } => {
+                if is_voter(*id) {
+                    return Ok(None);
+                }
+                if !is_learner(*id) {
+                    return Err(StoreError::NotFound(format!("replica {id} is not a member of the group")));
+                }
+                (ConfChangeType::AddNode, *id, String::new())
+            }
+            MembershipChange::Remove { id } => {
+                if !is_voter(*id) && !is_learner(*id) {
+                    return Err(StoreError::NotFound(format!("replica {id} is not a member of the group")));
+                }
+                if is_voter(*id) && cs.voters.len() == 1 {
+                    return Err(StoreError::FailedPrecondition("cannot remove the last voter".into()));
+                }
+                (ConfChangeType::RemoveNode, *id, String::new())
+            }
+        };
+        let pid = self.next_proposal_id();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = id.0;
+        let ctx = codec::encode_replica_context(pid, id.0, &address);
+        self.raw.propose_conf_change(ctx, cc)?;
+        Ok(Some(pid))
+    }
+
+    fn transfer_leader(&mut self, target: Option<NodeId>) -> Result<NodeId, StoreError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let me = self.cfg.id.0;
+        let voters = self.log.conf_state().voters;
+        let target = match target {
+            Some(t) if t.0 == me => return Ok(t),
+            Some(t) if !voters.contains(&t.0) => {
+                return Err(StoreError::NotFound(format!("replica {t} is not a voter")));
+            }
+            Some(t) => t.0,
+            None => {
+                let prs = self.raw.raft.prs();
+                voters
+                    .iter()
+                    .filter(|&&v| v != me)
+                    .max_by_key(|&&v| prs.get(v).map_or(0, |p| p.matched))
+                    .copied()
+                    .ok_or_else(|| StoreError::FailedPrecondition("no other voter to transfer to".into()))?
+            }
+        };
+        info!(replica = me, target, "transferring leadership");
+        self.raw.transfer_leader(target);
+        Ok(NodeId(target))
+    }
+
+    fn on_ready(&mut self) -> Result<(), StoreError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        let mut must_sync = ready.must_sync();
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.install_snapshot(&snap)?;
+            must_sync = true;
+        }
+        self.apply(ready.take_committed_entries())?;
+        let hs = ready.hs().cloned();
+        if !ready.entries().is_empty() || hs.is_some() {
+            self.log.persist(ready.entries(), hs.as_ref())?;
+        }
+        if must_sync && self.cfg.sync == SyncMode::Always {
+            self.engine.sync()?;
+        }
+        for rs in ready.take_read_states() {
+            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if let Some(waiters) = self.read_batches.remove(&ctx) {
+                self.confirmed_reads.push_back((rs.index, waiters));
+            }
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.log.set_commit(commit)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.release_reads();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError> {
+        let meta = snap.get_metadata();
+        info!(replica = %self.cfg.id, index = meta.index, term = meta.term, "installing snapshot");
+        let data = codec::decode_snapshot_data(&snap.data)?;
+        self.log.install_snapshot(snap, data)?;
+        self.applied = meta.index;
+        let reader = crate::state_machine::Reader::new(self.engine.clone());
+        for (id, addr) in reader.replica_addresses()? {
+            self.transport.set_peer(NodeId(id), addr);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let Some(last) = entries.last() else { return Ok(()) };
+        let (last_index, last_term) = (last.index, last.term);
+        let engine = self.engine.clone();
+        let mut applier = Applier::new(engine.as_ref());
+        let mut replies: Vec<(ProposeReply, OpResults)> = Vec::new();
+        let mut membership_replies: Vec<MembershipReply> = Vec::new();
+        let mut new_conf: Option<ConfState> = None;
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if e.data.is_empty() {
+                        continue;
+                    }
+                    let p = codec::decode_proposal(&e.data)?;
+                    let mut outcomes = Vec::with_capacity(p.ops.len());
+                    for op in &p.ops {
+                        let outcome = applier.apply(op, p.ts_ms);
+                        if let Err(StoreError::Storage(msg)) = &outcome {
+                            return Err(StoreError::Storage(msg.clone()));
+                        }
+                        outcomes.push(outcome);
+                    }
+                    if let Some(waiting) = self.waiters.remove(&p.id) {
+                        let mut rest = outcomes.into_iter();
+                        for (n, reply) in waiting {
+                            replies.push((reply, rest.by_ref().take(n).collect()));
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|err| StoreError::Storage(format!("corrupt membership change: {err}")))?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    let (pid, id, address) = codec::decode_replica_context(&cc.context)?;
+                    let id = NodeId(id);
+                    match cc.get_change_type() {
+                        ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {
+                            if !address.is_empty() {
+                                applier.batch_mut().put(keys::replica_addr(id.0), address.clone().into_bytes());
+                                self.transport.set_peer(id, address);
+                            }
+                        }
+                        ConfChangeType::RemoveNode => {
+                            applier.batch_mut().delete(keys::replica_addr(id.0));
+                            self.transport.remove_peer(id);
+                        }
+                    }
+                    info!(replica = %self.cfg.id, change = ?cc.get_change_type(), target = %id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                    self.log.stage_conf_state(applier.batch_mut(), &cs)?;
+                    new_conf = Some(cs);
+                    if let Some(reply) = self.membership_waiters.remove(&pid) {
+                        membership_replies.push(reply);
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    return Err(StoreError::Storage("unexpected joint-consensus entry in the log".into()));
+                }
+            }
+        }
+        let mut batch = applier.finish();
+        batch.put(keys::APPLIED, keys::encode_pair(last_index, last_term));
+        self.engine.write(batch)?;
+        self.applied = last_index;
+        if let Some(cs) = new_conf {
+            self.log.note_conf_state(cs);
+        }
+        for (reply, outcomes) in replies {
+            let _ = reply.send(Ok(outcomes));
+        }
+        if !membership_replies.is_empty() {
+            let replicas = self.replicas();
+            for reply in membership_replies {
+                let _ = reply.send(Ok(replicas.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn release_reads(&mut self) {
+        while let Some((index, _)) = self.confirmed_reads.front() {
+            if *index > self.applied {
+                break;
+            }
+            let (_, waiters) = self.confirmed_reads.pop_front().expect("front exists");
+            for reply in waiters {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), StoreError> {
+        let truncated = self.log.truncated_index();
+        if self.applied.saturating_sub(truncated) < self.cfg.snapshot_entries {
+            return Ok(());
+        }
+        let to = self.applied.saturating_sub(self.cfg.compact_keep);
+        if to > truncated {
+            debug!(replica = %self.cfg.id, to, "compacting log");
+            self.log.compact(to)?;
+        }
+        Ok(())
+    }
+
+    fn replicas(&self) -> Vec<ReplicaView> {
+        let cs = self.log.conf_state();
+        let prs = self.raw.raft.prs();
+        let leader = self.is_leader();
+        let view = |id: u64, voter: bool| ReplicaView {
+            id: NodeId(id),
+            address: self.transport.addresses().get(NodeId(id)).unwrap_or_default(),
+            voter,
+            matched: if leader { prs.get(id).map_or(0, |p| p.matched) } else { 0 },
+        };
+        let mut out: Vec<ReplicaView> = cs.voters.iter().map(|&id| view(id, true)).collect();
+        out.extend(cs.learners.iter().map(|&id| view(id, false)));
+        out.sort_by_key(|r| r.id);
+        out
+    }
+
+    fn report(&self) -> StatusReport {
+        StatusReport {
+            status: self.status.borrow().clone(),
+            first_index: self.log.truncated_index() + 1,
+            last_index: self.raw.raft.raft_log.last_index(),
+            snapshot_index: self.log.truncated_index(),
+            replicas: self.replicas(),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let leader = self.is_leader();
+        if self.was_leader && !leader {
+            // Entries we proposed may still commit under the new leader, but
+            // we can no longer tell; callers retry (appends are idempotent).
+            let err = self.not_leader();
+            self.fail_pending(err);
+        }
+        self.was_leader = leader;
+        let lead = self.raw.raft.leader_id;
+        if !self.caught_up && lead != 0 && self.applied >= self.start_commit {
+            self.caught_up = true;
+            info!(replica = %self.cfg.id, applied = self.applied, "caught up; serving");
+        }
+        let next = NodeStatus {
+            id: self.cfg.id,
+            role: self.raw.raft.state,
+            term: self.raw.raft.term,
+            leader: (lead != 0).then_some(NodeId(lead)),
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
+            serving: self.caught_up && lead != 0,
+            stopped: false,
+        };
+        self.status.send_if_modified(|s| {
+            if *s == next {
+                return false;
+            }
+            if s.role != next.role || s.leader != next.leader {
+                info!(replica = %self.cfg.id, role = ?next.role, term = next.term, leader = ?next.leader.map(|l| l.0), "raft role changed");
+            }
+            *s = next;
+            true
+        });
+    }
+
+    fn fail_pending(&mut self, err: StoreError) {
+        for (_, waiting) in self.waiters.drain() {
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        for (_, reply) in self.membership_waiters.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for (_, waiting) in self.read_batches.drain() {
+            for reply in waiting {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        for (_, waiting) in self.confirmed_reads.drain(..) {
+            for reply in waiting {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    fn fail_all(&mut self, err: StoreError) {
+        self.fail_pending(err.clone());
+        for (_, reply) in self.queued.drain(..) {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for reply in self.queued_reads.drain(..) {
+            let _ = reply.send(Err(err.clone()));
+        }
+        while let Ok(r) = self.requests.try_recv() {
+            match r {
+                Request::Propose { reply, .. } => drop(reply.send(Err(err.clone()))),
+                Request::Read { reply } => drop(reply.send(Err(err.clone()))),
+                Request::Membership { reply, .. } => drop(reply.send(Err(err.clone()))),
+                Request::TransferLeader { reply, .. } => drop(reply.send(Err(err.clone()))),
+                Request::Status { .. } => {}
+            }
+        }
+    }
+}
+
+fn op_size(op: &Op) -> usize {
+    match op {
+        Op::Append(m) => 64 + m.body.len() + m.client_msg_id.len(),
+        Op::CreateConversation { members, .. } => 64 + members.len() * 16,
+        _ => 64,
+    }
+}

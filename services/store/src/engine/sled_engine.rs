@@ -1,0 +1,90 @@
+//! sled-backed engine. The only module that knows sled.
+//!
+//! Everything lives in sled's default tree, so a `WriteBatch` maps onto one
+//! atomic `sled::Batch`. `sync` is `Db::flush`, which writes sled's log and
+//! fsyncs it.
+
+use std::path::Path;
+
+use super::{Engine, Pair, WriteBatch, WriteOp};
+use crate::error::StoreError;
+
+pub struct SledEngine {
+    db: sled::Db,
+}
+
+/// How sled itself flushes in the background.
+#[derive(Clone, Copy, Debug)]
+pub enum BackgroundFlush {
+    /// Only explicit `sync` calls flush (the driver syncs every batch).
+    Off,
+    /// sled flushes every this many milliseconds.
+    EveryMs(u64),
+}
+
+impl SledEngine {
+    pub fn open(dir: &Path, flush: BackgroundFlush) -> Result<Self, StoreError> {
+        let flush_every_ms = match flush {
+            BackgroundFlush::Off => None,
+            BackgroundFlush::EveryMs(ms) => Some(ms),
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(flush_every_ms)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError::Storage(format!("cannot open data directory {}: {e}", dir.display())))?;
+        Ok(Self { db })
+    }
+}
+
+fn storage(e: sled::Error) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+impl Engine for SledEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key).map_err(storage)?.map(|v| v.to_vec()))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for op in batch.ops {
+            match op {
+                WriteOp::Put(k, v) => b.insert(k, v),
+                WriteOp::Delete(k) => b.remove(k),
+                WriteOp::DeleteRange(start, end) => {
+                    if start < end {
+                        for item in self.db.range(start..end).keys() {
+                            b.remove(item.map_err(storage)?);
+                        }
+                    }
+                }
+            }
+        }
+        self.db.apply_batch(b).map_err(storage)
+    }
+
+    fn scan(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<Pair>, StoreError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let range = self.db.range(start..end);
+        let convert = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+            item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(storage)
+        };
+        if reverse {
+            range.rev().take(limit).map(convert).collect()
+        } else {
+            range.take(limit).map(convert).collect()
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(storage)
+    }
+
+    fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+}

@@ -1,0 +1,62 @@
+//! Fault injection for the raft transport: partitions, message loss and
+//! delay. Used by the in-process cluster harness; a production replica's
+//! `Faults` is empty and costs one uncontended read lock per batch.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::types::NodeId;
+
+#[derive(Default)]
+struct State {
+    /// Directed links that carry nothing.
+    cut: HashSet<(NodeId, NodeId)>,
+    /// Probability in [0, 1] that a message is dropped.
+    drop_rate: f64,
+    /// Added to every batch a peer sends.
+    delay: Duration,
+}
+
+/// Shared fault settings; clones see the same settings.
+#[derive(Clone, Default)]
+pub struct Faults(Arc<RwLock<State>>);
+
+impl Faults {
+    /// Cuts every link between a node in `a` and a node in `b`, both ways.
+    pub fn partition(&self, a: &[NodeId], b: &[NodeId]) {
+        let mut s = self.0.write().expect("faults lock poisoned");
+        for &x in a {
+            for &y in b {
+                s.cut.insert((x, y));
+                s.cut.insert((y, x));
+            }
+        }
+    }
+
+    /// Removes every partition, loss and delay.
+    pub fn heal(&self) {
+        *self.0.write().expect("faults lock poisoned") = State::default();
+    }
+
+    pub fn set_drop_rate(&self, rate: f64) {
+        self.0.write().expect("faults lock poisoned").drop_rate = rate.clamp(0.0, 1.0);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.0.write().expect("faults lock poisoned").delay = delay;
+    }
+
+    /// Whether a message from `from` to `to` gets through.
+    pub fn passes(&self, from: NodeId, to: NodeId) -> bool {
+        let s = self.0.read().expect("faults lock poisoned");
+        if s.cut.contains(&(from, to)) {
+            return false;
+        }
+        s.drop_rate == 0.0 || rand::random::<f64>() >= s.drop_rate
+    }
+
+    pub fn delay(&self) -> Duration {
+        self.0.read().expect("faults lock poisoned").delay
+    }
+}

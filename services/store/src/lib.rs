@@ -1,0 +1,30 @@
+//! The chat backend's message store: a raft group (raft-rs) whose replicas
+//! persist the raft log and the state machine in an ordered key-value engine
+//! (sled in production, an in-memory twin in tests).
+//!
+//! An append is acknowledged only after its entry is committed on a
+//! majority, each of which synced it to disk, and applied on the leader.
+//! See ARCHITECTURE.md for the data flow and the invariants.
+
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod faults;
+pub mod keys;
+pub mod log_store;
+pub mod logging;
+pub mod node;
+pub mod replica;
+pub mod service;
+pub mod state_machine;
+pub mod testkit;
+pub mod transport;
+pub mod types;
+
+pub use client::StoreClient;
+pub use error::StoreError;
+pub use replica::{Replica, ReplicaOptions};
+pub use types::NodeId;

@@ -1,0 +1,66 @@
+//! `chat-store`: one replica of the message store.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_store::config::{StoreConfig, SyncArg};
+use chat_store::engine::{BackgroundFlush, SledEngine};
+use chat_store::faults::Faults;
+use chat_store::{Replica, logging};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+fn main() -> ExitCode {
+    let cfg = StoreConfig::parse();
+    logging::init_tracing(&cfg.log);
+    let opts = match cfg.validate() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("chat-store: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-store: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg, opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("chat-store: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Result<()> {
+    let flush = match cfg.sync {
+        SyncArg::Always => BackgroundFlush::Off,
+        SyncArg::Interval => BackgroundFlush::EveryMs(cfg.sync_interval_ms.max(1)),
+    };
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
+    let engine = Arc::new(SledEngine::open(&cfg.data_dir, flush)?);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let replica = Replica::start(opts, engine, listener, Faults::default()).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+        _ = replica.stopped() => {
+            anyhow::bail!("the raft driver stopped; see the log above");
+        }
+    }
+    replica.shutdown(Duration::from_millis(cfg.shutdown_grace_ms)).await?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Lifecycle of one store replica: open storage, start the raft driver on
+//! its own thread, serve gRPC (store, admin, raft transport, health), and
+//! stop either gracefully (SIGTERM: leadership handed over first) or
+//! abruptly (tests that simulate a crash).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_proto::raft::v1::raft_transport_server::RaftTransportServer;
+use chat_proto::store::v1::store_admin_server::StoreAdminServer;
+use chat_proto::store::v1::store_server::StoreServer;
+use raft::StateRole;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::driver::{Driver, DriverConfig};
+use crate::engine::Engine;
+use crate::error::StoreError;
+use crate::faults::Faults;
+use crate::log_store::LogStore;
+use crate::node::{Addresses, NodeHandle, NodeStatus, REQUEST_QUEUE};
+use crate::service::StoreApi;
+use crate::state_machine::Reader;
+use crate::transport::{INBOX, MAX_MESSAGE_BYTES, RaftService, Transport};
+use crate::types::NodeId;
+
+/// The health service name clients check.
+pub const HEALTH_SERVICE: &str = "chat.store.v1.Store";
+
+/// Everything needed to run a replica, already validated.
+#[derive(Clone, Debug)]
+pub struct ReplicaOptions {
+    pub driver: DriverConfig,
+    /// Address other replicas and clients reach this one at.
+    pub advertise: String,
+    /// Voters of a new group (empty: join an existing group).
+    pub initial_voters: Vec<(NodeId, String)>,
+    /// Known peer addresses (initial voters, or any hint for joiners).
+    pub peers: Vec<(NodeId, String)>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// A running replica.
+pub struct Replica {
+    handle: NodeHandle,
+    shutdown: CancellationToken,
+    driver: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    server: tokio::task::JoinHandle<()>,
+    health_task: tokio::task::JoinHandle<()>,
+    health: tonic_health::server::HealthReporter,
+}
+
+impl Replica {
+    /// Starts a replica on `engine`, serving on `listener`.
+    pub async fn start(
+        opts: ReplicaOptions,
+        engine: Arc<dyn Engine>,
+        listener: TcpListener,
+        faults: Faults,
+    ) -> Result<Self, StoreError> {
+        let id = opts.driver.id;
+        let voters: Vec<NodeId> = opts.initial_voters.iter().map(|(n, _)| *n).collect();
+        let log = LogStore::open(engine.clone(), id, &voters)?;
+        let reader = Reader::new(engine.clone());
+        let addresses = Addresses::default();
+        for (n, addr) in &opts.peers {
+            addresses.set(*n, addr.clone());
+        }
+        for (n, addr) in reader.replica_addresses()? {
+            addresses.set(NodeId(n), addr);
+        }
+        addresses.set(id, opts.advertise.clone());
+
+        let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
+        let (event_tx, event_rx) = mpsc::channel(1024);
+        let (status_tx, status_rx) = watch::channel(NodeStatus {
+            id,
+            role: StateRole::Follower,
+            term: 0,
+            leader: None,
+            commit: 0,
+            applied: 0,
+            serving: false,
+            stopped: false,
+        });
+        let transport = Transport::new(id, addresses.clone(), event_tx, faults.clone(), tokio::runtime::Handle::current());
+        let driver = Driver::new(opts.driver.clone(), log, transport, req_rx, inbox_rx, event_rx, status_tx)?;
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let driver = std::thread::Builder::new()
+            .name(format!("raft-{id}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Storage(format!("cannot start the raft thread: {e}")))?;
+                rt.block_on(driver.run(token))
+            })
+            .map_err(|e| StoreError::Storage(format!("cannot start the raft thread: {e}")))?;
+
+        let handle = NodeHandle { id, requests: req_tx, status: status_rx, addresses, reader };
+        let api = StoreApi {
+            node: handle.clone(),
+            max_body_bytes: opts.max_body_bytes,
+            request_timeout: opts.request_timeout,
+        };
+        let raft_service = RaftService { id, inbox: inbox_tx, faults, shutdown: shutdown.clone() };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status(HEALTH_SERVICE, ServingStatus::NotServing).await;
+        health.set_service_status("", ServingStatus::NotServing).await;
+        let health_task = tokio::spawn(report_health(handle.watch_status(), health.clone(), shutdown.clone()));
+
+        // Request bodies are bounded by --max-body-bytes times the batch
+        // limit; snapshots by MAX_MESSAGE_BYTES.
+        let api_limit = (opts.max_body_bytes + 1024) * crate::service::MAX_BATCH_ITEMS.min(256) + (1 << 20);
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .add_service(health_service)
+            .add_service(StoreServer::new(api.clone()).max_decoding_message_size(api_limit))
+            .add_service(StoreAdminServer::new(api))
+            .add_service(
+                RaftTransportServer::new(raft_service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        let stop = shutdown.clone();
+        let incoming = TcpListenerStream::new(listener);
+        let server = tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled()).await {
+                warn!(error = %e, "gRPC server stopped with an error");
+            }
+        });
+        info!(replica = %id, address = %opts.advertise, "store replica started");
+        Ok(Self { handle, shutdown, driver: Some(driver), server, health_task, health })
+    }
+
+    pub fn handle(&self) -> &NodeHandle {
+        &self.handle
+    }
+
+    /// Completes when the raft driver has stopped (for example on a storage
+    /// failure).
+    pub async fn stopped(&self) {
+        let mut rx = self.handle.watch_status();
+        let _ = rx.wait_for(|s| s.stopped).await;
+    }
+
+    /// Graceful stop: report NOT_SERVING, hand leadership to the most
+    /// up-to-date voter, finish in-flight calls, sync storage.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), StoreError> {
+        let id = self.handle.id();
+        self.health.set_service_status(HEALTH_SERVICE, ServingStatus::NotServing).await;
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        if self.handle.status().role == StateRole::Leader {
+            match self.handle.transfer_leader(None).await {
+                Ok(target) => {
+                    let moved = self
+                        .handle
+                        .wait_for(grace / 2, |s| s.leader.is_some_and(|l| l != id))
+                        .await
+                        .is_some();
+                    info!(replica = %id, target = %target, moved, "leadership transfer before shutdown");
+                }
+                Err(e) => warn!(replica = %id, error = %e, "no leadership transfer before shutdown"),
+            }
+        }
+        self.shutdown.cancel();
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(remaining.max(Duration::from_millis(100)), &mut self.server).await.is_err() {
+            self.server.abort();
+        }
+        self.join_driver().await
+    }
+
+    /// Abrupt stop, as close to a crash as a process can simulate in
+    /// itself: connections are dropped and nothing is handed over.
+    pub async fn kill(mut self) {
+        self.server.abort();
+        self.shutdown.cancel();
+        let _ = self.join_driver().await;
+    }
+
+    async fn join_driver(&mut self) -> Result<(), StoreError> {
+        self.health_task.abort();
+        let Some(driver) = self.driver.take() else { return Ok(()) };
+        tokio::task::spawn_blocking(move || driver.join())
+            .await
+            .map_err(|e| StoreError::Storage(format!("raft thread: {e}")))?
+            .map_err(|_| StoreError::Storage("raft thread panicked".into()))?
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.server.abort();
+        self.health_task.abort();
+    }
+}
+
+async fn report_health(
+    mut status: watch::Receiver<NodeStatus>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let serving = status.borrow_and_update().serving;
+        if last != Some(serving) {
+            let s = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(HEALTH_SERVICE, s).await;
+            health.set_service_status("", s).await;
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = status.changed() => if r.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! gRPC handlers of the `Store` and `StoreAdmin` services: validate the
+//! request, hand it to the node, map the outcome. Errors become statuses
+//! only through `From<StoreError> for Status`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chat_proto::store::v1 as api;
+use chat_proto::store::v1::store_admin_server::StoreAdmin;
+use chat_proto::store::v1::store_server::Store;
+use tonic::{Request, Response, Status};
+
+use crate::error::StoreError;
+use crate::node::{MembershipChange, NodeHandle, ReplicaView, StatusReport};
+use crate::types::{ConversationId, NewMessage, NodeId, Op, OpOutcome, Seq, UserId, validate_client_msg_id};
+
+/// Most members a conversation may be created with.
+pub const MAX_MEMBERS: usize = 10_000;
+/// Most items in one AppendBatch call.
+pub const MAX_BATCH_ITEMS: usize = 4_096;
+/// Default and largest page of a Read.
+pub const DEFAULT_READ_LIMIT: u32 = 100;
+pub const MAX_READ_LIMIT: u32 = 1_000;
+
+#[derive(Clone)]
+pub struct StoreApi {
+    pub node: NodeHandle,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+impl StoreApi {
+    async fn within<T>(&self, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        tokio::time::timeout(self.request_timeout, fut).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer from the raft group within {} ms (is a majority of replicas reachable?)",
+                self.request_timeout.as_millis()
+            )))
+        })
+    }
+
+    async fn one(&self, op: Op) -> Result<OpOutcome, StoreError> {
+        let mut results = self.within(self.node.propose(vec![op])).await?;
+        results.pop().unwrap_or_else(|| Err(StoreError::Storage("proposal produced no outcome".into())))
+    }
+
+    async fn conversation_op(&self, op: Op) -> Result<Response<api::ConversationInfo>, Status> {
+        match self.one(op).await? {
+            OpOutcome::Conversation(c) => Ok(Response::new(c.into())),
+            other => Err(StoreError::Storage(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    fn new_message(&self, r: api::AppendRequest) -> Result<NewMessage, StoreError> {
+        let conversation = ConversationId::parse(&r.conversation_id)?;
+        let sender = UserId::parse(&r.sender)?;
+        validate_client_msg_id(&r.client_msg_id)?;
+        if r.body.len() > self.max_body_bytes {
+            return Err(StoreError::InvalidArgument(format!(
+                "message body is {} bytes, the limit is {}",
+                r.body.len(),
+                self.max_body_bytes
+            )));
+        }
+        Ok(NewMessage { conversation, sender, client_msg_id: r.client_msg_id, body: r.body.into() })
+    }
+
+    async fn barrier(&self, consistency: i32) -> Result<bool, StoreError> {
+        match api::Consistency::try_from(consistency) {
+            Ok(api::Consistency::Linearizable) => {
+                self.within(self.node.read_barrier()).await?;
+                Ok(false)
+            }
+            Ok(api::Consistency::Stale) => Ok(true),
+            Err(_) => Err(StoreError::InvalidArgument(format!("unknown consistency {consistency}"))),
+        }
+    }
+}
+
+fn member_op(r: api::MemberRequest, add: bool) -> Result<Op, StoreError> {
+    let conversation = ConversationId::parse(&r.conversation_id)?;
+    let user = UserId::parse(&r.user_id)?;
+    Ok(if add { Op::AddMember { conversation, user } } else { Op::RemoveMember { conversation, user } })
+}
+
+fn item_error(e: &StoreError) -> api::AppendOutcome {
+    api::AppendOutcome {
+        outcome: Some(api::append_outcome::Outcome::Error(api::ItemError {
+            code: e.code() as i32,
+            message: e.to_string(),
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl Store for StoreApi {
+    async fn create_conversation(
+        &self,
+        request: Request<api::CreateConversationRequest>,
+    ) -> Result<Response<api::ConversationInfo>, Status> {
+        let r = request.into_inner();
+        let conversation = ConversationId::parse(&r.conversation_id)?;
+        if r.members.is_empty() {
+            return Err(StoreError::InvalidArgument("a conversation needs at least one member".into()).into());
+        }
+        if r.members.len() > MAX_MEMBERS {
+            return Err(StoreError::InvalidArgument(format!(
+                "{} members requested, the limit is {MAX_MEMBERS}",
+                r.members.len()
+            ))
+            .into());
+        }
+        let members = r.members.iter().map(|m| UserId::parse(m)).collect::<Result<Vec<_>, _>>()?;
+        self.conversation_op(Op::CreateConversation { conversation, members }).await
+    }
+
+    async fn add_member(&self, request: Request<api::MemberRequest>) -> Result<Response<api::ConversationInfo>, Status> {
+        self.conversation_op(member_op(request.into_inner(), true)?).await
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<api::MemberRequest>,
+    ) -> Result<Response<api::ConversationInfo>, Status> {
+        self.conversation_op(member_op(request.into_inner(), false)?).await
+    }
+
+    async fn append(&self, request: Request<api::AppendRequest>) -> Result<Response<api::AppendResponse>, Status> {
+        let m = self.new_message(request.into_inner())?;
+        match self.one(Op::Append(m)).await? {
+            OpOutcome::Appended(a) => Ok(Response::new(a.into())),
+            other => Err(StoreError::Storage(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<api::AppendBatchRequest>,
+    ) -> Result<Response<api::AppendBatchResponse>, Status> {
+        let items = request.into_inner().items;
+        if items.len() > MAX_BATCH_ITEMS {
+            return Err(StoreError::InvalidArgument(format!(
+                "{} items in one batch, the limit is {MAX_BATCH_ITEMS}",
+                items.len()
+            ))
+            .into());
+        }
+        let mut out: Vec<Option<api::AppendOutcome>> = Vec::with_capacity(items.len());
+        let mut ops = Vec::with_capacity(items.len());
+        for item in items {
+            match self.new_message(item) {
+                Ok(m) => {
+                    ops.push(Op::Append(m));
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(item_error(&e))),
+            }
+        }
+        let mut results = if ops.is_empty() { Vec::new() } else { self.within(self.node.propose(ops)).await? }
+            .into_iter();
+        let items = out
+            .into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| match results.next() {
+                    Some(Ok(OpOutcome::Appended(a))) => api::AppendOutcome {
+                        outcome: Some(api::append_outcome::Outcome::Ok(a.into())),
+                    },
+                    Some(Err(e)) => item_error(&e),
+                    _ => item_error(&StoreError::Storage("missing outcome".into())),
+                })
+            })
+            .collect();
+        Ok(Response::new(api::AppendBatchResponse { items }))
+    }
+
+    async fn read(&self, request: Request<api::ReadRequest>) -> Result<Response<api::ReadResponse>, Status> {
+        let r = request.into_inner();
+        let id = ConversationId::parse(&r.conversation_id)?;
+        if r.before_seq != 0 && r.before_seq <= r.after_seq {
+            return Err(StoreError::InvalidArgument(format!(
+                "empty range: after_seq {} and before_seq {}",
+                r.after_seq, r.before_seq
+            ))
+            .into());
+        }
+        let limit = match r.limit {
+            0 => DEFAULT_READ_LIMIT,
+            n if n > MAX_READ_LIMIT => {
+                return Err(StoreError::InvalidArgument(format!("limit {n} exceeds {MAX_READ_LIMIT}")).into());
+            }
+            n => n,
+        };
+        let stale = self.barrier(r.consistency).await?;
+        let reader = self.node.reader();
+        let conv = reader
+            .conversation(&id)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))?;
+        let messages = reader.messages(&id, Seq(r.after_seq), Seq(r.before_seq), limit as usize)?;
+        Ok(Response::new(api::ReadResponse {
+            messages: messages.into_iter().map(Into::into).collect(),
+            last_seq: conv.last_seq.0,
+            stale,
+            replica_id: self.node.id().0,
+        }))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<api::GetConversationRequest>,
+    ) -> Result<Response<api::ConversationInfo>, Status> {
+        let r = request.into_inner();
+        let id = ConversationId::parse(&r.conversation_id)?;
+        self.barrier(r.consistency).await?;
+        let conv = self
+            .node
+            .reader()
+            .conversation(&id)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))?;
+        Ok(Response::new(conv.into()))
+    }
+}
+
+fn replica_info(r: ReplicaView) -> api::ReplicaInfo {
+    api::ReplicaInfo {
+        id: r.id.0,
+        address: r.address,
+        role: if r.voter { "voter" } else { "learner" }.into(),
+        matched: r.matched,
+    }
+}
+
+pub fn status_response(report: StatusReport, leader_address: String) -> api::StatusResponse {
+    let s = &report.status;
+    api::StatusResponse {
+        id: s.id.0,
+        role: match s.role {
+            raft::StateRole::Leader => "leader",
+            raft::StateRole::Follower => "follower",
+            raft::StateRole::Candidate => "candidate",
+            raft::StateRole::PreCandidate => "pre-candidate",
+        }
+        .into(),
+        term: s.term,
+        leader_id: s.leader.map_or(0, |l| l.0),
+        leader_address,
+        commit_index: s.commit,
+        applied_index: s.applied,
+        first_index: report.first_index,
+        last_index: report.last_index,
+        snapshot_index: report.snapshot_index,
+        serving: s.serving,
+        replicas: report.replicas.into_iter().map(replica_info).collect(),
+    }
+}
+
+fn replica_id(id: u64) -> Result<NodeId, StoreError> {
+    if id == 0 {
+        return Err(StoreError::InvalidArgument("replica id 0 is reserved".into()));
+    }
+    Ok(NodeId(id))
+}
+
+impl StoreApi {
+    async fn status_now(&self) -> Result<api::StatusResponse, StoreError> {
+        let report = self.within(self.node.report()).await?;
+        let leader_address = self.node.leader_hint().map(|(_, a)| a).unwrap_or_default();
+        Ok(status_response(report, leader_address))
+    }
+
+    async fn membership(&self, change: MembershipChange) -> Result<Response<api::MembershipResponse>, Status> {
+        let replicas = self.within(self.node.change_membership(change)).await?;
+        Ok(Response::new(api::MembershipResponse { replicas: replicas.into_iter().map(replica_info).collect() }))
+    }
+}
+
+#[tonic::async_trait]
+impl StoreAdmin for StoreApi {
+    async fn status(&self, _: Request<api::StatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
+        Ok(Response::new(self.status_now().await?))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<api::AddLearnerRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
+        let r = request.into_inner();
+        let id = replica_id(r.id)?;
+        let peers = crate::config::parse_peers(&[format!("{}={}", r.id, r.address)])?;
+        let address = peers.into_iter().next().map(|(_, a)| a).unwrap_or_default();
+        self.membership(MembershipChange::AddLearner { id, address }).await
+    }
+
+    async fn promote(&self, request: Request<api::ReplicaRequest>) -> Result<Response<api::MembershipResponse>, Status> {
+        let id = replica_id(request.into_inner().id)?;
+        self.membership(MembershipChange::Promote { id }).await
+    }
+
+    async fn remove_replica(
+        &self,
+        request: Request<api::ReplicaRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
+        let id = replica_id(request.into_inner().id)?;
+        self.membership(MembershipChange::Remove { id }).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<api::ReplicaRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
+        let id = request.into_inner().id;
+        let target = if id == 0 { None } else { Some(NodeId(id)) };
+        let target = self.within(self.node.transfer_leader(target)).await?;
+        if self.node.wait_for(self.request_timeout, |s| s.leader == Some(target)).await.is_none() {
+            return Err(StoreError::Unavailable(format!("replica {target} did not take over leadership in time")).into());
+        }
+        Ok(Response::new(self.status_now().await?))
+    }
+}

@@ -1,0 +1,309 @@
+//! The replicated state machine: conversations, members and messages.
+//!
+//! `Applier` applies committed operations; it is used only by the raft
+//! driver and writes one engine batch per group of entries. `Reader` serves
+//! reads from any task straight from the engine.
+//!
+//! Architecture Invariant: applying is deterministic. Everything an op's
+//! outcome depends on is in the log entry (including the leader's timestamp)
+//! or in state produced by earlier entries; a failed op changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::codec;
+use crate::engine::{Engine, WriteBatch, prefix_end};
+use crate::error::StoreError;
+use crate::keys;
+use crate::types::{Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage};
+
+/// Applies operations, accumulating their writes for one atomic batch.
+pub struct Applier<'a> {
+    engine: &'a dyn Engine,
+    /// Conversations touched by this batch, to be written at `finish`.
+    convs: HashMap<ConversationId, Conversation>,
+    /// Dedup entries added by this batch (not yet readable from the engine).
+    dedup: HashMap<Vec<u8>, (u64, i64)>,
+    batch: WriteBatch,
+}
+
+impl<'a> Applier<'a> {
+    pub fn new(engine: &'a dyn Engine) -> Self {
+        Self { engine, convs: HashMap::new(), dedup: HashMap::new(), batch: WriteBatch::default() }
+    }
+
+    /// Direct access for writes that ride along (applied index, conf state).
+    pub fn batch_mut(&mut self) -> &mut WriteBatch {
+        &mut self.batch
+    }
+
+    /// Applies one op. An `Err` is the op's outcome (for example the sender
+    /// is not a member), not a failure of the replica, except `Storage`.
+    pub fn apply(&mut self, op: &Op, ts_ms: i64) -> Result<OpOutcome, StoreError> {
+        match op {
+            Op::Noop => Ok(OpOutcome::Done),
+            Op::CreateConversation { conversation, members } => {
+                let mut members = members.clone();
+                members.sort();
+                members.dedup();
+                if let Some(existing) = self.conversation(conversation)? {
+                    if existing.members == members {
+                        return Ok(OpOutcome::Conversation(existing));
+                    }
+                    return Err(StoreError::AlreadyExists(format!(
+                        "conversation {conversation} already exists with other members"
+                    )));
+                }
+                let c = Conversation { id: conversation.clone(), members, last_seq: Seq(0), created_at_ms: ts_ms };
+                self.convs.insert(conversation.clone(), c.clone());
+                Ok(OpOutcome::Conversation(c))
+            }
+            Op::AddMember { conversation, user } => {
+                let mut c = self.require(conversation)?;
+                if let Err(pos) = c.members.binary_search(user) {
+                    c.members.insert(pos, user.clone());
+                    self.convs.insert(conversation.clone(), c.clone());
+                }
+                Ok(OpOutcome::Conversation(c))
+            }
+            Op::RemoveMember { conversation, user } => {
+                let mut c = self.require(conversation)?;
+                if let Ok(pos) = c.members.binary_search(user) {
+                    c.members.remove(pos);
+                    self.convs.insert(conversation.clone(), c.clone());
+                }
+                Ok(OpOutcome::Conversation(c))
+            }
+            Op::Append(m) => self.append(m, ts_ms).map(OpOutcome::Appended),
+        }
+    }
+
+    fn append(&mut self, m: &NewMessage, ts_ms: i64) -> Result<Appended, StoreError> {
+        let mut c = self.require(&m.conversation)?;
+        let dedup_key = keys::dedup(m.conversation.as_str(), m.sender.as_str(), &m.client_msg_id);
+        if let Some((seq, ts)) = self.dedup_lookup(&dedup_key)? {
+            return Ok(Appended { seq: Seq(seq), server_ts_ms: ts, duplicate: true });
+        }
+        if c.members.binary_search(&m.sender).is_err() {
+            return Err(StoreError::PermissionDenied(format!(
+                "{} is not a member of conversation {}",
+                m.sender, m.conversation
+            )));
+        }
+        let seq = c.last_seq.0 + 1;
+        c.last_seq = Seq(seq);
+        self.batch.put(keys::message(m.conversation.as_str(), seq), codec::encode_message(m, ts_ms));
+        let mut dv = Vec::with_capacity(16);
+        dv.extend_from_slice(&seq.to_be_bytes());
+        dv.extend_from_slice(&ts_ms.to_be_bytes());
+        self.batch.put(dedup_key.clone(), dv);
+        self.dedup.insert(dedup_key, (seq, ts_ms));
+        self.convs.insert(m.conversation.clone(), c);
+        Ok(Appended { seq: Seq(seq), server_ts_ms: ts_ms, duplicate: false })
+    }
+
+    fn dedup_lookup(&self, key: &[u8]) -> Result<Option<(u64, i64)>, StoreError> {
+        if let Some(&hit) = self.dedup.get(key) {
+            return Ok(Some(hit));
+        }
+        match self.engine.get(key)? {
+            Some(raw) if raw.len() == 16 => {
+                let seq = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
+                let ts = i64::from_be_bytes(raw[8..].try_into().expect("8 bytes"));
+                Ok(Some((seq, ts)))
+            }
+            Some(_) => Err(StoreError::Storage("corrupt dedup record".into())),
+            None => Ok(None),
+        }
+    }
+
+    fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+        if let Some(c) = self.convs.get(id) {
+            return Ok(Some(c.clone()));
+        }
+        Reader::conversation_in(self.engine, id)
+    }
+
+    fn require(&self, id: &ConversationId) -> Result<Conversation, StoreError> {
+        self.conversation(id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))
+    }
+
+    /// The batch holding every write of the applied ops.
+    pub fn finish(mut self) -> WriteBatch {
+        for (id, c) in self.convs.drain() {
+            self.batch.put(keys::conversation(id.as_str()), codec::encode_conversation(&c));
+        }
+        self.batch
+    }
+}
+
+/// Reads the state machine; cheap to clone, safe from any task.
+#[derive(Clone)]
+pub struct Reader {
+    engine: Arc<dyn Engine>,
+}
+
+impl Reader {
+    pub fn new(engine: Arc<dyn Engine>) -> Self {
+        Self { engine }
+    }
+
+    fn conversation_in(engine: &dyn Engine, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+        match engine.get(&keys::conversation(id.as_str()))? {
+            Some(raw) => codec::decode_conversation(id, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+        Self::conversation_in(self.engine.as_ref(), id)
+    }
+
+    /// Messages with `after < seq < before` (before = 0: unbounded),
+    /// ascending. With a `before` bound, the newest `limit` of them.
+    pub fn messages(
+        &self,
+        id: &ConversationId,
+        after: Seq,
+        before: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let start = keys::message(id.as_str(), after.0.saturating_add(1));
+        let end = if before.0 == 0 {
+            prefix_end(&keys::messages_of(id.as_str()))
+        } else {
+            keys::message(id.as_str(), before.0)
+        };
+        let newest_first = before.0 != 0;
+        let mut pairs = self.engine.scan(&start, &end, newest_first, limit)?;
+        if newest_first {
+            pairs.reverse();
+        }
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let seq = keys::message_seq(&k).ok_or_else(|| StoreError::Storage("corrupt message key".into()))?;
+                codec::decode_message(id, Seq(seq), &v)
+            })
+            .collect()
+    }
+
+    /// Raft addresses of replicas added at run time, by id.
+    pub fn replica_addresses(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let pairs = self.engine.scan(
+            keys::REPLICA_ADDR_PREFIX,
+            &prefix_end(keys::REPLICA_ADDR_PREFIX),
+            false,
+            usize::MAX,
+        )?;
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let raw: [u8; 8] = k[keys::REPLICA_ADDR_PREFIX.len()..]
+                    .try_into()
+                    .map_err(|_| StoreError::Storage("corrupt replica address key".into()))?;
+                let addr = String::from_utf8(v).map_err(|_| StoreError::Storage("corrupt replica address".into()))?;
+                Ok((u64::from_be_bytes(raw), addr))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::MemEngine;
+    use crate::types::UserId;
+
+    fn conv(s: &str) -> ConversationId {
+        ConversationId::parse(s).unwrap()
+    }
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+    fn msg(c: &str, from: &str, id: &str) -> Op {
+        Op::Append(NewMessage {
+            conversation: conv(c),
+            sender: user(from),
+            client_msg_id: id.into(),
+            body: bytes::Bytes::from_static(b"hello"),
+        })
+    }
+
+    fn apply_all(engine: &MemEngine, ops: &[Op]) -> Vec<Result<OpOutcome, StoreError>> {
+        let mut a = Applier::new(engine);
+        let out = ops.iter().map(|op| a.apply(op, 1000)).collect();
+        engine.write(a.finish()).unwrap();
+        out
+    }
+
+    #[test]
+    fn seqs_are_gapless_per_conversation_and_retries_are_deduplicated() {
+        let e = MemEngine::new();
+        let create = |c: &str| Op::CreateConversation { conversation: conv(c), members: vec![user("a"), user("b")] };
+        let out = apply_all(
+            &e,
+            &[create("x"), create("y"), msg("x", "a", "1"), msg("x", "b", "1"), msg("y", "a", "1"), msg("x", "a", "1")],
+        );
+        let seqs: Vec<_> = out[2..]
+            .iter()
+            .map(|r| match r {
+                Ok(OpOutcome::Appended(a)) => (a.seq.0, a.duplicate),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![(1, false), (2, false), (1, false), (1, true)]);
+        // The same retry in a later batch is found on disk.
+        let again = apply_all(&e, &[msg("x", "b", "1"), msg("x", "b", "2")]);
+        assert!(matches!(&again[0], Ok(OpOutcome::Appended(a)) if a.seq == Seq(2) && a.duplicate));
+        assert!(matches!(&again[1], Ok(OpOutcome::Appended(a)) if a.seq == Seq(3) && !a.duplicate));
+        let r = Reader::new(Arc::new(e));
+        let all = r.messages(&conv("x"), Seq(0), Seq(0), 100).unwrap();
+        assert_eq!(all.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(r.conversation(&conv("x")).unwrap().unwrap().last_seq, Seq(3));
+        let newest = r.messages(&conv("x"), Seq(0), Seq(3), 1).unwrap();
+        assert_eq!(newest.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn rejected_ops_change_nothing() {
+        let e = MemEngine::new();
+        apply_all(&e, &[Op::CreateConversation { conversation: conv("x"), members: vec![user("a")] }]);
+        let out = apply_all(
+            &e,
+            &[
+                msg("x", "mallory", "1"),
+                msg("nope", "a", "1"),
+                Op::CreateConversation { conversation: conv("x"), members: vec![user("b")] },
+            ],
+        );
+        assert!(matches!(out[0], Err(StoreError::PermissionDenied(_))));
+        assert!(matches!(out[1], Err(StoreError::NotFound(_))));
+        assert!(matches!(out[2], Err(StoreError::AlreadyExists(_))));
+        let r = Reader::new(Arc::new(e));
+        let c = r.conversation(&conv("x")).unwrap().unwrap();
+        assert_eq!((c.members, c.last_seq), (vec![user("a")], Seq(0)));
+        assert!(r.messages(&conv("x"), Seq(0), Seq(0), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn membership_changes_are_idempotent() {
+        let e = MemEngine::new();
+        let add = Op::AddMember { conversation: conv("x"), user: user("b") };
+        let rm = Op::RemoveMember { conversation: conv("x"), user: user("a") };
+        let out = apply_all(
+            &e,
+            &[
+                Op::CreateConversation { conversation: conv("x"), members: vec![user("a")] },
+                add.clone(),
+                add,
+                rm.clone(),
+                rm,
+            ],
+        );
+        match &out[4] {
+            Ok(OpOutcome::Conversation(c)) => assert_eq!(c.members, vec![user("b")]),
+            other => panic!("{other:?}"),
+        }
+    }
+}
