@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -227,7 +227,37 @@ impl Driver {
         result
     }
 
-    fn step(&mut self, m: Message) {
+    fn step(&mut self, mut m: Message) {
+        match m.get_msg_type() {
+            // A leader never sends a commit index beyond what this replica
+            // acknowledged; one that does means our data directory was
+            // wiped. raft-rs would panic on it; clamp it, and the leader
+            // repairs us (below) when our reply shows the loss.
+            MessageType::MsgHeartbeat => {
+                let last = self.raw.raft.raft_log.last_index();
+                if m.commit > last {
+                    debug!(replica = %self.cfg.id, commit = m.commit, last, "leader believes we hold entries we lost");
+                    m.commit = last;
+                }
+            }
+            // A rejection below what the replica once acknowledged can only
+            // come from a replica that lost its log. raft-rs would treat it
+            // as stale forever; probe it again from what it really has,
+            // which ends in a snapshot once the log is compacted.
+            MessageType::MsgAppendResponse if m.reject && self.is_leader() => {
+                if let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from) {
+                    if m.reject_hint < pr.matched {
+                        warn!(replica = m.from, had = pr.matched, has = m.reject_hint, "replica lost its log; resending from what it has");
+                        pr.matched = m.reject_hint;
+                        pr.become_probe();
+                        pr.next_idx = m.reject_hint + 1;
+                        self.raw.raft.send_append(m.from);
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
         if let Err(e) = self.raw.step(m) {
             debug!(error = %e, "dropped raft message");
         }
@@ -521,7 +551,7 @@ impl Driver {
                     let cc = ConfChange::parse_from_bytes(&e.data)
                         .map_err(|err| StoreError::Storage(format!("corrupt membership change: {err}")))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
-                    let (pid, id, address) = codec::decode_replica_context(&cc.context)?;
+                    let (pid, id, address) = codec::decode_replica_context(&e.context)?;
                     let id = NodeId(id);
                     match cc.get_change_type() {
                         ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {

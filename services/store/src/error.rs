@@ -76,6 +76,12 @@ impl StoreError {
     /// Rebuilds an error from a gRPC status (used by the store client).
     pub fn from_status(status: &Status) -> Self {
         let msg = status.message().to_owned();
+        // Statuses made by the local transport (connection reset, GOAWAY,
+        // refused) carry their cause; the request may or may not have
+        // reached a replica, which is what Unavailable means.
+        if std::error::Error::source(status).is_some() {
+            return Self::Unavailable(msg);
+        }
         let md = status.metadata();
         match status.code() {
             Code::Unavailable => {

@@ -18,6 +18,10 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::types::NodeId;
 
+/// Index and term a new group's log starts after (see `LogStore::open`).
+pub const BOOTSTRAP_INDEX: u64 = 5;
+pub const BOOTSTRAP_TERM: u64 = 5;
+
 /// Terms of the most recent entries kept in memory; raft asks for them on
 /// every append response.
 const TERM_CACHE: usize = 8192;
@@ -70,9 +74,19 @@ impl LogStore {
             let mut b = WriteBatch::default();
             b.put(keys::REPLICA_ID, id.0.to_be_bytes().to_vec());
             if !initial_voters.is_empty() {
+                // A new group starts as if a snapshot at BOOTSTRAP_INDEX held
+                // its voters. The log then never contains index 1, so any
+                // replica joining later must begin with a snapshot, which
+                // carries the conf state it could not learn from the log.
                 let mut cs = ConfState::default();
                 cs.voters = initial_voters.iter().map(|n| n.0).collect();
                 b.put(keys::CONF_STATE, cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?);
+                let mut hs = HardState::default();
+                hs.term = BOOTSTRAP_TERM;
+                hs.commit = BOOTSTRAP_INDEX;
+                b.put(keys::HARD_STATE, hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?);
+                b.put(keys::TRUNCATED, keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM));
+                b.put(keys::APPLIED, keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM));
             }
             engine.write(b)?;
             engine.sync()?;

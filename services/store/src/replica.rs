@@ -184,8 +184,14 @@ impl Replica {
     /// Abrupt stop, as close to a crash as a process can simulate in
     /// itself: connections are dropped and nothing is handed over.
     pub async fn kill(mut self) {
-        self.server.abort();
         self.shutdown.cancel();
+        self.health_task.abort();
+        // Cancelling makes the server close every connection (the raft
+        // streams end with the token); connection tasks hold the engine, so
+        // wait for them before the directory is reopened.
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server).await.is_err() {
+            self.server.abort();
+        }
         let _ = self.join_driver().await;
     }
 

@@ -81,6 +81,7 @@ async fn bind(addr: &str) -> Result<TcpListener, StoreError> {
 impl Cluster {
     /// Starts `n` voters.
     pub async fn start(n: u64, opts: ClusterOptions) -> Result<Self, StoreError> {
+        crate::logging::init_test_tracing();
         let root = tempfile::tempdir().map_err(|e| StoreError::Storage(e.to_string()))?;
         let mut listeners = Vec::new();
         let mut voters = Vec::new();

@@ -63,8 +63,7 @@ fn voters() -> Vec<NodeId> {
 #[test]
 fn log_appends_truncate_conflicts_and_answer_raft_queries() {
     for (name, e, _dir) in engines() {
-        let log = LogStore::open(e, NodeId(1), &voters()).unwrap();
-        assert_eq!(log.initial_state().unwrap().conf_state.voters, vec![1, 2, 3], "{name}");
+        let log = LogStore::open(e, NodeId(1), &[]).unwrap();
         assert_eq!((log.first_index().unwrap(), log.last_index().unwrap()), (1, 0), "{name}");
         let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
         log.persist(&ents, None).unwrap();
@@ -87,6 +86,21 @@ fn log_appends_truncate_conflicts_and_answer_raft_queries() {
 }
 
 #[test]
+fn a_new_group_starts_after_a_bootstrap_point_so_joiners_need_a_snapshot() {
+    use crate::log_store::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+    for (name, e, _dir) in engines() {
+        let log = LogStore::open(e, NodeId(1), &voters()).unwrap();
+        let st = log.initial_state().unwrap();
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3], "{name}");
+        assert_eq!((st.hard_state.term, st.hard_state.commit), (BOOTSTRAP_TERM, BOOTSTRAP_INDEX), "{name}");
+        assert_eq!((log.first_index().unwrap(), log.last_index().unwrap()), (BOOTSTRAP_INDEX + 1, BOOTSTRAP_INDEX), "{name}");
+        assert_eq!(log.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM, "{name}");
+        let snap = log.snapshot(0, 4).unwrap();
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3], "{name}");
+    }
+}
+
+#[test]
 fn hard_state_and_log_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -96,7 +110,7 @@ fn hard_state_and_log_survive_reopen() {
         hs.term = 7;
         hs.vote = 3;
         hs.commit = 2;
-        log.persist(&[entry(1, 7), entry(2, 7), entry(3, 7)], Some(&hs)).unwrap();
+        log.persist(&[entry(6, 7), entry(7, 7), entry(8, 7)], Some(&hs)).unwrap();
         e.sync().unwrap();
     }
     let e: Arc<dyn Engine> = Arc::new(SledEngine::open(dir.path(), BackgroundFlush::Off).unwrap());
@@ -104,7 +118,7 @@ fn hard_state_and_log_survive_reopen() {
     let st = log.initial_state().unwrap();
     assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (7, 3, 2));
     assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
-    assert_eq!(log.last_index().unwrap(), 3);
+    assert_eq!(log.last_index().unwrap(), 8);
     drop(log);
     // The same directory under another replica id is refused.
     match LogStore::open(e, NodeId(3), &[]) {
