@@ -1,0 +1,216 @@
+//! The real `chat-store` binary: three processes on loopback, killed and
+//! restarted with signals.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chat_proto::store::v1 as api;
+use chat_store::StoreClient;
+use chat_tests::{StoreProcess, free_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Group {
+    _dir: tempfile::TempDir,
+    replicas: Vec<StoreProcess>,
+    client: StoreClient,
+}
+
+fn group(n: u64) -> anyhow::Result<Group> {
+    let dir = tempfile::tempdir()?;
+    let addrs: Vec<String> = (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let replicas = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let id = i as u64 + 1;
+            StoreProcess::new(id, a.clone(), &peers, dir.path().join(format!("data-{id}")), dir.path().join(format!("store-{id}.log")))
+        })
+        .collect();
+    let client = StoreClient::new(addrs, WAIT)?;
+    Ok(Group { _dir: dir, replicas, client })
+}
+
+impl Group {
+    /// Waits until some replica reports itself leader and serving.
+    async fn leader(&self) -> anyhow::Result<usize> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            for (i, r) in self.replicas.iter().enumerate() {
+                if r.pid().is_none() {
+                    continue;
+                }
+                if let Ok(s) = self.client.status_of(&r.addr).await {
+                    if s.role == "leader" && s.serving {
+                        return Ok(i);
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                let logs: Vec<String> = self.replicas.iter().map(|r| r.log_text()).collect();
+                anyhow::bail!("no leader within {WAIT:?}; logs:\n{}", logs.join("\n---\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn applied(&self, i: usize) -> u64 {
+        self.client.status_of(&self.replicas[i].addr).await.map_or(0, |s| s.applied_index)
+    }
+}
+
+fn append(conv: &str, sender: &str, id: &str) -> api::AppendRequest {
+    api::AppendRequest {
+        conversation_id: conv.into(),
+        sender: sender.into(),
+        client_msg_id: id.into(),
+        body: vec![b'x'; 256],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_leader_process_loses_no_acknowledged_append() -> anyhow::Result<()> {
+    let mut g = group(3)?;
+    for r in &mut g.replicas {
+        r.start()?;
+    }
+    g.leader().await?;
+    let client = Arc::new(StoreClient::new(g.client.endpoints().to_vec(), WAIT)?);
+    let senders: Vec<String> = (0..4).map(|w| format!("s{w}")).collect();
+    client
+        .create_conversation(api::CreateConversationRequest { conversation_id: "k".into(), members: senders.clone() })
+        .await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, stop, acks) = (client.clone(), stop.clone(), acks.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = HashMap::new();
+            for i in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("s{w}-{i}");
+                let deadline = tokio::time::Instant::now() + WAIT;
+                loop {
+                    match client.append(append("k", &format!("s{w}"), &id)).await {
+                        Ok(r) => {
+                            acked.insert(id, r.seq);
+                            acks.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {}
+                        Err(e) => return Err(anyhow::anyhow!("append {id}: {e}")),
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(acked)
+        }));
+    }
+    let wait_acks = |n: usize| {
+        let acks = acks.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while acks.load(Ordering::Relaxed) < n {
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "acks stalled below {n}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, anyhow::Error>(acks.load(Ordering::Relaxed))
+        }
+    };
+    wait_acks(300).await?;
+    let old = g.leader().await?;
+    g.replicas[old].kill().await?;
+    let before = acks.load(Ordering::Relaxed);
+    wait_acks(before + 300).await?;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = HashMap::new();
+    for w in writers {
+        acked.extend(w.await??);
+    }
+
+    g.replicas[old].start()?;
+    let leader = g.leader().await?;
+    let target = g.applied(leader).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while g.applied(old).await < target {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "restarted replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut messages: Vec<api::StoredMessage> = Vec::new();
+    loop {
+        let after = messages.last().map_or(0, |m| m.seq);
+        let page = client
+            .read(api::ReadRequest { conversation_id: "k".into(), after_seq: after, limit: 1000, ..Default::default() })
+            .await?;
+        if page.messages.is_empty() {
+            break;
+        }
+        messages.extend(page.messages);
+    }
+    let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>(), "gapless, in order");
+    let unique: HashSet<&str> = messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(unique.len(), messages.len(), "a message was stored twice");
+    let by_seq: HashMap<u64, &str> = messages.iter().map(|m| (m.seq, m.client_msg_id.as_str())).collect();
+    for (id, seq) in &acked {
+        assert_eq!(by_seq.get(seq), Some(&id.as_str()), "acknowledged {id} (seq {seq}) lost");
+    }
+    // The restarted replica holds the same history.
+    let stale = g
+        .client
+        .read_from(
+            &g.replicas[old].addr,
+            api::ReadRequest { conversation_id: "k".into(), consistency: api::Consistency::Stale as i32, limit: 1, ..Default::default() },
+        )
+        .await?;
+    assert_eq!(stale.last_seq, messages.len() as u64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_leader_hands_over_and_exits_cleanly() -> anyhow::Result<()> {
+    let mut g = group(3)?;
+    for r in &mut g.replicas {
+        r.start()?;
+    }
+    let old = g.leader().await?;
+    g.client
+        .create_conversation(api::CreateConversationRequest { conversation_id: "t".into(), members: vec!["a".into()] })
+        .await?;
+    g.client.append(append("t", "a", "1")).await?;
+    let status = g.replicas[old].terminate(WAIT).await?;
+    assert!(status.success(), "exit status {status}: {}", g.replicas[old].log_text());
+    assert!(g.replicas[old].log_text().contains("leadership transfer before shutdown"));
+    let new = g.leader().await?;
+    assert_ne!(new, old);
+    assert_eq!(g.client.append(append("t", "a", "2")).await?.seq, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_another_replica_is_refused() -> anyhow::Result<()> {
+    let g = group(1)?;
+    let mut first = StoreProcess::new(1, g.replicas[0].addr.clone(), &format!("1={}", g.replicas[0].addr), g.replicas[0].data_dir.clone(), g._dir.path().join("a.log"));
+    first.start()?;
+    let client = StoreClient::new(vec![first.addr.clone()], WAIT)?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !client.status_of(&first.addr).await.is_ok_and(|s| s.serving) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "single replica never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.terminate(WAIT).await?;
+    // The same directory handed to replica 2 by a configuration mistake.
+    let mut wrong = StoreProcess::new(2, first.addr.clone(), &format!("2={}", first.addr), first.data_dir.clone(), g._dir.path().join("b.log"));
+    wrong.start()?;
+    let status = wrong.wait_exit(WAIT).await?;
+    assert!(!status.success());
+    assert!(wrong.log_text().contains("data directory belongs to replica 1, not to replica 2"), "{}", wrong.log_text());
+    Ok(())
+}
