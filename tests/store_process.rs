@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chat_proto::store::v1 as api;
 use chat_store::StoreClient;
-use chat_tests::{StoreProcess, free_port};
+use chat_tests::{StoreProcess, binary, free_port};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -22,12 +22,13 @@ fn group(n: u64) -> anyhow::Result<Group> {
     let dir = tempfile::tempdir()?;
     let addrs: Vec<String> = (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
     let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let store_bin = binary("chat-store")?;
     let replicas = addrs
         .iter()
         .enumerate()
         .map(|(i, a)| {
             let id = i as u64 + 1;
-            StoreProcess::new(id, a.clone(), &peers, dir.path().join(format!("data-{id}")), dir.path().join(format!("store-{id}.log")))
+            StoreProcess::new(store_bin.clone(), id, a.clone(), &peers, dir.path().join(format!("data-{id}")), dir.path().join(format!("store-{id}.log")))
         })
         .collect();
     let client = StoreClient::new(addrs, WAIT)?;
@@ -139,7 +140,11 @@ async fn sigkill_of_the_leader_process_loses_no_acknowledged_append() -> anyhow:
     let target = g.applied(leader).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while g.applied(old).await < target {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "restarted replica did not catch up");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "restarted replica did not catch up to {target}; its log:\n{}",
+            g.replicas[old].log_text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -197,7 +202,7 @@ async fn sigterm_on_the_leader_hands_over_and_exits_cleanly() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_another_replica_is_refused() -> anyhow::Result<()> {
     let g = group(1)?;
-    let mut first = StoreProcess::new(1, g.replicas[0].addr.clone(), &format!("1={}", g.replicas[0].addr), g.replicas[0].data_dir.clone(), g._dir.path().join("a.log"));
+    let mut first = StoreProcess::new(binary("chat-store")?, 1, g.replicas[0].addr.clone(), &format!("1={}", g.replicas[0].addr), g.replicas[0].data_dir.clone(), g._dir.path().join("a.log"));
     first.start()?;
     let client = StoreClient::new(vec![first.addr.clone()], WAIT)?;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -207,7 +212,7 @@ async fn a_data_directory_of_another_replica_is_refused() -> anyhow::Result<()> 
     }
     first.terminate(WAIT).await?;
     // The same directory handed to replica 2 by a configuration mistake.
-    let mut wrong = StoreProcess::new(2, first.addr.clone(), &format!("2={}", first.addr), first.data_dir.clone(), g._dir.path().join("b.log"));
+    let mut wrong = StoreProcess::new(binary("chat-store")?, 2, first.addr.clone(), &format!("2={}", first.addr), first.data_dir.clone(), g._dir.path().join("b.log"));
     wrong.start()?;
     let status = wrong.wait_exit(WAIT).await?;
     assert!(!status.success());

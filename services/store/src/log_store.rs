@@ -91,7 +91,7 @@ impl LogStore {
             engine.write(b)?;
             engine.sync()?;
         }
-        let hard_state = match engine.get(keys::HARD_STATE)? {
+        let mut hard_state = match engine.get(keys::HARD_STATE)? {
             Some(raw) => HardState::parse_from_bytes(&raw).map_err(|e| corrupt("hard state", e))?,
             None => HardState::default(),
         };
@@ -123,6 +123,22 @@ impl LogStore {
             if first <= truncated.0 && terms.len() < TERM_CACHE {
                 return Err(corrupt("log", format!("entry {first} is below the compaction point {}", truncated.0)));
             }
+        }
+        // Applying writes the applied index before the Ready's hard state
+        // is written, so a crash can leave the recorded commit behind it.
+        // Applied entries were committed; raise the commit to match.
+        let applied = match engine.get(keys::APPLIED)? {
+            Some(raw) => keys::decode_pair(&raw).ok_or_else(|| corrupt("applied index", "wrong length"))?.0,
+            None => 0,
+        };
+        if applied > last_index {
+            return Err(corrupt("state machine", format!("applied index {applied} is beyond the last log index {last_index}")));
+        }
+        if applied > hard_state.commit {
+            hard_state.commit = applied;
+            let mut b = WriteBatch::default();
+            b.put(keys::HARD_STATE, hard_state.write_to_bytes().map_err(|e| corrupt("hard state", e))?);
+            engine.write(b)?;
         }
         if hard_state.commit > last_index {
             return Err(corrupt(

@@ -109,14 +109,14 @@ fn hard_state_and_log_survive_reopen() {
         let mut hs = HardState::default();
         hs.term = 7;
         hs.vote = 3;
-        hs.commit = 2;
+        hs.commit = 7;
         log.persist(&[entry(6, 7), entry(7, 7), entry(8, 7)], Some(&hs)).unwrap();
         e.sync().unwrap();
     }
     let e: Arc<dyn Engine> = Arc::new(SledEngine::open(dir.path(), BackgroundFlush::Off).unwrap());
     let log = LogStore::open(e.clone(), NodeId(2), &[]).unwrap();
     let st = log.initial_state().unwrap();
-    assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (7, 3, 2));
+    assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (7, 3, 7));
     assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
     assert_eq!(log.last_index().unwrap(), 8);
     drop(log);
@@ -183,5 +183,24 @@ fn a_commit_index_beyond_the_log_is_refused() {
         b.put(keys::HARD_STATE, hs.write_to_bytes().unwrap());
         e.write(b).unwrap();
         assert!(matches!(LogStore::open(e, NodeId(1), &[]), Err(StoreError::Storage(_))), "{name}");
+    }
+}
+
+#[test]
+fn a_crash_between_apply_and_hard_state_write_is_recovered() {
+    for (name, e, _dir) in engines() {
+        {
+            let log = LogStore::open(e.clone(), NodeId(1), &[]).unwrap();
+            let mut hs = HardState::default();
+            hs.term = 1;
+            hs.commit = 1;
+            log.persist(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs)).unwrap();
+            // Applied through 3, but the hard state saying commit = 3 was lost.
+            let mut b = WriteBatch::default();
+            b.put(keys::APPLIED, keys::encode_pair(3, 1));
+            e.write(b).unwrap();
+        }
+        let log = LogStore::open(e, NodeId(1), &[]).unwrap();
+        assert_eq!(log.hard_state().commit, 3, "{name}");
     }
 }

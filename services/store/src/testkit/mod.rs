@@ -5,6 +5,8 @@
 //! Used by the store's tests and by benchmarks; everything waits on
 //! conditions with deadlines, never on fixed sleeps.
 
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,0 +1,166 @@
+//! Closed-loop append benchmark of a local store group.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chat_proto::store::v1 as api;
+use chat_store::StoreClient;
+use chat_store::testkit::process::{StoreProcess, free_port};
+use hdrhistogram::Histogram;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Store replicas to start.
+    #[arg(long, default_value_t = 3)]
+    replicas: u64,
+    /// Concurrent appenders, each waiting for its ack before the next send.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Message body size.
+    #[arg(long, default_value_t = 256)]
+    body_bytes: usize,
+    /// Measured duration.
+    #[arg(long, default_value_t = 15)]
+    duration_secs: u64,
+    /// Unmeasured warm-up before it.
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// gRPC connections the appenders share.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// The replicas' --sync mode.
+    #[arg(long, default_value = "always")]
+    sync: String,
+    /// The chat-store binary (default: next to this one).
+    #[arg(long)]
+    store_bin: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.clients > 0 && args.connections > 0 && args.replicas > 0, "counts must be positive");
+    let store_bin = match args.store_bin.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?.parent().context("no binary directory")?.join("chat-store"),
+    };
+    let dir = tempfile::tempdir()?;
+    let addrs: Vec<String> =
+        (0..args.replicas).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut replicas = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = i as u64 + 1;
+        let mut p = StoreProcess::new(
+            store_bin.clone(),
+            id,
+            addr.clone(),
+            &peers,
+            dir.path().join(format!("data-{id}")),
+            dir.path().join(format!("store-{id}.log")),
+        )
+        .with_args(&["--sync", &args.sync]);
+        p.start()?;
+        replicas.push(p);
+    }
+    let admin = StoreClient::new(addrs.clone(), Duration::from_secs(20))?;
+    wait_for_leader(&admin, &addrs).await?;
+
+    let clients: Vec<Arc<StoreClient>> = (0..args.connections)
+        .map(|_| StoreClient::new(addrs.clone(), Duration::from_secs(20)).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    for i in 0..args.clients {
+        admin
+            .create_conversation(api::CreateConversationRequest {
+                conversation_id: format!("bench-{i}"),
+                members: vec![format!("u{i}")],
+            })
+            .await?;
+    }
+
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup_secs);
+    let end = measure_from + Duration::from_secs(args.duration_secs);
+    let body = vec![b'x'; args.body_bytes];
+    let mut tasks = Vec::new();
+    for i in 0..args.clients {
+        let client = clients[i % clients.len()].clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let (mut sent, mut errors) = (0u64, 0u64);
+            while Instant::now() < end {
+                let req = api::AppendRequest {
+                    conversation_id: format!("bench-{i}"),
+                    sender: format!("u{i}"),
+                    client_msg_id: format!("{i}-{sent}"),
+                    body: body.clone(),
+                };
+                let t0 = Instant::now();
+                match client.append(req).await {
+                    Ok(_) => {
+                        sent += 1;
+                        if t0 >= measure_from {
+                            let _ = hist.record(t0.elapsed().as_micros() as u64);
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (i, sent, errors, hist)
+        }));
+    }
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut acked_per_conv = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (i, sent, e, h) = t.await?;
+        total.add(h)?;
+        acked_per_conv.push((i, sent));
+        errors += e;
+    }
+    let measured = total.len();
+    let secs = args.duration_secs as f64;
+    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
+
+    // Every acknowledged append must be there: seqs are gapless per
+    // conversation, so last_seq equals the number acknowledged.
+    let mut lost = 0u64;
+    for (i, sent) in &acked_per_conv {
+        let c = admin
+            .get_conversation(api::GetConversationRequest { conversation_id: format!("bench-{i}"), ..Default::default() })
+            .await?;
+        lost += sent.saturating_sub(c.last_seq);
+        anyhow::ensure!(c.last_seq >= *sent, "conversation bench-{i}: {sent} acknowledged, {} stored", c.last_seq);
+    }
+    let leader = admin.status_of(&addrs[0]).await.map(|s| s.leader_id).unwrap_or(0);
+    println!("store-bench: {} replicas, sync={}, {} closed-loop clients over {} connections, {}-byte bodies", args.replicas, args.sync, args.clients, args.connections, args.body_bytes);
+    println!("measured {} s after {} s warm-up; leader replica {leader}", args.duration_secs, args.warmup_secs);
+    println!("acked appends/s: {:.0}", measured as f64 / secs);
+    println!(
+        "append latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        ms(0.50),
+        ms(0.90),
+        ms(0.99),
+        ms(0.999),
+        total.max() as f64 / 1000.0
+    );
+    println!("errors: {errors}  lost acknowledged appends: {lost}");
+    for mut r in replicas {
+        r.kill().await?;
+    }
+    Ok(())
+}
+
+async fn wait_for_leader(client: &StoreClient, addrs: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for a in addrs {
+            if client.status_of(a).await.is_ok_and(|s| s.role == "leader" && s.serving) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no leader elected within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,102 @@
+//! Running the real `chat-store` binary as a child process, for process
+//! tests and benchmarks. Children are killed when their handle is dropped;
+//! only processes started here are ever signalled.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// A free port on 127.0.0.1 (bound and released; the caller binds it next).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// One `chat-store` process; killed when dropped.
+pub struct StoreProcess {
+    binary: PathBuf,
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl StoreProcess {
+    pub fn new(binary: PathBuf, id: u64, addr: String, peers: &str, data_dir: PathBuf, log: PathBuf) -> Self {
+        let args = vec![
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--peers".into(),
+            peers.to_owned(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        Self { binary, id, addr, data_dir, args, log, child: None }
+    }
+
+    /// Extra flags for every later start.
+    pub fn with_args(mut self, extra: &[&str]) -> Self {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if !self.binary.exists() {
+            bail!("{} is missing; build it first (cargo build --workspace --bins)", self.binary.display());
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .env("CHAT_STORE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn chat-store")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// SIGKILL: no chance to flush, hand over or say goodbye.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        let pid = c.id().context("already exited")?;
+        let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?.success();
+        if !ok {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(tokio::time::timeout(within, c.wait()).await.context("no exit after SIGTERM")??)
+    }
+
+    /// Waits for the process to exit by itself (bounded).
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("not running")?;
+        let status = tokio::time::timeout(within, c.wait()).await.context("still running")??;
+        self.child = None;
+        Ok(status)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
