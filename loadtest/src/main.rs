@@ -6,6 +6,7 @@
 //! acknowledged appends per second and append latency. Afterwards it checks
 //! that every acknowledged append is stored, exactly once.
 
+mod engine_bench;
 mod store_bench;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ struct Cli {
 enum Cmd {
     /// Append throughput and latency of a local store group.
     StoreBench(store_bench::Args),
+    /// One replica's write path (log + apply + sync) without network or raft.
+    EngineBench(engine_bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +31,6 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)),
+        Cmd::EngineBench(args) => engine_bench::run(args),
     }
 }

@@ -134,6 +134,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::ensure!(c.last_seq >= *sent, "conversation bench-{i}: {sent} acknowledged, {} stored", c.last_seq);
     }
     let leader = admin.status_of(&addrs[0]).await.map(|s| s.leader_id).unwrap_or(0);
+    let mut replica_lines = Vec::new();
+    for a in &addrs {
+        let s = admin.status_of(a).await?;
+        let st = s.stats.unwrap_or_default();
+        let per = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
+        replica_lines.push(format!(
+            "  replica {} ({}): {:.1} ops/entry proposed, {} readies, {} syncs averaging {:.2} ms, {:.2} entries applied per ready",
+            s.id,
+            s.role,
+            per(st.proposed_ops, st.proposed_entries),
+            st.readies,
+            st.syncs,
+            per(st.sync_micros, st.syncs) / 1000.0,
+            per(st.applied_entries, st.readies),
+        ));
+    }
     println!("store-bench: {} replicas, sync={}, {} closed-loop clients over {} connections, {}-byte bodies", args.replicas, args.sync, args.clients, args.connections, args.body_bytes);
     println!("measured {} s after {} s warm-up; leader replica {leader}", args.duration_secs, args.warmup_secs);
     println!("acked appends/s: {:.0}", measured as f64 / secs);
@@ -146,6 +162,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         total.max() as f64 / 1000.0
     );
     println!("errors: {errors}  lost acknowledged appends: {lost}");
+    for l in replica_lines {
+        println!("{l}");
+    }
     for mut r in replicas {
         r.kill().await?;
     }

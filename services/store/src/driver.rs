@@ -34,7 +34,7 @@ use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::keys;
 use crate::log_store::LogStore;
-use crate::node::{MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport};
+use crate::node::{DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport};
 use crate::state_machine::Applier;
 use crate::transport::{Transport, TransportEvent};
 use crate::types::{NodeId, Op};
@@ -43,6 +43,11 @@ use crate::types::{NodeId, Op};
 const DRAIN_LIMIT: usize = 4096;
 /// Largest raft entry the driver builds from queued proposals.
 const MAX_ENTRY_BYTES: usize = 1 << 20;
+/// Uncommitted entries the leader keeps in flight. While this many are
+/// being replicated, new proposals wait and join the next entry, so under
+/// load one entry (one log write and sync on every replica) carries many
+/// operations; under light load proposals go out at once.
+const PIPELINE_DEPTH: u64 = 1;
 
 /// Durability of acknowledged writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +105,7 @@ pub(crate) struct Driver {
     start_commit: u64,
     caught_up: bool,
     was_leader: bool,
+    stats: DriverStats,
 }
 
 fn now_ms() -> i64 {
@@ -159,6 +165,7 @@ impl Driver {
             start_commit,
             caught_up: false,
             was_leader: false,
+            stats: DriverStats::default(),
         })
     }
 
@@ -297,6 +304,14 @@ impl Driver {
         if self.queued.is_empty() {
             return;
         }
+        if self.is_leader() {
+            let log = &self.raw.raft.raft_log;
+            let inflight = log.last_index().saturating_sub(log.committed);
+            let bytes: usize = self.queued.iter().flat_map(|(ops, _)| ops.iter()).map(op_size).sum();
+            if inflight >= PIPELINE_DEPTH && bytes < MAX_ENTRY_BYTES {
+                return;
+            }
+        }
         let queued = std::mem::take(&mut self.queued);
         if !self.is_leader() {
             let err = self.not_leader();
@@ -329,6 +344,8 @@ impl Driver {
         let data = codec::encode_proposal(id, ts, &ops);
         match self.raw.propose(Vec::new(), data) {
             Ok(()) => {
+                self.stats.proposed_entries += 1;
+                self.stats.proposed_ops += ops.len() as u64;
                 self.waiters.insert(id, replies);
             }
             Err(e) => {
@@ -466,6 +483,7 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.raw.ready();
+        self.stats.readies += 1;
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
@@ -481,7 +499,10 @@ impl Driver {
             self.log.persist(ready.entries(), hs.as_ref())?;
         }
         if must_sync && self.cfg.sync == SyncMode::Always {
+            let t = std::time::Instant::now();
             self.engine.sync()?;
+            self.stats.syncs += 1;
+            self.stats.sync_micros += t.elapsed().as_micros() as u64;
         }
         for rs in ready.take_read_states() {
             let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
@@ -492,10 +513,9 @@ impl Driver {
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
+        // The light ready's commit index is not written: it is recovered
+        // from the quorum (and from the applied index) after a restart.
         let mut light = self.raw.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.log.set_commit(commit)?;
-        }
         self.transport.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
@@ -519,6 +539,7 @@ impl Driver {
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
         let Some(last) = entries.last() else { return Ok(()) };
+        self.stats.applied_entries += entries.len() as u64;
         let (last_index, last_term) = (last.index, last.term);
         let engine = self.engine.clone();
         let mut applier = Applier::new(engine.as_ref());
@@ -581,6 +602,13 @@ impl Driver {
         batch.put(keys::APPLIED, keys::encode_pair(last_index, last_term));
         self.engine.write(batch)?;
         self.applied = last_index;
+        // Published before anyone is answered, so the status never lags an
+        // acknowledgement.
+        self.status.send_if_modified(|s| {
+            let changed = s.applied != last_index;
+            s.applied = last_index;
+            changed
+        });
         if let Some(cs) = new_conf {
             self.log.note_conf_state(cs);
         }
@@ -640,6 +668,7 @@ impl Driver {
     fn report(&self) -> StatusReport {
         StatusReport {
             status: self.status.borrow().clone(),
+            stats: self.stats,
             first_index: self.log.truncated_index() + 1,
             last_index: self.raw.raft.raft_log.last_index(),
             snapshot_index: self.log.truncated_index(),

@@ -220,14 +220,6 @@ impl LogStore {
         Ok(())
     }
 
-    /// Records a new commit index (from a light ready). Needs no sync:
-    /// commit is recomputed from the quorum after a crash.
-    pub fn set_commit(&self, commit: u64) -> Result<(), StoreError> {
-        let mut hs = self.hard_state();
-        hs.commit = commit;
-        self.persist(&[], Some(&hs))
-    }
-
     /// Adds the conf state write to an apply batch; call `note_conf_state`
     /// once the batch is written.
     pub fn stage_conf_state(&self, batch: &mut WriteBatch, cs: &ConfState) -> Result<(), StoreError> {

@@ -78,10 +78,22 @@ pub struct ReplicaView {
     pub matched: u64,
 }
 
+/// Counters of the driver since start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DriverStats {
+    pub proposed_entries: u64,
+    pub proposed_ops: u64,
+    pub readies: u64,
+    pub syncs: u64,
+    pub sync_micros: u64,
+    pub applied_entries: u64,
+}
+
 /// A detailed status report, computed by the driver on request.
 #[derive(Clone, Debug)]
 pub struct StatusReport {
     pub status: NodeStatus,
+    pub stats: DriverStats,
     pub first_index: u64,
     pub last_index: u64,
     pub snapshot_index: u64,

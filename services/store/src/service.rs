@@ -250,6 +250,14 @@ pub fn status_response(report: StatusReport, leader_address: String) -> api::Sta
         snapshot_index: report.snapshot_index,
         serving: s.serving,
         replicas: report.replicas.into_iter().map(replica_info).collect(),
+        stats: Some(api::DriverStats {
+            proposed_entries: report.stats.proposed_entries,
+            proposed_ops: report.stats.proposed_ops,
+            readies: report.stats.readies,
+            syncs: report.stats.syncs,
+            sync_micros: report.stats.sync_micros,
+            applied_entries: report.stats.applied_entries,
+        }),
     }
 }
 
