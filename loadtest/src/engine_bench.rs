@@ -9,7 +9,7 @@ use chat_store::codec::encode_proposal;
 use chat_store::engine::{BackgroundFlush, Engine, MemEngine, SledEngine, WriteBatch};
 use chat_store::keys;
 use chat_store::log_store::LogStore;
-use chat_store::state_machine::Applier;
+use chat_store::state_machine::{Applier, SeqCache};
 use chat_store::types::{ConversationId, NewMessage, NodeId, Op, UserId};
 use raft::eraftpb::{Entry, HardState};
 
@@ -44,7 +44,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let user = UserId::parse("u")?;
     let convs: Vec<ConversationId> =
         (0..args.conversations).map(|i| ConversationId::parse(&format!("c{i}"))).collect::<Result<_, _>>()?;
-    let mut a = Applier::new(engine.as_ref());
+    let mut seqs = SeqCache::default();
+    let mut a = Applier::new(engine.as_ref(), &mut seqs);
     for c in &convs {
         a.apply(&Op::CreateConversation { conversation: c.clone(), members: vec![user.clone()] }, 0)?;
     }
@@ -76,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         hs.term = 6;
         hs.commit = index - 1;
         log.persist(&[e], Some(&hs))?;
-        let mut a = Applier::new(engine.as_ref());
+        let mut a = Applier::new(engine.as_ref(), &mut seqs);
         for op in &ops {
             a.apply(op, 0)?;
         }

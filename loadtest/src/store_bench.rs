@@ -36,6 +36,10 @@ pub struct Args {
     /// The chat-store binary (default: next to this one).
     #[arg(long)]
     store_bin: Option<PathBuf>,
+    /// SIGKILL the leader's process this many seconds into the measured
+    /// period, and report the longest gap between acknowledgements.
+    #[arg(long)]
+    kill_leader_at: Option<f64>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -89,6 +93,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let (mut sent, mut errors) = (0u64, 0u64);
+            let mut ack_times = Vec::new();
             while Instant::now() < end {
                 let req = api::AppendRequest {
                     conversation_id: format!("bench-{i}"),
@@ -102,23 +107,42 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         sent += 1;
                         if t0 >= measure_from {
                             let _ = hist.record(t0.elapsed().as_micros() as u64);
+                            ack_times.push(Instant::now());
                         }
                     }
                     Err(_) => errors += 1,
                 }
             }
-            (i, sent, errors, hist)
+            (i, sent, errors, hist, ack_times)
         }));
+    }
+    let mut killed = None;
+    if let Some(at) = args.kill_leader_at {
+        // Fault schedule, not synchronisation: the fault happens at a chosen time.
+        tokio::time::sleep_until((measure_from + Duration::from_secs_f64(at)).into()).await;
+        let mut victim = None;
+        for (i, a) in addrs.iter().enumerate() {
+            if admin.status_of(a).await.is_ok_and(|s| s.role == "leader") {
+                victim = Some(i);
+            }
+        }
+        let i = victim.context("no leader to kill")?;
+        replicas[i].kill().await?;
+        killed = Some((i, Instant::now()));
     }
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut acked_per_conv = Vec::new();
     let mut errors = 0;
+    let mut acks: Vec<Instant> = Vec::new();
     for t in tasks {
-        let (i, sent, e, h) = t.await?;
+        let (i, sent, e, h, times) = t.await?;
         total.add(h)?;
         acked_per_conv.push((i, sent));
         errors += e;
+        acks.extend(times);
     }
+    acks.sort();
+    let longest_gap = acks.windows(2).map(|w| (w[1] - w[0], w[0])).max();
     let measured = total.len();
     let secs = args.duration_secs as f64;
     let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
@@ -135,7 +159,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let leader = admin.status_of(&addrs[0]).await.map(|s| s.leader_id).unwrap_or(0);
     let mut replica_lines = Vec::new();
-    for a in &addrs {
+    for (n, a) in addrs.iter().enumerate() {
+        if killed.is_some_and(|(k, _)| k == n) {
+            replica_lines.push(format!("  replica {} (killed)", n + 1));
+            continue;
+        }
         let s = admin.status_of(a).await?;
         let st = s.stats.unwrap_or_default();
         let per = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
@@ -162,10 +190,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         total.max() as f64 / 1000.0
     );
     println!("errors: {errors}  lost acknowledged appends: {lost}");
+    if let Some((gap, from)) = longest_gap {
+        println!(
+            "longest gap between acks: {:.0} ms, starting {:.2} s into the measured period",
+            gap.as_secs_f64() * 1000.0,
+            (from - measure_from).as_secs_f64()
+        );
+    }
+    if let Some((i, at)) = killed {
+        println!("leader (replica {}) SIGKILLed {:.2} s into the measured period", i + 1, (at - measure_from).as_secs_f64());
+    }
     for l in replica_lines {
         println!("{l}");
     }
-    for mut r in replicas {
+    for r in &mut replicas {
         r.kill().await?;
     }
     Ok(())

@@ -83,13 +83,13 @@ pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
 pub fn encode_conversation(c: &Conversation) -> Vec<u8> {
     log::Conversation {
         members: c.members.iter().map(|m| m.as_str().to_owned()).collect(),
-        last_seq: c.last_seq.0,
         created_at_ms: c.created_at_ms,
     }
     .encode_to_vec()
 }
 
-pub fn decode_conversation(id: &ConversationId, raw: &[u8]) -> Result<Conversation, StoreError> {
+/// `last_seq` is not part of the record; the caller supplies it.
+pub fn decode_conversation(id: &ConversationId, raw: &[u8], last_seq: Seq) -> Result<Conversation, StoreError> {
     let c = log::Conversation::decode(raw).map_err(|e| corrupt("conversation record", e))?;
     Ok(Conversation {
         id: id.clone(),
@@ -98,7 +98,7 @@ pub fn decode_conversation(id: &ConversationId, raw: &[u8]) -> Result<Conversati
             .iter()
             .map(|m| UserId::parse(m).map_err(|e| corrupt("conversation record", e)))
             .collect::<Result<_, _>>()?,
-        last_seq: Seq(c.last_seq),
+        last_seq,
         created_at_ms: c.created_at_ms,
     })
 }

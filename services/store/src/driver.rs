@@ -35,7 +35,7 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::log_store::LogStore;
 use crate::node::{DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport};
-use crate::state_machine::Applier;
+use crate::state_machine::{Applier, SeqCache};
 use crate::transport::{Transport, TransportEvent};
 use crate::types::{NodeId, Op};
 
@@ -106,6 +106,7 @@ pub(crate) struct Driver {
     caught_up: bool,
     was_leader: bool,
     stats: DriverStats,
+    seqs: SeqCache,
 }
 
 fn now_ms() -> i64 {
@@ -166,6 +167,7 @@ impl Driver {
             caught_up: false,
             was_leader: false,
             stats: DriverStats::default(),
+            seqs: SeqCache::default(),
         })
     }
 
@@ -529,6 +531,7 @@ impl Driver {
         info!(replica = %self.cfg.id, index = meta.index, term = meta.term, "installing snapshot");
         let data = codec::decode_snapshot_data(&snap.data)?;
         self.log.install_snapshot(snap, data)?;
+        self.seqs.clear();
         self.applied = meta.index;
         let reader = crate::state_machine::Reader::new(self.engine.clone());
         for (id, addr) in reader.replica_addresses()? {
@@ -542,7 +545,7 @@ impl Driver {
         self.stats.applied_entries += entries.len() as u64;
         let (last_index, last_term) = (last.index, last.term);
         let engine = self.engine.clone();
-        let mut applier = Applier::new(engine.as_ref());
+        let mut applier = Applier::new(engine.as_ref(), &mut self.seqs);
         let mut replies: Vec<(ProposeReply, OpResults)> = Vec::new();
         let mut membership_replies: Vec<MembershipReply> = Vec::new();
         let mut new_conf: Option<ConfState> = None;

@@ -17,9 +17,25 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::types::{Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage};
 
+/// Last seq of recently appended-to conversations, kept by the driver across
+/// batches so an append writes two keys (message, dedup) and reads none for
+/// its seq. Cleared when a snapshot replaces the state.
+#[derive(Default)]
+pub struct SeqCache(HashMap<ConversationId, u64>);
+
+/// Entries kept before the cache starts over.
+const SEQ_CACHE_LIMIT: usize = 100_000;
+
+impl SeqCache {
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Applies operations, accumulating their writes for one atomic batch.
 pub struct Applier<'a> {
     engine: &'a dyn Engine,
+    seqs: &'a mut SeqCache,
     /// Conversations touched by this batch, to be written at `finish`.
     convs: HashMap<ConversationId, Conversation>,
     /// Dedup entries added by this batch (not yet readable from the engine).
@@ -28,8 +44,20 @@ pub struct Applier<'a> {
 }
 
 impl<'a> Applier<'a> {
-    pub fn new(engine: &'a dyn Engine) -> Self {
-        Self { engine, convs: HashMap::new(), dedup: HashMap::new(), batch: WriteBatch::default() }
+    pub fn new(engine: &'a dyn Engine, seqs: &'a mut SeqCache) -> Self {
+        if seqs.0.len() > SEQ_CACHE_LIMIT {
+            seqs.clear();
+        }
+        Self { engine, seqs, convs: HashMap::new(), dedup: HashMap::new(), batch: WriteBatch::default() }
+    }
+
+    fn last_seq(&mut self, id: &ConversationId) -> Result<u64, StoreError> {
+        if let Some(&seq) = self.seqs.0.get(id) {
+            return Ok(seq);
+        }
+        let seq = Reader::last_seq_in(self.engine, id)?;
+        self.seqs.0.insert(id.clone(), seq);
+        Ok(seq)
     }
 
     /// Direct access for writes that ride along (applied index, conf state).
@@ -79,7 +107,7 @@ impl<'a> Applier<'a> {
     }
 
     fn append(&mut self, m: &NewMessage, ts_ms: i64) -> Result<Appended, StoreError> {
-        let mut c = self.require(&m.conversation)?;
+        let c = self.require(&m.conversation)?;
         let dedup_key = keys::dedup(m.conversation.as_str(), m.sender.as_str(), &m.client_msg_id);
         if let Some((seq, ts)) = self.dedup_lookup(&dedup_key)? {
             return Ok(Appended { seq: Seq(seq), server_ts_ms: ts, duplicate: true });
@@ -90,15 +118,14 @@ impl<'a> Applier<'a> {
                 m.sender, m.conversation
             )));
         }
-        let seq = c.last_seq.0 + 1;
-        c.last_seq = Seq(seq);
+        let seq = self.last_seq(&m.conversation)? + 1;
+        self.seqs.0.insert(m.conversation.clone(), seq);
         self.batch.put(keys::message(m.conversation.as_str(), seq), codec::encode_message(m, ts_ms));
         let mut dv = Vec::with_capacity(16);
         dv.extend_from_slice(&seq.to_be_bytes());
         dv.extend_from_slice(&ts_ms.to_be_bytes());
         self.batch.put(dedup_key.clone(), dv);
         self.dedup.insert(dedup_key, (seq, ts_ms));
-        self.convs.insert(m.conversation.clone(), c);
         Ok(Appended { seq: Seq(seq), server_ts_ms: ts_ms, duplicate: false })
     }
 
@@ -117,14 +144,22 @@ impl<'a> Applier<'a> {
         }
     }
 
-    fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
-        if let Some(c) = self.convs.get(id) {
-            return Ok(Some(c.clone()));
+    /// The conversation as of this batch (last seq included).
+    fn conversation(&mut self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+        let found = match self.convs.get(id) {
+            Some(c) => Some(c.clone()),
+            None => Reader::record_in(self.engine, id, Seq(0))?,
+        };
+        match found {
+            Some(mut c) => {
+                c.last_seq = Seq(self.last_seq(id)?);
+                Ok(Some(c))
+            }
+            None => Ok(None),
         }
-        Reader::conversation_in(self.engine, id)
     }
 
-    fn require(&self, id: &ConversationId) -> Result<Conversation, StoreError> {
+    fn require(&mut self, id: &ConversationId) -> Result<Conversation, StoreError> {
         self.conversation(id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))
     }
 
@@ -148,15 +183,32 @@ impl Reader {
         Self { engine }
     }
 
-    fn conversation_in(engine: &dyn Engine, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
+    fn record_in(engine: &dyn Engine, id: &ConversationId, last_seq: Seq) -> Result<Option<Conversation>, StoreError> {
         match engine.get(&keys::conversation(id.as_str()))? {
-            Some(raw) => codec::decode_conversation(id, &raw).map(Some),
+            Some(raw) => codec::decode_conversation(id, &raw, last_seq).map(Some),
             None => Ok(None),
         }
     }
 
+    /// Seq of the newest message (0 when there is none).
+    fn last_seq_in(engine: &dyn Engine, id: &ConversationId) -> Result<u64, StoreError> {
+        let prefix = keys::messages_of(id.as_str());
+        let newest = engine.scan(&prefix, &prefix_end(&prefix), true, 1)?;
+        match newest.first() {
+            Some((k, _)) => keys::message_seq(k).ok_or_else(|| StoreError::Storage("corrupt message key".into())),
+            None => Ok(0),
+        }
+    }
+
     pub fn conversation(&self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
-        Self::conversation_in(self.engine.as_ref(), id)
+        let engine = self.engine.as_ref();
+        match Self::record_in(engine, id, Seq(0))? {
+            Some(mut c) => {
+                c.last_seq = Seq(Self::last_seq_in(engine, id)?);
+                Ok(Some(c))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Messages with `after < seq < before` (before = 0: unbounded),
@@ -231,7 +283,9 @@ mod tests {
     }
 
     fn apply_all(engine: &MemEngine, ops: &[Op]) -> Vec<Result<OpOutcome, StoreError>> {
-        let mut a = Applier::new(engine);
+        // A fresh cache each time: later batches must find seqs on disk.
+        let mut seqs = SeqCache::default();
+        let mut a = Applier::new(engine, &mut seqs);
         let out = ops.iter().map(|op| a.apply(op, 1000)).collect();
         engine.write(a.finish()).unwrap();
         out
