@@ -40,7 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "mem" => Arc::new(MemEngine::new()),
         other => anyhow::bail!("unknown engine {other:?}"),
     };
-    let log = LogStore::open(engine.clone(), NodeId(1), &[NodeId(1)])?;
+    let log = LogStore::open(engine.clone(), NodeId(1), &[(NodeId(1), "127.0.0.1:1".to_owned())])?;
     let user = UserId::parse("u")?;
     let convs: Vec<ConversationId> =
         (0..args.conversations).map(|i| ConversationId::parse(&format!("c{i}"))).collect::<Result<_, _>>()?;

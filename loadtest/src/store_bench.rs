@@ -27,6 +27,10 @@ pub struct Args {
     /// Unmeasured warm-up before it.
     #[arg(long, default_value_t = 2)]
     warmup_secs: u64,
+    /// Messages per request: 1 uses Append; more uses AppendBatch (as a
+    /// router that batches does). Latency is per request.
+    #[arg(long, default_value_t = 1)]
+    per_request: usize,
     /// gRPC connections the appenders share.
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -90,30 +94,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.clients {
         let client = clients[i % clients.len()].clone();
         let body = body.clone();
+        let per_request = args.per_request.max(1);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let (mut sent, mut errors) = (0u64, 0u64);
             let mut ack_times = Vec::new();
+            let mut measured_msgs = 0u64;
             while Instant::now() < end {
-                let req = api::AppendRequest {
-                    conversation_id: format!("bench-{i}"),
-                    sender: format!("u{i}"),
-                    client_msg_id: format!("{i}-{sent}"),
-                    body: body.clone(),
-                };
+                let items: Vec<api::AppendRequest> = (0..per_request as u64)
+                    .map(|k| api::AppendRequest {
+                        conversation_id: format!("bench-{i}"),
+                        sender: format!("u{i}"),
+                        client_msg_id: format!("{i}-{}", sent + k),
+                        body: body.clone(),
+                    })
+                    .collect();
                 let t0 = Instant::now();
-                match client.append(req).await {
-                    Ok(_) => {
-                        sent += 1;
+                let result = if per_request == 1 {
+                    client.append(items[0].clone()).await.map(|_| 1)
+                } else {
+                    client.append_batch(api::AppendBatchRequest { items }).await.map(|r| {
+                        r.items.iter().filter(|o| matches!(o.outcome, Some(api::append_outcome::Outcome::Ok(_)))).count()
+                    })
+                };
+                match result {
+                    Ok(n) => {
+                        sent += n as u64;
+                        if n < per_request {
+                            errors += (per_request - n) as u64;
+                        }
                         if t0 >= measure_from {
                             let _ = hist.record(t0.elapsed().as_micros() as u64);
                             ack_times.push(Instant::now());
+                            measured_msgs += n as u64;
                         }
                     }
                     Err(_) => errors += 1,
                 }
             }
-            (i, sent, errors, hist, ack_times)
+            (i, sent, errors, hist, ack_times, measured_msgs)
         }));
     }
     let mut killed = None;
@@ -134,8 +153,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut acked_per_conv = Vec::new();
     let mut errors = 0;
     let mut acks: Vec<Instant> = Vec::new();
+    let mut measured_msgs = 0u64;
     for t in tasks {
-        let (i, sent, e, h, times) = t.await?;
+        let (i, sent, e, h, times, m) = t.await?;
+        measured_msgs += m;
         total.add(h)?;
         acked_per_conv.push((i, sent));
         errors += e;
@@ -143,7 +164,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     acks.sort();
     let longest_gap = acks.windows(2).map(|w| (w[1] - w[0], w[0])).max();
-    let measured = total.len();
+    let requests = total.len();
     let secs = args.duration_secs as f64;
     let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
 
@@ -178,11 +199,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             per(st.applied_entries, st.readies),
         ));
     }
-    println!("store-bench: {} replicas, sync={}, {} closed-loop clients over {} connections, {}-byte bodies", args.replicas, args.sync, args.clients, args.connections, args.body_bytes);
-    println!("measured {} s after {} s warm-up; leader replica {leader}", args.duration_secs, args.warmup_secs);
-    println!("acked appends/s: {:.0}", measured as f64 / secs);
     println!(
-        "append latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        "store-bench: {} replicas, sync={}, {} closed-loop clients over {} connections, {}-byte bodies, {} per request",
+        args.replicas, args.sync, args.clients, args.connections, args.body_bytes, args.per_request
+    );
+    println!("measured {} s after {} s warm-up; leader replica {leader}", args.duration_secs, args.warmup_secs);
+    println!("acked appends/s: {:.0}  ({} per request, {:.0} requests/s)", measured_msgs as f64 / secs, args.per_request, requests as f64 / secs);
+    println!(
+        "request latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         ms(0.50),
         ms(0.90),
         ms(0.99),

@@ -107,6 +107,9 @@ pub(crate) struct Driver {
     was_leader: bool,
     stats: DriverStats,
     seqs: SeqCache,
+    /// No leader has contacted this replica since its data directory was
+    /// created; see `step`.
+    fresh: bool,
 }
 
 fn now_ms() -> i64 {
@@ -140,6 +143,7 @@ impl Driver {
         let logger = crate::logging::raft_logger(cfg.id);
         let raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
         let start_commit = log.hard_state().commit;
+        let fresh = log.is_fresh()?;
         let engine = log.engine().clone();
         // Proposal ids: replica id in the top 16 bits, then a counter seeded
         // from the clock so ids of a previous run are not reused.
@@ -168,6 +172,7 @@ impl Driver {
             was_leader: false,
             stats: DriverStats::default(),
             seqs: SeqCache::default(),
+            fresh,
         })
     }
 
@@ -237,23 +242,44 @@ impl Driver {
     }
 
     fn step(&mut self, mut m: Message) {
-        match m.get_msg_type() {
+        let kind = m.get_msg_type();
+        if self.fresh && m.term >= self.raw.raft.term && is_from_leader(kind) {
+            // A leader has reached us: from now on we hold only what it
+            // gave us, and vote like any replica.
+            self.fresh = false;
+            if let Err(e) = self.log.clear_fresh() {
+                warn!(error = %e, "cannot record leader contact");
+            }
+        }
+        match kind {
+            // A replica whose data directory is new knows nothing the group
+            // has committed. Were it a voter that lost its disk, its vote
+            // could elect a candidate missing acknowledged entries. So until
+            // a leader contacts it, it votes only for candidates that have
+            // no history either: those of a group being created.
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                if self.fresh && m.index > crate::log_store::BOOTSTRAP_INDEX =>
+            {
+                debug!(replica = %self.cfg.id, candidate = m.from, "fresh replica withholds its vote");
+                return;
+            }
             // A leader never sends a commit index beyond what this replica
             // acknowledged; one that does means our data directory was
-            // wiped. raft-rs would panic on it; clamp it, and the leader
-            // repairs us (below) when our reply shows the loss.
+            // wiped. raft-rs would panic on it; ignore it (our suffix may
+            // not match the leader's), and the leader repairs us (below)
+            // when our reply shows the loss.
             MessageType::MsgHeartbeat => {
                 let last = self.raw.raft.raft_log.last_index();
                 if m.commit > last {
                     debug!(replica = %self.cfg.id, commit = m.commit, last, "leader believes we hold entries we lost");
-                    m.commit = last;
+                    m.commit = self.raw.raft.raft_log.committed;
                 }
             }
             // A rejection below what the replica once acknowledged can only
             // come from a replica that lost its log. raft-rs would treat it
             // as stale forever; probe it again from what it really has,
             // which ends in a snapshot once the log is compacted.
-            MessageType::MsgAppendResponse if m.reject && self.is_leader() => {
+            MessageType::MsgAppendResponse if m.reject && self.is_leader() && m.term == self.raw.raft.term => {
                 if let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from) {
                     if m.reject_hint < pr.matched {
                         warn!(replica = m.from, had = pr.matched, has = m.reject_hint, "replica lost its log; resending from what it has");
@@ -441,6 +467,11 @@ impl Driver {
                 if is_voter(*id) && cs.voters.len() == 1 {
                     return Err(StoreError::FailedPrecondition("cannot remove the last voter".into()));
                 }
+                if *id == self.cfg.id {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "replica {id} is the leader; transfer leadership first (chatctl store transfer-leader)"
+                    )));
+                }
                 (ConfChangeType::RemoveNode, *id, String::new())
             }
         };
@@ -489,7 +520,14 @@ impl Driver {
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
-        let mut must_sync = ready.must_sync();
+        let mut must_sync = ready.must_sync() && self.cfg.sync == SyncMode::Always;
+        // Term and vote are synced in every mode: granting a vote, losing it
+        // in a crash and granting another in the same term could elect two
+        // leaders. They change rarely, so this costs nothing.
+        if let Some(hs) = ready.hs() {
+            let before = self.log.hard_state();
+            must_sync |= hs.term != before.term || hs.vote != before.vote;
+        }
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.install_snapshot(&snap)?;
@@ -500,7 +538,7 @@ impl Driver {
         if !ready.entries().is_empty() || hs.is_some() {
             self.log.persist(ready.entries(), hs.as_ref())?;
         }
-        if must_sync && self.cfg.sync == SyncMode::Always {
+        if must_sync {
             let t = std::time::Instant::now();
             self.engine.sync()?;
             self.stats.syncs += 1;
@@ -754,6 +792,11 @@ impl Driver {
             }
         }
     }
+}
+
+/// Messages only a leader (of the message's term) sends.
+fn is_from_leader(kind: MessageType) -> bool {
+    matches!(kind, MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot)
 }
 
 fn op_size(op: &Op) -> usize {

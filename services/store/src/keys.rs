@@ -5,12 +5,13 @@
 //! m/hs              raft hard state
 //! m/cs              raft conf state (as of the applied index)
 //! m/tr              index and term of the last compacted entry (u64 BE x2)
+//! m/fresh           present until a leader has contacted this replica
 //! l/<index BE>      raft log entry
 //! s/a               applied index and its term (u64 BE x2)
 //! s/c/<conv>        conversation record
 //! s/m/<len><conv><seq BE>             message record
 //! s/d/<len><conv><len><sender><cmid>  dedup: seq and server ts (u64/i64 BE)
-//! s/r/<id BE>       raft address of a replica added at run time
+//! s/r/<id BE>       raft address of a replica (initial voters included)
 //! ```
 //!
 //! Everything under `s/` is the state machine and travels in snapshots.
@@ -19,6 +20,8 @@ pub const REPLICA_ID: &[u8] = b"m/id";
 pub const HARD_STATE: &[u8] = b"m/hs";
 pub const CONF_STATE: &[u8] = b"m/cs";
 pub const TRUNCATED: &[u8] = b"m/tr";
+/// Present while the data directory has never heard from a leader.
+pub const FRESH: &[u8] = b"m/fresh";
 pub const LOG_PREFIX: &[u8] = b"l/";
 pub const STATE_PREFIX: &[u8] = b"s/";
 pub const APPLIED: &[u8] = b"s/a";

@@ -55,7 +55,7 @@ impl LogStore {
     /// Opens the log of replica `id`. A data directory written by another
     /// replica is refused. A fresh one is initialised with `initial_voters`
     /// (empty for a replica that will join an existing group).
-    pub fn open(engine: Arc<dyn Engine>, id: NodeId, initial_voters: &[NodeId]) -> Result<Self, StoreError> {
+    pub fn open(engine: Arc<dyn Engine>, id: NodeId, initial_voters: &[(NodeId, String)]) -> Result<Self, StoreError> {
         let owner = engine.get(keys::REPLICA_ID)?;
         let fresh = match owner {
             Some(raw) => {
@@ -73,13 +73,23 @@ impl LogStore {
         if fresh {
             let mut b = WriteBatch::default();
             b.put(keys::REPLICA_ID, id.0.to_be_bytes().to_vec());
+            // Until a leader contacts it, this replica knows nothing the
+            // group has committed, and must not help elect anyone who has
+            // history (see Driver::step).
+            b.put(keys::FRESH, Vec::new());
             if !initial_voters.is_empty() {
                 // A new group starts as if a snapshot at BOOTSTRAP_INDEX held
                 // its voters. The log then never contains index 1, so any
                 // replica joining later must begin with a snapshot, which
                 // carries the conf state it could not learn from the log.
                 let mut cs = ConfState::default();
-                cs.voters = initial_voters.iter().map(|n| n.0).collect();
+                cs.voters = initial_voters.iter().map(|(n, _)| n.0).collect();
+                // Every initial voter writes the same addresses, and they
+                // travel in snapshots, so replicas that join later can reach
+                // every voter.
+                for (n, addr) in initial_voters {
+                    b.put(keys::replica_addr(n.0), addr.clone().into_bytes());
+                }
                 b.put(keys::CONF_STATE, cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?);
                 let mut hs = HardState::default();
                 hs.term = BOOTSTRAP_TERM;
@@ -148,6 +158,20 @@ impl LogStore {
         }
         let cache = Cache { hard_state, conf_state, truncated, last_index, terms };
         Ok(Self { engine, cache: Arc::new(RwLock::new(cache)) })
+    }
+
+    /// Whether this replica has never heard from a leader since its data
+    /// directory was created.
+    pub fn is_fresh(&self) -> Result<bool, StoreError> {
+        Ok(self.engine.get(keys::FRESH)?.is_some())
+    }
+
+    /// Records that a leader has contacted this replica (durable with the
+    /// next sync; losing it only keeps the replica cautious longer).
+    pub fn clear_fresh(&self) -> Result<(), StoreError> {
+        let mut b = WriteBatch::default();
+        b.delete(keys::FRESH);
+        self.engine.write(b)
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {

@@ -64,8 +64,7 @@ impl Replica {
         faults: Faults,
     ) -> Result<Self, StoreError> {
         let id = opts.driver.id;
-        let voters: Vec<NodeId> = opts.initial_voters.iter().map(|(n, _)| *n).collect();
-        let log = LogStore::open(engine.clone(), id, &voters)?;
+        let log = LogStore::open(engine.clone(), id, &opts.initial_voters)?;
         let reader = Reader::new(engine.clone());
         let addresses = Addresses::default();
         for (n, addr) in &opts.peers {
@@ -110,7 +109,8 @@ impl Replica {
             max_body_bytes: opts.max_body_bytes,
             request_timeout: opts.request_timeout,
         };
-        let raft_service = RaftService { id, inbox: inbox_tx, faults, shutdown: shutdown.clone() };
+        let raft_service =
+            RaftService { id, inbox: inbox_tx, addresses: handle.addresses().clone(), faults, shutdown: shutdown.clone() };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status(HEALTH_SERVICE, ServingStatus::NotServing).await;
         health.set_service_status("", ServingStatus::NotServing).await;

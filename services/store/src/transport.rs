@@ -116,6 +116,9 @@ impl Transport {
                 let Some(addr) = self.addresses.get(to) else {
                     debug!(to = %to, "no address for peer; dropping message");
                     self.report(TransportEvent::Unreachable(to));
+                    if is_snapshot {
+                        self.report(TransportEvent::Snapshot(to, false));
+                    }
                     continue;
                 };
                 let tx = self.spawn_peer(to, addr.clone());
@@ -137,6 +140,7 @@ impl Transport {
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let link = PeerLink {
             from: self.id,
+            from_address: self.addresses.get(self.id).unwrap_or_default(),
             to,
             addr,
             events: self.events.clone(),
@@ -154,6 +158,7 @@ impl Transport {
 
 struct PeerLink {
     from: NodeId,
+    from_address: String,
     to: NodeId,
     addr: String,
     events: mpsc::Sender<TransportEvent>,
@@ -181,6 +186,12 @@ impl PeerLink {
                 },
                 Err(e) => {
                     warn!(to = %self.to, addr = %self.addr, error = %e, "invalid peer address");
+                    rx.close();
+                    while let Ok(m) = rx.try_recv() {
+                        if m.get_msg_type() == MessageType::MsgSnapshot {
+                            let _ = self.events.send(TransportEvent::Snapshot(self.to, false)).await;
+                        }
+                    }
                     return;
                 }
             };
@@ -251,7 +262,8 @@ impl PeerLink {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    if stx.send(RaftBatch { from: self.from.0, messages }).await.is_err() {
+                    let batch = RaftBatch { from: self.from.0, messages, from_address: self.from_address.clone() };
+                    if stx.send(batch).await.is_err() {
                         return false;
                     }
                 }
@@ -262,11 +274,11 @@ impl PeerLink {
     fn send_snapshot(&self, client: &mut RaftTransportClient<Channel>, m: Message) {
         let mut client = client.clone();
         let events = self.events.clone();
-        let (from, to) = (self.from, self.to);
+        let (from, to, from_address) = (self.from, self.to, self.from_address.clone());
         tokio::spawn(async move {
             let ok = match m.write_to_bytes() {
                 Ok(raw) => {
-                    let call = client.install_snapshot(RaftBatch { from: from.0, messages: vec![raw] });
+                    let call = client.install_snapshot(RaftBatch { from: from.0, messages: vec![raw], from_address });
                     matches!(tokio::time::timeout(SNAPSHOT_TIMEOUT, call).await, Ok(Ok(_)))
                 }
                 Err(_) => false,
@@ -281,6 +293,7 @@ impl PeerLink {
 pub struct RaftService {
     pub id: NodeId,
     pub inbox: mpsc::Sender<Message>,
+    pub addresses: Addresses,
     pub faults: Faults,
     pub shutdown: CancellationToken,
 }
@@ -289,6 +302,11 @@ impl RaftService {
     fn decode(&self, batch: &RaftBatch) -> Result<Vec<Message>, Status> {
         if !self.faults.passes(NodeId(batch.from), self.id) {
             return Ok(Vec::new());
+        }
+        let from = NodeId(batch.from);
+        if !batch.from_address.is_empty() && from != self.id && self.addresses.get(from).is_none() {
+            debug!(peer = %from, address = %batch.from_address, "learned a peer's address");
+            self.addresses.set(from, batch.from_address.clone());
         }
         batch
             .messages
@@ -328,6 +346,9 @@ impl RaftTransport for RaftService {
             return Err(Status::unavailable("link is cut"));
         }
         for m in msgs {
+            if m.to != self.id.0 {
+                return Err(Status::invalid_argument(format!("snapshot for replica {} sent to replica {}", m.to, self.id)));
+            }
             self.inbox.send(m).await.map_err(|_| Status::unavailable("replica is shutting down"))?;
         }
         Ok(Response::new(Ack {}))

@@ -290,7 +290,9 @@ async fn replicas_are_added_as_learners_promoted_and_removed() {
     for i in 0..10 {
         client.append(append_req("m", "a", &format!("m{i}"))).await.unwrap();
     }
-    let addr = cluster.start_joiner(NodeId(4)).await.unwrap();
+    // The new replica is told about one follower only.
+    let hint = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let addr = cluster.start_joiner(NodeId(4), hint).await.unwrap();
     let added = client.add_learner(4, &addr).await.unwrap();
     assert!(added.replicas.iter().any(|r| r.id == 4 && r.role == "learner"), "{added:?}");
     let applied = cluster.node(leader).unwrap().status().applied;
@@ -308,6 +310,9 @@ async fn replicas_are_added_as_learners_promoted_and_removed() {
     // With the removed replica gone for good, the new voter set commits.
     client.append(append_req("m", "a", "after")).await.unwrap();
 
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let refused = client.remove_replica(leader.0).await.unwrap_err();
+    assert!(matches!(&refused, StoreError::FailedPrecondition(m) if m.contains("transfer leadership first")), "{refused}");
     let unknown = client.remove_replica(42).await.unwrap_err();
     assert!(matches!(unknown, StoreError::NotFound(_)), "{unknown}");
     let unknown = client.promote(42).await.unwrap_err();
@@ -404,5 +409,33 @@ async fn a_lossy_network_slows_replication_but_loses_nothing() {
     }
     cluster.faults().heal();
     assert_exactly_once(&read_all(&client, "l").await, &acked);
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_that_lost_its_disk_cannot_elect_a_leader_missing_acknowledged_writes() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
+    let a = cluster.wait_leader(WAIT).await.unwrap();
+    let client = cluster.client();
+    let others: Vec<NodeId> = cluster.ids().into_iter().filter(|&i| i != a).collect();
+    let (b, c) = (others[0], others[1]);
+    create(&client, "d", &["u"]).await;
+    // C falls behind: X is committed on A and B only.
+    cluster.faults().partition(&[c], &[a, b]);
+    let x = client.append(append_req("d", "u", "x")).await.unwrap();
+    // B loses its disk and comes back empty; A becomes unreachable; C returns.
+    cluster.wipe(b).await.unwrap();
+    cluster.faults().heal();
+    cluster.faults().partition(&[a], &[b, c]);
+    cluster.restart(b).await.unwrap();
+    // B and C are a majority by count, but only C has history and it lacks
+    // X: electing it would lose X. No leader may emerge.
+    let stuck = cluster.wait_leader_among(&[b, c], Duration::from_secs(3)).await;
+    assert!(stuck.is_err(), "{b} and {c} elected {stuck:?} without the acknowledged write");
+    // Once A is back, the group recovers with X intact.
+    cluster.faults().heal();
+    cluster.wait_leader(WAIT).await.unwrap();
+    let all = read_all(&client, "d").await;
+    assert_eq!(all.iter().map(|m| (m.seq, m.client_msg_id.as_str())).collect::<Vec<_>>(), vec![(x.seq, "x")]);
     cluster.stop_all().await;
 }

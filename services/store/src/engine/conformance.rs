@@ -56,8 +56,8 @@ fn entry(index: u64, term: u64) -> Entry {
     e
 }
 
-fn voters() -> Vec<NodeId> {
-    vec![NodeId(1), NodeId(2), NodeId(3)]
+fn voters() -> Vec<(NodeId, String)> {
+    (1..=3).map(|i| (NodeId(i), format!("127.0.0.1:700{i}"))).collect()
 }
 
 #[test]
@@ -97,6 +97,12 @@ fn a_new_group_starts_after_a_bootstrap_point_so_joiners_need_a_snapshot() {
         assert_eq!(log.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM, "{name}");
         let snap = log.snapshot(0, 4).unwrap();
         assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3], "{name}");
+        // The voters' addresses travel with it, for replicas that join later.
+        let data = crate::codec::decode_snapshot_data(&snap.data).unwrap();
+        assert!(data.contains(&(keys::replica_addr(2), b"127.0.0.1:7002".to_vec())), "{name}");
+        assert!(log.is_fresh().unwrap(), "{name}");
+        log.clear_fresh().unwrap();
+        assert!(!log.is_fresh().unwrap(), "{name}");
     }
 }
 

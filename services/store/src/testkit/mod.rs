@@ -53,8 +53,9 @@ struct Slot {
     addr: String,
     dir: PathBuf,
     replica: Option<Replica>,
-    /// Started with an empty group, to be added at run time.
-    joiner: bool,
+    /// Started with an empty group, to be added at run time, knowing only
+    /// this replica's address.
+    joiner: Option<NodeId>,
 }
 
 pub struct Cluster {
@@ -96,13 +97,13 @@ impl Cluster {
         let mut cluster = Self { opts, faults: Faults::default(), root, voters: voters.clone(), slots: BTreeMap::new() };
         for ((id, addr), l) in voters.into_iter().zip(listeners) {
             let dir = cluster.root.path().join(format!("replica-{id}"));
-            cluster.slots.insert(id, Slot { addr, dir, replica: None, joiner: false });
+            cluster.slots.insert(id, Slot { addr, dir, replica: None, joiner: None });
             cluster.launch(id, Some(l)).await?;
         }
         Ok(cluster)
     }
 
-    fn options(&self, id: NodeId, joiner: bool) -> ReplicaOptions {
+    fn options(&self, id: NodeId, joiner: Option<NodeId>) -> ReplicaOptions {
         let o = &self.opts;
         let addr = self.slots[&id].addr.clone();
         ReplicaOptions {
@@ -116,8 +117,13 @@ impl Cluster {
                 compact_keep: o.compact_keep,
             },
             advertise: addr,
-            initial_voters: if joiner { Vec::new() } else { self.voters.clone() },
-            peers: self.voters.clone(),
+            initial_voters: if joiner.is_some() { Vec::new() } else { self.voters.clone() },
+            // A joiner is told of one replica only; it learns the rest from
+            // the snapshot it starts from.
+            peers: match joiner {
+                Some(hint) => self.voters.iter().filter(|(n, _)| *n == hint).cloned().collect(),
+                None => self.voters.clone(),
+            },
             max_body_bytes: 64 * 1024,
             request_timeout: o.request_timeout,
         }
@@ -236,12 +242,13 @@ impl Cluster {
         std::fs::remove_dir_all(&dir).map_err(|e| StoreError::Storage(format!("wipe {}: {e}", dir.display())))
     }
 
-    /// Starts a new, empty replica that waits to be added by the leader.
-    pub async fn start_joiner(&mut self, id: NodeId) -> Result<String, StoreError> {
+    /// Starts a new, empty replica that waits to be added by the leader and
+    /// knows only `hint`'s address.
+    pub async fn start_joiner(&mut self, id: NodeId, hint: NodeId) -> Result<String, StoreError> {
         let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let addr = l.local_addr().map_err(|e| StoreError::Unavailable(e.to_string()))?.to_string();
         let dir = self.root.path().join(format!("replica-{id}"));
-        self.slots.insert(id, Slot { addr: addr.clone(), dir, replica: None, joiner: true });
+        self.slots.insert(id, Slot { addr: addr.clone(), dir, replica: None, joiner: Some(hint) });
         self.launch(id, Some(l)).await?;
         Ok(addr)
     }
