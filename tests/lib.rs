@@ -13,15 +13,20 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe.parent().and_then(Path::parent).context("test executable has no profile directory")?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no profile directory")?;
     Ok(dir.to_path_buf())
 }
 
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.exists() {
-        bail!("{} is missing; build it first (cargo build --workspace --bins)", path.display());
+        bail!(
+            "{} is missing; build it first (cargo build --workspace --bins)",
+            path.display()
+        );
     }
     Ok(path)
 }
-

@@ -20,19 +20,37 @@ struct Group {
 
 fn group(n: u64) -> anyhow::Result<Group> {
     let dir = tempfile::tempdir()?;
-    let addrs: Vec<String> = (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let addrs: Vec<String> = (0..n)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_, _>>()?;
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
     let store_bin = binary("chat-store")?;
     let replicas = addrs
         .iter()
         .enumerate()
         .map(|(i, a)| {
             let id = i as u64 + 1;
-            StoreProcess::new(store_bin.clone(), id, a.clone(), &peers, dir.path().join(format!("data-{id}")), dir.path().join(format!("store-{id}.log")))
+            StoreProcess::new(
+                store_bin.clone(),
+                id,
+                a.clone(),
+                &peers,
+                dir.path().join(format!("data-{id}")),
+                dir.path().join(format!("store-{id}.log")),
+            )
         })
         .collect();
     let client = StoreClient::new(addrs, WAIT)?;
-    Ok(Group { _dir: dir, replicas, client })
+    Ok(Group {
+        _dir: dir,
+        replicas,
+        client,
+    })
 }
 
 impl Group {
@@ -44,10 +62,11 @@ impl Group {
                 if r.pid().is_none() {
                     continue;
                 }
-                if let Ok(s) = self.client.status_of(&r.addr).await {
-                    if s.role == "leader" && s.serving {
-                        return Ok(i);
-                    }
+                if let Ok(s) = self.client.status_of(&r.addr).await
+                    && s.role == "leader"
+                    && s.serving
+                {
+                    return Ok(i);
                 }
             }
             if tokio::time::Instant::now() > deadline {
@@ -59,7 +78,10 @@ impl Group {
     }
 
     async fn applied(&self, i: usize) -> u64 {
-        self.client.status_of(&self.replicas[i].addr).await.map_or(0, |s| s.applied_index)
+        self.client
+            .status_of(&self.replicas[i].addr)
+            .await
+            .map_or(0, |s| s.applied_index)
     }
 }
 
@@ -82,7 +104,10 @@ async fn sigkill_of_the_leader_process_loses_no_acknowledged_append() -> anyhow:
     let client = Arc::new(StoreClient::new(g.client.endpoints().to_vec(), WAIT)?);
     let senders: Vec<String> = (0..4).map(|w| format!("s{w}")).collect();
     client
-        .create_conversation(api::CreateConversationRequest { conversation_id: "k".into(), members: senders.clone() })
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "k".into(),
+            members: senders.clone(),
+        })
         .await?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -118,7 +143,10 @@ async fn sigkill_of_the_leader_process_loses_no_acknowledged_append() -> anyhow:
         async move {
             let deadline = tokio::time::Instant::now() + WAIT;
             while acks.load(Ordering::Relaxed) < n {
-                anyhow::ensure!(tokio::time::Instant::now() < deadline, "acks stalled below {n}");
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "acks stalled below {n}"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Ok::<_, anyhow::Error>(acks.load(Ordering::Relaxed))
@@ -152,7 +180,12 @@ async fn sigkill_of_the_leader_process_loses_no_acknowledged_append() -> anyhow:
     loop {
         let after = messages.last().map_or(0, |m| m.seq);
         let page = client
-            .read(api::ReadRequest { conversation_id: "k".into(), after_seq: after, limit: 1000, ..Default::default() })
+            .read(api::ReadRequest {
+                conversation_id: "k".into(),
+                after_seq: after,
+                limit: 1000,
+                ..Default::default()
+            })
             .await?;
         if page.messages.is_empty() {
             break;
@@ -160,19 +193,35 @@ async fn sigkill_of_the_leader_process_loses_no_acknowledged_append() -> anyhow:
         messages.extend(page.messages);
     }
     let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>(), "gapless, in order");
+    assert_eq!(
+        seqs,
+        (1..=messages.len() as u64).collect::<Vec<_>>(),
+        "gapless, in order"
+    );
     let unique: HashSet<&str> = messages.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(unique.len(), messages.len(), "a message was stored twice");
-    let by_seq: HashMap<u64, &str> = messages.iter().map(|m| (m.seq, m.client_msg_id.as_str())).collect();
+    let by_seq: HashMap<u64, &str> = messages
+        .iter()
+        .map(|m| (m.seq, m.client_msg_id.as_str()))
+        .collect();
     for (id, seq) in &acked {
-        assert_eq!(by_seq.get(seq), Some(&id.as_str()), "acknowledged {id} (seq {seq}) lost");
+        assert_eq!(
+            by_seq.get(seq),
+            Some(&id.as_str()),
+            "acknowledged {id} (seq {seq}) lost"
+        );
     }
     // The restarted replica holds the same history.
     let stale = g
         .client
         .read_from(
             &g.replicas[old].addr,
-            api::ReadRequest { conversation_id: "k".into(), consistency: api::Consistency::Stale as i32, limit: 1, ..Default::default() },
+            api::ReadRequest {
+                conversation_id: "k".into(),
+                consistency: api::Consistency::Stale as i32,
+                limit: 1,
+                ..Default::default()
+            },
         )
         .await?;
     assert_eq!(stale.last_seq, messages.len() as u64);
@@ -187,12 +236,23 @@ async fn sigterm_on_the_leader_hands_over_and_exits_cleanly() -> anyhow::Result<
     }
     let old = g.leader().await?;
     g.client
-        .create_conversation(api::CreateConversationRequest { conversation_id: "t".into(), members: vec!["a".into()] })
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "t".into(),
+            members: vec!["a".into()],
+        })
         .await?;
     g.client.append(append("t", "a", "1")).await?;
     let status = g.replicas[old].terminate(WAIT).await?;
-    assert!(status.success(), "exit status {status}: {}", g.replicas[old].log_text());
-    assert!(g.replicas[old].log_text().contains("leadership transfer before shutdown"));
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        g.replicas[old].log_text()
+    );
+    assert!(
+        g.replicas[old]
+            .log_text()
+            .contains("leadership transfer before shutdown")
+    );
     let new = g.leader().await?;
     assert_ne!(new, old);
     assert_eq!(g.client.append(append("t", "a", "2")).await?.seq, 2);
@@ -202,20 +262,43 @@ async fn sigterm_on_the_leader_hands_over_and_exits_cleanly() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_another_replica_is_refused() -> anyhow::Result<()> {
     let g = group(1)?;
-    let mut first = StoreProcess::new(binary("chat-store")?, 1, g.replicas[0].addr.clone(), &format!("1={}", g.replicas[0].addr), g.replicas[0].data_dir.clone(), g._dir.path().join("a.log"));
+    let mut first = StoreProcess::new(
+        binary("chat-store")?,
+        1,
+        g.replicas[0].addr.clone(),
+        &format!("1={}", g.replicas[0].addr),
+        g.replicas[0].data_dir.clone(),
+        g._dir.path().join("a.log"),
+    );
     first.start()?;
     let client = StoreClient::new(vec![first.addr.clone()], WAIT)?;
     let deadline = tokio::time::Instant::now() + WAIT;
     while !client.status_of(&first.addr).await.is_ok_and(|s| s.serving) {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "single replica never served");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "single replica never served"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.terminate(WAIT).await?;
     // The same directory handed to replica 2 by a configuration mistake.
-    let mut wrong = StoreProcess::new(binary("chat-store")?, 2, first.addr.clone(), &format!("2={}", first.addr), first.data_dir.clone(), g._dir.path().join("b.log"));
+    let mut wrong = StoreProcess::new(
+        binary("chat-store")?,
+        2,
+        first.addr.clone(),
+        &format!("2={}", first.addr),
+        first.data_dir.clone(),
+        g._dir.path().join("b.log"),
+    );
     wrong.start()?;
     let status = wrong.wait_exit(WAIT).await?;
     assert!(!status.success());
-    assert!(wrong.log_text().contains("data directory belongs to replica 1, not to replica 2"), "{}", wrong.log_text());
+    assert!(
+        wrong
+            .log_text()
+            .contains("data directory belongs to replica 1, not to replica 2"),
+        "{}",
+        wrong.log_text()
+    );
     Ok(())
 }

@@ -40,14 +40,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "mem" => Arc::new(MemEngine::new()),
         other => anyhow::bail!("unknown engine {other:?}"),
     };
-    let log = LogStore::open(engine.clone(), NodeId(1), &[(NodeId(1), "127.0.0.1:1".to_owned())])?;
+    let log = LogStore::open(
+        engine.clone(),
+        NodeId(1),
+        &[(NodeId(1), "127.0.0.1:1".to_owned())],
+    )?;
     let user = UserId::parse("u")?;
-    let convs: Vec<ConversationId> =
-        (0..args.conversations).map(|i| ConversationId::parse(&format!("c{i}"))).collect::<Result<_, _>>()?;
+    let convs: Vec<ConversationId> = (0..args.conversations)
+        .map(|i| ConversationId::parse(&format!("c{i}")))
+        .collect::<Result<_, _>>()?;
     let mut seqs = SeqCache::default();
     let mut a = Applier::new(engine.as_ref(), &mut seqs);
     for c in &convs {
-        a.apply(&Op::CreateConversation { conversation: c.clone(), members: vec![user.clone()] }, 0)?;
+        a.apply(
+            &Op::CreateConversation {
+                conversation: c.clone(),
+                members: vec![user.clone()],
+            },
+            0,
+        )?;
     }
     engine.write(a.finish())?;
 
@@ -95,6 +106,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "engine-bench: engine={} batch={} conversations={} body={}B sync={}",
         args.engine, args.batch, args.conversations, args.body_bytes, args.sync
     );
-    println!("messages/s: {:.0}  batches/s: {:.0}  time in sync: {:.0}%", n as f64 / secs, (index as f64) / secs, 100.0 * sync_time.as_secs_f64() / secs);
+    println!(
+        "messages/s: {:.0}  batches/s: {:.0}  time in sync: {:.0}%",
+        n as f64 / secs,
+        (index as f64) / secs,
+        100.0 * sync_time.as_secs_f64() / secs
+    );
     Ok(())
 }

@@ -12,7 +12,11 @@ mod store_bench;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "loadtest", version, about = "Benchmarks and load scenarios of the chat backend")]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Benchmarks and load scenarios of the chat backend"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -28,7 +32,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)),
         Cmd::EngineBench(args) => engine_bench::run(args),

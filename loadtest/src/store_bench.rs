@@ -47,15 +47,27 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.clients > 0 && args.connections > 0 && args.replicas > 0, "counts must be positive");
+    anyhow::ensure!(
+        args.clients > 0 && args.connections > 0 && args.replicas > 0,
+        "counts must be positive"
+    );
     let store_bin = match args.store_bin.clone() {
         Some(p) => p,
-        None => std::env::current_exe()?.parent().context("no binary directory")?.join("chat-store"),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no binary directory")?
+            .join("chat-store"),
     };
     let dir = tempfile::tempdir()?;
-    let addrs: Vec<String> =
-        (0..args.replicas).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let addrs: Vec<String> = (0..args.replicas)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_, _>>()?;
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut replicas = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i as u64 + 1;
@@ -96,7 +108,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let body = body.clone();
         let per_request = args.per_request.max(1);
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let (mut sent, mut errors) = (0u64, 0u64);
             let mut ack_times = Vec::new();
             let mut measured_msgs = 0u64;
@@ -113,9 +126,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let result = if per_request == 1 {
                     client.append(items[0].clone()).await.map(|_| 1)
                 } else {
-                    client.append_batch(api::AppendBatchRequest { items }).await.map(|r| {
-                        r.items.iter().filter(|o| matches!(o.outcome, Some(api::append_outcome::Outcome::Ok(_)))).count()
-                    })
+                    client
+                        .append_batch(api::AppendBatchRequest { items })
+                        .await
+                        .map(|r| {
+                            r.items
+                                .iter()
+                                .filter(|o| {
+                                    matches!(o.outcome, Some(api::append_outcome::Outcome::Ok(_)))
+                                })
+                                .count()
+                        })
                 };
                 match result {
                     Ok(n) => {
@@ -173,12 +194,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut lost = 0u64;
     for (i, sent) in &acked_per_conv {
         let c = admin
-            .get_conversation(api::GetConversationRequest { conversation_id: format!("bench-{i}"), ..Default::default() })
+            .get_conversation(api::GetConversationRequest {
+                conversation_id: format!("bench-{i}"),
+                ..Default::default()
+            })
             .await?;
         lost += sent.saturating_sub(c.last_seq);
-        anyhow::ensure!(c.last_seq >= *sent, "conversation bench-{i}: {sent} acknowledged, {} stored", c.last_seq);
+        anyhow::ensure!(
+            c.last_seq >= *sent,
+            "conversation bench-{i}: {sent} acknowledged, {} stored",
+            c.last_seq
+        );
     }
-    let leader = admin.status_of(&addrs[0]).await.map(|s| s.leader_id).unwrap_or(0);
+    let leader = admin
+        .status_of(&addrs[0])
+        .await
+        .map(|s| s.leader_id)
+        .unwrap_or(0);
     let mut replica_lines = Vec::new();
     for (n, a) in addrs.iter().enumerate() {
         if killed.is_some_and(|(k, _)| k == n) {
@@ -203,8 +235,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "store-bench: {} replicas, sync={}, {} closed-loop clients over {} connections, {}-byte bodies, {} per request",
         args.replicas, args.sync, args.clients, args.connections, args.body_bytes, args.per_request
     );
-    println!("measured {} s after {} s warm-up; leader replica {leader}", args.duration_secs, args.warmup_secs);
-    println!("acked appends/s: {:.0}  ({} per request, {:.0} requests/s)", measured_msgs as f64 / secs, args.per_request, requests as f64 / secs);
+    println!(
+        "measured {} s after {} s warm-up; leader replica {leader}",
+        args.duration_secs, args.warmup_secs
+    );
+    println!(
+        "acked appends/s: {:.0}  ({} per request, {:.0} requests/s)",
+        measured_msgs as f64 / secs,
+        args.per_request,
+        requests as f64 / secs
+    );
     println!(
         "request latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         ms(0.50),
@@ -222,7 +262,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if let Some((i, at)) = killed {
-        println!("leader (replica {}) SIGKILLed {:.2} s into the measured period", i + 1, (at - measure_from).as_secs_f64());
+        println!(
+            "leader (replica {}) SIGKILLed {:.2} s into the measured period",
+            i + 1,
+            (at - measure_from).as_secs_f64()
+        );
     }
     for l in replica_lines {
         println!("{l}");
@@ -237,7 +281,11 @@ async fn wait_for_leader(client: &StoreClient, addrs: &[String]) -> anyhow::Resu
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         for a in addrs {
-            if client.status_of(a).await.is_ok_and(|s| s.role == "leader" && s.serving) {
+            if client
+                .status_of(a)
+                .await
+                .is_ok_and(|s| s.role == "leader" && s.serving)
+            {
                 return Ok(());
             }
         }

@@ -42,12 +42,17 @@ impl StoreClient {
     /// call including its retries.
     pub fn new(endpoints: Vec<String>, deadline: Duration) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
-            return Err(StoreError::InvalidArgument("no store endpoints given".into()));
+            return Err(StoreError::InvalidArgument(
+                "no store endpoints given".into(),
+            ));
         }
         Ok(Self {
             endpoints,
             channels: Mutex::new(HashMap::new()),
-            route: Mutex::new(Route { leader: None, next: 0 }),
+            route: Mutex::new(Route {
+                leader: None,
+                next: 0,
+            }),
             deadline,
         })
     }
@@ -100,7 +105,12 @@ impl StoreClient {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let result = match tokio::time::timeout(remaining, call(self.channel(&addr)?)).await {
                 Ok(r) => r,
-                Err(_) => return Err(StoreError::Unavailable(format!("no answer within {:?}", self.deadline))),
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "no answer within {:?}",
+                        self.deadline
+                    )));
+                }
             };
             let err = match result {
                 Ok(resp) => {
@@ -110,7 +120,9 @@ impl StoreClient {
                 Err(status) => StoreError::from_status(&status),
             };
             let wait = match &err {
-                StoreError::NotLeader { leader: Some((_, hint)) } if hint != &addr && hops < 2 * self.endpoints.len() => {
+                StoreError::NotLeader {
+                    leader: Some((_, hint)),
+                } if hint != &addr && hops < 2 * self.endpoints.len() => {
                     hops += 1;
                     self.learn(Some(hint.clone()));
                     Duration::ZERO
@@ -140,10 +152,18 @@ impl StoreClient {
         .await
     }
 
-    pub async fn append_batch(&self, req: api::AppendBatchRequest) -> Result<api::AppendBatchResponse, StoreError> {
+    pub async fn append_batch(
+        &self,
+        req: api::AppendBatchRequest,
+    ) -> Result<api::AppendBatchResponse, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).max_decoding_message_size(64 << 20).append_batch(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .max_decoding_message_size(64 << 20)
+                    .append_batch(req)
+                    .await
+            }
         })
         .await
     }
@@ -151,7 +171,12 @@ impl StoreClient {
     pub async fn read(&self, req: api::ReadRequest) -> Result<api::ReadResponse, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).max_decoding_message_size(256 << 20).read(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .max_decoding_message_size(256 << 20)
+                    .read(req)
+                    .await
+            }
         })
         .await
     }
@@ -167,7 +192,10 @@ impl StoreClient {
         .await
     }
 
-    pub async fn add_member(&self, req: api::MemberRequest) -> Result<api::ConversationInfo, StoreError> {
+    pub async fn add_member(
+        &self,
+        req: api::MemberRequest,
+    ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
             async move { RawStoreClient::new(c).add_member(req).await }
@@ -175,7 +203,10 @@ impl StoreClient {
         .await
     }
 
-    pub async fn remove_member(&self, req: api::MemberRequest) -> Result<api::ConversationInfo, StoreError> {
+    pub async fn remove_member(
+        &self,
+        req: api::MemberRequest,
+    ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
             async move { RawStoreClient::new(c).remove_member(req).await }
@@ -183,7 +214,10 @@ impl StoreClient {
         .await
     }
 
-    pub async fn get_conversation(&self, req: api::GetConversationRequest) -> Result<api::ConversationInfo, StoreError> {
+    pub async fn get_conversation(
+        &self,
+        req: api::GetConversationRequest,
+    ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
             async move { RawStoreClient::new(c).get_conversation(req).await }
@@ -193,19 +227,36 @@ impl StoreClient {
 
     /// Reads a conversation from one given replica, without retries (for
     /// stale reads and checks of a particular replica).
-    pub async fn read_from(&self, addr: &str, req: api::ReadRequest) -> Result<api::ReadResponse, StoreError> {
+    pub async fn read_from(
+        &self,
+        addr: &str,
+        req: api::ReadRequest,
+    ) -> Result<api::ReadResponse, StoreError> {
         let mut c = RawStoreClient::new(self.channel(addr)?).max_decoding_message_size(256 << 20);
-        c.read(req).await.map(Response::into_inner).map_err(|s| StoreError::from_status(&s))
+        c.read(req)
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| StoreError::from_status(&s))
     }
 
     /// Status of one given replica.
     pub async fn status_of(&self, addr: &str) -> Result<api::StatusResponse, StoreError> {
         let mut c = StoreAdminClient::new(self.channel(addr)?);
-        c.status(api::StatusRequest {}).await.map(Response::into_inner).map_err(|s| StoreError::from_status(&s))
+        c.status(api::StatusRequest {})
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| StoreError::from_status(&s))
     }
 
-    pub async fn add_learner(&self, id: u64, address: &str) -> Result<api::MembershipResponse, StoreError> {
-        let req = api::AddLearnerRequest { id, address: address.to_owned() };
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        address: &str,
+    ) -> Result<api::MembershipResponse, StoreError> {
+        let req = api::AddLearnerRequest {
+            id,
+            address: address.to_owned(),
+        };
         self.with_leader(|c| {
             let req = req.clone();
             async move { StoreAdminClient::new(c).add_learner(req).await }
@@ -214,18 +265,30 @@ impl StoreClient {
     }
 
     pub async fn promote(&self, id: u64) -> Result<api::MembershipResponse, StoreError> {
-        self.with_leader(|c| async move { StoreAdminClient::new(c).promote(api::ReplicaRequest { id }).await })
-            .await
+        self.with_leader(|c| async move {
+            StoreAdminClient::new(c)
+                .promote(api::ReplicaRequest { id })
+                .await
+        })
+        .await
     }
 
     pub async fn remove_replica(&self, id: u64) -> Result<api::MembershipResponse, StoreError> {
-        self.with_leader(|c| async move { StoreAdminClient::new(c).remove_replica(api::ReplicaRequest { id }).await })
-            .await
+        self.with_leader(|c| async move {
+            StoreAdminClient::new(c)
+                .remove_replica(api::ReplicaRequest { id })
+                .await
+        })
+        .await
     }
 
     /// Moves leadership to `id` (0: the most up-to-date other voter).
     pub async fn transfer_leader(&self, id: u64) -> Result<api::StatusResponse, StoreError> {
-        self.with_leader(|c| async move { StoreAdminClient::new(c).transfer_leader(api::ReplicaRequest { id }).await })
-            .await
+        self.with_leader(|c| async move {
+            StoreAdminClient::new(c)
+                .transfer_leader(api::ReplicaRequest { id })
+                .await
+        })
+        .await
     }
 }

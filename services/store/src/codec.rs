@@ -7,8 +7,11 @@ use chat_proto::store::log::v1 as log;
 use chat_proto::store::v1 as api;
 use prost::Message as _;
 
+use crate::engine::Pair;
 use crate::error::StoreError;
-use crate::types::{Appended, Conversation, ConversationId, NewMessage, Op, Seq, StoredMessage, UserId};
+use crate::types::{
+    Appended, Conversation, ConversationId, NewMessage, Op, Seq, StoredMessage, UserId,
+};
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(format!("corrupt {what}: {e}"))
@@ -26,7 +29,10 @@ pub fn encode_proposal(id: u64, ts_ms: i64, ops: &[Op]) -> Vec<u8> {
         .iter()
         .map(|op| log::Op {
             kind: Some(match op {
-                Op::CreateConversation { conversation, members } => log::op::Kind::Create(log::CreateConversation {
+                Op::CreateConversation {
+                    conversation,
+                    members,
+                } => log::op::Kind::Create(log::CreateConversation {
                     conversation_id: conversation.as_str().to_owned(),
                     members: members.iter().map(|m| m.as_str().to_owned()).collect(),
                 }),
@@ -34,10 +40,12 @@ pub fn encode_proposal(id: u64, ts_ms: i64, ops: &[Op]) -> Vec<u8> {
                     conversation_id: conversation.as_str().to_owned(),
                     user_id: user.as_str().to_owned(),
                 }),
-                Op::RemoveMember { conversation, user } => log::op::Kind::RemoveMember(log::Member {
-                    conversation_id: conversation.as_str().to_owned(),
-                    user_id: user.as_str().to_owned(),
-                }),
+                Op::RemoveMember { conversation, user } => {
+                    log::op::Kind::RemoveMember(log::Member {
+                        conversation_id: conversation.as_str().to_owned(),
+                        user_id: user.as_str().to_owned(),
+                    })
+                }
                 Op::Append(m) => log::op::Kind::Append(log::Append {
                     conversation_id: m.conversation.as_str().to_owned(),
                     sender: m.sender.as_str().to_owned(),
@@ -60,14 +68,20 @@ pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
         ops.push(match op.kind {
             Some(log::op::Kind::Create(c)) => Op::CreateConversation {
                 conversation: id(&c.conversation_id)?,
-                members: c.members.iter().map(|m| user(m)).collect::<Result<_, _>>()?,
+                members: c
+                    .members
+                    .iter()
+                    .map(|m| user(m))
+                    .collect::<Result<_, _>>()?,
             },
-            Some(log::op::Kind::AddMember(m)) => {
-                Op::AddMember { conversation: id(&m.conversation_id)?, user: user(&m.user_id)? }
-            }
-            Some(log::op::Kind::RemoveMember(m)) => {
-                Op::RemoveMember { conversation: id(&m.conversation_id)?, user: user(&m.user_id)? }
-            }
+            Some(log::op::Kind::AddMember(m)) => Op::AddMember {
+                conversation: id(&m.conversation_id)?,
+                user: user(&m.user_id)?,
+            },
+            Some(log::op::Kind::RemoveMember(m)) => Op::RemoveMember {
+                conversation: id(&m.conversation_id)?,
+                user: user(&m.user_id)?,
+            },
             Some(log::op::Kind::Append(a)) => Op::Append(NewMessage {
                 conversation: id(&a.conversation_id)?,
                 sender: user(&a.sender)?,
@@ -77,7 +91,11 @@ pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
             Some(log::op::Kind::Noop(_)) | None => Op::Noop,
         });
     }
-    Ok(Proposal { id: p.id, ts_ms: p.ts_ms, ops })
+    Ok(Proposal {
+        id: p.id,
+        ts_ms: p.ts_ms,
+        ops,
+    })
 }
 
 pub fn encode_conversation(c: &Conversation) -> Vec<u8> {
@@ -89,7 +107,11 @@ pub fn encode_conversation(c: &Conversation) -> Vec<u8> {
 }
 
 /// `last_seq` is not part of the record; the caller supplies it.
-pub fn decode_conversation(id: &ConversationId, raw: &[u8], last_seq: Seq) -> Result<Conversation, StoreError> {
+pub fn decode_conversation(
+    id: &ConversationId,
+    raw: &[u8],
+    last_seq: Seq,
+) -> Result<Conversation, StoreError> {
     let c = log::Conversation::decode(raw).map_err(|e| corrupt("conversation record", e))?;
     Ok(Conversation {
         id: id.clone(),
@@ -113,7 +135,11 @@ pub fn encode_message(m: &NewMessage, ts_ms: i64) -> Vec<u8> {
     .encode_to_vec()
 }
 
-pub fn decode_message(conv: &ConversationId, seq: Seq, raw: &[u8]) -> Result<StoredMessage, StoreError> {
+pub fn decode_message(
+    conv: &ConversationId,
+    seq: Seq,
+    raw: &[u8],
+) -> Result<StoredMessage, StoreError> {
     let m = log::Message::decode(raw).map_err(|e| corrupt("message record", e))?;
     Ok(StoredMessage {
         conversation: conv.clone(),
@@ -125,19 +151,29 @@ pub fn decode_message(conv: &ConversationId, seq: Seq, raw: &[u8]) -> Result<Sto
     })
 }
 
-pub fn encode_snapshot_data(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<u8> {
-    log::SnapshotData { entries: pairs.into_iter().map(|(key, value)| log::KeyValue { key, value }).collect() }
-        .encode_to_vec()
+pub fn encode_snapshot_data(pairs: Vec<Pair>) -> Vec<u8> {
+    log::SnapshotData {
+        entries: pairs
+            .into_iter()
+            .map(|(key, value)| log::KeyValue { key, value })
+            .collect(),
+    }
+    .encode_to_vec()
 }
 
-pub fn decode_snapshot_data(data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+pub fn decode_snapshot_data(data: &[u8]) -> Result<Vec<Pair>, StoreError> {
     let d = log::SnapshotData::decode(data).map_err(|e| corrupt("snapshot", e))?;
     Ok(d.entries.into_iter().map(|kv| (kv.key, kv.value)).collect())
 }
 
 /// Context carried by a membership-change entry.
 pub fn encode_replica_context(proposal_id: u64, id: u64, address: &str) -> Vec<u8> {
-    log::ReplicaAddress { id, address: address.to_owned(), proposal_id }.encode_to_vec()
+    log::ReplicaAddress {
+        id,
+        address: address.to_owned(),
+        proposal_id,
+    }
+    .encode_to_vec()
 }
 
 pub fn decode_replica_context(data: &[u8]) -> Result<(u64, u64, String), StoreError> {
@@ -149,7 +185,11 @@ impl From<Conversation> for api::ConversationInfo {
     fn from(c: Conversation) -> Self {
         Self {
             conversation_id: c.id.as_str().to_owned(),
-            members: c.members.into_iter().map(|m| m.as_str().to_owned()).collect(),
+            members: c
+                .members
+                .into_iter()
+                .map(|m| m.as_str().to_owned())
+                .collect(),
             last_seq: c.last_seq.0,
             created_at_ms: c.created_at_ms,
         }
@@ -171,7 +211,11 @@ impl From<StoredMessage> for api::StoredMessage {
 
 impl From<Appended> for api::AppendResponse {
     fn from(a: Appended) -> Self {
-        Self { seq: a.seq.0, server_ts_ms: a.server_ts_ms, duplicate: a.duplicate }
+        Self {
+            seq: a.seq.0,
+            server_ts_ms: a.server_ts_ms,
+            duplicate: a.duplicate,
+        }
     }
 }
 
@@ -201,6 +245,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_storage_error_not_a_panic() {
-        assert!(matches!(decode_proposal(&[0xff, 0xff, 0xff]), Err(StoreError::Storage(_))));
+        assert!(matches!(
+            decode_proposal(&[0xff, 0xff, 0xff]),
+            Err(StoreError::Storage(_))
+        ));
     }
 }

@@ -23,7 +23,11 @@ pub enum SyncArg {
 }
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "chat-store", version, about = "Raft-replicated message store of the chat backend")]
+#[command(
+    name = "chat-store",
+    version,
+    about = "Raft-replicated message store of the chat backend"
+)]
 pub struct StoreConfig {
     /// This replica's id, 1..=65535, unique within the group.
     #[arg(long, env = "CHAT_STORE_ID")]
@@ -85,19 +89,26 @@ pub struct StoreConfig {
 pub fn parse_peers(peers: &[String]) -> Result<Vec<(NodeId, String)>, StoreError> {
     let mut out = Vec::new();
     for p in peers.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
-        let (id, addr) = p
-            .split_once('=')
-            .ok_or_else(|| StoreError::InvalidArgument(format!("peer {p:?} is not id=host:port")))?;
+        let (id, addr) = p.split_once('=').ok_or_else(|| {
+            StoreError::InvalidArgument(format!("peer {p:?} is not id=host:port"))
+        })?;
         let id: u64 = id
             .trim()
             .parse()
             .map_err(|_| StoreError::InvalidArgument(format!("peer {p:?} has a non-numeric id")))?;
         let addr = addr.trim();
-        if addr.rsplit_once(':').is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err()) {
-            return Err(StoreError::InvalidArgument(format!("peer {p:?} has no valid host:port")));
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "peer {p:?} has no valid host:port"
+            )));
         }
         if out.iter().any(|(n, _)| *n == NodeId(id)) {
-            return Err(StoreError::InvalidArgument(format!("peer id {id} is listed twice")));
+            return Err(StoreError::InvalidArgument(format!(
+                "peer id {id} is listed twice"
+            )));
         }
         validate_id(id)?;
         out.push((NodeId(id), addr.to_owned()));
@@ -107,7 +118,9 @@ pub fn parse_peers(peers: &[String]) -> Result<Vec<(NodeId, String)>, StoreError
 
 fn validate_id(id: u64) -> Result<(), StoreError> {
     if id == 0 || id > u64::from(u16::MAX) {
-        return Err(StoreError::InvalidArgument(format!("replica id {id} is outside 1..=65535")));
+        return Err(StoreError::InvalidArgument(format!(
+            "replica id {id} is outside 1..=65535"
+        )));
     }
     Ok(())
 }
@@ -124,22 +137,31 @@ impl StoreConfig {
             )));
         }
         if self.tick_ms == 0 {
-            return Err(StoreError::InvalidArgument("--tick-ms must be positive".into()));
+            return Err(StoreError::InvalidArgument(
+                "--tick-ms must be positive".into(),
+            ));
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
             return Err(StoreError::InvalidArgument(
-                "--election-ticks must be greater than --heartbeat-ticks, which must be positive".into(),
+                "--election-ticks must be greater than --heartbeat-ticks, which must be positive"
+                    .into(),
             ));
         }
         if self.snapshot_entries == 0 || self.compact_keep >= self.snapshot_entries {
             return Err(StoreError::InvalidArgument(
-                "--compact-keep must be smaller than --snapshot-entries, which must be positive".into(),
+                "--compact-keep must be smaller than --snapshot-entries, which must be positive"
+                    .into(),
             ));
         }
         if self.max_body_bytes == 0 || self.max_body_bytes > 16 << 20 {
-            return Err(StoreError::InvalidArgument("--max-body-bytes must be in 1..=16 MiB".into()));
+            return Err(StoreError::InvalidArgument(
+                "--max-body-bytes must be in 1..=16 MiB".into(),
+            ));
         }
-        let advertise = self.advertise.clone().unwrap_or_else(|| self.listen.to_string());
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string());
         Ok(ReplicaOptions {
             driver: DriverConfig {
                 id,
@@ -174,16 +196,29 @@ mod tests {
 
     #[test]
     fn a_replica_missing_from_its_own_peer_list_is_refused() {
-        let err = cfg(&["--id", "4", "--peers", "1=a:1,2=b:2,3=c:3"]).validate().unwrap_err();
-        assert!(err.to_string().contains("must list this replica (4)"), "{err}");
-        assert!(cfg(&["--id", "4", "--join", "--peers", "1=a:1"]).validate().is_ok());
+        let err = cfg(&["--id", "4", "--peers", "1=a:1,2=b:2,3=c:3"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("must list this replica (4)"),
+            "{err}"
+        );
+        assert!(
+            cfg(&["--id", "4", "--join", "--peers", "1=a:1"])
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]
     fn malformed_peers_are_refused_with_the_offending_entry() {
         for bad in ["1=nohost", "x=a:1", "1=a:1,1=b:2", "0=a:1", "1=a:99999"] {
-            let err = parse_peers(&bad.split(',').map(String::from).collect::<Vec<_>>()).unwrap_err();
-            assert!(matches!(err, StoreError::InvalidArgument(_)), "{bad}: {err}");
+            let err =
+                parse_peers(&bad.split(',').map(String::from).collect::<Vec<_>>()).unwrap_err();
+            assert!(
+                matches!(err, StoreError::InvalidArgument(_)),
+                "{bad}: {err}"
+            );
         }
         let ok = parse_peers(&["1=127.0.0.1:7001".into(), " 2=store-2:7001 ".into()]).unwrap();
         assert_eq!(ok[1], (NodeId(2), "store-2:7001".to_owned()));
@@ -191,7 +226,24 @@ mod tests {
 
     #[test]
     fn timing_knobs_are_checked() {
-        assert!(cfg(&["--id", "1", "--peers", "1=a:1", "--election-ticks", "2", "--heartbeat-ticks", "2"]).validate().is_err());
-        assert!(cfg(&["--id", "1", "--peers", "1=a:1", "--compact-keep", "20000"]).validate().is_err());
+        assert!(
+            cfg(&[
+                "--id",
+                "1",
+                "--peers",
+                "1=a:1",
+                "--election-ticks",
+                "2",
+                "--heartbeat-ticks",
+                "2"
+            ])
+            .validate()
+            .is_err()
+        );
+        assert!(
+            cfg(&["--id", "1", "--peers", "1=a:1", "--compact-keep", "20000"])
+                .validate()
+                .is_err()
+        );
     }
 }

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +36,9 @@ use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::keys;
 use crate::log_store::LogStore;
-use crate::node::{DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport};
+use crate::node::{
+    DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport,
+};
 use crate::state_machine::{Applier, SeqCache};
 use crate::transport::{Transport, TransportEvent};
 use crate::types::{NodeId, Op};
@@ -113,7 +117,9 @@ pub(crate) struct Driver {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Driver {
@@ -139,7 +145,9 @@ impl Driver {
             pre_vote: true,
             ..Default::default()
         };
-        raft_cfg.validate().map_err(|e| StoreError::InvalidArgument(format!("raft config: {e}")))?;
+        raft_cfg
+            .validate()
+            .map_err(|e| StoreError::InvalidArgument(format!("raft config: {e}")))?;
         let logger = crate::logging::raft_logger(cfg.id);
         let raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
         let start_commit = log.hard_state().commit;
@@ -147,7 +155,10 @@ impl Driver {
         let engine = log.engine().clone();
         // Proposal ids: replica id in the top 16 bits, then a counter seeded
         // from the clock so ids of a previous run are not reused.
-        let seed = (SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)) & ((1 << 48) - 1);
+        let seed = (SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64))
+            & ((1 << 48) - 1);
         Ok(Self {
             next_proposal: (cfg.id.0 << 48) | seed,
             cfg,
@@ -190,7 +201,9 @@ impl Driver {
     }
 
     fn not_leader(&self) -> StoreError {
-        StoreError::NotLeader { leader: self.leader_hint() }
+        StoreError::NotLeader {
+            leader: self.leader_hint(),
+        }
     }
 
     /// Runs until `shutdown` fires or storage fails.
@@ -279,16 +292,23 @@ impl Driver {
             // come from a replica that lost its log. raft-rs would treat it
             // as stale forever; probe it again from what it really has,
             // which ends in a snapshot once the log is compacted.
-            MessageType::MsgAppendResponse if m.reject && self.is_leader() && m.term == self.raw.raft.term => {
-                if let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from) {
-                    if m.reject_hint < pr.matched {
-                        warn!(replica = m.from, had = pr.matched, has = m.reject_hint, "replica lost its log; resending from what it has");
-                        pr.matched = m.reject_hint;
-                        pr.become_probe();
-                        pr.next_idx = m.reject_hint + 1;
-                        self.raw.raft.send_append(m.from);
-                        return;
-                    }
+            MessageType::MsgAppendResponse
+                if m.reject && self.is_leader() && m.term == self.raw.raft.term =>
+            {
+                if let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from)
+                    && m.reject_hint < pr.matched
+                {
+                    warn!(
+                        replica = m.from,
+                        had = pr.matched,
+                        has = m.reject_hint,
+                        "replica lost its log; resending from what it has"
+                    );
+                    pr.matched = m.reject_hint;
+                    pr.become_probe();
+                    pr.next_idx = m.reject_hint + 1;
+                    self.raw.raft.send_append(m.from);
+                    return;
                 }
             }
             _ => {}
@@ -301,8 +321,12 @@ impl Driver {
     fn on_transport_event(&mut self, e: TransportEvent) {
         match e {
             TransportEvent::Unreachable(id) => self.raw.report_unreachable(id.0),
-            TransportEvent::Snapshot(id, true) => self.raw.report_snapshot(id.0, SnapshotStatus::Finish),
-            TransportEvent::Snapshot(id, false) => self.raw.report_snapshot(id.0, SnapshotStatus::Failure),
+            TransportEvent::Snapshot(id, true) => {
+                self.raw.report_snapshot(id.0, SnapshotStatus::Finish)
+            }
+            TransportEvent::Snapshot(id, false) => {
+                self.raw.report_snapshot(id.0, SnapshotStatus::Failure)
+            }
         }
     }
 
@@ -335,7 +359,12 @@ impl Driver {
         if self.is_leader() {
             let log = &self.raw.raft.raft_log;
             let inflight = log.last_index().saturating_sub(log.committed);
-            let bytes: usize = self.queued.iter().flat_map(|(ops, _)| ops.iter()).map(op_size).sum();
+            let bytes: usize = self
+                .queued
+                .iter()
+                .flat_map(|(ops, _)| ops.iter())
+                .map(op_size)
+                .sum();
             if inflight >= PIPELINE_DEPTH && bytes < MAX_ENTRY_BYTES {
                 return;
             }
@@ -407,7 +436,8 @@ impl Driver {
         }
         let ctx = self.next_read;
         self.next_read += 1;
-        self.read_batches.insert(ctx, std::mem::take(&mut self.queued_reads));
+        self.read_batches
+            .insert(ctx, std::mem::take(&mut self.queued_reads));
         self.raw.read_index(ctx.to_be_bytes().to_vec());
     }
 
@@ -433,7 +463,9 @@ impl Driver {
             return Err(self.not_leader());
         }
         if self.raw.raft.has_pending_conf() {
-            return Err(StoreError::FailedPrecondition("another membership change is still in progress".into()));
+            return Err(StoreError::FailedPrecondition(
+                "another membership change is still in progress".into(),
+            ));
         }
         let cs = self.log.conf_state();
         let is_voter = |id: NodeId| cs.voters.contains(&id.0);
@@ -441,10 +473,14 @@ impl Driver {
         let (kind, id, address) = match change {
             MembershipChange::AddLearner { id, address } => {
                 if id.0 == 0 {
-                    return Err(StoreError::InvalidArgument("replica id 0 is reserved".into()));
+                    return Err(StoreError::InvalidArgument(
+                        "replica id 0 is reserved".into(),
+                    ));
                 }
                 if is_voter(*id) {
-                    return Err(StoreError::AlreadyExists(format!("replica {id} is already a voter")));
+                    return Err(StoreError::AlreadyExists(format!(
+                        "replica {id} is already a voter"
+                    )));
                 }
                 if is_learner(*id) {
                     return Ok(None);
@@ -456,16 +492,22 @@ impl Driver {
                     return Ok(None);
                 }
                 if !is_learner(*id) {
-                    return Err(StoreError::NotFound(format!("replica {id} is not a member of the group")));
+                    return Err(StoreError::NotFound(format!(
+                        "replica {id} is not a member of the group"
+                    )));
                 }
                 (ConfChangeType::AddNode, *id, String::new())
             }
             MembershipChange::Remove { id } => {
                 if !is_voter(*id) && !is_learner(*id) {
-                    return Err(StoreError::NotFound(format!("replica {id} is not a member of the group")));
+                    return Err(StoreError::NotFound(format!(
+                        "replica {id} is not a member of the group"
+                    )));
                 }
                 if is_voter(*id) && cs.voters.len() == 1 {
-                    return Err(StoreError::FailedPrecondition("cannot remove the last voter".into()));
+                    return Err(StoreError::FailedPrecondition(
+                        "cannot remove the last voter".into(),
+                    ));
                 }
                 if *id == self.cfg.id {
                     return Err(StoreError::FailedPrecondition(format!(
@@ -503,7 +545,9 @@ impl Driver {
                     .filter(|&&v| v != me)
                     .max_by_key(|&&v| prs.get(v).map_or(0, |p| p.matched))
                     .copied()
-                    .ok_or_else(|| StoreError::FailedPrecondition("no other voter to transfer to".into()))?
+                    .ok_or_else(|| {
+                        StoreError::FailedPrecondition("no other voter to transfer to".into())
+                    })?
             }
         };
         info!(replica = me, target, "transferring leadership");
@@ -545,7 +589,12 @@ impl Driver {
             self.stats.sync_micros += t.elapsed().as_micros() as u64;
         }
         for rs in ready.take_read_states() {
-            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let ctx = rs
+                .request_ctx
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             if let Some(waiters) = self.read_batches.remove(&ctx) {
                 self.confirmed_reads.push_back((rs.index, waiters));
             }
@@ -579,7 +628,9 @@ impl Driver {
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StoreError> {
-        let Some(last) = entries.last() else { return Ok(()) };
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
         self.stats.applied_entries += entries.len() as u64;
         let (last_index, last_term) = (last.index, last.term);
         let engine = self.engine.clone();
@@ -610,15 +661,18 @@ impl Driver {
                     }
                 }
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&e.data)
-                        .map_err(|err| StoreError::Storage(format!("corrupt membership change: {err}")))?;
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| {
+                        StoreError::Storage(format!("corrupt membership change: {err}"))
+                    })?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     let (pid, id, address) = codec::decode_replica_context(&e.context)?;
                     let id = NodeId(id);
                     match cc.get_change_type() {
                         ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {
                             if !address.is_empty() {
-                                applier.batch_mut().put(keys::replica_addr(id.0), address.clone().into_bytes());
+                                applier
+                                    .batch_mut()
+                                    .put(keys::replica_addr(id.0), address.clone().into_bytes());
                                 self.transport.set_peer(id, address);
                             }
                         }
@@ -635,7 +689,9 @@ impl Driver {
                     }
                 }
                 EntryType::EntryConfChangeV2 => {
-                    return Err(StoreError::Storage("unexpected joint-consensus entry in the log".into()));
+                    return Err(StoreError::Storage(
+                        "unexpected joint-consensus entry in the log".into(),
+                    ));
                 }
             }
         }
@@ -696,9 +752,17 @@ impl Driver {
         let leader = self.is_leader();
         let view = |id: u64, voter: bool| ReplicaView {
             id: NodeId(id),
-            address: self.transport.addresses().get(NodeId(id)).unwrap_or_default(),
+            address: self
+                .transport
+                .addresses()
+                .get(NodeId(id))
+                .unwrap_or_default(),
             voter,
-            matched: if leader { prs.get(id).map_or(0, |p| p.matched) } else { 0 },
+            matched: if leader {
+                prs.get(id).map_or(0, |p| p.matched)
+            } else {
+                0
+            },
         };
         let mut out: Vec<ReplicaView> = cs.voters.iter().map(|&id| view(id, true)).collect();
         out.extend(cs.learners.iter().map(|&id| view(id, false)));
@@ -796,7 +860,10 @@ impl Driver {
 
 /// Messages only a leader (of the message's term) sends.
 fn is_from_leader(kind: MessageType) -> bool {
-    matches!(kind, MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot)
+    matches!(
+        kind,
+        MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+    )
 }
 
 fn op_size(op: &Op) -> usize {

@@ -56,7 +56,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::NotLeader { .. } | Self::Overloaded { .. } | Self::Unavailable(_) | Self::ShuttingDown
+            Self::NotLeader { .. }
+                | Self::Overloaded { .. }
+                | Self::Unavailable(_)
+                | Self::ShuttingDown
         )
     }
 
@@ -91,7 +94,9 @@ impl StoreError {
                     .and_then(|v| v.parse().ok());
                 let addr = md.get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok());
                 match (id, addr) {
-                    (Some(id), Some(addr)) => Self::NotLeader { leader: Some((NodeId(id), addr.to_owned())) },
+                    (Some(id), Some(addr)) => Self::NotLeader {
+                        leader: Some((NodeId(id), addr.to_owned())),
+                    },
                     _ if msg.starts_with("not the leader") => Self::NotLeader { leader: None },
                     _ => Self::Unavailable(msg),
                 }
@@ -102,14 +107,18 @@ impl StoreError {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(100);
-                Self::Overloaded { retry_after: Duration::from_millis(ms) }
+                Self::Overloaded {
+                    retry_after: Duration::from_millis(ms),
+                }
             }
             Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument(msg),
             Code::NotFound => Self::NotFound(msg),
             Code::AlreadyExists => Self::AlreadyExists(msg),
             Code::PermissionDenied => Self::PermissionDenied(msg),
             Code::FailedPrecondition => Self::FailedPrecondition(msg),
-            Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted => Self::Unavailable(msg),
+            Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted => {
+                Self::Unavailable(msg)
+            }
             _ => Self::Storage(msg),
         }
     }
@@ -119,7 +128,9 @@ impl From<StoreError> for Status {
     fn from(err: StoreError) -> Self {
         let mut status = Status::new(err.code(), err.to_string());
         match &err {
-            StoreError::NotLeader { leader: Some((id, addr)) } => {
+            StoreError::NotLeader {
+                leader: Some((id, addr)),
+            } => {
                 let md = status.metadata_mut();
                 if let Ok(v) = id.0.to_string().parse() {
                     md.insert(LEADER_ID_HEADER, v);
@@ -157,12 +168,20 @@ mod tests {
 
     #[test]
     fn leader_hint_survives_the_round_trip_through_grpc_status() {
-        let err = StoreError::NotLeader { leader: Some((NodeId(2), "127.0.0.1:7002".into())) };
+        let err = StoreError::NotLeader {
+            leader: Some((NodeId(2), "127.0.0.1:7002".into())),
+        };
         let status = Status::from(err);
         assert_eq!(status.code(), Code::Unavailable);
-        assert!(status.message().contains("replica 2 at 127.0.0.1:7002"), "{}", status.message());
+        assert!(
+            status.message().contains("replica 2 at 127.0.0.1:7002"),
+            "{}",
+            status.message()
+        );
         match StoreError::from_status(&status) {
-            StoreError::NotLeader { leader: Some((id, addr)) } => {
+            StoreError::NotLeader {
+                leader: Some((id, addr)),
+            } => {
                 assert_eq!(id, NodeId(2));
                 assert_eq!(addr, "127.0.0.1:7002");
             }
@@ -172,10 +191,14 @@ mod tests {
 
     #[test]
     fn overload_carries_retry_after() {
-        let status = Status::from(StoreError::Overloaded { retry_after: Duration::from_millis(250) });
+        let status = Status::from(StoreError::Overloaded {
+            retry_after: Duration::from_millis(250),
+        });
         assert_eq!(status.code(), Code::ResourceExhausted);
         match StoreError::from_status(&status) {
-            StoreError::Overloaded { retry_after } => assert_eq!(retry_after, Duration::from_millis(250)),
+            StoreError::Overloaded { retry_after } => {
+                assert_eq!(retry_after, Duration::from_millis(250))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -67,7 +67,9 @@ pub fn message_seq(key: &[u8]) -> Option<u64> {
 }
 
 pub fn dedup(conv: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(DEDUP_PREFIX.len() + 2 + conv.len() + sender.len() + client_msg_id.len());
+    let mut k = Vec::with_capacity(
+        DEDUP_PREFIX.len() + 2 + conv.len() + sender.len() + client_msg_id.len(),
+    );
     k.extend_from_slice(DEDUP_PREFIX);
     push_len_prefixed(&mut k, conv);
     push_len_prefixed(&mut k, sender);
@@ -96,7 +98,10 @@ pub fn decode_pair(v: &[u8]) -> Option<(u64, u64)> {
     if v.len() != 16 {
         return None;
     }
-    Some((u64::from_be_bytes(v[..8].try_into().ok()?), u64::from_be_bytes(v[8..].try_into().ok()?)))
+    Some((
+        u64::from_be_bytes(v[..8].try_into().ok()?),
+        u64::from_be_bytes(v[8..].try_into().ok()?),
+    ))
 }
 
 #[cfg(test)]

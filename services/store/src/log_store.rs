@@ -13,7 +13,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
-use crate::engine::{Engine, WriteBatch, prefix_end};
+use crate::engine::{Engine, Pair, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
 use crate::types::NodeId;
@@ -55,11 +55,18 @@ impl LogStore {
     /// Opens the log of replica `id`. A data directory written by another
     /// replica is refused. A fresh one is initialised with `initial_voters`
     /// (empty for a replica that will join an existing group).
-    pub fn open(engine: Arc<dyn Engine>, id: NodeId, initial_voters: &[(NodeId, String)]) -> Result<Self, StoreError> {
+    pub fn open(
+        engine: Arc<dyn Engine>,
+        id: NodeId,
+        initial_voters: &[(NodeId, String)],
+    ) -> Result<Self, StoreError> {
         let owner = engine.get(keys::REPLICA_ID)?;
         let fresh = match owner {
             Some(raw) => {
-                let raw: [u8; 8] = raw.as_slice().try_into().map_err(|_| corrupt("replica id", "wrong length"))?;
+                let raw: [u8; 8] = raw
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("replica id", "wrong length"))?;
                 let owner = u64::from_be_bytes(raw);
                 if owner != id.0 {
                     return Err(StoreError::FailedPrecondition(format!(
@@ -90,13 +97,25 @@ impl LogStore {
                 for (n, addr) in initial_voters {
                     b.put(keys::replica_addr(n.0), addr.clone().into_bytes());
                 }
-                b.put(keys::CONF_STATE, cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?);
+                b.put(
+                    keys::CONF_STATE,
+                    cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?,
+                );
                 let mut hs = HardState::default();
                 hs.term = BOOTSTRAP_TERM;
                 hs.commit = BOOTSTRAP_INDEX;
-                b.put(keys::HARD_STATE, hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?);
-                b.put(keys::TRUNCATED, keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM));
-                b.put(keys::APPLIED, keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM));
+                b.put(
+                    keys::HARD_STATE,
+                    hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
+                );
+                b.put(
+                    keys::TRUNCATED,
+                    keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+                );
+                b.put(
+                    keys::APPLIED,
+                    keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+                );
             }
             engine.write(b)?;
             engine.sync()?;
@@ -110,54 +129,94 @@ impl LogStore {
             None => ConfState::default(),
         };
         let truncated = match engine.get(keys::TRUNCATED)? {
-            Some(raw) => keys::decode_pair(&raw).ok_or_else(|| corrupt("truncation marker", "wrong length"))?,
+            Some(raw) => keys::decode_pair(&raw)
+                .ok_or_else(|| corrupt("truncation marker", "wrong length"))?,
             None => (0, 0),
         };
-        let tail = engine.scan(keys::LOG_PREFIX, &prefix_end(keys::LOG_PREFIX), true, TERM_CACHE)?;
+        let tail = engine.scan(
+            keys::LOG_PREFIX,
+            &prefix_end(keys::LOG_PREFIX),
+            true,
+            TERM_CACHE,
+        )?;
         let mut terms = VecDeque::with_capacity(tail.len());
         for (k, v) in tail.iter().rev() {
             let index = keys::log_index(k).ok_or_else(|| corrupt("log key", "wrong length"))?;
             let e = Entry::parse_from_bytes(v).map_err(|e| corrupt("log entry", e))?;
             if e.index != index {
-                return Err(corrupt("log entry", format!("key says {index}, entry says {}", e.index)));
+                return Err(corrupt(
+                    "log entry",
+                    format!("key says {index}, entry says {}", e.index),
+                ));
             }
-            if let Some(&(prev, _)) = terms.back() {
-                if prev + 1 != index {
-                    return Err(corrupt("log", format!("gap between {prev} and {index}")));
-                }
+            if let Some(&(prev, _)) = terms.back()
+                && prev + 1 != index
+            {
+                return Err(corrupt("log", format!("gap between {prev} and {index}")));
             }
             terms.push_back((index, e.term));
         }
         let last_index = terms.back().map_or(truncated.0, |&(i, _)| i);
-        if let Some(&(first, _)) = terms.front() {
-            if first <= truncated.0 && terms.len() < TERM_CACHE {
-                return Err(corrupt("log", format!("entry {first} is below the compaction point {}", truncated.0)));
-            }
+        if let Some(&(first, _)) = terms.front()
+            && first <= truncated.0
+            && terms.len() < TERM_CACHE
+        {
+            return Err(corrupt(
+                "log",
+                format!(
+                    "entry {first} is below the compaction point {}",
+                    truncated.0
+                ),
+            ));
         }
         // Applying writes the applied index before the Ready's hard state
         // is written, so a crash can leave the recorded commit behind it.
         // Applied entries were committed; raise the commit to match.
         let applied = match engine.get(keys::APPLIED)? {
-            Some(raw) => keys::decode_pair(&raw).ok_or_else(|| corrupt("applied index", "wrong length"))?.0,
+            Some(raw) => {
+                keys::decode_pair(&raw)
+                    .ok_or_else(|| corrupt("applied index", "wrong length"))?
+                    .0
+            }
             None => 0,
         };
         if applied > last_index {
-            return Err(corrupt("state machine", format!("applied index {applied} is beyond the last log index {last_index}")));
+            return Err(corrupt(
+                "state machine",
+                format!("applied index {applied} is beyond the last log index {last_index}"),
+            ));
         }
         if applied > hard_state.commit {
             hard_state.commit = applied;
             let mut b = WriteBatch::default();
-            b.put(keys::HARD_STATE, hard_state.write_to_bytes().map_err(|e| corrupt("hard state", e))?);
+            b.put(
+                keys::HARD_STATE,
+                hard_state
+                    .write_to_bytes()
+                    .map_err(|e| corrupt("hard state", e))?,
+            );
             engine.write(b)?;
         }
         if hard_state.commit > last_index {
             return Err(corrupt(
                 "hard state",
-                format!("commit index {} is beyond the last log index {last_index}", hard_state.commit),
+                format!(
+                    "commit index {} is beyond the last log index {last_index}",
+                    hard_state.commit
+                ),
             ));
         }
-        let cache = Cache { hard_state, conf_state, truncated, last_index, terms };
-        Ok(Self { engine, cache: Arc::new(RwLock::new(cache)) })
+        let cache = Cache {
+            hard_state,
+            conf_state,
+            truncated,
+            last_index,
+            terms,
+        };
+        Ok(Self {
+            engine,
+            cache: Arc::new(RwLock::new(cache)),
+        })
     }
 
     /// Whether this replica has never heard from a leader since its data
@@ -212,11 +271,17 @@ impl LogStore {
                 b.delete_range(keys::log_entry(first.index), prefix_end(keys::LOG_PREFIX));
             }
             for e in entries {
-                b.put(keys::log_entry(e.index), e.write_to_bytes().map_err(|e| corrupt("entry", e))?);
+                b.put(
+                    keys::log_entry(e.index),
+                    e.write_to_bytes().map_err(|e| corrupt("entry", e))?,
+                );
             }
         }
         if let Some(hs) = hs {
-            b.put(keys::HARD_STATE, hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?);
+            b.put(
+                keys::HARD_STATE,
+                hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
+            );
         }
         if b.is_empty() {
             return Ok(());
@@ -246,8 +311,15 @@ impl LogStore {
 
     /// Adds the conf state write to an apply batch; call `note_conf_state`
     /// once the batch is written.
-    pub fn stage_conf_state(&self, batch: &mut WriteBatch, cs: &ConfState) -> Result<(), StoreError> {
-        batch.put(keys::CONF_STATE, cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?);
+    pub fn stage_conf_state(
+        &self,
+        batch: &mut WriteBatch,
+        cs: &ConfState,
+    ) -> Result<(), StoreError> {
+        batch.put(
+            keys::CONF_STATE,
+            cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?,
+        );
         Ok(())
     }
 
@@ -257,7 +329,7 @@ impl LogStore {
 
     /// Replaces log and state machine with a snapshot received from the
     /// leader, atomically.
-    pub fn install_snapshot(&self, snap: &Snapshot, data: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
+    pub fn install_snapshot(&self, snap: &Snapshot, data: Vec<Pair>) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
         let mut hs = self.hard_state();
         hs.term = hs.term.max(meta.term);
@@ -267,14 +339,24 @@ impl LogStore {
         b.delete_range(keys::STATE_PREFIX, prefix_end(keys::STATE_PREFIX));
         for (k, v) in data {
             if !k.starts_with(keys::STATE_PREFIX) {
-                return Err(StoreError::Storage(format!("snapshot carries a key outside the state machine: {k:?}")));
+                return Err(StoreError::Storage(format!(
+                    "snapshot carries a key outside the state machine: {k:?}"
+                )));
             }
             b.put(k, v);
         }
         b.put(keys::APPLIED, keys::encode_pair(meta.index, meta.term));
         b.put(keys::TRUNCATED, keys::encode_pair(meta.index, meta.term));
-        b.put(keys::CONF_STATE, meta.get_conf_state().write_to_bytes().map_err(|e| corrupt("conf state", e))?);
-        b.put(keys::HARD_STATE, hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?);
+        b.put(
+            keys::CONF_STATE,
+            meta.get_conf_state()
+                .write_to_bytes()
+                .map_err(|e| corrupt("conf state", e))?,
+        );
+        b.put(
+            keys::HARD_STATE,
+            hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
+        );
         self.engine.write(b)?;
         let mut c = self.write_cache();
         c.hard_state = hs;
@@ -295,7 +377,9 @@ impl LogStore {
             return Ok(());
         }
         if index > last {
-            return Err(StoreError::Storage(format!("cannot compact to {index}, beyond last index {last}")));
+            return Err(StoreError::Storage(format!(
+                "cannot compact to {index}, beyond last index {last}"
+            )));
         }
         let term = self.term_of(index)?;
         let mut b = WriteBatch::default();
@@ -316,31 +400,39 @@ impl LogStore {
             if idx == c.truncated.0 {
                 return Ok(c.truncated.1);
             }
-            if let Some(&(first, _)) = c.terms.front() {
-                if idx >= first {
-                    if let Some(&(i, t)) = c.terms.get((idx - first) as usize) {
-                        debug_assert_eq!(i, idx);
-                        return Ok(t);
-                    }
-                }
+            if let Some(&(first, _)) = c.terms.front()
+                && idx >= first
+                && let Some(&(i, t)) = c.terms.get((idx - first) as usize)
+            {
+                debug_assert_eq!(i, idx);
+                return Ok(t);
             }
         }
         let raw = self
             .engine
             .get(&keys::log_entry(idx))?
             .ok_or_else(|| StoreError::Storage(format!("log entry {idx} is missing")))?;
-        Ok(Entry::parse_from_bytes(&raw).map_err(|e| corrupt("log entry", e))?.term)
+        Ok(Entry::parse_from_bytes(&raw)
+            .map_err(|e| corrupt("log entry", e))?
+            .term)
     }
 
     /// The state machine as of the applied index, as snapshot payload pairs.
-    pub fn export_state(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.engine.scan(keys::STATE_PREFIX, &prefix_end(keys::STATE_PREFIX), false, usize::MAX)
+    pub fn export_state(&self) -> Result<Vec<Pair>, StoreError> {
+        self.engine.scan(
+            keys::STATE_PREFIX,
+            &prefix_end(keys::STATE_PREFIX),
+            false,
+            usize::MAX,
+        )
     }
 
     /// Applied index and its term, as last written by the state machine.
     pub fn applied(&self) -> Result<(u64, u64), StoreError> {
         match self.engine.get(keys::APPLIED)? {
-            Some(raw) => keys::decode_pair(&raw).ok_or_else(|| corrupt("applied index", "wrong length")),
+            Some(raw) => {
+                keys::decode_pair(&raw).ok_or_else(|| corrupt("applied index", "wrong length"))
+            }
             None => Ok((0, 0)),
         }
     }
@@ -349,7 +441,10 @@ impl LogStore {
 impl raft::Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let c = self.read();
-        Ok(RaftState { hard_state: c.hard_state.clone(), conf_state: c.conf_state.clone() })
+        Ok(RaftState {
+            hard_state: c.hard_state.clone(),
+            conf_state: c.conf_state.clone(),
+        })
     }
 
     fn entries(
@@ -372,7 +467,12 @@ impl raft::Storage for LogStore {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let pairs = self
             .engine
-            .scan(&keys::log_entry(low), &keys::log_entry(high), false, (high - low) as usize)
+            .scan(
+                &keys::log_entry(low),
+                &keys::log_entry(high),
+                false,
+                (high - low) as usize,
+            )
             .map_err(to_raft)?;
         let mut out = Vec::with_capacity(pairs.len());
         let mut size = 0u64;
@@ -385,7 +485,10 @@ impl raft::Storage for LogStore {
             out.push(e);
         }
         if out.first().is_some_and(|e| e.index != low) || (out.is_empty() && low < high) {
-            return Err(to_raft(corrupt("log", format!("entries from {low} are missing"))));
+            return Err(to_raft(corrupt(
+                "log",
+                format!("entries from {low} are missing"),
+            )));
         }
         Ok(out)
     }
@@ -415,7 +518,9 @@ impl raft::Storage for LogStore {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let (index, term) = self.applied().map_err(to_raft)?;
         if index < request_index {
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
         }
         let data = self.export_state().map_err(to_raft)?;
         let mut snap = Snapshot::default();

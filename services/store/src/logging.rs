@@ -29,7 +29,9 @@ impl Drain for TracingDrain {
         let msg = record.msg();
         let kv = fields.0;
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}{kv}"),
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}{kv}")
+            }
             slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{kv}"),
             slog::Level::Info => tracing::debug!(target: "raft", "{msg}{kv}"),
             slog::Level::Debug | slog::Level::Trace => tracing::trace!(target: "raft", "{msg}{kv}"),
@@ -47,7 +49,10 @@ pub fn raft_logger(id: NodeId) -> slog::Logger {
 pub fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 /// Installs a subscriber writing to the test harness's capture, filtered by
@@ -56,5 +61,8 @@ pub fn init_test_tracing() {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }

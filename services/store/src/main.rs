@@ -22,7 +22,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("chat-store: cannot start the runtime: {e}");
@@ -44,8 +47,12 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
         SyncArg::Always => BackgroundFlush::Off,
         SyncArg::Interval => BackgroundFlush::EveryMs(cfg.sync_interval_ms.max(1)),
     };
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create data directory {}: {e}",
+            cfg.data_dir.display()
+        )
+    })?;
     let engine = Arc::new(SledEngine::open(&cfg.data_dir, flush)?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -60,7 +67,9 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
             anyhow::bail!("the raft driver stopped; see the log above");
         }
     }
-    replica.shutdown(Duration::from_millis(cfg.shutdown_grace_ms)).await?;
+    replica
+        .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
+        .await?;
     info!("stopped");
     Ok(())
 }

@@ -26,11 +26,18 @@ pub struct Addresses(Arc<RwLock<HashMap<NodeId, String>>>);
 
 impl Addresses {
     pub fn get(&self, id: NodeId) -> Option<String> {
-        self.0.read().expect("addresses lock poisoned").get(&id).cloned()
+        self.0
+            .read()
+            .expect("addresses lock poisoned")
+            .get(&id)
+            .cloned()
     }
 
     pub fn set(&self, id: NodeId, addr: String) {
-        self.0.write().expect("addresses lock poisoned").insert(id, addr);
+        self.0
+            .write()
+            .expect("addresses lock poisoned")
+            .insert(id, addr);
     }
 
     pub fn remove(&self, id: NodeId) {
@@ -38,7 +45,13 @@ impl Addresses {
     }
 
     pub fn all(&self) -> Vec<(NodeId, String)> {
-        let mut v: Vec<_> = self.0.read().expect("addresses lock poisoned").iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut v: Vec<_> = self
+            .0
+            .read()
+            .expect("addresses lock poisoned")
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
         v.sort();
         v
     }
@@ -103,11 +116,24 @@ pub struct StatusReport {
 pub type OpResults = Vec<Result<OpOutcome, StoreError>>;
 
 pub(crate) enum Request {
-    Propose { ops: Vec<Op>, reply: oneshot::Sender<Result<OpResults, StoreError>> },
-    Read { reply: oneshot::Sender<Result<(), StoreError>> },
-    Membership { change: MembershipChange, reply: oneshot::Sender<Result<Vec<ReplicaView>, StoreError>> },
-    TransferLeader { target: Option<NodeId>, reply: oneshot::Sender<Result<NodeId, StoreError>> },
-    Status { reply: oneshot::Sender<StatusReport> },
+    Propose {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<OpResults, StoreError>>,
+    },
+    Read {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Membership {
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<Vec<ReplicaView>, StoreError>>,
+    },
+    TransferLeader {
+        target: Option<NodeId>,
+        reply: oneshot::Sender<Result<NodeId, StoreError>>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusReport>,
+    },
 }
 
 /// Handle to a running replica. Cheap to clone.
@@ -148,13 +174,20 @@ impl NodeHandle {
     }
 
     fn not_leader(&self) -> StoreError {
-        StoreError::NotLeader { leader: self.leader_hint() }
+        StoreError::NotLeader {
+            leader: self.leader_hint(),
+        }
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.requests.try_send(make(tx)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded { retry_after: OVERLOAD_RETRY_AFTER },
+            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded {
+                retry_after: OVERLOAD_RETRY_AFTER,
+            },
             mpsc::error::TrySendError::Closed(_) => StoreError::ShuttingDown,
         })?;
         rx.await.map_err(|_| StoreError::ShuttingDown)
@@ -180,13 +213,18 @@ impl NodeHandle {
         self.call(|reply| Request::Read { reply }).await?
     }
 
-    pub async fn change_membership(&self, change: MembershipChange) -> Result<Vec<ReplicaView>, StoreError> {
-        self.call(|reply| Request::Membership { change, reply }).await?
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Vec<ReplicaView>, StoreError> {
+        self.call(|reply| Request::Membership { change, reply })
+            .await?
     }
 
     /// Starts a leadership transfer; returns the chosen target.
     pub async fn transfer_leader(&self, target: Option<NodeId>) -> Result<NodeId, StoreError> {
-        self.call(|reply| Request::TransferLeader { target, reply }).await?
+        self.call(|reply| Request::TransferLeader { target, reply })
+            .await?
     }
 
     pub async fn report(&self) -> Result<StatusReport, StoreError> {
@@ -194,7 +232,11 @@ impl NodeHandle {
     }
 
     /// Waits until `pred` holds for the published status, or the deadline.
-    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&NodeStatus) -> bool) -> Option<NodeStatus> {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&NodeStatus) -> bool,
+    ) -> Option<NodeStatus> {
         let mut rx = self.status.clone();
         let fut = async {
             loop {

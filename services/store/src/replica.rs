@@ -88,8 +88,22 @@ impl Replica {
             serving: false,
             stopped: false,
         });
-        let transport = Transport::new(id, addresses.clone(), event_tx, faults.clone(), tokio::runtime::Handle::current());
-        let driver = Driver::new(opts.driver.clone(), log, transport, req_rx, inbox_rx, event_rx, status_tx)?;
+        let transport = Transport::new(
+            id,
+            addresses.clone(),
+            event_tx,
+            faults.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let driver = Driver::new(
+            opts.driver.clone(),
+            log,
+            transport,
+            req_rx,
+            inbox_rx,
+            event_rx,
+            status_tx,
+        )?;
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let driver = std::thread::Builder::new()
@@ -98,27 +112,49 @@ impl Replica {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| StoreError::Storage(format!("cannot start the raft thread: {e}")))?;
+                    .map_err(|e| {
+                        StoreError::Storage(format!("cannot start the raft thread: {e}"))
+                    })?;
                 rt.block_on(driver.run(token))
             })
             .map_err(|e| StoreError::Storage(format!("cannot start the raft thread: {e}")))?;
 
-        let handle = NodeHandle { id, requests: req_tx, status: status_rx, addresses, reader };
+        let handle = NodeHandle {
+            id,
+            requests: req_tx,
+            status: status_rx,
+            addresses,
+            reader,
+        };
         let api = StoreApi {
             node: handle.clone(),
             max_body_bytes: opts.max_body_bytes,
             request_timeout: opts.request_timeout,
         };
-        let raft_service =
-            RaftService { id, inbox: inbox_tx, addresses: handle.addresses().clone(), faults, shutdown: shutdown.clone() };
+        let raft_service = RaftService {
+            id,
+            inbox: inbox_tx,
+            addresses: handle.addresses().clone(),
+            faults,
+            shutdown: shutdown.clone(),
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status(HEALTH_SERVICE, ServingStatus::NotServing).await;
-        health.set_service_status("", ServingStatus::NotServing).await;
-        let health_task = tokio::spawn(report_health(handle.watch_status(), health.clone(), shutdown.clone()));
+        health
+            .set_service_status(HEALTH_SERVICE, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let health_task = tokio::spawn(report_health(
+            handle.watch_status(),
+            health.clone(),
+            shutdown.clone(),
+        ));
 
         // Request bodies are bounded by --max-body-bytes times the batch
         // limit; snapshots by MAX_MESSAGE_BYTES.
-        let api_limit = (opts.max_body_bytes + 1024) * crate::service::MAX_BATCH_ITEMS.min(256) + (1 << 20);
+        let api_limit =
+            (opts.max_body_bytes + 1024) * crate::service::MAX_BATCH_ITEMS.min(256) + (1 << 20);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
@@ -134,12 +170,22 @@ impl Replica {
         let stop = shutdown.clone();
         let incoming = TcpListenerStream::new(listener);
         let server = tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled()).await {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
                 warn!(error = %e, "gRPC server stopped with an error");
             }
         });
         info!(replica = %id, address = %opts.advertise, "store replica started");
-        Ok(Self { handle, shutdown, driver: Some(driver), server, health_task, health })
+        Ok(Self {
+            handle,
+            shutdown,
+            driver: Some(driver),
+            server,
+            health_task,
+            health,
+        })
     }
 
     pub fn handle(&self) -> &NodeHandle {
@@ -157,8 +203,12 @@ impl Replica {
     /// up-to-date voter, finish in-flight calls, sync storage.
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), StoreError> {
         let id = self.handle.id();
-        self.health.set_service_status(HEALTH_SERVICE, ServingStatus::NotServing).await;
-        self.health.set_service_status("", ServingStatus::NotServing).await;
+        self.health
+            .set_service_status(HEALTH_SERVICE, ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         let deadline = tokio::time::Instant::now() + grace;
         if self.handle.status().role == StateRole::Leader {
             match self.handle.transfer_leader(None).await {
@@ -170,12 +220,17 @@ impl Replica {
                         .is_some();
                     info!(replica = %id, target = %target, moved, "leadership transfer before shutdown");
                 }
-                Err(e) => warn!(replica = %id, error = %e, "no leadership transfer before shutdown"),
+                Err(e) => {
+                    warn!(replica = %id, error = %e, "no leadership transfer before shutdown")
+                }
             }
         }
         self.shutdown.cancel();
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if tokio::time::timeout(remaining.max(Duration::from_millis(100)), &mut self.server).await.is_err() {
+        if tokio::time::timeout(remaining.max(Duration::from_millis(100)), &mut self.server)
+            .await
+            .is_err()
+        {
             self.server.abort();
         }
         self.join_driver().await
@@ -189,7 +244,10 @@ impl Replica {
         // Cancelling makes the server close every connection (the raft
         // streams end with the token); connection tasks hold the engine, so
         // wait for them before the directory is reopened.
-        if tokio::time::timeout(Duration::from_secs(2), &mut self.server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
+            .await
+            .is_err()
+        {
             self.server.abort();
         }
         let _ = self.join_driver().await;
@@ -197,7 +255,9 @@ impl Replica {
 
     async fn join_driver(&mut self) -> Result<(), StoreError> {
         self.health_task.abort();
-        let Some(driver) = self.driver.take() else { return Ok(()) };
+        let Some(driver) = self.driver.take() else {
+            return Ok(());
+        };
         tokio::task::spawn_blocking(move || driver.join())
             .await
             .map_err(|e| StoreError::Storage(format!("raft thread: {e}")))?
@@ -222,7 +282,11 @@ async fn report_health(
     loop {
         let serving = status.borrow_and_update().serving;
         if last != Some(serving) {
-            let s = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let s = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             health.set_service_status(HEALTH_SERVICE, s).await;
             health.set_service_status("", s).await;
             last = Some(serving);

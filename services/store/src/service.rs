@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::error::StoreError;
 use crate::node::{MembershipChange, NodeHandle, ReplicaView, StatusReport};
-use crate::types::{ConversationId, NewMessage, NodeId, Op, OpOutcome, Seq, UserId, validate_client_msg_id};
+use crate::types::{
+    ConversationId, NewMessage, NodeId, Op, OpOutcome, Seq, UserId, validate_client_msg_id,
+};
 
 /// Most members a conversation may be created with.
 pub const MAX_MEMBERS: usize = 10_000;
@@ -30,7 +32,10 @@ pub struct StoreApi {
 }
 
 impl StoreApi {
-    async fn within<T>(&self, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    async fn within<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         tokio::time::timeout(self.request_timeout, fut).await.unwrap_or_else(|_| {
             Err(StoreError::Unavailable(format!(
                 "no answer from the raft group within {} ms (is a majority of replicas reachable?)",
@@ -41,7 +46,9 @@ impl StoreApi {
 
     async fn one(&self, op: Op) -> Result<OpOutcome, StoreError> {
         let mut results = self.within(self.node.propose(vec![op])).await?;
-        results.pop().unwrap_or_else(|| Err(StoreError::Storage("proposal produced no outcome".into())))
+        results
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Storage("proposal produced no outcome".into())))
     }
 
     async fn conversation_op(&self, op: Op) -> Result<Response<api::ConversationInfo>, Status> {
@@ -62,7 +69,12 @@ impl StoreApi {
                 self.max_body_bytes
             )));
         }
-        Ok(NewMessage { conversation, sender, client_msg_id: r.client_msg_id, body: r.body.into() })
+        Ok(NewMessage {
+            conversation,
+            sender,
+            client_msg_id: r.client_msg_id,
+            body: r.body.into(),
+        })
     }
 
     async fn barrier(&self, consistency: i32) -> Result<bool, StoreError> {
@@ -72,7 +84,9 @@ impl StoreApi {
                 Ok(false)
             }
             Ok(api::Consistency::Stale) => Ok(true),
-            Err(_) => Err(StoreError::InvalidArgument(format!("unknown consistency {consistency}"))),
+            Err(_) => Err(StoreError::InvalidArgument(format!(
+                "unknown consistency {consistency}"
+            ))),
         }
     }
 }
@@ -80,7 +94,11 @@ impl StoreApi {
 fn member_op(r: api::MemberRequest, add: bool) -> Result<Op, StoreError> {
     let conversation = ConversationId::parse(&r.conversation_id)?;
     let user = UserId::parse(&r.user_id)?;
-    Ok(if add { Op::AddMember { conversation, user } } else { Op::RemoveMember { conversation, user } })
+    Ok(if add {
+        Op::AddMember { conversation, user }
+    } else {
+        Op::RemoveMember { conversation, user }
+    })
 }
 
 fn item_error(e: &StoreError) -> api::AppendOutcome {
@@ -101,7 +119,10 @@ impl Store for StoreApi {
         let r = request.into_inner();
         let conversation = ConversationId::parse(&r.conversation_id)?;
         if r.members.is_empty() {
-            return Err(StoreError::InvalidArgument("a conversation needs at least one member".into()).into());
+            return Err(StoreError::InvalidArgument(
+                "a conversation needs at least one member".into(),
+            )
+            .into());
         }
         if r.members.len() > MAX_MEMBERS {
             return Err(StoreError::InvalidArgument(format!(
@@ -110,22 +131,38 @@ impl Store for StoreApi {
             ))
             .into());
         }
-        let members = r.members.iter().map(|m| UserId::parse(m)).collect::<Result<Vec<_>, _>>()?;
-        self.conversation_op(Op::CreateConversation { conversation, members }).await
+        let members = r
+            .members
+            .iter()
+            .map(|m| UserId::parse(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.conversation_op(Op::CreateConversation {
+            conversation,
+            members,
+        })
+        .await
     }
 
-    async fn add_member(&self, request: Request<api::MemberRequest>) -> Result<Response<api::ConversationInfo>, Status> {
-        self.conversation_op(member_op(request.into_inner(), true)?).await
+    async fn add_member(
+        &self,
+        request: Request<api::MemberRequest>,
+    ) -> Result<Response<api::ConversationInfo>, Status> {
+        self.conversation_op(member_op(request.into_inner(), true)?)
+            .await
     }
 
     async fn remove_member(
         &self,
         request: Request<api::MemberRequest>,
     ) -> Result<Response<api::ConversationInfo>, Status> {
-        self.conversation_op(member_op(request.into_inner(), false)?).await
+        self.conversation_op(member_op(request.into_inner(), false)?)
+            .await
     }
 
-    async fn append(&self, request: Request<api::AppendRequest>) -> Result<Response<api::AppendResponse>, Status> {
+    async fn append(
+        &self,
+        request: Request<api::AppendRequest>,
+    ) -> Result<Response<api::AppendResponse>, Status> {
         let m = self.new_message(request.into_inner())?;
         match self.one(Op::Append(m)).await? {
             OpOutcome::Appended(a) => Ok(Response::new(a.into())),
@@ -156,8 +193,12 @@ impl Store for StoreApi {
                 Err(e) => out.push(Some(item_error(&e))),
             }
         }
-        let mut results = if ops.is_empty() { Vec::new() } else { self.within(self.node.propose(ops)).await? }
-            .into_iter();
+        let mut results = if ops.is_empty() {
+            Vec::new()
+        } else {
+            self.within(self.node.propose(ops)).await?
+        }
+        .into_iter();
         let items = out
             .into_iter()
             .map(|slot| {
@@ -173,7 +214,10 @@ impl Store for StoreApi {
         Ok(Response::new(api::AppendBatchResponse { items }))
     }
 
-    async fn read(&self, request: Request<api::ReadRequest>) -> Result<Response<api::ReadResponse>, Status> {
+    async fn read(
+        &self,
+        request: Request<api::ReadRequest>,
+    ) -> Result<Response<api::ReadResponse>, Status> {
         let r = request.into_inner();
         let id = ConversationId::parse(&r.conversation_id)?;
         if r.before_seq != 0 && r.before_seq <= r.after_seq {
@@ -186,7 +230,10 @@ impl Store for StoreApi {
         let limit = match r.limit {
             0 => DEFAULT_READ_LIMIT,
             n if n > MAX_READ_LIMIT => {
-                return Err(StoreError::InvalidArgument(format!("limit {n} exceeds {MAX_READ_LIMIT}")).into());
+                return Err(StoreError::InvalidArgument(format!(
+                    "limit {n} exceeds {MAX_READ_LIMIT}"
+                ))
+                .into());
             }
             n => n,
         };
@@ -263,7 +310,9 @@ pub fn status_response(report: StatusReport, leader_address: String) -> api::Sta
 
 fn replica_id(id: u64) -> Result<NodeId, StoreError> {
     if id == 0 {
-        return Err(StoreError::InvalidArgument("replica id 0 is reserved".into()));
+        return Err(StoreError::InvalidArgument(
+            "replica id 0 is reserved".into(),
+        ));
     }
     Ok(NodeId(id))
 }
@@ -275,15 +324,23 @@ impl StoreApi {
         Ok(status_response(report, leader_address))
     }
 
-    async fn membership(&self, change: MembershipChange) -> Result<Response<api::MembershipResponse>, Status> {
+    async fn membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
         let replicas = self.within(self.node.change_membership(change)).await?;
-        Ok(Response::new(api::MembershipResponse { replicas: replicas.into_iter().map(replica_info).collect() }))
+        Ok(Response::new(api::MembershipResponse {
+            replicas: replicas.into_iter().map(replica_info).collect(),
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl StoreAdmin for StoreApi {
-    async fn status(&self, _: Request<api::StatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
         Ok(Response::new(self.status_now().await?))
     }
 
@@ -295,10 +352,14 @@ impl StoreAdmin for StoreApi {
         let id = replica_id(r.id)?;
         let peers = crate::config::parse_peers(&[format!("{}={}", r.id, r.address)])?;
         let address = peers.into_iter().next().map(|(_, a)| a).unwrap_or_default();
-        self.membership(MembershipChange::AddLearner { id, address }).await
+        self.membership(MembershipChange::AddLearner { id, address })
+            .await
     }
 
-    async fn promote(&self, request: Request<api::ReplicaRequest>) -> Result<Response<api::MembershipResponse>, Status> {
+    async fn promote(
+        &self,
+        request: Request<api::ReplicaRequest>,
+    ) -> Result<Response<api::MembershipResponse>, Status> {
         let id = replica_id(request.into_inner().id)?;
         self.membership(MembershipChange::Promote { id }).await
     }
@@ -318,8 +379,16 @@ impl StoreAdmin for StoreApi {
         let id = request.into_inner().id;
         let target = if id == 0 { None } else { Some(NodeId(id)) };
         let target = self.within(self.node.transfer_leader(target)).await?;
-        if self.node.wait_for(self.request_timeout, |s| s.leader == Some(target)).await.is_none() {
-            return Err(StoreError::Unavailable(format!("replica {target} did not take over leadership in time")).into());
+        if self
+            .node
+            .wait_for(self.request_timeout, |s| s.leader == Some(target))
+            .await
+            .is_none()
+        {
+            return Err(StoreError::Unavailable(format!(
+                "replica {target} did not take over leadership in time"
+            ))
+            .into());
         }
         Ok(Response::new(self.status_now().await?))
     }

@@ -15,7 +15,9 @@ use crate::codec;
 use crate::engine::{Engine, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
-use crate::types::{Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage};
+use crate::types::{
+    Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage,
+};
 
 /// Last seq of recently appended-to conversations, kept by the driver across
 /// batches so an append writes two keys (message, dedup) and reads none for
@@ -48,7 +50,13 @@ impl<'a> Applier<'a> {
         if seqs.0.len() > SEQ_CACHE_LIMIT {
             seqs.clear();
         }
-        Self { engine, seqs, convs: HashMap::new(), dedup: HashMap::new(), batch: WriteBatch::default() }
+        Self {
+            engine,
+            seqs,
+            convs: HashMap::new(),
+            dedup: HashMap::new(),
+            batch: WriteBatch::default(),
+        }
     }
 
     fn last_seq(&mut self, id: &ConversationId) -> Result<u64, StoreError> {
@@ -70,7 +78,10 @@ impl<'a> Applier<'a> {
     pub fn apply(&mut self, op: &Op, ts_ms: i64) -> Result<OpOutcome, StoreError> {
         match op {
             Op::Noop => Ok(OpOutcome::Done),
-            Op::CreateConversation { conversation, members } => {
+            Op::CreateConversation {
+                conversation,
+                members,
+            } => {
                 let mut members = members.clone();
                 members.sort();
                 members.dedup();
@@ -82,7 +93,12 @@ impl<'a> Applier<'a> {
                         "conversation {conversation} already exists with other members"
                     )));
                 }
-                let c = Conversation { id: conversation.clone(), members, last_seq: Seq(0), created_at_ms: ts_ms };
+                let c = Conversation {
+                    id: conversation.clone(),
+                    members,
+                    last_seq: Seq(0),
+                    created_at_ms: ts_ms,
+                };
                 self.convs.insert(conversation.clone(), c.clone());
                 Ok(OpOutcome::Conversation(c))
             }
@@ -110,7 +126,11 @@ impl<'a> Applier<'a> {
         let c = self.require(&m.conversation)?;
         let dedup_key = keys::dedup(m.conversation.as_str(), m.sender.as_str(), &m.client_msg_id);
         if let Some((seq, ts)) = self.dedup_lookup(&dedup_key)? {
-            return Ok(Appended { seq: Seq(seq), server_ts_ms: ts, duplicate: true });
+            return Ok(Appended {
+                seq: Seq(seq),
+                server_ts_ms: ts,
+                duplicate: true,
+            });
         }
         if c.members.binary_search(&m.sender).is_err() {
             return Err(StoreError::PermissionDenied(format!(
@@ -120,13 +140,20 @@ impl<'a> Applier<'a> {
         }
         let seq = self.last_seq(&m.conversation)? + 1;
         self.seqs.0.insert(m.conversation.clone(), seq);
-        self.batch.put(keys::message(m.conversation.as_str(), seq), codec::encode_message(m, ts_ms));
+        self.batch.put(
+            keys::message(m.conversation.as_str(), seq),
+            codec::encode_message(m, ts_ms),
+        );
         let mut dv = Vec::with_capacity(16);
         dv.extend_from_slice(&seq.to_be_bytes());
         dv.extend_from_slice(&ts_ms.to_be_bytes());
         self.batch.put(dedup_key.clone(), dv);
         self.dedup.insert(dedup_key, (seq, ts_ms));
-        Ok(Appended { seq: Seq(seq), server_ts_ms: ts_ms, duplicate: false })
+        Ok(Appended {
+            seq: Seq(seq),
+            server_ts_ms: ts_ms,
+            duplicate: false,
+        })
     }
 
     fn dedup_lookup(&self, key: &[u8]) -> Result<Option<(u64, i64)>, StoreError> {
@@ -160,13 +187,17 @@ impl<'a> Applier<'a> {
     }
 
     fn require(&mut self, id: &ConversationId) -> Result<Conversation, StoreError> {
-        self.conversation(id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))
+        self.conversation(id)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))
     }
 
     /// The batch holding every write of the applied ops.
     pub fn finish(mut self) -> WriteBatch {
         for (id, c) in self.convs.drain() {
-            self.batch.put(keys::conversation(id.as_str()), codec::encode_conversation(&c));
+            self.batch.put(
+                keys::conversation(id.as_str()),
+                codec::encode_conversation(&c),
+            );
         }
         self.batch
     }
@@ -183,7 +214,11 @@ impl Reader {
         Self { engine }
     }
 
-    fn record_in(engine: &dyn Engine, id: &ConversationId, last_seq: Seq) -> Result<Option<Conversation>, StoreError> {
+    fn record_in(
+        engine: &dyn Engine,
+        id: &ConversationId,
+        last_seq: Seq,
+    ) -> Result<Option<Conversation>, StoreError> {
         match engine.get(&keys::conversation(id.as_str()))? {
             Some(raw) => codec::decode_conversation(id, &raw, last_seq).map(Some),
             None => Ok(None),
@@ -195,7 +230,8 @@ impl Reader {
         let prefix = keys::messages_of(id.as_str());
         let newest = engine.scan(&prefix, &prefix_end(&prefix), true, 1)?;
         match newest.first() {
-            Some((k, _)) => keys::message_seq(k).ok_or_else(|| StoreError::Storage("corrupt message key".into())),
+            Some((k, _)) => keys::message_seq(k)
+                .ok_or_else(|| StoreError::Storage("corrupt message key".into())),
             None => Ok(0),
         }
     }
@@ -234,7 +270,8 @@ impl Reader {
         pairs
             .into_iter()
             .map(|(k, v)| {
-                let seq = keys::message_seq(&k).ok_or_else(|| StoreError::Storage("corrupt message key".into()))?;
+                let seq = keys::message_seq(&k)
+                    .ok_or_else(|| StoreError::Storage("corrupt message key".into()))?;
                 codec::decode_message(id, Seq(seq), &v)
             })
             .collect()
@@ -254,7 +291,8 @@ impl Reader {
                 let raw: [u8; 8] = k[keys::REPLICA_ADDR_PREFIX.len()..]
                     .try_into()
                     .map_err(|_| StoreError::Storage("corrupt replica address key".into()))?;
-                let addr = String::from_utf8(v).map_err(|_| StoreError::Storage("corrupt replica address".into()))?;
+                let addr = String::from_utf8(v)
+                    .map_err(|_| StoreError::Storage("corrupt replica address".into()))?;
                 Ok((u64::from_be_bytes(raw), addr))
             })
             .collect()
@@ -294,10 +332,20 @@ mod tests {
     #[test]
     fn seqs_are_gapless_per_conversation_and_retries_are_deduplicated() {
         let e = MemEngine::new();
-        let create = |c: &str| Op::CreateConversation { conversation: conv(c), members: vec![user("a"), user("b")] };
+        let create = |c: &str| Op::CreateConversation {
+            conversation: conv(c),
+            members: vec![user("a"), user("b")],
+        };
         let out = apply_all(
             &e,
-            &[create("x"), create("y"), msg("x", "a", "1"), msg("x", "b", "1"), msg("y", "a", "1"), msg("x", "a", "1")],
+            &[
+                create("x"),
+                create("y"),
+                msg("x", "a", "1"),
+                msg("x", "b", "1"),
+                msg("y", "a", "1"),
+                msg("x", "a", "1"),
+            ],
         );
         let seqs: Vec<_> = out[2..]
             .iter()
@@ -313,8 +361,14 @@ mod tests {
         assert!(matches!(&again[1], Ok(OpOutcome::Appended(a)) if a.seq == Seq(3) && !a.duplicate));
         let r = Reader::new(Arc::new(e));
         let all = r.messages(&conv("x"), Seq(0), Seq(0), 100).unwrap();
-        assert_eq!(all.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(r.conversation(&conv("x")).unwrap().unwrap().last_seq, Seq(3));
+        assert_eq!(
+            all.iter().map(|m| m.seq.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            r.conversation(&conv("x")).unwrap().unwrap().last_seq,
+            Seq(3)
+        );
         let newest = r.messages(&conv("x"), Seq(0), Seq(3), 1).unwrap();
         assert_eq!(newest.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![2]);
     }
@@ -322,13 +376,22 @@ mod tests {
     #[test]
     fn rejected_ops_change_nothing() {
         let e = MemEngine::new();
-        apply_all(&e, &[Op::CreateConversation { conversation: conv("x"), members: vec![user("a")] }]);
+        apply_all(
+            &e,
+            &[Op::CreateConversation {
+                conversation: conv("x"),
+                members: vec![user("a")],
+            }],
+        );
         let out = apply_all(
             &e,
             &[
                 msg("x", "mallory", "1"),
                 msg("nope", "a", "1"),
-                Op::CreateConversation { conversation: conv("x"), members: vec![user("b")] },
+                Op::CreateConversation {
+                    conversation: conv("x"),
+                    members: vec![user("b")],
+                },
             ],
         );
         assert!(matches!(out[0], Err(StoreError::PermissionDenied(_))));
@@ -337,18 +400,31 @@ mod tests {
         let r = Reader::new(Arc::new(e));
         let c = r.conversation(&conv("x")).unwrap().unwrap();
         assert_eq!((c.members, c.last_seq), (vec![user("a")], Seq(0)));
-        assert!(r.messages(&conv("x"), Seq(0), Seq(0), 10).unwrap().is_empty());
+        assert!(
+            r.messages(&conv("x"), Seq(0), Seq(0), 10)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn membership_changes_are_idempotent() {
         let e = MemEngine::new();
-        let add = Op::AddMember { conversation: conv("x"), user: user("b") };
-        let rm = Op::RemoveMember { conversation: conv("x"), user: user("a") };
+        let add = Op::AddMember {
+            conversation: conv("x"),
+            user: user("b"),
+        };
+        let rm = Op::RemoveMember {
+            conversation: conv("x"),
+            user: user("a"),
+        };
         let out = apply_all(
             &e,
             &[
-                Op::CreateConversation { conversation: conv("x"), members: vec![user("a")] },
+                Op::CreateConversation {
+                    conversation: conv("x"),
+                    members: vec![user("a")],
+                },
                 add.clone(),
                 add,
                 rm.clone(),

@@ -76,7 +76,15 @@ impl Transport {
         faults: Faults,
         runtime: Handle,
     ) -> Self {
-        Self { id, peers: HashMap::new(), addresses, events, faults, runtime, shutdown: CancellationToken::new() }
+        Self {
+            id,
+            peers: HashMap::new(),
+            addresses,
+            events,
+            faults,
+            runtime,
+            shutdown: CancellationToken::new(),
+        }
     }
 
     pub fn addresses(&self) -> &Addresses {
@@ -112,7 +120,7 @@ impl Transport {
                 }
                 continue;
             }
-            if !self.peers.get(&to).is_some_and(|p| !p.tx.is_closed()) {
+            if self.peers.get(&to).is_none_or(|p| p.tx.is_closed()) {
                 let Some(addr) = self.addresses.get(to) else {
                     debug!(to = %to, "no address for peer; dropping message");
                     self.report(TransportEvent::Unreachable(to));
@@ -189,7 +197,10 @@ impl PeerLink {
                     rx.close();
                     while let Ok(m) = rx.try_recv() {
                         if m.get_msg_type() == MessageType::MsgSnapshot {
-                            let _ = self.events.send(TransportEvent::Snapshot(self.to, false)).await;
+                            let _ = self
+                                .events
+                                .send(TransportEvent::Snapshot(self.to, false))
+                                .await;
                         }
                     }
                     return;
@@ -208,7 +219,9 @@ impl PeerLink {
             // Whatever queued while disconnected is stale; raft resends.
             while let Ok(m) = rx.try_recv() {
                 if m.get_msg_type() == MessageType::MsgSnapshot {
-                    let _ = self.events.try_send(TransportEvent::Snapshot(self.to, false));
+                    let _ = self
+                        .events
+                        .try_send(TransportEvent::Snapshot(self.to, false));
                 }
             }
             let jittered = backoff.mul_f64(rand::random::<f64>());
@@ -227,7 +240,8 @@ impl PeerLink {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (stx, srx) = mpsc::channel::<RaftBatch>(STREAM_QUEUE);
         let mut call_client = client.clone();
-        let mut call = tokio::spawn(async move { call_client.stream(ReceiverStream::new(srx)).await });
+        let mut call =
+            tokio::spawn(async move { call_client.stream(ReceiverStream::new(srx)).await });
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
@@ -278,8 +292,15 @@ impl PeerLink {
         tokio::spawn(async move {
             let ok = match m.write_to_bytes() {
                 Ok(raw) => {
-                    let call = client.install_snapshot(RaftBatch { from: from.0, messages: vec![raw], from_address });
-                    matches!(tokio::time::timeout(SNAPSHOT_TIMEOUT, call).await, Ok(Ok(_)))
+                    let call = client.install_snapshot(RaftBatch {
+                        from: from.0,
+                        messages: vec![raw],
+                        from_address,
+                    });
+                    matches!(
+                        tokio::time::timeout(SNAPSHOT_TIMEOUT, call).await,
+                        Ok(Ok(_))
+                    )
                 }
                 Err(_) => false,
             };
@@ -312,7 +333,8 @@ impl RaftService {
             .messages
             .iter()
             .map(|raw| {
-                Message::parse_from_bytes(raw).map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+                Message::parse_from_bytes(raw)
+                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
             })
             .collect()
     }
@@ -320,14 +342,19 @@ impl RaftService {
 
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
-    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<Ack>, Status> {
+    async fn stream(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<Ack>, Status> {
         let mut stream = request.into_inner();
         loop {
             let batch = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(Status::unavailable("replica is shutting down")),
                 b = stream.message() => b?,
             };
-            let Some(batch) = batch else { return Ok(Response::new(Ack {})) };
+            let Some(batch) = batch else {
+                return Ok(Response::new(Ack {}));
+            };
             for m in self.decode(&batch)? {
                 if m.to != self.id.0 {
                     continue;
@@ -347,9 +374,15 @@ impl RaftTransport for RaftService {
         }
         for m in msgs {
             if m.to != self.id.0 {
-                return Err(Status::invalid_argument(format!("snapshot for replica {} sent to replica {}", m.to, self.id)));
+                return Err(Status::invalid_argument(format!(
+                    "snapshot for replica {} sent to replica {}",
+                    m.to, self.id
+                )));
             }
-            self.inbox.send(m).await.map_err(|_| Status::unavailable("replica is shutting down"))?;
+            self.inbox
+                .send(m)
+                .await
+                .map_err(|_| Status::unavailable("replica is shutting down"))?;
         }
         Ok(Response::new(Ack {}))
     }

@@ -76,7 +76,9 @@ fn validate_id(s: &str, what: &str) -> Result<(), StoreError> {
 /// Validates a client message id: 1..=128 bytes, no control characters.
 pub fn validate_client_msg_id(s: &str) -> Result<(), StoreError> {
     if s.is_empty() {
-        return Err(StoreError::InvalidArgument("client message id is empty".into()));
+        return Err(StoreError::InvalidArgument(
+            "client message id is empty".into(),
+        ));
     }
     if s.len() > MAX_CLIENT_MSG_ID_BYTES {
         return Err(StoreError::InvalidArgument(format!(
@@ -96,9 +98,18 @@ pub fn validate_client_msg_id(s: &str) -> Result<(), StoreError> {
 /// only what depends on state (existence, membership).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    CreateConversation { conversation: ConversationId, members: Vec<UserId> },
-    AddMember { conversation: ConversationId, user: UserId },
-    RemoveMember { conversation: ConversationId, user: UserId },
+    CreateConversation {
+        conversation: ConversationId,
+        members: Vec<UserId>,
+    },
+    AddMember {
+        conversation: ConversationId,
+        user: UserId,
+    },
+    RemoveMember {
+        conversation: ConversationId,
+        user: UserId,
+    },
     Append(NewMessage),
     /// Proposed by a new leader to commit an entry of its own term.
     Noop,

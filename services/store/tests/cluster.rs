@@ -39,7 +39,12 @@ async fn read_all(client: &StoreClient, conv: &str) -> Vec<api::StoredMessage> {
     loop {
         let after = out.last().map_or(0, |m: &api::StoredMessage| m.seq);
         let page = client
-            .read(api::ReadRequest { conversation_id: conv.into(), after_seq: after, limit: 1000, ..Default::default() })
+            .read(api::ReadRequest {
+                conversation_id: conv.into(),
+                after_seq: after,
+                limit: 1000,
+                ..Default::default()
+            })
             .await
             .expect("read");
         if page.messages.is_empty() {
@@ -49,7 +54,11 @@ async fn read_all(client: &StoreClient, conv: &str) -> Vec<api::StoredMessage> {
     }
 }
 
-async fn stale_read(cluster: &Cluster, id: NodeId, conv: &str) -> Result<api::ReadResponse, StoreError> {
+async fn stale_read(
+    cluster: &Cluster,
+    id: NodeId,
+    conv: &str,
+) -> Result<api::ReadResponse, StoreError> {
     cluster
         .client()
         .read_from(
@@ -68,14 +77,29 @@ async fn stale_read(cluster: &Cluster, id: NodeId, conv: &str) -> Result<api::Re
 /// that every acknowledged (client id, seq) is among them.
 fn assert_exactly_once(messages: &[api::StoredMessage], acked: &HashMap<String, u64>) {
     let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>(), "seqs must be gapless from 1");
+    assert_eq!(
+        seqs,
+        (1..=messages.len() as u64).collect::<Vec<_>>(),
+        "seqs must be gapless from 1"
+    );
     let mut seen = HashSet::new();
     for m in messages {
-        assert!(seen.insert((m.sender.clone(), m.client_msg_id.clone())), "duplicate message {}", m.client_msg_id);
+        assert!(
+            seen.insert((m.sender.clone(), m.client_msg_id.clone())),
+            "duplicate message {}",
+            m.client_msg_id
+        );
     }
-    let by_seq: HashMap<u64, &str> = messages.iter().map(|m| (m.seq, m.client_msg_id.as_str())).collect();
+    let by_seq: HashMap<u64, &str> = messages
+        .iter()
+        .map(|m| (m.seq, m.client_msg_id.as_str()))
+        .collect();
     for (id, seq) in acked {
-        assert_eq!(by_seq.get(seq).copied(), Some(id.as_str()), "acknowledged {id} at seq {seq} is missing");
+        assert_eq!(
+            by_seq.get(seq).copied(),
+            Some(id.as_str()),
+            "acknowledged {id} at seq {seq} is missing"
+        );
     }
 }
 
@@ -86,7 +110,10 @@ async fn elects_a_leader_and_replicates_to_every_replica() {
     let client = cluster.client();
     create(&client, "room", &["alice", "bob"]).await;
     for i in 0..20 {
-        let r = client.append(append_req("room", "alice", &format!("m{i}"))).await.unwrap();
+        let r = client
+            .append(append_req("room", "alice", &format!("m{i}")))
+            .await
+            .unwrap();
         assert_eq!(r.seq, i + 1);
     }
     let applied = cluster.node(leader).unwrap().status().applied;
@@ -106,7 +133,12 @@ async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
     let old = cluster.wait_leader(WAIT).await.unwrap();
     let client = Arc::new(cluster.client());
     let senders: Vec<String> = (0..8).map(|w| format!("w{w}")).collect();
-    create(&client, "load", &senders.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    create(
+        &client,
+        "load",
+        &senders.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -122,7 +154,10 @@ async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
                 let id = format!("w{w}-{i}");
                 // A real client retries the same id until it gets an answer.
                 loop {
-                    match client.append(append_req("load", &format!("w{w}"), &id)).await {
+                    match client
+                        .append(append_req("load", &format!("w{w}"), &id))
+                        .await
+                    {
                         Ok(r) => {
                             acked.insert(id, r.seq);
                             break;
@@ -135,13 +170,23 @@ async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
             (acked, retries)
         }));
     }
-    cluster.node(old).unwrap().wait_for(WAIT, |s| s.applied > 100).await.expect("load is flowing");
+    cluster
+        .node(old)
+        .unwrap()
+        .wait_for(WAIT, |s| s.applied > 100)
+        .await
+        .expect("load is flowing");
     cluster.kill(old).await;
     let survivors: Vec<NodeId> = cluster.running();
     let new = cluster.wait_leader_among(&survivors, WAIT).await.unwrap();
     assert_ne!(new, old);
     let mark = cluster.node(new).unwrap().status().applied;
-    cluster.node(new).unwrap().wait_for(WAIT, |s| s.applied > mark + 100).await.expect("writes resume");
+    cluster
+        .node(new)
+        .unwrap()
+        .wait_for(WAIT, |s| s.applied > mark + 100)
+        .await
+        .expect("writes resume");
     stop.store(true, Ordering::Relaxed);
     let mut acked = HashMap::new();
     for w in writers {
@@ -173,28 +218,50 @@ async fn a_minority_partition_can_neither_commit_nor_serve_linearizable_reads() 
     cluster.faults().partition(&[old], &others);
 
     // Straight to the isolated replica, no retries elsewhere.
-    let mut direct = RawClient::connect(format!("http://{}", cluster.addr(old))).await.unwrap();
+    let mut direct = RawClient::connect(format!("http://{}", cluster.addr(old)))
+        .await
+        .unwrap();
     let write = direct.append(append_req("p", "a", "isolated")).await;
     assert!(write.is_err(), "isolated replica acknowledged a write");
     let code = write.unwrap_err().code();
     assert!(matches!(code, Code::Unavailable), "got {code:?}");
     let read = direct
-        .read(api::ReadRequest { conversation_id: "p".into(), limit: 10, ..Default::default() })
+        .read(api::ReadRequest {
+            conversation_id: "p".into(),
+            limit: 10,
+            ..Default::default()
+        })
         .await;
     assert_eq!(read.map(|_| ()).unwrap_err().code(), Code::Unavailable);
     // It stops reporting healthy once it knows it has no leader.
-    cluster.node(old).unwrap().wait_for(WAIT, |s| !s.serving).await.expect("isolated replica keeps serving");
+    cluster
+        .node(old)
+        .unwrap()
+        .wait_for(WAIT, |s| !s.serving)
+        .await
+        .expect("isolated replica keeps serving");
 
     // The majority side elects a leader and keeps committing.
     let new = cluster.wait_leader_among(&others, WAIT).await.unwrap();
     assert_ne!(new, old);
-    client.append(append_req("p", "a", "majority")).await.unwrap();
+    client
+        .append(append_req("p", "a", "majority"))
+        .await
+        .unwrap();
 
     cluster.faults().heal();
     let applied = cluster.node(new).unwrap().status().applied;
     cluster.wait_applied(old, applied, WAIT).await.unwrap();
-    let ids: Vec<String> = read_all(&client, "p").await.into_iter().map(|m| m.client_msg_id).collect();
-    assert_eq!(ids, vec!["before", "majority"], "the isolated write must not have been stored");
+    let ids: Vec<String> = read_all(&client, "p")
+        .await
+        .into_iter()
+        .map(|m| m.client_msg_id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["before", "majority"],
+        "the isolated write must not have been stored"
+    );
     cluster.stop_all().await;
 }
 
@@ -205,7 +272,10 @@ async fn a_full_restart_recovers_everything_from_disk() {
     let client = cluster.client();
     create(&client, "r", &["a"]).await;
     for i in 0..30 {
-        client.append(append_req("r", "a", &format!("m{i}"))).await.unwrap();
+        client
+            .append(append_req("r", "a", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     for id in cluster.ids() {
         cluster.kill(id).await;
@@ -214,17 +284,27 @@ async fn a_full_restart_recovers_everything_from_disk() {
         cluster.restart(id).await.unwrap();
     }
     cluster.wait_leader(WAIT).await.unwrap();
-    let next = client.append(append_req("r", "a", "after-restart")).await.unwrap();
+    let next = client
+        .append(append_req("r", "a", "after-restart"))
+        .await
+        .unwrap();
     assert_eq!(next.seq, 31);
     let retry = client.append(append_req("r", "a", "m3")).await.unwrap();
-    assert!(retry.duplicate && retry.seq == 4, "dedup state must survive restart: {retry:?}");
+    assert!(
+        retry.duplicate && retry.seq == 4,
+        "dedup state must survive restart: {retry:?}"
+    );
     assert_eq!(read_all(&client, "r").await.len(), 31);
     cluster.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_replica_catches_up_by_snapshot() {
-    let opts = ClusterOptions { snapshot_entries: 20, compact_keep: 5, ..Default::default() };
+    let opts = ClusterOptions {
+        snapshot_entries: 20,
+        compact_keep: 5,
+        ..Default::default()
+    };
     let mut cluster = Cluster::start(3, opts).await.unwrap();
     let leader = cluster.wait_leader(WAIT).await.unwrap();
     let client = cluster.client();
@@ -232,16 +312,25 @@ async fn a_wiped_replica_catches_up_by_snapshot() {
     create(&client, "s", &["a"]).await;
     cluster.wipe(victim).await.unwrap();
     for i in 0..100 {
-        client.append(append_req("s", "a", &format!("m{i}"))).await.unwrap();
+        client
+            .append(append_req("s", "a", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     let report = cluster.node(leader).unwrap().report().await.unwrap();
-    assert!(report.first_index > 2, "leader did not compact its log: {report:?}");
+    assert!(
+        report.first_index > 2,
+        "leader did not compact its log: {report:?}"
+    );
 
     cluster.restart(victim).await.unwrap();
     let applied = cluster.node(leader).unwrap().status().applied;
     cluster.wait_applied(victim, applied, WAIT).await.unwrap();
     let caught_up = cluster.node(victim).unwrap().report().await.unwrap();
-    assert!(caught_up.snapshot_index > 0, "victim replayed the log instead of installing a snapshot");
+    assert!(
+        caught_up.snapshot_index > 0,
+        "victim replayed the log instead of installing a snapshot"
+    );
     let r = stale_read(&cluster, victim, "s").await.unwrap();
     assert_eq!(r.messages.len(), 100);
     assert_eq!(r.last_seq, 100);
@@ -250,7 +339,10 @@ async fn a_wiped_replica_catches_up_by_snapshot() {
     client.append(append_req("s", "a", "after")).await.unwrap();
     let applied = cluster.node(leader).unwrap().status().applied;
     cluster.wait_applied(victim, applied, WAIT).await.unwrap();
-    assert_eq!(stale_read(&cluster, victim, "s").await.unwrap().last_seq, 101);
+    assert_eq!(
+        stale_read(&cluster, victim, "s").await.unwrap().last_seq,
+        101
+    );
     cluster.stop_all().await;
 }
 
@@ -263,20 +355,31 @@ async fn retried_appends_return_the_original_seq_and_store_nothing() {
     let first = client.append(append_req("i", "a", "x")).await.unwrap();
     client.append(append_req("i", "b", "x")).await.unwrap();
     let again = client.append(append_req("i", "a", "x")).await.unwrap();
-    assert_eq!((again.seq, again.server_ts_ms, again.duplicate), (first.seq, first.server_ts_ms, true));
+    assert_eq!(
+        (again.seq, again.server_ts_ms, again.duplicate),
+        (first.seq, first.server_ts_ms, true)
+    );
     // A batch holding the same message twice stores it once.
     let batch = client
         .append_batch(api::AppendBatchRequest {
-            items: vec![append_req("i", "a", "y"), append_req("i", "a", "y"), append_req("i", "zed", "z")],
+            items: vec![
+                append_req("i", "a", "y"),
+                append_req("i", "a", "y"),
+                append_req("i", "zed", "z"),
+            ],
         })
         .await
         .unwrap();
     let outcome = |i: usize| batch.items[i].outcome.clone().unwrap();
-    let (api::append_outcome::Outcome::Ok(y1), api::append_outcome::Outcome::Ok(y2)) = (outcome(0), outcome(1)) else {
+    let (api::append_outcome::Outcome::Ok(y1), api::append_outcome::Outcome::Ok(y2)) =
+        (outcome(0), outcome(1))
+    else {
         panic!("{batch:?}")
     };
     assert_eq!((y1.seq, y2.seq, y2.duplicate), (3, 3, true));
-    assert!(matches!(outcome(2), api::append_outcome::Outcome::Error(e) if e.code == Code::PermissionDenied as i32));
+    assert!(
+        matches!(outcome(2), api::append_outcome::Outcome::Error(e) if e.code == Code::PermissionDenied as i32)
+    );
     assert_eq!(read_all(&client, "i").await.len(), 3);
     cluster.stop_all().await;
 }
@@ -288,22 +391,56 @@ async fn replicas_are_added_as_learners_promoted_and_removed() {
     let client = cluster.client();
     create(&client, "m", &["a"]).await;
     for i in 0..10 {
-        client.append(append_req("m", "a", &format!("m{i}"))).await.unwrap();
+        client
+            .append(append_req("m", "a", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     // The new replica is told about one follower only.
     let hint = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
     let addr = cluster.start_joiner(NodeId(4), hint).await.unwrap();
     let added = client.add_learner(4, &addr).await.unwrap();
-    assert!(added.replicas.iter().any(|r| r.id == 4 && r.role == "learner"), "{added:?}");
+    assert!(
+        added
+            .replicas
+            .iter()
+            .any(|r| r.id == 4 && r.role == "learner"),
+        "{added:?}"
+    );
     let applied = cluster.node(leader).unwrap().status().applied;
-    cluster.wait_applied(NodeId(4), applied, WAIT).await.unwrap();
-    assert_eq!(stale_read(&cluster, NodeId(4), "m").await.unwrap().messages.len(), 10);
+    cluster
+        .wait_applied(NodeId(4), applied, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        stale_read(&cluster, NodeId(4), "m")
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        10
+    );
 
     let promoted = client.promote(4).await.unwrap();
-    assert!(promoted.replicas.iter().any(|r| r.id == 4 && r.role == "voter"), "{promoted:?}");
-    let follower = cluster.ids().into_iter().find(|&i| i != leader && i != NodeId(4)).unwrap();
+    assert!(
+        promoted
+            .replicas
+            .iter()
+            .any(|r| r.id == 4 && r.role == "voter"),
+        "{promoted:?}"
+    );
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|&i| i != leader && i != NodeId(4))
+        .unwrap();
     let removed = client.remove_replica(follower.0).await.unwrap();
-    let voters: Vec<u64> = removed.replicas.iter().filter(|r| r.role == "voter").map(|r| r.id).collect();
+    let voters: Vec<u64> = removed
+        .replicas
+        .iter()
+        .filter(|r| r.role == "voter")
+        .map(|r| r.id)
+        .collect();
     assert_eq!(voters.len(), 3);
     assert!(!voters.contains(&follower.0));
     cluster.kill(follower).await;
@@ -312,7 +449,10 @@ async fn replicas_are_added_as_learners_promoted_and_removed() {
 
     let leader = cluster.wait_leader(WAIT).await.unwrap();
     let refused = client.remove_replica(leader.0).await.unwrap_err();
-    assert!(matches!(&refused, StoreError::FailedPrecondition(m) if m.contains("transfer leadership first")), "{refused}");
+    assert!(
+        matches!(&refused, StoreError::FailedPrecondition(m) if m.contains("transfer leadership first")),
+        "{refused}"
+    );
     let unknown = client.remove_replica(42).await.unwrap_err();
     assert!(matches!(unknown, StoreError::NotFound(_)), "{unknown}");
     let unknown = client.promote(42).await.unwrap_err();
@@ -327,36 +467,93 @@ async fn bad_input_is_refused_with_a_clear_status_and_harms_nothing() {
     let client = cluster.client();
     create(&client, "b", &["a"]).await;
     client.append(append_req("b", "a", "kept")).await.unwrap();
-    let mut raw = RawClient::connect(format!("http://{}", cluster.addr(leader))).await.unwrap();
+    let mut raw = RawClient::connect(format!("http://{}", cluster.addr(leader)))
+        .await
+        .unwrap();
 
     let mut big = append_req("b", "a", "big");
     big.body = vec![0; 64 * 1024 + 1];
     let cases: Vec<(api::AppendRequest, Code, &str)> = vec![
         (big, Code::InvalidArgument, "limit is 65536"),
-        (append_req("nope", "a", "1"), Code::NotFound, "does not exist"),
-        (append_req("b", "mallory", "1"), Code::PermissionDenied, "not a member"),
-        (append_req("", "a", "1"), Code::InvalidArgument, "conversation id is empty"),
-        (append_req("b", "a", ""), Code::InvalidArgument, "client message id is empty"),
-        (append_req("b", "a b", "1"), Code::InvalidArgument, "contains ' '"),
+        (
+            append_req("nope", "a", "1"),
+            Code::NotFound,
+            "does not exist",
+        ),
+        (
+            append_req("b", "mallory", "1"),
+            Code::PermissionDenied,
+            "not a member",
+        ),
+        (
+            append_req("", "a", "1"),
+            Code::InvalidArgument,
+            "conversation id is empty",
+        ),
+        (
+            append_req("b", "a", ""),
+            Code::InvalidArgument,
+            "client message id is empty",
+        ),
+        (
+            append_req("b", "a b", "1"),
+            Code::InvalidArgument,
+            "contains ' '",
+        ),
     ];
     for (req, code, text) in cases {
         let err = raw.append(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{}", err.message());
-        assert!(err.message().contains(text), "{:?} lacks {text:?}", err.message());
+        assert!(
+            err.message().contains(text),
+            "{:?} lacks {text:?}",
+            err.message()
+        );
     }
     let err = raw
-        .create_conversation(api::CreateConversationRequest { conversation_id: "e".into(), members: vec![] })
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "e".into(),
+            members: vec![],
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = raw.create_conversation(api::CreateConversationRequest { conversation_id: "b".into(), members: vec!["x".into()] }).await.unwrap_err();
+    let err = raw
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "b".into(),
+            members: vec!["x".into()],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    let err = raw.read(api::ReadRequest { conversation_id: "b".into(), limit: 5000, ..Default::default() }).await.unwrap_err();
+    let err = raw
+        .read(api::ReadRequest {
+            conversation_id: "b".into(),
+            limit: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let all = read_all(&client, "b").await;
-    assert_eq!(all.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>(), vec!["kept"]);
-    assert_eq!(client.get_conversation(api::GetConversationRequest { conversation_id: "b".into(), ..Default::default() }).await.unwrap().members, vec!["a"]);
+    assert_eq!(
+        all.iter()
+            .map(|m| m.client_msg_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["kept"]
+    );
+    assert_eq!(
+        client
+            .get_conversation(api::GetConversationRequest {
+                conversation_id: "b".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .members,
+        vec!["a"]
+    );
     cluster.stop_all().await;
 }
 
@@ -365,14 +562,26 @@ async fn a_follower_points_writers_at_the_leader() {
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
     let leader = cluster.wait_leader(WAIT).await.unwrap();
     let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
-    let mut raw = RawClient::connect(format!("http://{}", cluster.addr(follower))).await.unwrap();
+    let mut raw = RawClient::connect(format!("http://{}", cluster.addr(follower)))
+        .await
+        .unwrap();
     let err = raw.append(append_req("x", "a", "1")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert_eq!(err.metadata().get("chat-leader-addr").unwrap().to_str().unwrap(), cluster.addr(leader));
+    assert_eq!(
+        err.metadata()
+            .get("chat-leader-addr")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        cluster.addr(leader)
+    );
     // The workspace client, given only the follower, follows the hint.
     let client = StoreClient::new(vec![cluster.addr(follower)], WAIT).unwrap();
     create(&client, "x", &["a"]).await;
-    assert_eq!(client.append(append_req("x", "a", "1")).await.unwrap().seq, 1);
+    assert_eq!(
+        client.append(append_req("x", "a", "1")).await.unwrap().seq,
+        1
+    );
     cluster.stop_all().await;
 }
 
@@ -387,9 +596,16 @@ async fn a_leader_stopped_gracefully_hands_over_before_it_exits() {
     // Already moved when shutdown returns: no election timeout needed.
     for id in cluster.running() {
         let s = cluster.node(id).unwrap().status();
-        assert!(s.leader.is_some_and(|l| l != old), "replica {id} still follows {:?}", s.leader);
+        assert!(
+            s.leader.is_some_and(|l| l != old),
+            "replica {id} still follows {:?}",
+            s.leader
+        );
     }
-    assert_eq!(client.append(append_req("g", "a", "2")).await.unwrap().seq, 2);
+    assert_eq!(
+        client.append(append_req("g", "a", "2")).await.unwrap().seq,
+        2
+    );
     cluster.stop_all().await;
 }
 
@@ -430,12 +646,22 @@ async fn a_voter_that_lost_its_disk_cannot_elect_a_leader_missing_acknowledged_w
     cluster.restart(b).await.unwrap();
     // B and C are a majority by count, but only C has history and it lacks
     // X: electing it would lose X. No leader may emerge.
-    let stuck = cluster.wait_leader_among(&[b, c], Duration::from_secs(3)).await;
-    assert!(stuck.is_err(), "{b} and {c} elected {stuck:?} without the acknowledged write");
+    let stuck = cluster
+        .wait_leader_among(&[b, c], Duration::from_secs(3))
+        .await;
+    assert!(
+        stuck.is_err(),
+        "{b} and {c} elected {stuck:?} without the acknowledged write"
+    );
     // Once A is back, the group recovers with X intact.
     cluster.faults().heal();
     cluster.wait_leader(WAIT).await.unwrap();
     let all = read_all(&client, "d").await;
-    assert_eq!(all.iter().map(|m| (m.seq, m.client_msg_id.as_str())).collect::<Vec<_>>(), vec![(x.seq, "x")]);
+    assert_eq!(
+        all.iter()
+            .map(|m| (m.seq, m.client_msg_id.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(x.seq, "x")]
+    );
     cluster.stop_all().await;
 }

@@ -22,7 +22,12 @@ impl MemEngine {
 
 impl Engine for MemEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.map.read().expect("mem engine lock poisoned").get(key).cloned())
+        Ok(self
+            .map
+            .read()
+            .expect("mem engine lock poisoned")
+            .get(key)
+            .cloned())
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
@@ -37,7 +42,8 @@ impl Engine for MemEngine {
                 }
                 WriteOp::DeleteRange(start, end) => {
                     if start < end {
-                        let doomed: Vec<Vec<u8>> = map.range(start..end).map(|(k, _)| k.clone()).collect();
+                        let doomed: Vec<Vec<u8>> =
+                            map.range(start..end).map(|(k, _)| k.clone()).collect();
                         for k in doomed {
                             map.remove(&k);
                         }
@@ -48,16 +54,29 @@ impl Engine for MemEngine {
         Ok(())
     }
 
-    fn scan(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<Pair>, StoreError> {
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Pair>, StoreError> {
         if start >= end {
             return Ok(Vec::new());
         }
         let map = self.map.read().expect("mem engine lock poisoned");
         let range = map.range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)));
         let pairs = if reverse {
-            range.rev().take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+            range
+                .rev()
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
         } else {
-            range.take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+            range
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
         };
         Ok(pairs)
     }

@@ -47,7 +47,8 @@ impl WriteBatch {
     }
 
     pub fn delete_range(&mut self, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::DeleteRange(start.into(), end.into()));
+        self.ops
+            .push(WriteOp::DeleteRange(start.into(), end.into()));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,7 +66,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Keys in `[start, end)`, ascending (or descending when `reverse`), at
     /// most `limit` of them.
-    fn scan(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<Pair>, StoreError>;
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Pair>, StoreError>;
 
     /// Makes every completed write durable (fsync).
     fn sync(&self) -> Result<(), StoreError>;

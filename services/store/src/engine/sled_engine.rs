@@ -33,7 +33,9 @@ impl SledEngine {
             .flush_every_ms(flush_every_ms)
             .mode(sled::Mode::HighThroughput)
             .open()
-            .map_err(|e| StoreError::Storage(format!("cannot open data directory {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                StoreError::Storage(format!("cannot open data directory {}: {e}", dir.display()))
+            })?;
         Ok(Self { db })
     }
 }
@@ -65,7 +67,13 @@ impl Engine for SledEngine {
         self.db.apply_batch(b).map_err(storage)
     }
 
-    fn scan(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<Pair>, StoreError> {
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Pair>, StoreError> {
         if start >= end {
             return Ok(Vec::new());
         }

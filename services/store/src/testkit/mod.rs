@@ -89,15 +89,34 @@ impl Cluster {
         let mut listeners = Vec::new();
         let mut voters = Vec::new();
         for i in 1..=n {
-            let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let addr = l.local_addr().map_err(|e| StoreError::Unavailable(e.to_string()))?.to_string();
+            let l = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .to_string();
             voters.push((NodeId(i), addr));
             listeners.push(l);
         }
-        let mut cluster = Self { opts, faults: Faults::default(), root, voters: voters.clone(), slots: BTreeMap::new() };
+        let mut cluster = Self {
+            opts,
+            faults: Faults::default(),
+            root,
+            voters: voters.clone(),
+            slots: BTreeMap::new(),
+        };
         for ((id, addr), l) in voters.into_iter().zip(listeners) {
             let dir = cluster.root.path().join(format!("replica-{id}"));
-            cluster.slots.insert(id, Slot { addr, dir, replica: None, joiner: None });
+            cluster.slots.insert(
+                id,
+                Slot {
+                    addr,
+                    dir,
+                    replica: None,
+                    joiner: None,
+                },
+            );
             cluster.launch(id, Some(l)).await?;
         }
         Ok(cluster)
@@ -117,11 +136,20 @@ impl Cluster {
                 compact_keep: o.compact_keep,
             },
             advertise: addr,
-            initial_voters: if joiner.is_some() { Vec::new() } else { self.voters.clone() },
+            initial_voters: if joiner.is_some() {
+                Vec::new()
+            } else {
+                self.voters.clone()
+            },
             // A joiner is told of one replica only; it learns the rest from
             // the snapshot it starts from.
             peers: match joiner {
-                Some(hint) => self.voters.iter().filter(|(n, _)| *n == hint).cloned().collect(),
+                Some(hint) => self
+                    .voters
+                    .iter()
+                    .filter(|(n, _)| *n == hint)
+                    .cloned()
+                    .collect(),
                 None => self.voters.clone(),
             },
             max_body_bytes: 64 * 1024,
@@ -129,8 +157,15 @@ impl Cluster {
         }
     }
 
-    async fn launch(&mut self, id: NodeId, listener: Option<TcpListener>) -> Result<(), StoreError> {
-        let slot = self.slots.get(&id).ok_or_else(|| StoreError::NotFound(format!("no replica {id}")))?;
+    async fn launch(
+        &mut self,
+        id: NodeId,
+        listener: Option<TcpListener>,
+    ) -> Result<(), StoreError> {
+        let slot = self
+            .slots
+            .get(&id)
+            .ok_or_else(|| StoreError::NotFound(format!("no replica {id}")))?;
         let listener = match listener {
             Some(l) => l,
             None => bind(&slot.addr).await?,
@@ -168,7 +203,11 @@ impl Cluster {
     }
 
     pub fn running(&self) -> Vec<NodeId> {
-        self.slots.iter().filter(|(_, s)| s.replica.is_some()).map(|(id, _)| *id).collect()
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.replica.is_some())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub fn addr(&self, id: NodeId) -> String {
@@ -187,15 +226,25 @@ impl Cluster {
 
     /// Waits until every running replica among `among` agrees on one leader
     /// that is itself running and serving.
-    pub async fn wait_leader_among(&self, among: &[NodeId], timeout: Duration) -> Result<NodeId, StoreError> {
+    pub async fn wait_leader_among(
+        &self,
+        among: &[NodeId],
+        timeout: Duration,
+    ) -> Result<NodeId, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut watches: Vec<_> =
-            among.iter().filter_map(|id| self.node(*id)).map(|n| n.watch_status()).collect();
+        let mut watches: Vec<_> = among
+            .iter()
+            .filter_map(|id| self.node(*id))
+            .map(|n| n.watch_status())
+            .collect();
         if watches.is_empty() {
             return Err(StoreError::Unavailable("no running replica".into()));
         }
         loop {
-            let statuses: Vec<_> = watches.iter_mut().map(|w| w.borrow_and_update().clone()).collect();
+            let statuses: Vec<_> = watches
+                .iter_mut()
+                .map(|w| w.borrow_and_update().clone())
+                .collect();
             if let Some(l) = statuses[0].leader {
                 let agreed = statuses.iter().all(|s| s.leader == Some(l));
                 let leader_serving = statuses.iter().any(|s| s.id == l && s.serving);
@@ -203,9 +252,12 @@ impl Cluster {
                     return Ok(l);
                 }
             }
-            let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+            let changed =
+                futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Err(StoreError::Unavailable(format!("no agreed leader among {among:?} within {timeout:?}")));
+                return Err(StoreError::Unavailable(format!(
+                    "no agreed leader among {among:?} within {timeout:?}"
+                )));
             }
         }
     }
@@ -239,27 +291,52 @@ impl Cluster {
     pub async fn wipe(&mut self, id: NodeId) -> Result<(), StoreError> {
         self.kill(id).await;
         let dir = self.slots[&id].dir.clone();
-        std::fs::remove_dir_all(&dir).map_err(|e| StoreError::Storage(format!("wipe {}: {e}", dir.display())))
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| StoreError::Storage(format!("wipe {}: {e}", dir.display())))
     }
 
     /// Starts a new, empty replica that waits to be added by the leader and
     /// knows only `hint`'s address.
     pub async fn start_joiner(&mut self, id: NodeId, hint: NodeId) -> Result<String, StoreError> {
-        let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let addr = l.local_addr().map_err(|e| StoreError::Unavailable(e.to_string()))?.to_string();
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let addr = l
+            .local_addr()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .to_string();
         let dir = self.root.path().join(format!("replica-{id}"));
-        self.slots.insert(id, Slot { addr: addr.clone(), dir, replica: None, joiner: Some(hint) });
+        self.slots.insert(
+            id,
+            Slot {
+                addr: addr.clone(),
+                dir,
+                replica: None,
+                joiner: Some(hint),
+            },
+        );
         self.launch(id, Some(l)).await?;
         Ok(addr)
     }
 
     /// Waits until replica `id` has applied at least `index`.
-    pub async fn wait_applied(&self, id: NodeId, index: u64, timeout: Duration) -> Result<(), StoreError> {
-        let node = self.node(id).ok_or_else(|| StoreError::NotFound(format!("replica {id} is not running")))?;
+    pub async fn wait_applied(
+        &self,
+        id: NodeId,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
+        let node = self
+            .node(id)
+            .ok_or_else(|| StoreError::NotFound(format!("replica {id} is not running")))?;
         node.wait_for(timeout, |s| s.applied >= index)
             .await
             .map(|_| ())
-            .ok_or_else(|| StoreError::Unavailable(format!("replica {id} did not apply {index} within {timeout:?}")))
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "replica {id} did not apply {index} within {timeout:?}"
+                ))
+            })
     }
 
     /// Stops every replica.

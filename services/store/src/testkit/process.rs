@@ -27,7 +27,14 @@ pub struct StoreProcess {
 }
 
 impl StoreProcess {
-    pub fn new(binary: PathBuf, id: u64, addr: String, peers: &str, data_dir: PathBuf, log: PathBuf) -> Self {
+    pub fn new(
+        binary: PathBuf,
+        id: u64,
+        addr: String,
+        peers: &str,
+        data_dir: PathBuf,
+        log: PathBuf,
+    ) -> Self {
         let args = vec![
             "--id".into(),
             id.to_string(),
@@ -38,7 +45,15 @@ impl StoreProcess {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
-        Self { binary, id, addr, data_dir, args, log, child: None }
+        Self {
+            binary,
+            id,
+            addr,
+            data_dir,
+            args,
+            log,
+            child: None,
+        }
     }
 
     /// Extra flags for every later start.
@@ -49,9 +64,15 @@ impl StoreProcess {
 
     pub fn start(&mut self) -> anyhow::Result<()> {
         if !self.binary.exists() {
-            bail!("{} is missing; build it first (cargo build --workspace --bins)", self.binary.display());
+            bail!(
+                "{} is missing; build it first (cargo build --workspace --bins)",
+                self.binary.display()
+            );
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new(&self.binary)
             .args(&self.args)
             .env("CHAT_STORE_LOG", "info")
@@ -78,20 +99,33 @@ impl StoreProcess {
     }
 
     /// SIGTERM, then the exit status (bounded wait).
-    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("not running")?;
         let pid = c.id().context("already exited")?;
-        let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?.success();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?
+            .success();
         if !ok {
             bail!("kill -TERM {pid} failed");
         }
-        Ok(tokio::time::timeout(within, c.wait()).await.context("no exit after SIGTERM")??)
+        Ok(tokio::time::timeout(within, c.wait())
+            .await
+            .context("no exit after SIGTERM")??)
     }
 
     /// Waits for the process to exit by itself (bounded).
-    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let c = self.child.as_mut().context("not running")?;
-        let status = tokio::time::timeout(within, c.wait()).await.context("still running")??;
+        let status = tokio::time::timeout(within, c.wait())
+            .await
+            .context("still running")??;
         self.child = None;
         Ok(status)
     }
