@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chat_proto::store::v1 as api;
 use chat_store::StoreClient;
-use chat_tests::{StoreProcess, binary, free_port};
+use chat_tests::{StoreProcess, binary, local_group};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -20,32 +20,8 @@ struct Group {
 
 fn group(n: u64) -> anyhow::Result<Group> {
     let dir = tempfile::tempdir()?;
-    let addrs: Vec<String> = (0..n)
-        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-        .collect::<Result<_, _>>()?;
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let store_bin = binary("chat-store")?;
-    let replicas = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let id = i as u64 + 1;
-            StoreProcess::new(
-                store_bin.clone(),
-                id,
-                a.clone(),
-                &peers,
-                dir.path().join(format!("data-{id}")),
-                dir.path().join(format!("store-{id}.log")),
-            )
-        })
-        .collect();
-    let client = StoreClient::new(addrs, WAIT)?;
+    let replicas = local_group(&binary("chat-store")?, n, dir.path(), &[])?;
+    let client = StoreClient::new(replicas.iter().map(|r| r.addr.clone()).collect(), WAIT)?;
     Ok(Group {
         _dir: dir,
         replicas,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chat_proto::store::v1 as api;
 use chat_store::StoreClient;
-use chat_store::testkit::process::{StoreProcess, free_port};
+use chat_store::testkit::process::local_group;
 use hdrhistogram::Histogram;
 
 #[derive(clap::Args)]
@@ -59,30 +59,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .join("chat-store"),
     };
     let dir = tempfile::tempdir()?;
-    let addrs: Vec<String> = (0..args.replicas)
-        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-        .collect::<Result<_, _>>()?;
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut replicas = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let id = i as u64 + 1;
-        let mut p = StoreProcess::new(
-            store_bin.clone(),
-            id,
-            addr.clone(),
-            &peers,
-            dir.path().join(format!("data-{id}")),
-            dir.path().join(format!("store-{id}.log")),
-        )
-        .with_args(&["--sync", &args.sync]);
-        p.start()?;
-        replicas.push(p);
+    let mut replicas = local_group(
+        &store_bin,
+        args.replicas,
+        dir.path(),
+        &["--sync", &args.sync],
+    )?;
+    for r in &mut replicas {
+        r.start()?;
     }
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
     let admin = StoreClient::new(addrs.clone(), Duration::from_secs(20))?;
     wait_for_leader(&admin, &addrs).await?;
 

@@ -81,6 +81,18 @@ async fn bind(addr: &str) -> Result<TcpListener, StoreError> {
     }
 }
 
+/// A listener on a free 127.0.0.1 port, and its address.
+async fn ephemeral() -> Result<(TcpListener, String), StoreError> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .to_string();
+    Ok((l, addr))
+}
+
 impl Cluster {
     /// Starts `n` voters.
     pub async fn start(n: u64, opts: ClusterOptions) -> Result<Self, StoreError> {
@@ -89,13 +101,7 @@ impl Cluster {
         let mut listeners = Vec::new();
         let mut voters = Vec::new();
         for i in 1..=n {
-            let l = TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let addr = l
-                .local_addr()
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                .to_string();
+            let (l, addr) = ephemeral().await?;
             voters.push((NodeId(i), addr));
             listeners.push(l);
         }
@@ -298,13 +304,7 @@ impl Cluster {
     /// Starts a new, empty replica that waits to be added by the leader and
     /// knows only `hint`'s address.
     pub async fn start_joiner(&mut self, id: NodeId, hint: NodeId) -> Result<String, StoreError> {
-        let l = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let addr = l
-            .local_addr()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-            .to_string();
+        let (l, addr) = ephemeral().await?;
         let dir = self.root.path().join(format!("replica-{id}"));
         self.slots.insert(
             id,

@@ -134,3 +134,38 @@ impl StoreProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// `n` replica processes of one new group on free 127.0.0.1 ports, with
+/// data and logs under `dir`; none started yet. `extra` flags go to each.
+pub fn local_group(
+    binary: &std::path::Path,
+    n: u64,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<Vec<StoreProcess>> {
+    let addrs: Vec<String> = (0..n)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_, _>>()?;
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let id = i as u64 + 1;
+            StoreProcess::new(
+                binary.to_path_buf(),
+                id,
+                a.clone(),
+                &peers,
+                dir.join(format!("data-{id}")),
+                dir.join(format!("store-{id}.log")),
+            )
+            .with_args(extra)
+        })
+        .collect())
+}
