@@ -278,3 +278,98 @@ async fn a_data_directory_of_another_replica_is_refused() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_data_directory_stops_the_replica_instead_of_serving_empty() -> anyhow::Result<()>
+{
+    let mut g = group(1)?;
+    g.replicas[0].start()?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !g
+        .client
+        .status_of(&g.replicas[0].addr)
+        .await
+        .is_ok_and(|s| s.serving)
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "replica never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.client
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "z".into(),
+            members: vec!["a".into()],
+        })
+        .await?;
+    g.client.append(append("z", "a", "1")).await?;
+    g.replicas[0].terminate(WAIT).await?;
+    // Overwrite the head of the engine's file, as a bad disk would.
+    let db = g.replicas[0].data_dir.join("db");
+    let len = std::fs::metadata(&db)?.len() as usize;
+    std::fs::write(&db, vec![0x5a; len.min(1 << 16)])?;
+    g.replicas[0].start()?;
+    let status = g.replicas[0].wait_exit(WAIT).await?;
+    assert!(!status.success(), "a damaged replica kept running");
+    let log = g.replicas[0].log_text();
+    assert!(
+        log.contains("refusing to start") || log.contains("cannot open data directory"),
+        "{log}"
+    );
+    Ok(())
+}
+
+async fn health(addr: &str) -> Option<i32> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut c = HealthClient::new(channel);
+    let r = c
+        .check(HealthCheckRequest {
+            service: "chat.store.v1.Store".into(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_reports_serving_only_with_a_leader() -> anyhow::Result<()> {
+    use tonic_health::ServingStatus;
+    let mut g = group(3)?;
+    g.replicas[0].start()?;
+    // Alone, replica 1 has no quorum: reachable, but NOT_SERVING. It gets
+    // several election timeouts to prove it stays that way.
+    let mut answered = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(s) = health(&g.replicas[0].addr).await {
+            assert_eq!(
+                s,
+                ServingStatus::NotServing as i32,
+                "serving without a quorum"
+            );
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered > 0, "health never answered");
+    g.replicas[1].start()?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for r in &g.replicas[..2] {
+        while health(&r.addr).await != Some(ServingStatus::Serving as i32) {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "replica {} never reported SERVING",
+                r.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}

@@ -176,6 +176,7 @@ impl StoreConfig {
                 compact_keep: self.compact_keep,
             },
             advertise,
+            data_dir: Some(self.data_dir.clone()),
             initial_voters: if self.join { Vec::new() } else { peers.clone() },
             peers,
             max_body_bytes: self.max_body_bytes,

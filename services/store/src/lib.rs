@@ -9,6 +9,7 @@
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod data_dir;
 pub mod driver;
 pub mod engine;
 pub mod error;

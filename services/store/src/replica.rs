@@ -35,6 +35,8 @@ pub const HEALTH_SERVICE: &str = "chat.store.v1.Store";
 #[derive(Clone, Debug)]
 pub struct ReplicaOptions {
     pub driver: DriverConfig,
+    /// The engine's directory, guarded by `data_dir` (None: in memory).
+    pub data_dir: Option<std::path::PathBuf>,
     /// Address other replicas and clients reach this one at.
     pub advertise: String,
     /// Voters of a new group (empty: join an existing group).
@@ -64,7 +66,13 @@ impl Replica {
         faults: Faults,
     ) -> Result<Self, StoreError> {
         let id = opts.driver.id;
+        if let Some(dir) = &opts.data_dir {
+            crate::data_dir::check(dir, id, engine.as_ref())?;
+        }
         let log = LogStore::open(engine.clone(), id, &opts.initial_voters)?;
+        if let Some(dir) = &opts.data_dir {
+            crate::data_dir::mark(dir, id)?;
+        }
         let reader = Reader::new(engine.clone());
         let addresses = Addresses::default();
         for (n, addr) in &opts.peers {

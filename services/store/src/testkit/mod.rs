@@ -142,6 +142,7 @@ impl Cluster {
                 compact_keep: o.compact_keep,
             },
             advertise: addr,
+            data_dir: Some(self.slots[&id].dir.clone()),
             initial_voters: if joiner.is_some() {
                 Vec::new()
             } else {
