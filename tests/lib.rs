@@ -30,3 +30,105 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// A whole backend in this process: 3 store replicas, 2 routers, 2 gateways
+/// on 127.0.0.1 ephemeral ports.
+pub mod stack {
+    use std::time::Duration;
+
+    use chat_auth::TokenKey;
+    use chat_client::ChatClient;
+    use chat_gateway::{GatewayOptions, RunningGateway};
+    use chat_router::{RouterOptions, RunningRouter};
+    use chat_store::testkit::{Cluster, ClusterOptions};
+    use tokio::net::TcpListener;
+
+    pub struct Stack {
+        pub store: Cluster,
+        pub routers: Vec<Option<RunningRouter>>,
+        pub router_addrs: Vec<String>,
+        pub gateways: Vec<Option<RunningGateway>>,
+        pub gateway_addrs: Vec<String>,
+        pub key: TokenKey,
+    }
+
+    async fn listener() -> anyhow::Result<(TcpListener, String)> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let a = l.local_addr()?.to_string();
+        Ok((l, a))
+    }
+
+    impl Stack {
+        pub async fn start() -> anyhow::Result<Self> {
+            let store = Cluster::start(3, ClusterOptions::default()).await?;
+            store.wait_leader(Duration::from_secs(15)).await?;
+            let store_addrs: Vec<String> =
+                store.ids().into_iter().map(|id| store.addr(id)).collect();
+            let mut routers = Vec::new();
+            let mut router_addrs = Vec::new();
+            for _ in 0..2 {
+                let (l, a) = listener().await?;
+                let opts = RouterOptions {
+                    store: store_addrs.clone(),
+                    store_timeout: Duration::from_secs(10),
+                };
+                routers.push(Some(RunningRouter::start(opts, l).await?));
+                router_addrs.push(a);
+            }
+            let key = TokenKey::new(b"end-to-end test signing key".to_vec())?;
+            let mut gateways = Vec::new();
+            let mut gateway_addrs = Vec::new();
+            for _ in 0..2 {
+                let (public, a) = listener().await?;
+                let (internal, ia) = listener().await?;
+                let opts = GatewayOptions {
+                    routers: router_addrs.clone(),
+                    token_key: key.clone(),
+                    internal_advertise: ia,
+                    max_body_bytes: 64 * 1024,
+                    lease: Duration::from_secs(3),
+                    sweep: Duration::from_millis(500),
+                    router_timeout: Duration::from_secs(10),
+                };
+                gateways.push(Some(RunningGateway::start(opts, public, internal).await?));
+                gateway_addrs.push(a);
+            }
+            Ok(Self {
+                store,
+                routers,
+                router_addrs,
+                gateways,
+                gateway_addrs,
+                key,
+            })
+        }
+
+        /// A client of both gateways, signed in as `user`.
+        pub fn client(&self, user: &str) -> ChatClient {
+            self.client_of(user, &self.gateway_addrs)
+        }
+
+        pub fn client_of(&self, user: &str, gateways: &[String]) -> ChatClient {
+            let token = self.key.sign_for(user, 3600);
+            ChatClient::new(gateways.to_vec(), &token, Duration::from_secs(20))
+                .expect("valid client")
+        }
+
+        /// Which gateway holds at least one subscription, if any.
+        pub fn gateway_with_sessions(&self) -> Option<usize> {
+            self.gateways
+                .iter()
+                .position(|g| g.as_ref().is_some_and(|g| g.session_count() > 0))
+        }
+
+        pub async fn stop(mut self) {
+            for g in self.gateways.iter_mut().filter_map(Option::take) {
+                g.kill();
+            }
+            for r in self.routers.iter_mut().filter_map(Option::take) {
+                r.kill();
+            }
+            self.store.stop_all().await;
+        }
+    }
+}

@@ -19,7 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &paths {
         println!("cargo:rerun-if-changed={}", p.display());
     }
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("chat_descriptor.bin"))
         .bytes(".chat.store.log.v1.Append.body")
         .compile_protos(&paths, &[root])?;
     Ok(())

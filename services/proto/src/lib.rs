@@ -31,3 +31,7 @@ pub mod router {
         tonic::include_proto!("chat.router.v1");
     }
 }
+
+/// Encoded descriptors of every service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/chat_descriptor.bin"));

@@ -225,6 +225,33 @@ impl StoreClient {
         .await
     }
 
+    pub async fn list_conversations(
+        &self,
+        req: api::ListConversationsRequest,
+    ) -> Result<api::ListConversationsResponse, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move {
+                RawStoreClient::new(c)
+                    .max_decoding_message_size(64 << 20)
+                    .list_conversations(req)
+                    .await
+            }
+        })
+        .await
+    }
+
+    pub async fn last_seqs(
+        &self,
+        req: api::LastSeqsRequest,
+    ) -> Result<api::LastSeqsResponse, StoreError> {
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).last_seqs(req).await }
+        })
+        .await
+    }
+
     /// Reads a conversation from one given replica, without retries (for
     /// stale reads and checks of a particular replica).
     pub async fn read_from(

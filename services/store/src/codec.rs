@@ -36,16 +36,16 @@ pub fn encode_proposal(id: u64, ts_ms: i64, ops: &[Op]) -> Vec<u8> {
                     conversation_id: conversation.as_str().to_owned(),
                     members: members.iter().map(|m| m.as_str().to_owned()).collect(),
                 }),
-                Op::AddMember { conversation, user } => log::op::Kind::AddMember(log::Member {
-                    conversation_id: conversation.as_str().to_owned(),
-                    user_id: user.as_str().to_owned(),
-                }),
-                Op::RemoveMember { conversation, user } => {
-                    log::op::Kind::RemoveMember(log::Member {
-                        conversation_id: conversation.as_str().to_owned(),
-                        user_id: user.as_str().to_owned(),
-                    })
-                }
+                Op::AddMember {
+                    conversation,
+                    user,
+                    by,
+                } => log::op::Kind::AddMember(member_record(conversation, user, by)),
+                Op::RemoveMember {
+                    conversation,
+                    user,
+                    by,
+                } => log::op::Kind::RemoveMember(member_record(conversation, user, by)),
                 Op::Append(m) => log::op::Kind::Append(log::Append {
                     conversation_id: m.conversation.as_str().to_owned(),
                     sender: m.sender.as_str().to_owned(),
@@ -57,6 +57,17 @@ pub fn encode_proposal(id: u64, ts_ms: i64, ops: &[Op]) -> Vec<u8> {
         })
         .collect();
     log::Proposal { id, ts_ms, ops }.encode_to_vec()
+}
+
+fn member_record(conversation: &ConversationId, user: &UserId, by: &Option<UserId>) -> log::Member {
+    log::Member {
+        conversation_id: conversation.as_str().to_owned(),
+        user_id: user.as_str().to_owned(),
+        by: by
+            .as_ref()
+            .map(|b| b.as_str().to_owned())
+            .unwrap_or_default(),
+    }
 }
 
 pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
@@ -77,10 +88,20 @@ pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
             Some(log::op::Kind::AddMember(m)) => Op::AddMember {
                 conversation: id(&m.conversation_id)?,
                 user: user(&m.user_id)?,
+                by: if m.by.is_empty() {
+                    None
+                } else {
+                    Some(user(&m.by)?)
+                },
             },
             Some(log::op::Kind::RemoveMember(m)) => Op::RemoveMember {
                 conversation: id(&m.conversation_id)?,
                 user: user(&m.user_id)?,
+                by: if m.by.is_empty() {
+                    None
+                } else {
+                    Some(user(&m.by)?)
+                },
             },
             Some(log::op::Kind::Append(a)) => Op::Append(NewMessage {
                 conversation: id(&a.conversation_id)?,

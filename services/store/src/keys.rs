@@ -12,6 +12,7 @@
 //! s/m/<len><conv><seq BE>             message record
 //! s/d/<len><conv><len><sender><cmid>  dedup: seq and server ts (u64/i64 BE)
 //! s/r/<id BE>       raft address of a replica (initial voters included)
+//! s/u/<len><user><conv>               the user is a member of the conversation
 //! ```
 //!
 //! Everything under `s/` is the state machine and travels in snapshots.
@@ -29,6 +30,7 @@ pub const CONVERSATION_PREFIX: &[u8] = b"s/c/";
 pub const MESSAGE_PREFIX: &[u8] = b"s/m/";
 pub const DEDUP_PREFIX: &[u8] = b"s/d/";
 pub const REPLICA_ADDR_PREFIX: &[u8] = b"s/r/";
+pub const USER_CONV_PREFIX: &[u8] = b"s/u/";
 
 pub fn log_entry(index: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(LOG_PREFIX.len() + 8);
@@ -74,6 +76,20 @@ pub fn dedup(conv: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
     push_len_prefixed(&mut k, conv);
     push_len_prefixed(&mut k, sender);
     k.extend_from_slice(client_msg_id.as_bytes());
+    k
+}
+
+/// Prefix of every conversation a user belongs to.
+pub fn conversations_of(user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(USER_CONV_PREFIX.len() + 1 + user.len());
+    k.extend_from_slice(USER_CONV_PREFIX);
+    push_len_prefixed(&mut k, user);
+    k
+}
+
+pub fn user_conversation(user: &str, conv: &str) -> Vec<u8> {
+    let mut k = conversations_of(user);
+    k.extend_from_slice(conv.as_bytes());
     k
 }
 

@@ -23,6 +23,8 @@ pub const MAX_BATCH_ITEMS: usize = 4_096;
 /// Default and largest page of a Read.
 pub const DEFAULT_READ_LIMIT: u32 = 100;
 pub const MAX_READ_LIMIT: u32 = 1_000;
+/// Most conversations listed or looked up in one call.
+pub const MAX_LIST: usize = 10_000;
 
 #[derive(Clone)]
 pub struct StoreApi {
@@ -94,11 +96,38 @@ impl StoreApi {
 fn member_op(r: api::MemberRequest, add: bool) -> Result<Op, StoreError> {
     let conversation = ConversationId::parse(&r.conversation_id)?;
     let user = UserId::parse(&r.user_id)?;
+    let by = requester(&r.requester)?;
     Ok(if add {
-        Op::AddMember { conversation, user }
+        Op::AddMember {
+            conversation,
+            user,
+            by,
+        }
     } else {
-        Op::RemoveMember { conversation, user }
+        Op::RemoveMember {
+            conversation,
+            user,
+            by,
+        }
     })
+}
+
+fn requester(raw: &str) -> Result<Option<UserId>, StoreError> {
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        UserId::parse(raw).map(Some)
+    }
+}
+
+/// Refuses a read on behalf of a non-member.
+fn check_reader(conv: &crate::types::Conversation, who: &Option<UserId>) -> Result<(), StoreError> {
+    match who {
+        Some(u) if conv.members.binary_search(u).is_err() => Err(StoreError::PermissionDenied(
+            format!("{u} is not a member of conversation {}", conv.id),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn item_error(e: &StoreError) -> api::AppendOutcome {
@@ -184,9 +213,11 @@ impl Store for StoreApi {
         }
         let mut out: Vec<Option<api::AppendOutcome>> = Vec::with_capacity(items.len());
         let mut ops = Vec::with_capacity(items.len());
+        let mut op_convs = Vec::with_capacity(items.len());
         for item in items {
             match self.new_message(item) {
                 Ok(m) => {
+                    op_convs.push(m.conversation.clone());
                     ops.push(Op::Append(m));
                     out.push(None);
                 }
@@ -199,19 +230,36 @@ impl Store for StoreApi {
             self.within(self.node.propose(ops)).await?
         }
         .into_iter();
+        let mut op_convs = op_convs.into_iter();
+        let mut appended_to = std::collections::BTreeSet::new();
         let items = out
             .into_iter()
             .map(|slot| {
-                slot.unwrap_or_else(|| match results.next() {
-                    Some(Ok(OpOutcome::Appended(a))) => api::AppendOutcome {
-                        outcome: Some(api::append_outcome::Outcome::Ok(a.into())),
-                    },
-                    Some(Err(e)) => item_error(&e),
-                    _ => item_error(&StoreError::Storage("missing outcome".into())),
+                slot.unwrap_or_else(|| {
+                    let conv = op_convs.next();
+                    match results.next() {
+                        Some(Ok(OpOutcome::Appended(a))) => {
+                            appended_to.extend(conv);
+                            api::AppendOutcome {
+                                outcome: Some(api::append_outcome::Outcome::Ok(a.into())),
+                            }
+                        }
+                        Some(Err(e)) => item_error(&e),
+                        _ => item_error(&StoreError::Storage("missing outcome".into())),
+                    }
                 })
             })
             .collect();
-        Ok(Response::new(api::AppendBatchResponse { items }))
+        let mut members = Vec::with_capacity(appended_to.len());
+        for conv in appended_to {
+            if let Some(m) = self.node.reader().members(&conv)? {
+                members.push(api::ConversationMembers {
+                    conversation_id: conv.as_str().to_owned(),
+                    members: m.into_iter().map(|u| u.as_str().to_owned()).collect(),
+                });
+            }
+        }
+        Ok(Response::new(api::AppendBatchResponse { items, members }))
     }
 
     async fn read(
@@ -237,11 +285,13 @@ impl Store for StoreApi {
             }
             n => n,
         };
+        let who = requester(&r.requester)?;
         let stale = self.barrier(r.consistency).await?;
         let reader = self.node.reader();
         let conv = reader
             .conversation(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))?;
+        check_reader(&conv, &who)?;
         let messages = reader.messages(&id, Seq(r.after_seq), Seq(r.before_seq), limit as usize)?;
         Ok(Response::new(api::ReadResponse {
             messages: messages.into_iter().map(Into::into).collect(),
@@ -249,6 +299,50 @@ impl Store for StoreApi {
             stale,
             replica_id: self.node.id().0,
         }))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<api::ListConversationsRequest>,
+    ) -> Result<Response<api::ListConversationsResponse>, Status> {
+        let r = request.into_inner();
+        let user = UserId::parse(&r.user_id)?;
+        let limit = if r.limit == 0 {
+            MAX_LIST
+        } else {
+            (r.limit as usize).min(MAX_LIST)
+        };
+        self.barrier(r.consistency).await?;
+        let convs = self.node.reader().conversations_of(&user, limit)?;
+        Ok(Response::new(api::ListConversationsResponse {
+            conversations: convs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn last_seqs(
+        &self,
+        request: Request<api::LastSeqsRequest>,
+    ) -> Result<Response<api::LastSeqsResponse>, Status> {
+        let r = request.into_inner();
+        if r.conversation_ids.len() > MAX_LIST {
+            return Err(StoreError::InvalidArgument(format!(
+                "{} conversations asked, the limit is {MAX_LIST}",
+                r.conversation_ids.len()
+            ))
+            .into());
+        }
+        let ids = r
+            .conversation_ids
+            .iter()
+            .map(|c| ConversationId::parse(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.barrier(r.consistency).await?;
+        let reader = self.node.reader();
+        let last_seqs = ids
+            .iter()
+            .map(|id| reader.last_seq(id).map(|s| s.0))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(api::LastSeqsResponse { last_seqs }))
     }
 
     async fn get_conversation(

@@ -16,7 +16,7 @@ use crate::engine::{Engine, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
 use crate::types::{
-    Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage,
+    Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage, UserId,
 };
 
 /// Last seq of recently appended-to conversations, kept by the driver across
@@ -99,21 +99,45 @@ impl<'a> Applier<'a> {
                     last_seq: Seq(0),
                     created_at_ms: ts_ms,
                 };
+                for m in &c.members {
+                    self.batch.put(
+                        keys::user_conversation(m.as_str(), conversation.as_str()),
+                        Vec::new(),
+                    );
+                }
                 self.convs.insert(conversation.clone(), c.clone());
                 Ok(OpOutcome::Conversation(c))
             }
-            Op::AddMember { conversation, user } => {
+            Op::AddMember {
+                conversation,
+                user,
+                by,
+            } => {
                 let mut c = self.require(conversation)?;
+                check_member(&c, by.as_ref())?;
                 if let Err(pos) = c.members.binary_search(user) {
                     c.members.insert(pos, user.clone());
+                    self.batch.put(
+                        keys::user_conversation(user.as_str(), conversation.as_str()),
+                        Vec::new(),
+                    );
                     self.convs.insert(conversation.clone(), c.clone());
                 }
                 Ok(OpOutcome::Conversation(c))
             }
-            Op::RemoveMember { conversation, user } => {
+            Op::RemoveMember {
+                conversation,
+                user,
+                by,
+            } => {
                 let mut c = self.require(conversation)?;
                 if let Ok(pos) = c.members.binary_search(user) {
+                    check_member(&c, by.as_ref())?;
                     c.members.remove(pos);
+                    self.batch.delete(keys::user_conversation(
+                        user.as_str(),
+                        conversation.as_str(),
+                    ));
                     self.convs.insert(conversation.clone(), c.clone());
                 }
                 Ok(OpOutcome::Conversation(c))
@@ -203,6 +227,16 @@ impl<'a> Applier<'a> {
     }
 }
 
+/// Refuses a change made on behalf of someone who is not a member.
+fn check_member(c: &Conversation, by: Option<&UserId>) -> Result<(), StoreError> {
+    match by {
+        Some(u) if c.members.binary_search(u).is_err() => Err(StoreError::PermissionDenied(
+            format!("{u} is not a member of conversation {}", c.id),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Reads the state machine; cheap to clone, safe from any task.
 #[derive(Clone)]
 pub struct Reader {
@@ -245,6 +279,39 @@ impl Reader {
             }
             None => Ok(None),
         }
+    }
+
+    /// Members of a conversation, without computing its last seq.
+    pub fn members(&self, id: &ConversationId) -> Result<Option<Vec<UserId>>, StoreError> {
+        Ok(Self::record_in(self.engine.as_ref(), id, Seq(0))?.map(|c| c.members))
+    }
+
+    /// Seq of the newest message of a conversation (0 if none or unknown).
+    pub fn last_seq(&self, id: &ConversationId) -> Result<Seq, StoreError> {
+        Self::last_seq_in(self.engine.as_ref(), id).map(Seq)
+    }
+
+    /// Conversations `user` belongs to, by id, at most `limit`.
+    pub fn conversations_of(
+        &self,
+        user: &UserId,
+        limit: usize,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        let prefix = keys::conversations_of(user.as_str());
+        let pairs = self
+            .engine
+            .scan(&prefix, &prefix_end(&prefix), false, limit)?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (k, _) in pairs {
+            let raw = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| StoreError::Storage("corrupt membership index key".into()))?;
+            let id = ConversationId::parse(raw)
+                .map_err(|e| StoreError::Storage(format!("corrupt membership index: {e}")))?;
+            if let Some(c) = self.conversation(&id)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 
     /// Messages with `after < seq < before` (before = 0: unbounded),
@@ -413,10 +480,12 @@ mod tests {
         let add = Op::AddMember {
             conversation: conv("x"),
             user: user("b"),
+            by: None,
         };
         let rm = Op::RemoveMember {
             conversation: conv("x"),
             user: user("a"),
+            by: None,
         };
         let out = apply_all(
             &e,
@@ -435,5 +504,53 @@ mod tests {
             Ok(OpOutcome::Conversation(c)) => assert_eq!(c.members, vec![user("b")]),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn members_act_on_behalf_of_themselves_and_the_user_index_follows() {
+        let e = MemEngine::new();
+        let by = |u: &str| Some(user(u));
+        let out = apply_all(
+            &e,
+            &[
+                Op::CreateConversation {
+                    conversation: conv("x"),
+                    members: vec![user("a"), user("b")],
+                },
+                Op::AddMember {
+                    conversation: conv("x"),
+                    user: user("c"),
+                    by: by("mallory"),
+                },
+                Op::AddMember {
+                    conversation: conv("x"),
+                    user: user("c"),
+                    by: by("a"),
+                },
+                Op::RemoveMember {
+                    conversation: conv("x"),
+                    user: user("b"),
+                    by: by("b"),
+                },
+            ],
+        );
+        assert!(
+            matches!(out[1], Err(StoreError::PermissionDenied(_))),
+            "{:?}",
+            out[1]
+        );
+        assert!(out[2].is_ok() && out[3].is_ok());
+        let r = Reader::new(Arc::new(e));
+        let ids = |u: &str| {
+            r.conversations_of(&user(u), 10)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids("a"), vec![conv("x")]);
+        assert_eq!(ids("c"), vec![conv("x")]);
+        assert!(ids("b").is_empty());
+        assert!(ids("mallory").is_empty());
     }
 }

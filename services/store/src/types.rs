@@ -102,13 +102,16 @@ pub enum Op {
         conversation: ConversationId,
         members: Vec<UserId>,
     },
+    /// `by`: the member on whose behalf (None: an operator).
     AddMember {
         conversation: ConversationId,
         user: UserId,
+        by: Option<UserId>,
     },
     RemoveMember {
         conversation: ConversationId,
         user: UserId,
+        by: Option<UserId>,
     },
     Append(NewMessage),
     /// Proposed by a new leader to commit an entry of its own term.

@@ -1,0 +1,330 @@
+//! Client library of the chat backend.
+//!
+//! Holds a list of gateway endpoints, never a single name. Calls go to one
+//! gateway and move to the next when it is unavailable, with exponential
+//! backoff and full jitter. `send` retries with the same client message id,
+//! so a retry never stores a message twice. `subscribe` keeps a cursor per
+//! conversation and, when its stream breaks, resumes on another gateway from
+//! those cursors: no gap, no duplicate.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chat_proto::chat::v1 as pb;
+use chat_proto::chat::v1::chat_client::ChatClient as RawClient;
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+pub use chat_proto::chat::v1::{Event, Message, event};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Events buffered by a subscription before it stops reading.
+const SUBSCRIPTION_BUFFER: usize = 1_024;
+
+struct Inner {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    token: MetadataValue<tonic::metadata::Ascii>,
+    next: AtomicUsize,
+    deadline: Duration,
+}
+
+/// A client of the gateways. Cheap to clone.
+#[derive(Clone)]
+pub struct ChatClient {
+    inner: Arc<Inner>,
+}
+
+/// Whether trying again (on another gateway) may succeed.
+pub fn retryable(s: &Status) -> bool {
+    std::error::Error::source(s).is_some()
+        || matches!(
+            s.code(),
+            Code::Unavailable | Code::ResourceExhausted | Code::Cancelled | Code::Unknown
+        )
+}
+
+fn backoff_step(backoff: &mut Duration) -> Duration {
+    let wait = backoff.mul_f64(rand::random::<f64>());
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    wait
+}
+
+impl ChatClient {
+    /// `endpoints`: gateways as host:port; `token`: a bearer token;
+    /// `deadline`: bound of each call, retries included.
+    pub fn new(endpoints: Vec<String>, token: &str, deadline: Duration) -> Result<Self, Status> {
+        if endpoints.is_empty() {
+            return Err(Status::invalid_argument("no gateway endpoints given"));
+        }
+        let channels = endpoints
+            .iter()
+            .map(|a| {
+                Endpoint::from_shared(format!("http://{a}"))
+                    .map(|e| {
+                        e.connect_timeout(Duration::from_millis(500))
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(1))
+                            .keep_alive_timeout(Duration::from_secs(2))
+                            .keep_alive_while_idle(true)
+                            .connect_lazy()
+                    })
+                    .map_err(|e| {
+                        Status::invalid_argument(format!("bad gateway address {a:?}: {e}"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let token = format!("Bearer {token}").parse().map_err(|_| {
+            Status::invalid_argument("token contains characters not allowed in a header")
+        })?;
+        let start = rand::random::<u32>() as usize % endpoints.len();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoints,
+                channels,
+                token,
+                next: AtomicUsize::new(start),
+                deadline,
+            }),
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", self.inner.token.clone());
+        r
+    }
+
+    fn pick(&self) -> RawClient<Channel> {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.channels.len();
+        RawClient::new(self.inner.channels[i].clone()).max_decoding_message_size(64 << 20)
+    }
+
+    /// Runs an idempotent call, moving across gateways on retryable errors.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(RawClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.inner.deadline;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let err = match tokio::time::timeout(remaining, f(self.pick())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => s,
+                Err(_) => return Err(Status::deadline_exceeded("no gateway answered in time")),
+            };
+            if !retryable(&err) {
+                return Err(err);
+            }
+            let wait = backoff_step(&mut backoff);
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Sends a message. Retrying with the same `client_msg_id` (this does it
+    /// by itself) never stores it twice.
+    pub async fn send(
+        &self,
+        conversation: &str,
+        client_msg_id: &str,
+        body: Vec<u8>,
+    ) -> Result<pb::SendResponse, Status> {
+        let req = pb::SendRequest {
+            conversation_id: conversation.into(),
+            client_msg_id: client_msg_id.into(),
+            body,
+        };
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.send(r).await }
+        })
+        .await
+    }
+
+    pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.history(r).await }
+        })
+        .await
+    }
+
+    pub async fn create_conversation(
+        &self,
+        id: &str,
+        members: &[String],
+    ) -> Result<pb::Conversation, Status> {
+        let req = pb::CreateConversationRequest {
+            conversation_id: id.into(),
+            members: members.to_vec(),
+        };
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.create_conversation(r).await }
+        })
+        .await
+    }
+
+    pub async fn add_member(
+        &self,
+        conversation: &str,
+        user: &str,
+    ) -> Result<pb::Conversation, Status> {
+        let req = pb::MemberRequest {
+            conversation_id: conversation.into(),
+            user_id: user.into(),
+        };
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.add_member(r).await }
+        })
+        .await
+    }
+
+    pub async fn remove_member(
+        &self,
+        conversation: &str,
+        user: &str,
+    ) -> Result<pb::Conversation, Status> {
+        let req = pb::MemberRequest {
+            conversation_id: conversation.into(),
+            user_id: user.into(),
+        };
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.remove_member(r).await }
+        })
+        .await
+    }
+
+    pub async fn list_conversations(&self) -> Result<Vec<pb::Conversation>, Status> {
+        self.call(|mut c| {
+            let r = self.request(pb::ListConversationsRequest {});
+            async move { c.list_conversations(r).await }
+        })
+        .await
+        .map(|l| l.conversations)
+    }
+
+    pub async fn typing(&self, conversation: &str) -> Result<(), Status> {
+        let req = pb::TypingRequest {
+            conversation_id: conversation.into(),
+        };
+        self.call(|mut c| {
+            let r = self.request(req.clone());
+            async move { c.send_typing(r).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Subscribes from `cursors` (conversation → last seq held). Runs until
+    /// the returned `Subscription` is dropped, reconnecting by itself.
+    pub fn subscribe(&self, cursors: HashMap<String, u64>) -> Subscription {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let task = tokio::spawn(run_subscription(self.clone(), cursors, tx));
+        Subscription { rx, task }
+    }
+}
+
+/// Events of a subscription, in order per conversation, each message once.
+pub struct Subscription {
+    rx: mpsc::Receiver<SubscriptionEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SubscriptionEvent {
+    Event(pb::Event),
+    /// The stream broke; the subscription is resuming on another gateway.
+    Reconnecting(Status),
+    /// The gateway refused the subscription for good (bad token, bad
+    /// cursors); it has ended.
+    Failed(Status),
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Option<SubscriptionEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run_subscription(
+    client: ChatClient,
+    mut cursors: HashMap<String, u64>,
+    tx: mpsc::Sender<SubscriptionEvent>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let req = pb::SubscribeRequest {
+            cursors: cursors
+                .iter()
+                .map(|(c, s)| pb::Cursor {
+                    conversation_id: c.clone(),
+                    last_seq: *s,
+                })
+                .collect(),
+        };
+        let error = match client.pick().subscribe(client.request(req)).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            backoff = BACKOFF_MIN;
+                            if let Some(pb::event::Kind::Message(m)) = &ev.kind {
+                                let cursor = cursors.entry(m.conversation_id.clone()).or_insert(0);
+                                if m.seq <= *cursor {
+                                    continue;
+                                }
+                                *cursor = m.seq;
+                            }
+                            if tx.send(SubscriptionEvent::Event(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break Status::unavailable("the gateway closed the stream"),
+                        Err(s) => break s,
+                    }
+                }
+            }
+            Err(s) => s,
+        };
+        if !retryable(&error) && !matches!(error.code(), Code::Internal | Code::DeadlineExceeded) {
+            // Unauthenticated, permission denied, invalid cursors: reconnecting
+            // would fail the same way.
+            let _ = tx.send(SubscriptionEvent::Failed(error)).await;
+            return;
+        }
+        if tx
+            .send(SubscriptionEvent::Reconnecting(error))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(backoff_step(&mut backoff)).await;
+    }
+}

@@ -1,0 +1,192 @@
+//! The chat gateway: the public `chat.v1` API. Authenticates every call,
+//! batches sends into `AppendBatch` calls to the routers, and delivers each
+//! subscriber's messages in order, resuming from the store.
+//!
+//! Architecture Invariant: a gateway holds only soft state (its sessions);
+//! a client whose gateway dies resumes on another from its cursors.
+
+pub mod batcher;
+pub mod routers;
+pub mod service;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_auth::TokenKey;
+use chat_proto::chat::v1::chat_server::ChatServer;
+use chat_proto::router::v1 as rpb;
+use chat_proto::router::v1::gateway_delivery_server::GatewayDeliveryServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::batcher::SendBatcher;
+use crate::routers::RouterPool;
+use crate::service::{ChatApi, DeliveryApi, authenticate};
+use crate::sessions::Sessions;
+
+/// The health service name clients check.
+pub const HEALTH_SERVICE: &str = "chat.v1.Chat";
+
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// Routers, host:port.
+    pub routers: Vec<String>,
+    pub token_key: TokenKey,
+    /// The internal address routers deliver to (as they can reach it).
+    pub internal_advertise: String,
+    pub max_body_bytes: usize,
+    /// Lease of the session registrations sent to routers.
+    pub lease: Duration,
+    /// How often each subscriber is checked against the store.
+    pub sweep: Duration,
+    /// Deadline of each router call, retries included.
+    pub router_timeout: Duration,
+}
+
+pub struct RunningGateway {
+    shutdown: CancellationToken,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    sessions: Arc<Sessions>,
+}
+
+impl RunningGateway {
+    /// Serves the public API on `public` and deliveries on `internal`.
+    pub async fn start(
+        opts: GatewayOptions,
+        public: TcpListener,
+        internal: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let pool = Arc::new(RouterPool::new(&opts.routers, opts.router_timeout)?);
+        let sessions = Arc::new(Sessions::default());
+        let batcher = SendBatcher::start(pool.clone());
+        let chat = ChatApi {
+            pool: pool.clone(),
+            batcher,
+            sessions: sessions.clone(),
+            max_body_bytes: opts.max_body_bytes,
+            sweep: opts.sweep,
+            stop: shutdown.clone(),
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
+            .await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(chat_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let public_router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(ChatServer::with_interceptor(
+                chat,
+                authenticate(opts.token_key.clone()),
+            ));
+        let internal_router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                GatewayDeliveryServer::new(DeliveryApi {
+                    sessions: sessions.clone(),
+                })
+                .max_decoding_message_size(64 << 20),
+            );
+        let mut servers = Vec::new();
+        for (router, listener) in [(public_router, public), (internal_router, internal)] {
+            let stop = shutdown.clone();
+            let incoming = TcpListenerStream::new(listener);
+            servers.push(tokio::spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                    .await
+                {
+                    tracing::warn!(error = %e, "gateway server stopped with an error");
+                }
+            }));
+        }
+        tokio::spawn(register(
+            pool,
+            sessions.clone(),
+            opts.internal_advertise,
+            opts.lease,
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            shutdown,
+            servers,
+            sessions,
+        })
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.count()
+    }
+
+    /// Graceful stop: no new calls; open streams are closed.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.shutdown.cancel();
+        for s in &mut self.servers {
+            if tokio::time::timeout(grace, &mut *s).await.is_err() {
+                s.abort();
+            }
+        }
+    }
+
+    /// Abrupt stop: every connection is cut.
+    pub fn kill(self) {
+        self.shutdown.cancel();
+        for s in &self.servers {
+            s.abort();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for s in &self.servers {
+            s.abort();
+        }
+    }
+}
+
+/// Keeps every router's directory current: the full set of online users,
+/// at once when it changes and every third of the lease otherwise.
+async fn register(
+    pool: Arc<RouterPool>,
+    sessions: Arc<Sessions>,
+    me: String,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let lease_ms = lease.as_millis().min(u128::from(u32::MAX)) as u32;
+    loop {
+        let req = rpb::RegisterSessionsRequest {
+            gateway_address: me.clone(),
+            user_ids: sessions.users(),
+            lease_ms,
+        };
+        for client in pool.all() {
+            let mut c = client.clone();
+            let req = req.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    tokio::time::timeout(Duration::from_secs(2), c.register_sessions(req)).await
+                {
+                    tracing::debug!(error = %e, "session registration timed out");
+                }
+            });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sessions.changed.notified() => {}
+            _ = tokio::time::sleep(lease / 3) => {}
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `chat-gateway`: one gateway instance.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chat_auth::TokenKey;
+use chat_gateway::{GatewayOptions, RunningGateway};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chat-gateway",
+    version,
+    about = "Client-facing gRPC gateway of the chat backend"
+)]
+struct Config {
+    /// Public address (clients).
+    #[arg(long, env = "CHAT_GATEWAY_LISTEN", default_value = "127.0.0.1:7201")]
+    listen: SocketAddr,
+    /// Internal address (routers deliver here).
+    #[arg(
+        long,
+        env = "CHAT_GATEWAY_INTERNAL_LISTEN",
+        default_value = "127.0.0.1:7211"
+    )]
+    internal_listen: SocketAddr,
+    /// Internal address as routers reach it (default: --internal-listen).
+    #[arg(long, env = "CHAT_GATEWAY_INTERNAL_ADVERTISE")]
+    internal_advertise: Option<String>,
+    /// Routers, host:port, comma separated.
+    #[arg(
+        long,
+        env = "CHAT_ROUTER_ADDRS",
+        value_delimiter = ',',
+        required = true
+    )]
+    routers: Vec<String>,
+    /// Key that signs bearer tokens (at least 16 bytes).
+    #[arg(long, env = "CHAT_TOKEN_KEY", hide_env_values = true)]
+    token_key: String,
+    /// Largest accepted message body.
+    #[arg(long, env = "CHAT_GATEWAY_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    max_body_bytes: usize,
+    /// Lease of session registrations at the routers.
+    #[arg(long, env = "CHAT_GATEWAY_LEASE_MS", default_value_t = 6_000)]
+    lease_ms: u64,
+    /// How often each subscriber is reconciled with the store.
+    #[arg(long, env = "CHAT_GATEWAY_SWEEP_MS", default_value_t = 2_000)]
+    sweep_ms: u64,
+    /// Deadline of each router call, retries included.
+    #[arg(long, env = "CHAT_GATEWAY_ROUTER_TIMEOUT_MS", default_value_t = 5_000)]
+    router_timeout_ms: u64,
+    /// Log filter.
+    #[arg(long, env = "CHAT_GATEWAY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    chat_store::logging::init_tracing(&cfg.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let token_key = TokenKey::new(cfg.token_key.into_bytes())
+        .map_err(|e| anyhow::anyhow!("--token-key: {e}"))?;
+    anyhow::ensure!(
+        cfg.lease_ms >= 300 && cfg.lease_ms <= 60_000,
+        "--lease-ms must be in 300..=60000"
+    );
+    anyhow::ensure!(cfg.sweep_ms >= 100, "--sweep-ms must be at least 100");
+    let public = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let internal = tokio::net::TcpListener::bind(cfg.internal_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.internal_listen))?;
+    let opts = GatewayOptions {
+        routers: cfg.routers,
+        token_key,
+        internal_advertise: cfg
+            .internal_advertise
+            .unwrap_or_else(|| cfg.internal_listen.to_string()),
+        max_body_bytes: cfg.max_body_bytes,
+        lease: Duration::from_millis(cfg.lease_ms),
+        sweep: Duration::from_millis(cfg.sweep_ms),
+        router_timeout: Duration::from_millis(cfg.router_timeout_ms),
+    };
+    let gateway = RunningGateway::start(opts, public, internal).await?;
+    tracing::info!(address = %cfg.listen, internal = %cfg.internal_listen, "gateway started");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    gateway.shutdown(Duration::from_secs(3)).await;
+    Ok(())
+}

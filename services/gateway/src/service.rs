@@ -1,0 +1,309 @@
+//! The public `chat.v1.Chat` service and the internal `GatewayDelivery`
+//! service routers push to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_auth::TokenKey;
+use chat_proto::chat::v1 as cpb;
+use chat_proto::chat::v1::chat_server::Chat;
+use chat_proto::router::v1 as rpb;
+use chat_proto::router::v1::gateway_delivery_server::GatewayDelivery;
+use chat_proto::store::v1 as spb;
+use chat_store::types::{ConversationId, validate_client_msg_id};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::batcher::SendBatcher;
+use crate::routers::RouterPool;
+use crate::sessions::{OUT_QUEUE, Push, Session, Sessions};
+
+/// The authenticated user of a request, set by `authenticate`.
+#[derive(Clone, Debug)]
+pub struct User(pub String);
+
+/// Interceptor: every call must carry a valid bearer token; the user it
+/// names is attached to the request. Runs before any other work.
+pub fn authenticate(key: TokenKey) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let token =
+            chat_auth::bearer(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let user = key
+            .verify(token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        req.extensions_mut().insert(User(user));
+        Ok(req)
+    }
+}
+
+fn user_of<T>(req: &Request<T>) -> Result<String, Status> {
+    req.extensions()
+        .get::<User>()
+        .map(|u| u.0.clone())
+        .ok_or_else(|| Status::unauthenticated("missing bearer token"))
+}
+
+fn conversation(c: spb::ConversationInfo) -> cpb::Conversation {
+    cpb::Conversation {
+        conversation_id: c.conversation_id,
+        members: c.members,
+        last_seq: c.last_seq,
+    }
+}
+
+fn valid_conversation(id: &str) -> Result<(), Status> {
+    ConversationId::parse(id).map(|_| ()).map_err(Status::from)
+}
+
+pub struct ChatApi {
+    pub pool: Arc<RouterPool>,
+    pub batcher: SendBatcher,
+    pub sessions: Arc<Sessions>,
+    pub max_body_bytes: usize,
+    pub sweep: Duration,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Chat for ChatApi {
+    async fn send(
+        &self,
+        request: Request<cpb::SendRequest>,
+    ) -> Result<Response<cpb::SendResponse>, Status> {
+        let user = user_of(&request)?;
+        let r = request.into_inner();
+        valid_conversation(&r.conversation_id)?;
+        validate_client_msg_id(&r.client_msg_id).map_err(Status::from)?;
+        if r.body.len() > self.max_body_bytes {
+            return Err(Status::invalid_argument(format!(
+                "message body is {} bytes, the limit is {}",
+                r.body.len(),
+                self.max_body_bytes
+            )));
+        }
+        let ok = self
+            .batcher
+            .send(spb::AppendRequest {
+                conversation_id: r.conversation_id,
+                sender: user,
+                client_msg_id: r.client_msg_id,
+                body: r.body,
+            })
+            .await?;
+        Ok(Response::new(cpb::SendResponse {
+            seq: ok.seq,
+            server_ts_ms: ok.server_ts_ms,
+        }))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<cpb::Event, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<cpb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let user = user_of(&request)?;
+        let mut cursors = HashMap::new();
+        for c in request.into_inner().cursors {
+            valid_conversation(&c.conversation_id)?;
+            cursors.insert(c.conversation_id, c.last_seq);
+        }
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let (id, pushes) = self.sessions.open(&user);
+        let session = Session {
+            user: user.clone(),
+            cursors,
+            pool: self.pool.clone(),
+            out,
+            sweep: self.sweep,
+            stop: self.stop.clone(),
+        };
+        let sessions = self.sessions.clone();
+        tokio::spawn(async move {
+            session.run(pushes).await;
+            sessions.close(&user, id);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn history(
+        &self,
+        request: Request<cpb::HistoryRequest>,
+    ) -> Result<Response<cpb::HistoryResponse>, Status> {
+        let user = user_of(&request)?;
+        let r = request.into_inner();
+        valid_conversation(&r.conversation_id)?;
+        let req = spb::ReadRequest {
+            conversation_id: r.conversation_id,
+            after_seq: r.after_seq,
+            before_seq: r.before_seq,
+            limit: r.limit,
+            requester: user,
+            ..Default::default()
+        };
+        let page = self
+            .pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.read(req).await }
+            })
+            .await?;
+        let messages = page
+            .messages
+            .into_iter()
+            .map(|m| cpb::Message {
+                conversation_id: m.conversation_id,
+                seq: m.seq,
+                sender: m.sender,
+                client_msg_id: m.client_msg_id,
+                body: m.body,
+                server_ts_ms: m.server_ts_ms,
+            })
+            .collect();
+        Ok(Response::new(cpb::HistoryResponse {
+            messages,
+            stale: page.stale,
+        }))
+    }
+
+    async fn create_conversation(
+        &self,
+        request: Request<cpb::CreateConversationRequest>,
+    ) -> Result<Response<cpb::Conversation>, Status> {
+        let user = user_of(&request)?;
+        let r = request.into_inner();
+        let mut members = r.members;
+        if !members.contains(&user) {
+            members.push(user);
+        }
+        let req = spb::CreateConversationRequest {
+            conversation_id: r.conversation_id,
+            members,
+        };
+        let c = self
+            .pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.create_conversation(req).await }
+            })
+            .await?;
+        Ok(Response::new(conversation(c)))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<cpb::MemberRequest>,
+    ) -> Result<Response<cpb::Conversation>, Status> {
+        let user = user_of(&request)?;
+        let r = request.into_inner();
+        let req = spb::MemberRequest {
+            conversation_id: r.conversation_id,
+            user_id: r.user_id,
+            requester: user,
+        };
+        let c = self
+            .pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.add_member(req).await }
+            })
+            .await?;
+        Ok(Response::new(conversation(c)))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<cpb::MemberRequest>,
+    ) -> Result<Response<cpb::Conversation>, Status> {
+        let user = user_of(&request)?;
+        let r = request.into_inner();
+        let req = spb::MemberRequest {
+            conversation_id: r.conversation_id,
+            user_id: r.user_id,
+            requester: user,
+        };
+        let c = self
+            .pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.remove_member(req).await }
+            })
+            .await?;
+        Ok(Response::new(conversation(c)))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<cpb::ListConversationsRequest>,
+    ) -> Result<Response<cpb::ListConversationsResponse>, Status> {
+        let user = user_of(&request)?;
+        let req = spb::ListConversationsRequest {
+            user_id: user,
+            ..Default::default()
+        };
+        let l = self
+            .pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.list_conversations(req).await }
+            })
+            .await?;
+        Ok(Response::new(cpb::ListConversationsResponse {
+            conversations: l.conversations.into_iter().map(conversation).collect(),
+        }))
+    }
+
+    async fn send_typing(
+        &self,
+        request: Request<cpb::TypingRequest>,
+    ) -> Result<Response<cpb::TypingResponse>, Status> {
+        let user = user_of(&request)?;
+        let r = request.into_inner();
+        valid_conversation(&r.conversation_id)?;
+        let req = rpb::TypingRequest {
+            conversation_id: r.conversation_id,
+            user_id: user,
+        };
+        self.pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.typing(req).await }
+            })
+            .await?;
+        Ok(Response::new(cpb::TypingResponse {}))
+    }
+}
+
+/// Pushes from routers, handed to the recipients' sessions.
+pub struct DeliveryApi {
+    pub sessions: Arc<Sessions>,
+}
+
+#[tonic::async_trait]
+impl GatewayDelivery for DeliveryApi {
+    async fn deliver(
+        &self,
+        request: Request<rpb::DeliverRequest>,
+    ) -> Result<Response<rpb::DeliverResponse>, Status> {
+        for item in request.into_inner().items {
+            let Some(kind) = item.kind else { continue };
+            for user in &item.user_ids {
+                match &kind {
+                    rpb::delivery::Kind::Message(m) => {
+                        self.sessions.push(user, || Push::Message(m.clone()))
+                    }
+                    rpb::delivery::Kind::Typing(t) => {
+                        self.sessions.push(user, || Push::Typing(t.clone()))
+                    }
+                }
+            }
+        }
+        Ok(Response::new(rpb::DeliverResponse {}))
+    }
+}

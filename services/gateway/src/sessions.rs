@@ -1,0 +1,258 @@
+//! Subscribers on this gateway and the delivery to each of them.
+//!
+//! Each `Subscribe` call is a session with its own task. The task keeps a
+//! cursor per conversation (the last seq delivered) and is the only writer
+//! to the client's stream, so delivery is ordered per conversation and never
+//! repeats a seq. Pushes from routers are a fast path only: a push that skips
+//! seqs makes the session read the gap from the store first, and every
+//! `sweep` interval the session compares its cursors with the store's last
+//! seqs. A router that dies mid-delivery therefore delays messages; it never
+//! loses them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_proto::chat::v1 as cpb;
+use chat_proto::router::v1 as rpb;
+use chat_proto::store::v1 as spb;
+use tokio::sync::{Notify, mpsc};
+use tonic::{Code, Status};
+use tracing::debug;
+
+use crate::routers::RouterPool;
+
+/// Pushes queued per session before new ones are dropped (the sweep
+/// recovers dropped messages).
+pub const PUSH_QUEUE: usize = 4_096;
+/// Events buffered towards one client.
+pub const OUT_QUEUE: usize = 1_024;
+/// Page size of catch-up reads.
+const PAGE: u32 = 1_000;
+
+pub enum Push {
+    Message(spb::StoredMessage),
+    Typing(rpb::TypingEvent),
+}
+
+/// The sessions of this gateway, by user.
+#[derive(Default)]
+pub struct Sessions {
+    by_user: Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Push>)>>>,
+    next: AtomicU64,
+    /// Woken when the set of online users changes.
+    pub changed: Notify,
+}
+
+impl Sessions {
+    pub fn open(&self, user: &str) -> (u64, mpsc::Receiver<Push>) {
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.by_user.lock().expect("sessions lock poisoned");
+        let list = g.entry(user.to_owned()).or_default();
+        let first = list.is_empty();
+        list.push((id, tx));
+        drop(g);
+        if first {
+            self.changed.notify_one();
+        }
+        (id, rx)
+    }
+
+    pub fn close(&self, user: &str, id: u64) {
+        let mut g = self.by_user.lock().expect("sessions lock poisoned");
+        if let Some(list) = g.get_mut(user) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                g.remove(user);
+                drop(g);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    pub fn users(&self) -> Vec<String> {
+        self.by_user
+            .lock()
+            .expect("sessions lock poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.by_user
+            .lock()
+            .expect("sessions lock poisoned")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Hands a push to every session of `user`; never waits.
+    pub fn push(&self, user: &str, make: impl Fn() -> Push) {
+        let g = self.by_user.lock().expect("sessions lock poisoned");
+        for (_, tx) in g.get(user).into_iter().flatten() {
+            let _ = tx.try_send(make());
+        }
+    }
+}
+
+fn to_event(m: spb::StoredMessage) -> cpb::Event {
+    cpb::Event {
+        kind: Some(cpb::event::Kind::Message(cpb::Message {
+            conversation_id: m.conversation_id,
+            seq: m.seq,
+            sender: m.sender,
+            client_msg_id: m.client_msg_id,
+            body: m.body,
+            server_ts_ms: m.server_ts_ms,
+        })),
+    }
+}
+
+/// One subscriber's delivery loop.
+pub struct Session {
+    pub user: String,
+    pub cursors: HashMap<String, u64>,
+    pub pool: Arc<RouterPool>,
+    pub out: mpsc::Sender<Result<cpb::Event, Status>>,
+    pub sweep: Duration,
+    /// Gateway shutdown: the stream ends with UNAVAILABLE so the client
+    /// resumes elsewhere.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// The client went away; the session ends.
+struct Gone;
+
+impl Session {
+    pub async fn run(mut self, mut pushes: mpsc::Receiver<Push>) {
+        if self.sync().await.is_err() {
+            return;
+        }
+        let mut sweep = tokio::time::interval(self.sweep);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sweep.tick().await;
+        loop {
+            let step = tokio::select! {
+                _ = self.out.closed() => return,
+                _ = self.stop.cancelled() => {
+                    let _ = self.out.try_send(Err(Status::unavailable("gateway is shutting down; resume on another")));
+                    return;
+                }
+                p = pushes.recv() => match p {
+                    Some(Push::Message(m)) => self.on_message(m).await,
+                    Some(Push::Typing(t)) => {
+                        // Lowest priority: dropped when the client is behind.
+                        let ev = cpb::Event { kind: Some(cpb::event::Kind::Typing(cpb::Typing { conversation_id: t.conversation_id, user_id: t.user_id })) };
+                        let _ = self.out.try_send(Ok(ev));
+                        Ok(())
+                    }
+                    None => return,
+                },
+                _ = sweep.tick() => self.sync().await,
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Brings every conversation of the user up to the store's last seq
+    /// (new conversations included).
+    async fn sync(&mut self) -> Result<(), Gone> {
+        let req = spb::ListConversationsRequest {
+            user_id: self.user.clone(),
+            ..Default::default()
+        };
+        let list = match self
+            .pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.list_conversations(req).await }
+            })
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                debug!(user = %self.user, error = %e, "sync skipped");
+                return Ok(());
+            }
+        };
+        for c in list.conversations {
+            let cursor = *self.cursors.entry(c.conversation_id.clone()).or_insert(0);
+            if c.last_seq > cursor {
+                self.fetch(&c.conversation_id, c.last_seq).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
+        let cursor = *self.cursors.entry(m.conversation_id.clone()).or_insert(0);
+        if m.seq <= cursor {
+            return Ok(());
+        }
+        if m.seq > cursor + 1 {
+            self.fetch(&m.conversation_id, m.seq - 1).await?;
+        }
+        if self
+            .cursors
+            .get(&m.conversation_id)
+            .is_some_and(|&c| c + 1 == m.seq)
+        {
+            self.emit(m).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and delivers everything after the cursor up to `upto`.
+    async fn fetch(&mut self, conv: &str, upto: u64) -> Result<(), Gone> {
+        loop {
+            let cursor = self.cursors.get(conv).copied().unwrap_or(0);
+            if cursor >= upto {
+                return Ok(());
+            }
+            let req = spb::ReadRequest {
+                conversation_id: conv.to_owned(),
+                after_seq: cursor,
+                limit: PAGE,
+                requester: self.user.clone(),
+                ..Default::default()
+            };
+            let page = match self
+                .pool
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.read(req).await }
+                })
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if matches!(e.code(), Code::PermissionDenied | Code::NotFound) => {
+                    self.cursors.remove(conv);
+                    return Ok(());
+                }
+                Err(e) => {
+                    debug!(user = %self.user, conversation = conv, error = %e, "catch-up read failed; the sweep retries");
+                    return Ok(());
+                }
+            };
+            if page.messages.is_empty() {
+                return Ok(());
+            }
+            for m in page.messages {
+                if m.seq == self.cursors.get(conv).copied().unwrap_or(0) + 1 {
+                    self.emit(m).await?;
+                }
+            }
+        }
+    }
+
+    async fn emit(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
+        self.cursors.insert(m.conversation_id.clone(), m.seq);
+        self.out.send(Ok(to_event(m))).await.map_err(|_| Gone)
+    }
+}

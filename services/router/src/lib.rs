@@ -1,0 +1,117 @@
+//! The chat router: stateless forwarding between gateways and the store,
+//! and fan-out of committed messages to the gateways of online recipients.
+//!
+//! Architecture Invariant: a router holds only soft state (the session
+//! directory). Killing one loses no message: gateways resume from the store.
+
+pub mod directory;
+pub mod fanout;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_proto::router::v1::router_server::RouterServer;
+use chat_store::StoreClient;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::directory::Directory;
+use crate::fanout::Fanout;
+use crate::service::RouterService;
+
+/// The health service name clients check.
+pub const HEALTH_SERVICE: &str = "chat.router.v1.Router";
+
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    /// Store replicas, host:port.
+    pub store: Vec<String>,
+    /// Deadline of each store call, retries included.
+    pub store_timeout: Duration,
+}
+
+/// A running router.
+pub struct RunningRouter {
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    directory: Arc<Directory>,
+}
+
+impl RunningRouter {
+    pub async fn start(opts: RouterOptions, listener: TcpListener) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let store = Arc::new(StoreClient::new(opts.store, opts.store_timeout)?);
+        let directory = Arc::new(Directory::default());
+        let fanout = Arc::new(Fanout::new(shutdown.clone()));
+        let service = RouterService {
+            store,
+            directory: directory.clone(),
+            fanout,
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
+            .await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let purge = directory.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => purge.purge(),
+                }
+            }
+        });
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .add_service(health_service)
+            .add_service(RouterServer::new(service).max_decoding_message_size(64 << 20));
+        let stop = shutdown.clone();
+        let incoming = TcpListenerStream::new(listener);
+        let server = tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
+                tracing::warn!(error = %e, "router server stopped with an error");
+            }
+        });
+        Ok(Self {
+            shutdown,
+            server,
+            directory,
+        })
+    }
+
+    pub fn online_users(&self) -> usize {
+        self.directory.online_users()
+    }
+
+    /// Graceful stop: in-flight calls finish within `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.shutdown.cancel();
+        if tokio::time::timeout(grace, &mut self.server).await.is_err() {
+            self.server.abort();
+        }
+    }
+
+    /// Abrupt stop: connections are cut.
+    pub fn kill(self) {
+        self.shutdown.cancel();
+        self.server.abort();
+    }
+}
+
+impl Drop for RunningRouter {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.server.abort();
+    }
+}

@@ -1,0 +1,78 @@
+//! `chat-router`: one router instance.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chat_router::{RouterOptions, RunningRouter};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chat-router",
+    version,
+    about = "Stateless router of the chat backend"
+)]
+struct Config {
+    /// Address to listen on, for gateways.
+    #[arg(long, env = "CHAT_ROUTER_LISTEN", default_value = "127.0.0.1:7101")]
+    listen: SocketAddr,
+    /// Store replicas, host:port, comma separated.
+    #[arg(long, env = "CHAT_STORE_ADDRS", value_delimiter = ',', required = true)]
+    store: Vec<String>,
+    /// Deadline of each store call, retries included.
+    #[arg(long, env = "CHAT_ROUTER_STORE_TIMEOUT_MS", default_value_t = 5_000)]
+    store_timeout_ms: u64,
+    /// How long SIGTERM waits for in-flight calls.
+    #[arg(long, env = "CHAT_ROUTER_SHUTDOWN_GRACE_MS", default_value_t = 3_000)]
+    shutdown_grace_ms: u64,
+    /// Log filter.
+    #[arg(long, env = "CHAT_ROUTER_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    chat_store::logging::init_tracing(&cfg.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-router: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat-router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let opts = RouterOptions {
+        store: cfg.store,
+        store_timeout: Duration::from_millis(cfg.store_timeout_ms),
+    };
+    let router = RunningRouter::start(opts, listener).await?;
+    tracing::info!(address = %cfg.listen, "router started");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    router
+        .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
+        .await;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The `Router` gRPC service: forwards to the store (the store client
+//! follows the leader) and, after each committed append, pushes the message
+//! to the gateways of the conversation's online members.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_proto::router::v1 as rpb;
+use chat_proto::router::v1::router_server::Router;
+use chat_proto::store::v1 as spb;
+use chat_store::{StoreClient, StoreError};
+use tonic::{Request, Response, Status};
+
+use crate::directory::Directory;
+use crate::fanout::Fanout;
+
+/// Longest lease a gateway may ask for.
+pub const MAX_LEASE: Duration = Duration::from_secs(60);
+
+pub struct RouterService {
+    pub store: Arc<StoreClient>,
+    pub directory: Arc<Directory>,
+    pub fanout: Arc<Fanout>,
+}
+
+fn status(e: StoreError) -> Status {
+    Status::from(e)
+}
+
+impl RouterService {
+    fn deliver(&self, recipients: &[String], kind: rpb::delivery::Kind) {
+        for (gateway, user_ids) in self.directory.locate(recipients.iter()) {
+            self.fanout.push(
+                &gateway,
+                rpb::Delivery {
+                    user_ids,
+                    kind: Some(kind.clone()),
+                },
+            );
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Router for RouterService {
+    async fn append_batch(
+        &self,
+        request: Request<spb::AppendBatchRequest>,
+    ) -> Result<Response<spb::AppendBatchResponse>, Status> {
+        let req = request.into_inner();
+        let resp = self.store.append_batch(req.clone()).await.map_err(status)?;
+        let members: HashMap<&str, &[String]> = resp
+            .members
+            .iter()
+            .map(|m| (m.conversation_id.as_str(), m.members.as_slice()))
+            .collect();
+        for (item, outcome) in req.items.into_iter().zip(&resp.items) {
+            let Some(spb::append_outcome::Outcome::Ok(ok)) = &outcome.outcome else {
+                continue;
+            };
+            let Some(recipients) = members.get(item.conversation_id.as_str()) else {
+                continue;
+            };
+            let message = spb::StoredMessage {
+                conversation_id: item.conversation_id,
+                seq: ok.seq,
+                sender: item.sender,
+                client_msg_id: item.client_msg_id,
+                body: item.body,
+                server_ts_ms: ok.server_ts_ms,
+            };
+            self.deliver(recipients, rpb::delivery::Kind::Message(message));
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn read(
+        &self,
+        request: Request<spb::ReadRequest>,
+    ) -> Result<Response<spb::ReadResponse>, Status> {
+        self.store
+            .read(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn create_conversation(
+        &self,
+        request: Request<spb::CreateConversationRequest>,
+    ) -> Result<Response<spb::ConversationInfo>, Status> {
+        self.store
+            .create_conversation(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<spb::MemberRequest>,
+    ) -> Result<Response<spb::ConversationInfo>, Status> {
+        self.store
+            .add_member(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<spb::MemberRequest>,
+    ) -> Result<Response<spb::ConversationInfo>, Status> {
+        self.store
+            .remove_member(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<spb::ListConversationsRequest>,
+    ) -> Result<Response<spb::ListConversationsResponse>, Status> {
+        self.store
+            .list_conversations(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn last_seqs(
+        &self,
+        request: Request<spb::LastSeqsRequest>,
+    ) -> Result<Response<spb::LastSeqsResponse>, Status> {
+        self.store
+            .last_seqs(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn typing(
+        &self,
+        request: Request<rpb::TypingRequest>,
+    ) -> Result<Response<rpb::TypingResponse>, Status> {
+        let r = request.into_inner();
+        let conv = self
+            .store
+            .get_conversation(spb::GetConversationRequest {
+                conversation_id: r.conversation_id.clone(),
+                consistency: spb::Consistency::Stale as i32,
+            })
+            .await
+            .map_err(status)?;
+        if !conv.members.contains(&r.user_id) {
+            return Err(Status::permission_denied(format!(
+                "{} is not a member of conversation {}",
+                r.user_id, r.conversation_id
+            )));
+        }
+        let others: Vec<String> = conv
+            .members
+            .into_iter()
+            .filter(|m| *m != r.user_id)
+            .collect();
+        self.deliver(
+            &others,
+            rpb::delivery::Kind::Typing(rpb::TypingEvent {
+                conversation_id: r.conversation_id,
+                user_id: r.user_id,
+            }),
+        );
+        Ok(Response::new(rpb::TypingResponse {}))
+    }
+
+    async fn register_sessions(
+        &self,
+        request: Request<rpb::RegisterSessionsRequest>,
+    ) -> Result<Response<rpb::RegisterSessionsResponse>, Status> {
+        let r = request.into_inner();
+        if r.gateway_address.is_empty() {
+            return Err(Status::invalid_argument("gateway_address is empty"));
+        }
+        let lease = Duration::from_millis(u64::from(r.lease_ms));
+        if lease.is_zero() || lease > MAX_LEASE {
+            return Err(Status::invalid_argument(format!(
+                "lease of {} ms is outside 1..={} ms",
+                r.lease_ms,
+                MAX_LEASE.as_millis()
+            )));
+        }
+        self.directory
+            .register(&r.gateway_address, r.user_ids, lease);
+        Ok(Response::new(rpb::RegisterSessionsResponse {}))
+    }
+}
