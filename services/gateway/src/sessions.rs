@@ -36,10 +36,13 @@ pub enum Push {
     Typing(rpb::TypingEvent),
 }
 
+/// A session's id and the queue of pushes to it.
+type SessionQueue = (u64, mpsc::Sender<Push>);
+
 /// The sessions of this gateway, by user.
 #[derive(Default)]
 pub struct Sessions {
-    by_user: Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Push>)>>>,
+    by_user: Mutex<HashMap<String, Vec<SessionQueue>>>,
     next: AtomicU64,
     /// Woken when the set of online users changes.
     pub changed: Notify,
