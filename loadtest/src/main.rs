@@ -6,6 +6,7 @@
 //! acknowledged appends per second and append latency. Afterwards it checks
 //! that every acknowledged append is stored, exactly once.
 
+mod e2e_bench;
 mod engine_bench;
 mod store_bench;
 
@@ -28,6 +29,8 @@ enum Cmd {
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
     EngineBench(engine_bench::Args),
+    /// Sends and deliveries through the whole cluster (`chatctl local up`).
+    E2eBench(e2e_bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)),
         Cmd::EngineBench(args) => engine_bench::run(args),
+        Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)),
     }
 }

@@ -18,7 +18,7 @@ use chat_proto::chat::v1::chat_server::ChatServer;
 use chat_proto::router::v1 as rpb;
 use chat_proto::router::v1::gateway_delivery_server::GatewayDeliveryServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
@@ -100,7 +100,7 @@ impl RunningGateway {
         let mut servers = Vec::new();
         for (router, listener) in [(public_router, public), (internal_router, internal)] {
             let stop = shutdown.clone();
-            let incoming = TcpListenerStream::new(listener);
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             servers.push(tokio::spawn(async move {
                 if let Err(e) = router
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chat_proto::router::v1::router_server::RouterServer;
 use chat_store::StoreClient;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
@@ -74,7 +74,7 @@ impl RunningRouter {
             .add_service(health_service)
             .add_service(RouterServer::new(service).max_decoding_message_size(64 << 20));
         let stop = shutdown.clone();
-        let incoming = TcpListenerStream::new(listener);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = tokio::spawn(async move {
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())

@@ -12,7 +12,7 @@ use chat_proto::store::v1::store_server::StoreServer;
 use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -176,7 +176,7 @@ impl Replica {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         let stop = shutdown.clone();
-        let incoming = TcpListenerStream::new(listener);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = tokio::spawn(async move {
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())
