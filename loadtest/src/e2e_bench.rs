@@ -35,10 +35,16 @@ fn hist() -> Histogram<u64> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.clients > 0 && args.body_bytes >= 8, "need clients and bodies of 8+ bytes");
+    anyhow::ensure!(
+        args.clients > 0 && args.body_bytes >= 8,
+        "need clients and bodies of 8+ bytes"
+    );
     let chatctl = match args.chatctl.clone() {
         Some(p) => p,
-        None => std::env::current_exe()?.parent().context("no binary directory")?.join("chatctl"),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no binary directory")?
+            .join("chatctl"),
     };
     let dir = tempfile::tempdir()?;
     let mut up = Command::new(&chatctl)
@@ -68,8 +74,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .split(',')
         .map(String::from)
         .collect();
-    let key = chat_auth::TokenKey::new(std::fs::read_to_string(dir.path().join("token.key"))?.trim().as_bytes().to_vec())?;
-    let client = |user: &str| ChatClient::new(gateways.clone(), &key.sign_for(user, 3600), Duration::from_secs(20));
+    let key = chat_auth::TokenKey::new(
+        std::fs::read_to_string(dir.path().join("token.key"))?
+            .trim()
+            .as_bytes()
+            .to_vec(),
+    )?;
+    let client = |user: &str| {
+        ChatClient::new(
+            gateways.clone(),
+            &key.sign_for(user, 3600),
+            Duration::from_secs(20),
+        )
+    };
 
     let epoch = Instant::now();
     let start = Instant::now() + Duration::from_secs(1);
@@ -87,7 +104,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         listeners.push(tokio::spawn(async move {
             let mut h = hist();
             let mut seqs = Vec::new();
-            while let Ok(Some(ev)) = tokio::time::timeout_at((end + Duration::from_secs(10)).into(), sub.next()).await {
+            while let Ok(Some(ev)) =
+                tokio::time::timeout_at((end + Duration::from_secs(10)).into(), sub.next()).await
+            {
                 if let SubscriptionEvent::Event(e) = ev
                     && let Some(event::Kind::Message(m)) = e.kind
                     && m.conversation_id == conv_l
@@ -95,7 +114,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     let sent_ns = u64::from_be_bytes(m.body[..8].try_into().expect("8 bytes"));
                     let sent = epoch + Duration::from_nanos(sent_ns);
                     if sent >= measure_from {
-                        let _ = h.record(epoch.elapsed().saturating_sub(Duration::from_nanos(sent_ns)).as_micros() as u64);
+                        let _ = h.record(
+                            epoch
+                                .elapsed()
+                                .saturating_sub(Duration::from_nanos(sent_ns))
+                                .as_micros() as u64,
+                        );
                     }
                     seqs.push(m.seq);
                     if sent >= end {
@@ -155,9 +179,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         lost += a.saturating_sub(sorted.len() as u64);
     }
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!("e2e-bench: 3 store replicas (sync=always), 2 routers, 2 gateways; {} closed-loop senders, {}-byte bodies, one subscriber per conversation", args.clients, args.body_bytes);
-    println!("measured {} s after {} s warm-up", args.duration_secs, args.warmup_secs);
-    println!("acked sends/s: {:.0}", measured as f64 / args.duration_secs as f64);
+    println!(
+        "e2e-bench: 3 store replicas (sync=always), 2 routers, 2 gateways; {} closed-loop senders, {}-byte bodies, one subscriber per conversation",
+        args.clients, args.body_bytes
+    );
+    println!(
+        "measured {} s after {} s warm-up",
+        args.duration_secs, args.warmup_secs
+    );
+    println!(
+        "acked sends/s: {:.0}",
+        measured as f64 / args.duration_secs as f64
+    );
     for (name, h) in [("send→ack", &ack_h), ("send→delivery", &del_h)] {
         println!(
             "{name} latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
@@ -168,9 +201,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             h.max() as f64 / 1000.0
         );
     }
-    println!("acked {acked}, errors {errors}, acknowledged but not delivered {lost}, delivered twice {dup}");
+    println!(
+        "acked {acked}, errors {errors}, acknowledged but not delivered {lost}, delivered twice {dup}"
+    );
     let pid = up.id().context("local up exited")?.to_string();
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
     let _ = tokio::time::timeout(Duration::from_secs(20), up.wait()).await;
     Ok(())
 }

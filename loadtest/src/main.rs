@@ -24,6 +24,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::enum_variant_names)] // the subcommands are all benchmarks
 enum Cmd {
     /// Append throughput and latency of a local store group.
     StoreBench(store_bench::Args),

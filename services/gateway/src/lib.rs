@@ -18,8 +18,8 @@ use chat_proto::chat::v1::chat_server::ChatServer;
 use chat_proto::router::v1 as rpb;
 use chat_proto::router::v1::gateway_delivery_server::GatewayDeliveryServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::batcher::SendBatcher;

@@ -123,6 +123,7 @@ impl Chat for ChatApi {
             out,
             sweep: self.sweep,
             stop: self.stop.clone(),
+            held: HashMap::new(),
         };
         let sessions = self.sessions.clone();
         tokio::spawn(async move {

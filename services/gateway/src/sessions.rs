@@ -30,6 +30,19 @@ pub const PUSH_QUEUE: usize = 4_096;
 pub const OUT_QUEUE: usize = 1_024;
 /// Page size of catch-up reads.
 const PAGE: u32 = 1_000;
+/// How long a session holds a message that arrived ahead of a missing seq,
+/// waiting for the missing one to be pushed too (pushes of one conversation
+/// can come through different routers and cross), before reading the gap
+/// from the store.
+const GAP_WAIT: Duration = Duration::from_millis(50);
+/// Most messages held per conversation while waiting for a gap.
+const MAX_HELD: usize = 1_024;
+
+/// Messages pushed ahead of a gap in one conversation, and since when.
+type Held = (
+    tokio::time::Instant,
+    std::collections::BTreeMap<u64, spb::StoredMessage>,
+);
 
 pub enum Push {
     Message(spb::StoredMessage),
@@ -125,6 +138,8 @@ pub struct Session {
     /// Gateway shutdown: the stream ends with UNAVAILABLE so the client
     /// resumes elsewhere.
     pub stop: tokio_util::sync::CancellationToken,
+    /// Messages pushed ahead of a gap, by conversation.
+    pub held: HashMap<String, Held>,
 }
 
 /// The client went away; the session ends.
@@ -139,7 +154,11 @@ impl Session {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep.tick().await;
         loop {
+            let gap_deadline = self.held.values().map(|(since, _)| *since + GAP_WAIT).min();
             let step = tokio::select! {
+                _ = tokio::time::sleep_until(gap_deadline.unwrap_or_else(tokio::time::Instant::now)), if gap_deadline.is_some() => {
+                    self.fill_expired_gaps().await
+                }
                 _ = self.out.closed() => return,
                 _ = self.stop.cancelled() => {
                     let _ = self.out.try_send(Err(Status::unavailable("gateway is shutting down; resume on another")));
@@ -194,19 +213,66 @@ impl Session {
     }
 
     async fn on_message(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
-        let cursor = *self.cursors.entry(m.conversation_id.clone()).or_insert(0);
+        let conv = m.conversation_id.clone();
+        let cursor = *self.cursors.entry(conv.clone()).or_insert(0);
         if m.seq <= cursor {
             return Ok(());
         }
         if m.seq > cursor + 1 {
-            self.fetch(&m.conversation_id, m.seq - 1).await?;
+            let (_, held) = self
+                .held
+                .entry(conv)
+                .or_insert_with(|| (tokio::time::Instant::now(), Default::default()));
+            if held.len() < MAX_HELD {
+                held.insert(m.seq, m);
+            }
+            return Ok(());
         }
-        if self
-            .cursors
-            .get(&m.conversation_id)
-            .is_some_and(|&c| c + 1 == m.seq)
-        {
-            self.emit(m).await?;
+        self.emit(m).await?;
+        self.release_held(&conv).await
+    }
+
+    /// Emits held messages that are now next in line; drops those already
+    /// delivered.
+    async fn release_held(&mut self, conv: &str) -> Result<(), Gone> {
+        loop {
+            let cursor = self.cursors.get(conv).copied().unwrap_or(0);
+            let Some((_, held)) = self.held.get_mut(conv) else {
+                return Ok(());
+            };
+            while held.first_key_value().is_some_and(|(&s, _)| s <= cursor) {
+                held.pop_first();
+            }
+            let next = match held.first_key_value() {
+                Some((&s, _)) if s == cursor + 1 => held.pop_first().map(|(_, m)| m),
+                _ => None,
+            };
+            if held.is_empty() {
+                self.held.remove(conv);
+            }
+            match next {
+                Some(m) => self.emit(m).await?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Reads from the store the gaps no push filled in time.
+    async fn fill_expired_gaps(&mut self) -> Result<(), Gone> {
+        let now = tokio::time::Instant::now();
+        let expired: Vec<(String, u64)> = self
+            .held
+            .iter()
+            .filter(|(_, (since, _))| *since + GAP_WAIT <= now)
+            .filter_map(|(c, (_, h))| h.last_key_value().map(|(&s, _)| (c.clone(), s)))
+            .collect();
+        for (conv, upto) in expired {
+            self.fetch(&conv, upto).await?;
+            self.release_held(&conv).await?;
+            // Whatever is still held (a failed read) waits another round.
+            if let Some((since, _)) = self.held.get_mut(&conv) {
+                *since = tokio::time::Instant::now();
+            }
         }
         Ok(())
     }
@@ -257,5 +323,57 @@ impl Session {
     async fn emit(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
         self.cursors.insert(m.conversation_id.clone(), m.seq);
         self.out.send(Ok(to_event(m))).await.map_err(|_| Gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64) -> spb::StoredMessage {
+        spb::StoredMessage {
+            conversation_id: "c".into(),
+            seq,
+            sender: "a".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_that_cross_are_delivered_in_order_once_without_store_reads() {
+        // No router is reachable: any store read would fail, and the
+        // messages could then only arrive through the reorder buffer.
+        let pool = Arc::new(
+            RouterPool::new(&["127.0.0.1:9".to_string()], Duration::from_millis(50)).unwrap(),
+        );
+        let (out, mut rx) = mpsc::channel(16);
+        let (push_tx, pushes) = mpsc::channel(16);
+        let session = Session {
+            user: "b".into(),
+            cursors: HashMap::from([("c".to_string(), 0)]),
+            pool,
+            out,
+            sweep: Duration::from_secs(3600),
+            stop: tokio_util::sync::CancellationToken::new(),
+            held: HashMap::new(),
+        };
+        let task = tokio::spawn(session.run(pushes));
+        for seq in [2, 1, 1, 3] {
+            push_tx.send(Push::Message(msg(seq))).await.unwrap();
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 3 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(cpb::event::Kind::Message(m)) = ev.kind {
+                seqs.push(m.seq);
+            }
+        }
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert!(rx.try_recv().is_err(), "a message was delivered twice");
+        task.abort();
     }
 }

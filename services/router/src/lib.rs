@@ -14,8 +14,8 @@ use std::time::Duration;
 use chat_proto::router::v1::router_server::RouterServer;
 use chat_store::StoreClient;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::directory::Directory;
