@@ -353,3 +353,66 @@ async fn typing_reaches_online_members_and_is_never_stored() -> anyhow::Result<(
     stack.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_subscription_ends_when_its_token_expires() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let short = ChatClient::new(
+        stack.gateway_addrs.clone(),
+        &stack.key.sign("bob", now + 2),
+        Duration::from_secs(5),
+    )?;
+    let mut sub = short.subscribe(HashMap::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await? {
+            Some(SubscriptionEvent::Failed(s)) => {
+                assert_eq!(s.code(), Code::Unauthenticated, "{}", s.message());
+                break;
+            }
+            Some(_) => {}
+            None => anyhow::bail!("subscription ended without saying why"),
+        }
+    }
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_open_unbounded_subscriptions() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let token = stack.key.sign_for("bob", 600);
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", stack.gateway_addrs[0]))?
+            .connect()
+            .await?;
+    let mut raw = pb::chat_client::ChatClient::new(channel);
+    let request = || {
+        let mut r = tonic::Request::new(pb::SubscribeRequest { cursors: vec![] });
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        r
+    };
+    let mut open = Vec::new();
+    for _ in 0..chat_gateway::service::MAX_SESSIONS_PER_USER {
+        open.push(raw.subscribe(request()).await?);
+    }
+    let refused = raw.subscribe(request()).await.map(|_| ()).unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::ResourceExhausted,
+        "{}",
+        refused.message()
+    );
+    // Another user is unaffected.
+    let alice = stack.client_of("alice", &stack.gateway_addrs[..1]);
+    alice.create_conversation("x", &[]).await?;
+    drop(open);
+    stack.stop().await;
+    Ok(())
+}

@@ -80,6 +80,17 @@ impl TokenKey {
         self.verify_at(token, now_secs())
     }
 
+    /// The user a token names and when it expires (unix seconds).
+    pub fn verify_claims(&self, token: &str) -> Result<(String, u64), TokenError> {
+        let user = self.verify_at(token, now_secs())?;
+        let expiry = token
+            .rsplit('.')
+            .nth(1)
+            .and_then(|e| e.parse().ok())
+            .ok_or(TokenError::Malformed)?;
+        Ok((user, expiry))
+    }
+
     pub fn verify_at(&self, token: &str, now: u64) -> Result<String, TokenError> {
         let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
         let (head, expiry) = payload.rsplit_once('.').ok_or(TokenError::Malformed)?;

@@ -107,7 +107,17 @@ fn token_key(dir: &Path) -> anyhow::Result<String> {
     let key: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
-    std::fs::write(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(key.as_bytes())?;
+    }
     Ok(key)
 }
 

@@ -15,6 +15,9 @@ use crate::routers::RouterPool;
 pub const SEND_QUEUE: usize = 16_384;
 /// Most messages in one batch.
 const MAX_BATCH: usize = 1_024;
+/// Most body bytes in one batch (well under the routers' and the store's
+/// request limits, so one big batch is never refused whole).
+const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Batches outstanding at once.
 const IN_FLIGHT: usize = 4;
 
@@ -53,10 +56,14 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<(spb::AppendRequest, 
             return;
         };
         let Some(first) = rx.recv().await else { return };
+        let mut bytes = first.0.body.len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(x) => batch.push(x),
+                Ok(x) => {
+                    bytes += x.0.body.len();
+                    batch.push(x);
+                }
                 Err(_) => break,
             }
         }

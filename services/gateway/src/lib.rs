@@ -156,6 +156,9 @@ impl Drop for RunningGateway {
     }
 }
 
+/// Least time between two registrations.
+const REGISTER_SPACING: Duration = Duration::from_millis(100);
+
 /// Keeps every router's directory current: the full set of online users,
 /// at once when it changes and every third of the lease otherwise.
 async fn register(
@@ -187,6 +190,11 @@ async fn register(
             _ = stop.cancelled() => return,
             _ = sessions.changed.notified() => {}
             _ = tokio::time::sleep(lease / 3) => {}
+        }
+        // Changes that come in a burst go out as one registration.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(REGISTER_SPACING) => {}
         }
     }
 }

@@ -20,9 +20,13 @@ use crate::batcher::SendBatcher;
 use crate::routers::RouterPool;
 use crate::sessions::{OUT_QUEUE, Push, Session, Sessions};
 
-/// The authenticated user of a request, set by `authenticate`.
+/// The authenticated user of a request, set by `authenticate`, and when
+/// their token expires (unix seconds).
 #[derive(Clone, Debug)]
-pub struct User(pub String);
+pub struct User(pub String, pub u64);
+
+/// Open subscriptions one user may hold on one gateway.
+pub const MAX_SESSIONS_PER_USER: usize = 16;
 
 /// Interceptor: every call must carry a valid bearer token; the user it
 /// names is attached to the request. Runs before any other work.
@@ -34,10 +38,10 @@ pub fn authenticate(key: TokenKey) -> impl Fn(Request<()>) -> Result<Request<()>
             .and_then(|v| v.to_str().ok());
         let token =
             chat_auth::bearer(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let user = key
-            .verify(token)
+        let (user, expires) = key
+            .verify_claims(token)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        req.extensions_mut().insert(User(user));
+        req.extensions_mut().insert(User(user, expires));
         Ok(req)
     }
 }
@@ -109,6 +113,12 @@ impl Chat for ChatApi {
         request: Request<cpb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let user = user_of(&request)?;
+        let expires = request.extensions().get::<User>().map_or(0, |u| u.1);
+        if self.sessions.sessions_of(&user) >= MAX_SESSIONS_PER_USER {
+            return Err(Status::resource_exhausted(format!(
+                "{user} already has {MAX_SESSIONS_PER_USER} open subscriptions on this gateway"
+            )));
+        }
         let mut cursors = HashMap::new();
         for c in request.into_inner().cursors {
             valid_conversation(&c.conversation_id)?;
@@ -124,6 +134,7 @@ impl Chat for ChatApi {
             sweep: self.sweep,
             stop: self.stop.clone(),
             held: HashMap::new(),
+            token_expires: expires,
         };
         let sessions = self.sessions.clone();
         tokio::spawn(async move {

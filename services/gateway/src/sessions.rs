@@ -35,6 +35,8 @@ const PAGE: u32 = 1_000;
 /// can come through different routers and cross), before reading the gap
 /// from the store.
 const GAP_WAIT: Duration = Duration::from_millis(50);
+/// Longest a session waits for its token to expire (a year).
+const MAX_TOKEN_WAIT_SECS: u64 = 365 * 86_400;
 /// Most messages held per conversation while waiting for a gap.
 const MAX_HELD: usize = 1_024;
 
@@ -97,6 +99,14 @@ impl Sessions {
             .collect()
     }
 
+    pub fn sessions_of(&self, user: &str) -> usize {
+        self.by_user
+            .lock()
+            .expect("sessions lock poisoned")
+            .get(user)
+            .map_or(0, Vec::len)
+    }
+
     pub fn count(&self) -> usize {
         self.by_user
             .lock()
@@ -140,6 +150,9 @@ pub struct Session {
     pub stop: tokio_util::sync::CancellationToken,
     /// Messages pushed ahead of a gap, by conversation.
     pub held: HashMap<String, Held>,
+    /// When the subscriber's token expires (unix seconds); the stream ends
+    /// with UNAUTHENTICATED then.
+    pub token_expires: u64,
 }
 
 /// The client went away; the session ends.
@@ -153,6 +166,16 @@ impl Session {
         let mut sweep = tokio::time::interval(self.sweep);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep.tick().await;
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Capped: a far-future expiry must not overflow the clock.
+        let expiry = tokio::time::Instant::now()
+            + Duration::from_secs(
+                self.token_expires
+                    .saturating_sub(now_unix)
+                    .min(MAX_TOKEN_WAIT_SECS),
+            );
         loop {
             let gap_deadline = self.held.values().map(|(since, _)| *since + GAP_WAIT).min();
             let step = tokio::select! {
@@ -160,6 +183,10 @@ impl Session {
                     self.fill_expired_gaps().await
                 }
                 _ = self.out.closed() => return,
+                _ = tokio::time::sleep_until(expiry) => {
+                    let _ = self.out.try_send(Err(Status::unauthenticated("token expired; subscribe again with a fresh one")));
+                    return;
+                }
                 _ = self.stop.cancelled() => {
                     let _ = self.out.try_send(Err(Status::unavailable("gateway is shutting down; resume on another")));
                     return;
@@ -301,7 +328,9 @@ impl Session {
             {
                 Ok(p) => p,
                 Err(e) if matches!(e.code(), Code::PermissionDenied | Code::NotFound) => {
-                    self.cursors.remove(conv);
+                    // No longer a member: drop what is held. The cursor
+                    // stays, so being added back never repeats a seq.
+                    self.held.remove(conv);
                     return Ok(());
                 }
                 Err(e) => {
@@ -322,7 +351,11 @@ impl Session {
 
     async fn emit(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
         self.cursors.insert(m.conversation_id.clone(), m.seq);
-        self.out.send(Ok(to_event(m))).await.map_err(|_| Gone)
+        // A client that stops reading must not hold up a shutdown.
+        tokio::select! {
+            r = self.out.send(Ok(to_event(m))) => r.map_err(|_| Gone),
+            _ = self.stop.cancelled() => Err(Gone),
+        }
     }
 }
 
@@ -356,6 +389,7 @@ mod tests {
             sweep: Duration::from_secs(3600),
             stop: tokio_util::sync::CancellationToken::new(),
             held: HashMap::new(),
+            token_expires: u64::MAX,
         };
         let task = tokio::spawn(session.run(pushes));
         for seq in [2, 1, 1, 3] {

@@ -59,6 +59,11 @@ impl Router for RouterService {
             let Some(spb::append_outcome::Outcome::Ok(ok)) = &outcome.outcome else {
                 continue;
             };
+            // A duplicate's stored body may differ from this request's;
+            // subscribers get the stored one from the store (sweep).
+            if ok.duplicate {
+                continue;
+            }
             let Some(recipients) = members.get(item.conversation_id.as_str()) else {
                 continue;
             };
