@@ -121,7 +121,8 @@ fn token_key(dir: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
-async fn healthy(addr: &str, service: &str) -> bool {
+/// Whether `addr` answers SERVING for `service` on gRPC health.
+pub async fn healthy(addr: &str, service: &str) -> bool {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {

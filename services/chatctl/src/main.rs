@@ -102,6 +102,13 @@ enum Top {
     /// Direct access to the store replicas.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Exits 0 if ADDR reports SERVING on gRPC health (for healthchecks).
+    Health {
+        addr: String,
+        /// Service name to check ("" for the server as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -340,6 +347,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Top::Store(_) => return store(cli).await,
+        Top::Health { addr, service } => {
+            anyhow::ensure!(local::healthy(addr, service).await, "{addr} is not serving {service:?}");
+            println!("serving");
+        }
     }
     Ok(())
 }

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Stops the compose cluster and removes its volumes (all stored messages).
+set -euo pipefail
+cd "$(dirname "$0")"
+docker-compose -p "${CHAT_PROJECT:-chat}" -f docker-compose.yml down -v --remove-orphans

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the image (deploy/build-image.sh) and starts the compose cluster,
+# waiting until every service is healthy. The token key is made once and
+# kept in deploy/.env (read by docker-compose). Stop with deploy/down.sh.
+set -euo pipefail
+cd "$(dirname "$0")"
+./build-image.sh
+if [ ! -s .env ]; then
+    umask 077
+    echo "CHAT_TOKEN_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > .env
+fi
+compose="docker-compose -p ${CHAT_PROJECT:-chat} -f docker-compose.yml"
+$compose up -d
+echo "waiting for every service to be healthy"
+for _ in $(seq 1 120); do
+    unhealthy="$($compose ps -q | xargs docker inspect -f '{{.Name}} {{.State.Health.Status}}' | grep -v ' healthy$' || true)"
+    if [ -z "$unhealthy" ]; then
+        gw1="127.0.0.1:${CHAT_GATEWAY1_PORT:-7201}"; gw2="127.0.0.1:${CHAT_GATEWAY2_PORT:-7202}"
+        echo "ready gateways=$gw1,$gw2"
+        echo "export CHAT_GATEWAYS=$gw1,$gw2 $(cat .env)"
+        echo "target/release/chatctl --as alice conversation create demo --members bob"
+        exit 0
+    fi
+    sleep 1
+done
+echo "not healthy after 120 s:" >&2
+echo "$unhealthy" >&2
+exit 1

@@ -1,0 +1,228 @@
+//! The docker compose cluster (deploy/docker-compose.yml), driven through
+//! its published 127.0.0.1 ports. Runs when a Docker engine and the image
+//! (deploy/build-image.sh) are present, and says "skipped" otherwise.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use chat_client::{ChatClient, SubscriptionEvent, event};
+use chat_proto::chat::v1 as pb;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn compose_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-compose.yml")
+}
+
+fn image() -> String {
+    std::env::var("CHAT_IMAGE").unwrap_or_else(|_| "chat-backend:local".into())
+}
+
+/// Why this environment cannot run the compose test, if it cannot.
+fn unavailable() -> Option<String> {
+    let ok = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok(Command::new("docker").arg("info")) {
+        return Some("no Docker engine reachable (`docker info` failed)".into());
+    }
+    if !ok(Command::new("docker-compose").arg("version")) {
+        return Some("docker-compose is not installed".into());
+    }
+    if !ok(Command::new("docker").args(["image", "inspect", &image()])) {
+        return Some(format!("image {} is not built (run deploy/build-image.sh)", image()));
+    }
+    None
+}
+
+/// A compose project; `down -v` when dropped, whatever happened.
+struct Project {
+    name: String,
+    env: Vec<(String, String)>,
+}
+
+impl Project {
+    fn compose(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("docker-compose");
+        c.args(["-p", &self.name, "-f"]).arg(compose_file()).args(args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn container(&self, service: &str) -> String {
+        format!("{}_{}_1", self.name, service)
+    }
+
+    fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("docker").args(args).output()?;
+        anyhow::ensure!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Store status rows (id, role, applied) as seen from inside store-1's
+    /// network, through chatctl in the image.
+    fn store_status(&self, from: &str) -> anyhow::Result<Vec<(u64, String, u64)>> {
+        let out = self.docker(&[
+            "exec",
+            &self.container(from),
+            "chatctl",
+            "--store",
+            "store-1:7001,store-2:7001,store-3:7001",
+            "--timeout-secs",
+            "2",
+            "store",
+            "status",
+        ])?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 8 || f[2] == "unreachable:" {
+                    return None;
+                }
+                Some((f[0].parse().ok()?, f[2].to_owned(), f[6].parse().ok()?))
+            })
+            .collect())
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "2"]).output();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn wait_until<F, Fut>(what: &str, f: F) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f().await {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+async fn collect(sub: &mut chat_client::Subscription, conv: &str, n: usize) -> anyhow::Result<Vec<pb::Message>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, sub.next()).await? {
+            Some(SubscriptionEvent::Event(pb::Event { kind: Some(event::Kind::Message(m)) })) if m.conversation_id == conv => {
+                got.push(m)
+            }
+            Some(SubscriptionEvent::Failed(s)) => anyhow::bail!("subscription failed: {s}"),
+            Some(_) => {}
+            None => anyhow::bail!("subscription ended"),
+        }
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart() -> anyhow::Result<()> {
+    if let Some(why) = unavailable() {
+        println!("skipped: {why}");
+        if std::env::var("CI").is_ok_and(|v| v == "true") && Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success()) {
+            anyhow::bail!("CI has a Docker engine, so the compose test must run: {why}");
+        }
+        return Ok(());
+    }
+    let (p1, p2) = (free_port()?, free_port()?);
+    let key: String = (0..32).map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256)).collect();
+    let project = Project {
+        name: format!("chattest{}", std::process::id()),
+        env: vec![
+            ("CHAT_IMAGE".into(), image()),
+            ("CHAT_GATEWAY1_PORT".into(), p1.to_string()),
+            ("CHAT_GATEWAY2_PORT".into(), p2.to_string()),
+            ("CHAT_TOKEN_KEY".into(), key.clone()),
+        ],
+    };
+    let up = project.compose(&["up", "-d"]).output()?;
+    anyhow::ensure!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
+    let (gw1, gw2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    let key = chat_auth::TokenKey::new(key.into_bytes())?;
+    let client = |user: &str, gws: &[&String]| {
+        ChatClient::new(gws.iter().map(|s| s.to_string()).collect(), &key.sign_for(user, 3600), Duration::from_secs(30))
+    };
+    let alice1 = client("alice", &[&gw1])?;
+    wait_until("the cluster to accept calls", || async { alice1.list_conversations().await.is_ok() }).await?;
+
+    // 1. Sent through gateway 1, received by a listener on gateway 2.
+    alice1.create_conversation("c", &["bob".into()]).await?;
+    let bob2 = client("bob", &[&gw2])?;
+    let mut sub = bob2.subscribe(HashMap::new());
+    alice1.send("c", "hello", b"through compose".to_vec()).await?;
+    let got = collect(&mut sub, "c", 1).await?;
+    assert_eq!(got[0].client_msg_id, "hello");
+    drop(sub);
+
+    // 2. Kill the store leader's container while a client writes.
+    let leader = project
+        .store_status("store-1")?
+        .into_iter()
+        .find(|(_, role, _)| role == "leader")
+        .map(|(id, _, _)| id)
+        .ok_or_else(|| anyhow::anyhow!("no store leader"))?;
+    let writer = client("alice", &[&gw1, &gw2])?;
+    let write = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..300 {
+            let id = format!("w{i}");
+            writer.send("c", &id, b"x".to_vec()).await?;
+            acked.push(id);
+        }
+        Ok::<_, tonic::Status>(acked)
+    });
+    let victim = format!("store-{leader}");
+    tokio::time::sleep(Duration::from_millis(300)).await; // fault schedule: mid-write
+    project.docker(&["kill", &project.container(&victim)])?;
+    let acked = write.await??;
+    let history = alice1.history(pb::HistoryRequest { conversation_id: "c".into(), limit: 1000, ..Default::default() }).await?;
+    let stored: Vec<&str> = history.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    let unique: HashSet<&str> = stored.iter().copied().collect();
+    assert_eq!(unique.len(), stored.len(), "a message was stored twice");
+    for id in &acked {
+        assert!(unique.contains(id.as_str()), "acknowledged {id} lost");
+    }
+    // The killed replica comes back and catches up.
+    project.docker(&["start", &project.container(&victim)])?;
+    let other = if leader == 1 { "store-2" } else { "store-1" };
+    wait_until("the killed replica to catch up", || async {
+        let Ok(rows) = project.store_status(other) else { return false };
+        let max = rows.iter().map(|r| r.2).max().unwrap_or(0);
+        rows.len() == 3 && rows.iter().any(|r| r.0 == leader && r.2 == max)
+    })
+    .await?;
+
+    // 3. Restart the gateways one at a time while a client listens.
+    let bob = client("bob", &[&gw1, &gw2])?;
+    let last = history.messages.last().map_or(0, |m| m.seq);
+    let mut sub = bob.subscribe(HashMap::from([("c".to_string(), last)]));
+    let mut expect = Vec::new();
+    for (round, gw) in ["gateway-1", "gateway-2"].into_iter().enumerate() {
+        project.docker(&["restart", "-t", "1", &project.container(gw)])?;
+        for i in 0..5 {
+            let id = format!("r{round}-{i}");
+            writer_send(&client("alice", &[&gw1, &gw2])?, &id).await?;
+            expect.push(id);
+        }
+    }
+    let got: Vec<String> = collect(&mut sub, "c", expect.len()).await?.into_iter().map(|m| m.client_msg_id).collect();
+    assert_eq!(got, expect, "gap or duplicate across gateway restarts");
+    Ok(())
+}
+
+async fn writer_send(c: &ChatClient, id: &str) -> Result<(), tonic::Status> {
+    c.send("c", id, b"y".to_vec()).await.map(|_| ())
+}
