@@ -30,7 +30,10 @@ fn unavailable() -> Option<String> {
         return Some("docker-compose is not installed".into());
     }
     if !ok(Command::new("docker").args(["image", "inspect", &image()])) {
-        return Some(format!("image {} is not built (run deploy/build-image.sh)", image()));
+        return Some(format!(
+            "image {} is not built (run deploy/build-image.sh)",
+            image()
+        ));
     }
     None
 }
@@ -44,7 +47,9 @@ struct Project {
 impl Project {
     fn compose(&self, args: &[&str]) -> Command {
         let mut c = Command::new("docker-compose");
-        c.args(["-p", &self.name, "-f"]).arg(compose_file()).args(args);
+        c.args(["-p", &self.name, "-f"])
+            .arg(compose_file())
+            .args(args);
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -57,7 +62,11 @@ impl Project {
 
     fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new("docker").args(args).output()?;
-        anyhow::ensure!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -91,12 +100,16 @@ impl Project {
 
 impl Drop for Project {
     fn drop(&mut self) {
-        let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "2"]).output();
+        let _ = self
+            .compose(&["down", "-v", "--remove-orphans", "-t", "2"])
+            .output();
     }
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn wait_until<F, Fut>(what: &str, f: F) -> anyhow::Result<()>
@@ -106,20 +119,27 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !f().await {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(())
 }
 
-async fn collect(sub: &mut chat_client::Subscription, conv: &str, n: usize) -> anyhow::Result<Vec<pb::Message>> {
+async fn collect(
+    sub: &mut chat_client::Subscription,
+    conv: &str,
+    n: usize,
+) -> anyhow::Result<Vec<pb::Message>> {
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     while got.len() < n {
         match tokio::time::timeout_at(deadline, sub.next()).await? {
-            Some(SubscriptionEvent::Event(pb::Event { kind: Some(event::Kind::Message(m)) })) if m.conversation_id == conv => {
-                got.push(m)
-            }
+            Some(SubscriptionEvent::Event(pb::Event {
+                kind: Some(event::Kind::Message(m)),
+            })) if m.conversation_id == conv => got.push(m),
             Some(SubscriptionEvent::Failed(s)) => anyhow::bail!("subscription failed: {s}"),
             Some(_) => {}
             None => anyhow::bail!("subscription ended"),
@@ -129,16 +149,24 @@ async fn collect(sub: &mut chat_client::Subscription, conv: &str, n: usize) -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart() -> anyhow::Result<()> {
+async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
+-> anyhow::Result<()> {
     if let Some(why) = unavailable() {
         println!("skipped: {why}");
-        if std::env::var("CI").is_ok_and(|v| v == "true") && Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success()) {
+        if std::env::var("CI").is_ok_and(|v| v == "true")
+            && Command::new("docker")
+                .arg("info")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
             anyhow::bail!("CI has a Docker engine, so the compose test must run: {why}");
         }
         return Ok(());
     }
     let (p1, p2) = (free_port()?, free_port()?);
-    let key: String = (0..32).map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256)).collect();
+    let key: String = (0..32)
+        .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
+        .collect();
     let project = Project {
         name: format!("chattest{}", std::process::id()),
         env: vec![
@@ -149,20 +177,33 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
         ],
     };
     let up = project.compose(&["up", "-d"]).output()?;
-    anyhow::ensure!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
+    anyhow::ensure!(
+        up.status.success(),
+        "compose up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let (gw1, gw2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
     let key = chat_auth::TokenKey::new(key.into_bytes())?;
     let client = |user: &str, gws: &[&String]| {
-        ChatClient::new(gws.iter().map(|s| s.to_string()).collect(), &key.sign_for(user, 3600), Duration::from_secs(30))
+        ChatClient::new(
+            gws.iter().map(|s| s.to_string()).collect(),
+            &key.sign_for(user, 3600),
+            Duration::from_secs(30),
+        )
     };
     let alice1 = client("alice", &[&gw1])?;
-    wait_until("the cluster to accept calls", || async { alice1.list_conversations().await.is_ok() }).await?;
+    wait_until("the cluster to accept calls", || async {
+        alice1.list_conversations().await.is_ok()
+    })
+    .await?;
 
     // 1. Sent through gateway 1, received by a listener on gateway 2.
     alice1.create_conversation("c", &["bob".into()]).await?;
     let bob2 = client("bob", &[&gw2])?;
     let mut sub = bob2.subscribe(HashMap::new());
-    alice1.send("c", "hello", b"through compose".to_vec()).await?;
+    alice1
+        .send("c", "hello", b"through compose".to_vec())
+        .await?;
     let got = collect(&mut sub, "c", 1).await?;
     assert_eq!(got[0].client_msg_id, "hello");
     drop(sub);
@@ -188,8 +229,18 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
     tokio::time::sleep(Duration::from_millis(300)).await; // fault schedule: mid-write
     project.docker(&["kill", &project.container(&victim)])?;
     let acked = write.await??;
-    let history = alice1.history(pb::HistoryRequest { conversation_id: "c".into(), limit: 1000, ..Default::default() }).await?;
-    let stored: Vec<&str> = history.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    let history = alice1
+        .history(pb::HistoryRequest {
+            conversation_id: "c".into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?;
+    let stored: Vec<&str> = history
+        .messages
+        .iter()
+        .map(|m| m.client_msg_id.as_str())
+        .collect();
     let unique: HashSet<&str> = stored.iter().copied().collect();
     assert_eq!(unique.len(), stored.len(), "a message was stored twice");
     for id in &acked {
@@ -199,7 +250,9 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
     project.docker(&["start", &project.container(&victim)])?;
     let other = if leader == 1 { "store-2" } else { "store-1" };
     wait_until("the killed replica to catch up", || async {
-        let Ok(rows) = project.store_status(other) else { return false };
+        let Ok(rows) = project.store_status(other) else {
+            return false;
+        };
         let max = rows.iter().map(|r| r.2).max().unwrap_or(0);
         rows.len() == 3 && rows.iter().any(|r| r.0 == leader && r.2 == max)
     })
@@ -218,7 +271,11 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
             expect.push(id);
         }
     }
-    let got: Vec<String> = collect(&mut sub, "c", expect.len()).await?.into_iter().map(|m| m.client_msg_id).collect();
+    let got: Vec<String> = collect(&mut sub, "c", expect.len())
+        .await?
+        .into_iter()
+        .map(|m| m.client_msg_id)
+        .collect();
     assert_eq!(got, expect, "gap or duplicate across gateway restarts");
     Ok(())
 }

@@ -348,7 +348,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Top::Store(_) => return store(cli).await,
         Top::Health { addr, service } => {
-            anyhow::ensure!(local::healthy(addr, service).await, "{addr} is not serving {service:?}");
+            anyhow::ensure!(
+                local::healthy(addr, service).await,
+                "{addr} is not serving {service:?}"
+            );
             println!("serving");
         }
     }

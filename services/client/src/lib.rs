@@ -22,6 +22,20 @@ use tonic::{Code, Request, Response, Status};
 
 pub use chat_proto::chat::v1::{Event, Message, event};
 
+/// Calls `Chat::$method` with `$req` and the bearer token, moving across
+/// gateways on retryable errors.
+macro_rules! gateway_call {
+    ($self:ident, $method:ident, $req:expr) => {{
+        let req = $req;
+        $self
+            .call(|mut c| {
+                let r = $self.request(req.clone());
+                async move { c.$method(r).await }
+            })
+            .await
+    }};
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Events buffered by a subscription before it stops reading.
@@ -150,19 +164,11 @@ impl ChatClient {
             client_msg_id: client_msg_id.into(),
             body,
         };
-        self.call(|mut c| {
-            let r = self.request(req.clone());
-            async move { c.send(r).await }
-        })
-        .await
+        gateway_call!(self, send, req)
     }
 
     pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
-        self.call(|mut c| {
-            let r = self.request(req.clone());
-            async move { c.history(r).await }
-        })
-        .await
+        gateway_call!(self, history, req)
     }
 
     pub async fn create_conversation(
@@ -174,11 +180,7 @@ impl ChatClient {
             conversation_id: id.into(),
             members: members.to_vec(),
         };
-        self.call(|mut c| {
-            let r = self.request(req.clone());
-            async move { c.create_conversation(r).await }
-        })
-        .await
+        gateway_call!(self, create_conversation, req)
     }
 
     pub async fn add_member(
@@ -190,11 +192,7 @@ impl ChatClient {
             conversation_id: conversation.into(),
             user_id: user.into(),
         };
-        self.call(|mut c| {
-            let r = self.request(req.clone());
-            async move { c.add_member(r).await }
-        })
-        .await
+        gateway_call!(self, add_member, req)
     }
 
     pub async fn remove_member(
@@ -206,32 +204,19 @@ impl ChatClient {
             conversation_id: conversation.into(),
             user_id: user.into(),
         };
-        self.call(|mut c| {
-            let r = self.request(req.clone());
-            async move { c.remove_member(r).await }
-        })
-        .await
+        gateway_call!(self, remove_member, req)
     }
 
     pub async fn list_conversations(&self) -> Result<Vec<pb::Conversation>, Status> {
-        self.call(|mut c| {
-            let r = self.request(pb::ListConversationsRequest {});
-            async move { c.list_conversations(r).await }
-        })
-        .await
-        .map(|l| l.conversations)
+        gateway_call!(self, list_conversations, pb::ListConversationsRequest {})
+            .map(|l| l.conversations)
     }
 
     pub async fn typing(&self, conversation: &str) -> Result<(), Status> {
         let req = pb::TypingRequest {
             conversation_id: conversation.into(),
         };
-        self.call(|mut c| {
-            let r = self.request(req.clone());
-            async move { c.send_typing(r).await }
-        })
-        .await
-        .map(|_| ())
+        gateway_call!(self, send_typing, req).map(|_| ())
     }
 
     /// Subscribes from `cursors` (conversation → last seq held). Runs until

@@ -9,7 +9,7 @@ use chat_proto::store::v1 as spb;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
-use crate::routers::RouterPool;
+use crate::routers::{RouterPool, via_router};
 
 /// Sends queued before new ones are refused with RESOURCE_EXHAUSTED.
 pub const SEND_QUEUE: usize = 16_384;
@@ -71,12 +71,7 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<(spb::AppendRequest, 
         tokio::spawn(async move {
             let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let req = spb::AppendBatchRequest { items };
-            let result = pool
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.append_batch(req).await }
-                })
-                .await;
+            let result = via_router!(pool, append_batch, req);
             match result {
                 Ok(resp) => {
                     let mut outcomes = resp.items.into_iter();

@@ -12,6 +12,21 @@ use chat_proto::router::v1::router_client::RouterClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
+/// Calls `Router::$method` with `$req` through `$pool`: the next router in
+/// turn, another one when it is unavailable.
+macro_rules! via_router {
+    ($pool:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        $pool
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.$method(req).await }
+            })
+            .await
+    }};
+}
+pub(crate) use via_router;
+
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 

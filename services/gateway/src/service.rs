@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::batcher::SendBatcher;
-use crate::routers::RouterPool;
+use crate::routers::{RouterPool, via_router};
 use crate::sessions::{OUT_QUEUE, Push, Session, Sessions};
 
 /// The authenticated user of a request, set by `authenticate`, and when
@@ -159,13 +159,7 @@ impl Chat for ChatApi {
             requester: user,
             ..Default::default()
         };
-        let page = self
-            .pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.read(req).await }
-            })
-            .await?;
+        let page = via_router!(self.pool, read, req)?;
         let messages = page
             .messages
             .into_iter()
@@ -198,13 +192,7 @@ impl Chat for ChatApi {
             conversation_id: r.conversation_id,
             members,
         };
-        let c = self
-            .pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.create_conversation(req).await }
-            })
-            .await?;
+        let c = via_router!(self.pool, create_conversation, req)?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -219,13 +207,7 @@ impl Chat for ChatApi {
             user_id: r.user_id,
             requester: user,
         };
-        let c = self
-            .pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.add_member(req).await }
-            })
-            .await?;
+        let c = via_router!(self.pool, add_member, req)?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -240,13 +222,7 @@ impl Chat for ChatApi {
             user_id: r.user_id,
             requester: user,
         };
-        let c = self
-            .pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.remove_member(req).await }
-            })
-            .await?;
+        let c = via_router!(self.pool, remove_member, req)?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -259,13 +235,7 @@ impl Chat for ChatApi {
             user_id: user,
             ..Default::default()
         };
-        let l = self
-            .pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_conversations(req).await }
-            })
-            .await?;
+        let l = via_router!(self.pool, list_conversations, req)?;
         Ok(Response::new(cpb::ListConversationsResponse {
             conversations: l.conversations.into_iter().map(conversation).collect(),
         }))
@@ -282,12 +252,7 @@ impl Chat for ChatApi {
             conversation_id: r.conversation_id,
             user_id: user,
         };
-        self.pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.typing(req).await }
-            })
-            .await?;
+        via_router!(self.pool, typing, req)?;
         Ok(Response::new(cpb::TypingResponse {}))
     }
 }

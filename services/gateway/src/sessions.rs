@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status};
 use tracing::debug;
 
-use crate::routers::RouterPool;
+use crate::routers::{RouterPool, via_router};
 
 /// Pushes queued per session before new ones are dropped (the sweep
 /// recovers dropped messages).
@@ -216,14 +216,7 @@ impl Session {
             user_id: self.user.clone(),
             ..Default::default()
         };
-        let list = match self
-            .pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_conversations(req).await }
-            })
-            .await
-        {
+        let list = match via_router!(self.pool, list_conversations, req) {
             Ok(l) => l,
             Err(e) => {
                 debug!(user = %self.user, error = %e, "sync skipped");
@@ -318,14 +311,7 @@ impl Session {
                 requester: self.user.clone(),
                 ..Default::default()
             };
-            let page = match self
-                .pool
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.read(req).await }
-                })
-                .await
-            {
+            let page = match via_router!(self.pool, read, req) {
                 Ok(p) => p,
                 Err(e) if matches!(e.code(), Code::PermissionDenied | Code::NotFound) => {
                     // No longer a member: drop what is held. The cursor
