@@ -61,6 +61,17 @@ fn conversation(c: spb::ConversationInfo) -> cpb::Conversation {
     }
 }
 
+/// A membership change made on behalf of the caller.
+fn member_request(request: Request<cpb::MemberRequest>) -> Result<spb::MemberRequest, Status> {
+    let user = user_of(&request)?;
+    let r = request.into_inner();
+    Ok(spb::MemberRequest {
+        conversation_id: r.conversation_id,
+        user_id: r.user_id,
+        requester: user,
+    })
+}
+
 fn valid_conversation(id: &str) -> Result<(), Status> {
     ConversationId::parse(id).map(|_| ()).map_err(Status::from)
 }
@@ -200,14 +211,7 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::MemberRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
-        let user = user_of(&request)?;
-        let r = request.into_inner();
-        let req = spb::MemberRequest {
-            conversation_id: r.conversation_id,
-            user_id: r.user_id,
-            requester: user,
-        };
-        let c = via_router!(self.pool, add_member, req)?;
+        let c = via_router!(self.pool, add_member, member_request(request)?)?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -215,14 +219,7 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::MemberRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
-        let user = user_of(&request)?;
-        let r = request.into_inner();
-        let req = spb::MemberRequest {
-            conversation_id: r.conversation_id,
-            user_id: r.user_id,
-            requester: user,
-        };
-        let c = via_router!(self.pool, remove_member, req)?;
+        let c = via_router!(self.pool, remove_member, member_request(request)?)?;
         Ok(Response::new(conversation(c)))
     }
 
