@@ -1,8 +1,8 @@
 //! `chatctl local up`: the whole backend as local processes on 127.0.0.1,
 //! no Docker needed. Starts 3 store replicas, 2 routers and 2 gateways from
 //! the binaries next to chatctl, waits until each is healthy, prints a line
-//! beginning `ready`, and stops every process it started on Ctrl-C/SIGTERM
-//! (or when one of them exits on its own).
+//! beginning `ready`, and stops every process it started on Ctrl-C/SIGTERM.
+//! A process that dies meanwhile is reported; the rest keeps running.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +27,10 @@ pub struct UpArgs {
 struct Proc {
     name: String,
     child: Child,
+    /// Its exit has been reported.
+    reported: bool,
+    /// The command line that starts it again.
+    command: String,
 }
 
 impl Proc {
@@ -53,9 +57,13 @@ impl Proc {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
+        let env_prefix: String = env.iter().map(|(k, _)| format!("{k}=... ")).collect();
+        let command = format!("{env_prefix}{} {}", bin.display(), args.join(" "));
         Ok(Self {
             name: name.to_owned(),
             child,
+            reported: false,
+            command,
         })
     }
 
@@ -296,9 +304,19 @@ async fn run(
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = tick.tick() => {
+                // A process that dies is a failure the cluster is built to
+                // survive: say so and keep the rest running.
                 for p in procs.iter_mut() {
-                    if let Ok(Some(status)) = p.child.try_wait() {
-                        bail!("{} exited ({status}); stopping the rest", p.name);
+                    if !p.reported
+                        && let Ok(Some(status)) = p.child.try_wait()
+                    {
+                        p.reported = true;
+                        eprintln!(
+                            "{} exited ({status}); the rest keeps running. Log: {}. Start it again with: {}",
+                            p.name,
+                            dir.join("logs").join(format!("{}.log", p.name)).display(),
+                            p.command
+                        );
                     }
                 }
             }
