@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chat_client::{ChatClient, SubscriptionEvent, event};
 use chat_proto::chat::v1 as pb;
+use chat_tests::free_ports;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -106,12 +107,6 @@ impl Drop for Project {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 async fn wait_until<F, Fut>(what: &str, f: F) -> anyhow::Result<()>
 where
     F: Fn() -> Fut,
@@ -163,7 +158,8 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
         }
         return Ok(());
     }
-    let (p1, p2) = (free_port()?, free_port()?);
+    let ports = free_ports(2)?;
+    let (p1, p2) = (ports[0], ports[1]);
     let key: String = (0..32)
         .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
         .collect();

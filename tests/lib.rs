@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-pub use chat_store::testkit::process::{StoreProcess, free_port, local_group};
+pub use chat_store::testkit::process::{StoreProcess, free_port, free_ports, local_group};
 
 /// Directory holding the workspace's built binaries: `CHAT_BIN_DIR`, or the
 /// profile directory this test executable was built into.

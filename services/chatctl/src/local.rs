@@ -83,10 +83,11 @@ impl Proc {
     }
 }
 
-fn port(base: u16, offset: u16) -> anyhow::Result<u16> {
+/// The port at `offset` from `base`, or with base 0 the next of `free`
+/// (distinct ports picked in advance).
+fn port(base: u16, offset: u16, free: &mut Vec<u16>) -> anyhow::Result<u16> {
     if base == 0 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        return Ok(l.local_addr()?.port());
+        return free.pop().context("ran out of free ports");
     }
     base.checked_add(offset).context("--base-port too high")
 }
@@ -156,17 +157,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         binary("chat-gateway")?,
     );
     let b = args.base_port;
+    let mut free = if b == 0 {
+        chat_store::testkit::process::free_ports(9)?
+    } else {
+        Vec::new()
+    };
     let stores: Vec<String> = (1..=3)
-        .map(|i| port(b, i).map(|p| format!("127.0.0.1:{p}")))
+        .map(|i| port(b, i, &mut free).map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_, _>>()?;
     let routers: Vec<String> = (1..=2)
-        .map(|i| port(b, 100 + i).map(|p| format!("127.0.0.1:{p}")))
+        .map(|i| port(b, 100 + i, &mut free).map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_, _>>()?;
     let gateways: Vec<String> = (1..=2)
-        .map(|i| port(b, 200 + i).map(|p| format!("127.0.0.1:{p}")))
+        .map(|i| port(b, 200 + i, &mut free).map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_, _>>()?;
     let internals: Vec<String> = (1..=2)
-        .map(|i| port(b, 210 + i).map(|p| format!("127.0.0.1:{p}")))
+        .map(|i| port(b, 210 + i, &mut free).map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_, _>>()?;
     let peers = stores
         .iter()

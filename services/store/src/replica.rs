@@ -208,8 +208,9 @@ impl Replica {
     }
 
     /// Graceful stop: report NOT_SERVING, hand leadership to the most
-    /// up-to-date voter, finish in-flight calls, sync storage.
-    pub async fn shutdown(mut self, grace: Duration) -> Result<(), StoreError> {
+    /// up-to-date voter, finish in-flight calls, sync storage. Returns
+    /// whether this replica led and saw another take over before it stopped.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<bool, StoreError> {
         let id = self.handle.id();
         self.health
             .set_service_status(HEALTH_SERVICE, ServingStatus::NotServing)
@@ -218,6 +219,7 @@ impl Replica {
             .set_service_status("", ServingStatus::NotServing)
             .await;
         let deadline = tokio::time::Instant::now() + grace;
+        let mut handed_over = false;
         if self.handle.status().role == StateRole::Leader {
             match self.handle.transfer_leader(None).await {
                 Ok(target) => {
@@ -227,6 +229,7 @@ impl Replica {
                         .await
                         .is_some();
                     info!(replica = %id, target = %target, moved, "leadership transfer before shutdown");
+                    handed_over = moved;
                 }
                 Err(e) => {
                     warn!(replica = %id, error = %e, "no leadership transfer before shutdown")
@@ -241,7 +244,8 @@ impl Replica {
         {
             self.server.abort();
         }
-        self.join_driver().await
+        self.join_driver().await?;
+        Ok(handed_over)
     }
 
     /// Abrupt stop, as close to a crash as a process can simulate in

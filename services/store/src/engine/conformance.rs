@@ -22,6 +22,22 @@ fn engines() -> Vec<(&'static str, Arc<dyn Engine>, Option<tempfile::TempDir>)> 
     ]
 }
 
+/// Opens a sled directory that a just-dropped engine used: sled's background
+/// threads release its file lock shortly after the drop, so wait for that
+/// (bounded) instead of failing on a busy machine.
+fn reopen(dir: &std::path::Path) -> SledEngine {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledEngine::open(dir, BackgroundFlush::Off) {
+            Ok(e) => return e,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot reopen {}: {e}", dir.display()),
+        }
+    }
+}
+
 fn kv(k: &str, v: &str) -> (Vec<u8>, Vec<u8>) {
     (k.as_bytes().to_vec(), v.as_bytes().to_vec())
 }
@@ -179,7 +195,7 @@ fn hard_state_and_log_survive_reopen() {
             .unwrap();
         e.sync().unwrap();
     }
-    let e: Arc<dyn Engine> = Arc::new(SledEngine::open(dir.path(), BackgroundFlush::Off).unwrap());
+    let e: Arc<dyn Engine> = Arc::new(reopen(dir.path()));
     let log = LogStore::open(e.clone(), NodeId(2), &[]).unwrap();
     let st = log.initial_state().unwrap();
     assert_eq!(

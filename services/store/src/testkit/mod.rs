@@ -281,11 +281,12 @@ impl Cluster {
     }
 
     /// Stops a replica gracefully, as on SIGTERM.
-    pub async fn shutdown(&mut self, id: NodeId) -> Result<(), StoreError> {
-        if let Some(r) = self.slots.get_mut(&id).and_then(|s| s.replica.take()) {
-            r.shutdown(Duration::from_secs(3)).await?;
+    /// Returns whether the replica led and handed leadership over first.
+    pub async fn shutdown(&mut self, id: NodeId) -> Result<bool, StoreError> {
+        match self.slots.get_mut(&id).and_then(|s| s.replica.take()) {
+            Some(r) => r.shutdown(Duration::from_secs(3)).await,
+            None => Ok(false),
         }
-        Ok(())
     }
 
     /// Starts a stopped replica again on its data directory.

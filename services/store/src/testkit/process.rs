@@ -9,10 +9,30 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
-/// A free port on 127.0.0.1 (bound and released; the caller binds it next).
+/// A free port on 127.0.0.1 for a child process to bind next. Chosen below
+/// the kernel's ephemeral range (32768 and up), which `127.0.0.1:0` binds and
+/// outgoing connections draw from, so a port checked free here is not taken
+/// by one of those before the child binds it.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    for _ in 0..1000 {
+        let p = 20_000 + (rand::random::<u16>() % 12_000);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("no free port found in 20000..32000")
+}
+
+/// `n` distinct free ports (see `free_port`).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let mut out: Vec<u16> = Vec::with_capacity(n);
+    while out.len() < n {
+        let p = free_port()?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Ok(out)
 }
 
 /// One `chat-store` process; killed when dropped.
@@ -143,9 +163,10 @@ pub fn local_group(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> anyhow::Result<Vec<StoreProcess>> {
-    let addrs: Vec<String> = (0..n)
-        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-        .collect::<Result<_, _>>()?;
+    let addrs: Vec<String> = free_ports(n as usize)?
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
     let peers = addrs
         .iter()
         .enumerate()
