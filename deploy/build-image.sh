@@ -16,7 +16,8 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
 fi
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
-cp target/release/chat-store target/release/chat-router target/release/chat-gateway target/release/chatctl \
+rel="${CARGO_TARGET_DIR:-target}/release"
+cp "$rel/chat-store" "$rel/chat-router" "$rel/chat-gateway" "$rel/chatctl" \
     deploy/image/Dockerfile "$ctx"/
 docker build -q --build-arg BASE_IMAGE="$base" -t "$image" "$ctx" >/dev/null
 echo "built $image"
