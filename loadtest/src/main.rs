@@ -1,16 +1,20 @@
-//! `loadtest`: benchmarks and load scenarios of the chat backend.
+//! `loadtest`: load scenarios and benchmarks of the chat backend.
 //!
-//! `loadtest store-bench` measures the replicated store alone: it starts a
-//! local group of real `chat-store` processes, drives it with closed-loop
-//! appenders (each waits for its ack before sending again), and reports
-//! acknowledged appends per second and append latency. Afterwards it checks
-//! that every acknowledged append is stored, exactly once.
+//! Scenarios (`steady`, `congestion`, `failover`, `rolling-restart`,
+//! `reconnect-storm`) drive chat traffic through the gateways, inject
+//! faults, read everything back and write a report (JSON, Markdown, SVG);
+//! the exit status is 1 when an SLO is missed. Benchmarks (`store-bench`,
+//! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency.
 
 mod e2e_bench;
 mod engine_bench;
+mod scenario;
 mod store_bench;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+use scenario::Scenario;
 
 #[derive(Parser)]
 #[command(
@@ -24,8 +28,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-#[allow(clippy::enum_variant_names)] // the subcommands are all benchmarks
 enum Cmd {
+    /// A fixed offered rate for a duration, then the read-back.
+    Steady(scenario::Args),
+    /// Offered load ramps from a quarter of capacity to --peak-factor times
+    /// it (capacity probed first unless --capacity is given).
+    Congestion(scenario::Args),
+    /// Steady load with faults (--fault KIND@SECONDS; default store-leader@10).
+    Failover(scenario::Args),
+    /// Every service restarted gracefully, one at a time, under load.
+    RollingRestart(scenario::Args),
+    /// Every client drops its connections and resubscribes at once.
+    ReconnectStorm(scenario::Args),
     /// Append throughput and latency of a local store group.
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
@@ -34,14 +48,36 @@ enum Cmd {
     E2eBench(e2e_bench::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    match cli.command {
-        Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)),
-        Cmd::EngineBench(args) => engine_bench::run(args),
-        Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)),
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadtest: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let scenario = |s: Scenario, args| rt.block_on(scenario::run(s, args));
+    let result = match cli.command {
+        Cmd::Steady(args) => scenario(Scenario::Steady, args),
+        Cmd::Congestion(args) => scenario(Scenario::Congestion, args),
+        Cmd::Failover(args) => scenario(Scenario::Failover, args),
+        Cmd::RollingRestart(args) => scenario(Scenario::RollingRestart, args),
+        Cmd::ReconnectStorm(args) => scenario(Scenario::ReconnectStorm, args),
+        Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)).map(|()| true),
+        Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
+        Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        // An SLO was missed; the summary above says which.
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }

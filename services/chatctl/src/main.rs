@@ -7,7 +7,7 @@
 //!
 //! Errors are one line on stderr and a non-zero exit status.
 
-mod local;
+use chatctl::local;
 
 use std::collections::HashMap;
 use std::process::ExitCode;

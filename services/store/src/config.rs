@@ -80,6 +80,10 @@ pub struct StoreConfig {
     /// How long SIGTERM waits for leadership transfer and in-flight calls.
     #[arg(long, env = "CHAT_STORE_SHUTDOWN_GRACE_MS", default_value_t = 3_000)]
     pub shutdown_grace_ms: u64,
+    /// Drills only: SIGUSR1 cuts this replica off from its peers (raft
+    /// traffic both ways; clients still reach it), SIGUSR2 reconnects it.
+    #[arg(long, env = "CHAT_STORE_FAULT_SIGNALS")]
+    pub fault_signals: bool,
     /// Log filter (for example `info` or `chat_store=debug,raft=debug`).
     #[arg(long, env = "CHAT_STORE_LOG", default_value = "info")]
     pub log: String,

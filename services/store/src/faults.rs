@@ -12,6 +12,8 @@ use crate::types::NodeId;
 struct State {
     /// Directed links that carry nothing.
     cut: HashSet<(NodeId, NodeId)>,
+    /// Nodes cut off from every other node.
+    isolated: HashSet<NodeId>,
     /// Probability in [0, 1] that a message is dropped.
     drop_rate: f64,
     /// Added to every batch a peer sends.
@@ -34,6 +36,15 @@ impl Faults {
         }
     }
 
+    /// Cuts `node` off from every other node, both ways, whoever they are.
+    pub fn isolate(&self, node: NodeId) {
+        self.0
+            .write()
+            .expect("faults lock poisoned")
+            .isolated
+            .insert(node);
+    }
+
     /// Removes every partition, loss and delay.
     pub fn heal(&self) {
         *self.0.write().expect("faults lock poisoned") = State::default();
@@ -50,7 +61,7 @@ impl Faults {
     /// Whether a message from `from` to `to` gets through.
     pub fn passes(&self, from: NodeId, to: NodeId) -> bool {
         let s = self.0.read().expect("faults lock poisoned");
-        if s.cut.contains(&(from, to)) {
+        if s.cut.contains(&(from, to)) || s.isolated.contains(&from) || s.isolated.contains(&to) {
             return false;
         }
         s.drop_rate == 0.0 || rand::random::<f64>() >= s.drop_rate

@@ -57,7 +57,12 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-    let replica = Replica::start(opts, engine, listener, Faults::default()).await?;
+    let faults = Faults::default();
+    let id = opts.driver.id;
+    let replica = Replica::start(opts, engine, listener, faults.clone()).await?;
+    if cfg.fault_signals {
+        tokio::spawn(fault_signals(faults, id));
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -72,4 +77,23 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
         .await?;
     info!("stopped");
     Ok(())
+}
+
+/// `--fault-signals`: SIGUSR1 isolates this replica from its peers, SIGUSR2
+/// heals it.
+async fn fault_signals(faults: Faults, id: chat_store::NodeId) -> std::io::Result<()> {
+    let mut cut = signal(SignalKind::user_defined1())?;
+    let mut heal = signal(SignalKind::user_defined2())?;
+    loop {
+        tokio::select! {
+            Some(()) = cut.recv() => {
+                tracing::warn!("SIGUSR1: fault drill, cut off from every peer");
+                faults.isolate(id);
+            }
+            Some(()) = heal.recv() => {
+                tracing::warn!("SIGUSR2: fault drill over, peers reachable again");
+                faults.heal();
+            }
+        }
+    }
 }

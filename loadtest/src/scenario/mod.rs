@@ -1,0 +1,935 @@
+//! Load scenarios: realistic chat traffic against a cluster, faults at
+//! chosen moments, and afterwards a read-back proving every acknowledged
+//! message is stored once, in order, and was delivered to every member.
+//!
+//! Traffic is open-loop by default: sends are scheduled at a constant
+//! arrival rate and latency is measured from the scheduled time, so a
+//! stalled server cannot hide its stall by slowing the senders down (no
+//! coordinated omission). `--concurrency N` switches to closed loop: N
+//! senders, each waiting for its ack, for finding capacity.
+
+pub mod fault;
+mod report;
+mod target;
+mod verify;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use chat_client::{ChatClient, SubscriptionEvent, event};
+use chatctl::local::LocalOptions;
+use rand::Rng;
+use tokio::sync::watch;
+
+use fault::FaultSpec;
+use report::{FaultRecord, Report};
+use target::Target;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// A fixed rate for a duration.
+    Steady,
+    /// Offered load ramps from below to several times capacity.
+    Congestion,
+    /// Steady load with faults (default: the store leader killed at 10 s).
+    Failover,
+    /// Every service restarted one at a time under load.
+    RollingRestart,
+    /// Every client disconnects and reconnects at once.
+    ReconnectStorm,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Steady => "steady",
+            Scenario::Congestion => "congestion",
+            Scenario::Failover => "failover",
+            Scenario::RollingRestart => "rolling-restart",
+            Scenario::ReconnectStorm => "reconnect-storm",
+        }
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Start a local cluster (3 stores, 2 routers, 2 gateways as local
+    /// processes) and inject faults by signals. The default target.
+    #[arg(long, conflicts_with_all = ["compose", "gateways"])]
+    local: bool,
+    /// Run against the docker compose cluster of this file (started with
+    /// deploy/up.sh); faults through the Docker engine.
+    #[arg(long, value_name = "FILE", conflicts_with = "gateways")]
+    compose: Option<PathBuf>,
+    /// Compose project name (deploy/up.sh uses CHAT_PROJECT, default chat).
+    #[arg(long, default_value = "chat", env = "CHAT_PROJECT")]
+    compose_project: String,
+    /// Run against gateways that are already running (host:port, comma
+    /// separated); no faults are injected, verification is the same.
+    #[arg(long, value_delimiter = ',')]
+    gateways: Vec<String>,
+    /// The deployment's token key (with --gateways, and --compose when
+    /// deploy/.env is not beside the compose file).
+    #[arg(long, env = "CHAT_TOKEN_KEY", hide_env_values = true)]
+    token_key: Option<String>,
+
+    /// Simulated users, each with a Subscribe stream open.
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// Conversations messages are sent to.
+    #[arg(long, default_value_t = 50)]
+    conversations: usize,
+    /// Members per conversation.
+    #[arg(long, default_value_t = 3)]
+    group_size: usize,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    body_bytes: usize,
+    /// Offered sends per second (open loop). Default: 500, or for
+    /// `congestion` the ramp from --capacity.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Closed loop instead: this many senders, each waiting for its ack.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Length of the load phase in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// A fault to inject, KIND@SECONDS into the load phase (repeatable).
+    /// Kinds: store-leader, store-follower, gateway, router (SIGKILL or
+    /// docker kill, restarted after --restart-after), partition-leader,
+    /// partition-follower, heal, pause-leader, pause-follower, unpause.
+    #[arg(long = "fault", value_name = "KIND@SECONDS")]
+    faults: Vec<FaultSpec>,
+    /// Seconds after which a killed service is started again.
+    #[arg(long, default_value_t = 3.0)]
+    restart_after: f64,
+    /// How long one send may take, retries included, before it counts as
+    /// failed.
+    #[arg(long, default_value_t = 10.0)]
+    send_timeout: f64,
+
+    /// congestion: capacity in acked sends/s; found by a closed-loop probe
+    /// when not given.
+    #[arg(long)]
+    capacity: Option<f64>,
+    /// congestion: the ramp ends at this multiple of capacity.
+    #[arg(long, default_value_t = 3.0)]
+    peak_factor: f64,
+    /// congestion: seconds of the capacity probe.
+    #[arg(long, default_value_t = 10.0)]
+    probe_secs: f64,
+    /// reconnect-storm: seconds into the load phase (default: a third).
+    #[arg(long)]
+    storm_at: Option<f64>,
+
+    /// SLO: longest gap between acks after a store-leader fault, in ms.
+    #[arg(long, default_value_t = 2000)]
+    max_unavailability_ms: u64,
+    /// Directory the report goes into (a subdirectory per run).
+    #[arg(long, default_value = "loadtest-reports")]
+    out: PathBuf,
+    /// No live progress line.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Keep the local cluster's data directories after the run.
+    #[arg(long)]
+    keep_data: bool,
+}
+
+impl Args {
+    fn validate(&self, scenario: Scenario) -> anyhow::Result<()> {
+        if let Some(r) = self.rate {
+            anyhow::ensure!(
+                r.is_finite() && r > 0.0,
+                "--rate must be more than 0, got {r}"
+            );
+        }
+        anyhow::ensure!(
+            self.concurrency != Some(0),
+            "--concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            self.duration.is_finite() && self.duration > 0.0 && self.duration <= 3600.0,
+            "--duration must be in (0, 3600] seconds"
+        );
+        anyhow::ensure!(self.users >= 1, "--users must be at least 1");
+        anyhow::ensure!(
+            self.conversations >= 1,
+            "--conversations must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=self.users).contains(&self.group_size),
+            "--group-size must be between 1 and --users ({})",
+            self.users
+        );
+        anyhow::ensure!(
+            (16..=60_000).contains(&self.body_bytes),
+            "--body-bytes must be between 16 and 60000"
+        );
+        anyhow::ensure!(
+            self.send_timeout > 0.0 && self.send_timeout <= 120.0,
+            "--send-timeout must be in (0, 120] seconds"
+        );
+        anyhow::ensure!(
+            self.restart_after >= 0.0,
+            "--restart-after must be 0 or more"
+        );
+        if let Some(c) = self.capacity {
+            anyhow::ensure!(c > 0.0, "--capacity must be more than 0");
+        }
+        anyhow::ensure!(self.peak_factor > 0.0, "--peak-factor must be more than 0");
+        for f in &self.faults {
+            anyhow::ensure!(
+                f.at_s < self.duration,
+                "fault {}@{} is after the end of the load phase ({} s)",
+                f.kind,
+                f.at_s,
+                self.duration
+            );
+        }
+        if !self.gateways.is_empty() {
+            anyhow::ensure!(
+                self.faults.is_empty() && scenario != Scenario::RollingRestart,
+                "--gateways targets a cluster this tool did not start: it injects no faults there (use --local or --compose)"
+            );
+            anyhow::ensure!(
+                self.token_key.is_some(),
+                "--gateways needs the token key (--token-key or CHAT_TOKEN_KEY)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One send and what became of it. Times are microseconds since the run's
+/// epoch.
+#[derive(Clone, Debug)]
+struct SendRecord {
+    conv: u32,
+    /// Sequence number of the send in this run; the client message id is
+    /// derived from it.
+    k: u64,
+    /// When the send was scheduled (latency is measured from here).
+    intended_us: u64,
+    /// When the request actually left.
+    started_us: u64,
+    done_us: u64,
+    /// The stored seq, or the final gRPC code.
+    outcome: Result<u64, tonic::Code>,
+}
+
+/// A message as one subscriber received it.
+#[derive(Clone, Debug)]
+struct Delivery {
+    conv: u32,
+    seq: u64,
+    k: Option<u64>,
+    at_us: u64,
+}
+
+struct Conv {
+    id: String,
+    members: Vec<u32>,
+}
+
+/// Everything the traffic tasks share.
+struct Ctx {
+    run: String,
+    epoch: Instant,
+    users: Vec<String>,
+    convs: Vec<Conv>,
+    conv_index: HashMap<String, u32>,
+    /// Per user; replaced wholesale by a reconnect storm.
+    clients: Vec<RwLock<ChatClient>>,
+    body_bytes: usize,
+    sends: Mutex<Vec<SendRecord>>,
+    next_k: AtomicU64,
+    in_flight: AtomicU64,
+    /// Per user: what its subscription delivered.
+    deliveries: Vec<Mutex<Vec<Delivery>>>,
+    /// Per user: the highest seq delivered per conversation index.
+    delivered_upto: Vec<Mutex<HashMap<u32, u64>>>,
+    gateways: Vec<String>,
+    key: chat_auth::TokenKey,
+    send_timeout: Duration,
+}
+
+impl Ctx {
+    fn us(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    fn cmid(&self, k: u64) -> String {
+        format!("{}-{k}", self.run)
+    }
+
+    /// The send number in a client message id of this run.
+    fn k_of(&self, cmid: &str) -> Option<u64> {
+        cmid.strip_prefix(&self.run)?
+            .strip_prefix('-')?
+            .parse()
+            .ok()
+    }
+
+    fn client_for(&self, user: usize) -> anyhow::Result<ChatClient> {
+        let token = self.key.sign_for(&self.users[user], 24 * 3600);
+        ChatClient::new(self.gateways.clone(), &token, self.send_timeout)
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+    }
+
+    fn client(&self, user: u32) -> ChatClient {
+        self.clients[user as usize]
+            .read()
+            .expect("client lock poisoned")
+            .clone()
+    }
+
+    /// One send scheduled at `intended`: a random conversation, a random
+    /// member as the sender.
+    async fn send_one(self: Arc<Self>, intended: Instant) {
+        tokio::time::sleep_until(intended.into()).await;
+        let (conv, sender) = {
+            let mut rng = rand::rng();
+            let c = rng.random_range(0..self.convs.len());
+            let m = &self.convs[c].members;
+            (c as u32, m[rng.random_range(0..m.len())])
+        };
+        let k = self.next_k.fetch_add(1, Ordering::Relaxed);
+        let mut body = vec![b'.'; self.body_bytes];
+        let stamp = k.to_be_bytes();
+        body[..8].copy_from_slice(&stamp);
+        let client = self.client(sender);
+        let started = Instant::now();
+        let res = client
+            .send(&self.convs[conv as usize].id, &self.cmid(k), body)
+            .await;
+        let done = Instant::now();
+        let rec = SendRecord {
+            conv,
+            k,
+            intended_us: self.us(intended),
+            started_us: self.us(started),
+            done_us: self.us(done),
+            outcome: res.map(|r| r.seq).map_err(|s| s.code()),
+        };
+        self.sends.lock().expect("sends lock poisoned").push(rec);
+    }
+}
+
+/// Offered sends per second at `t` seconds into the load phase.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Constant(f64),
+    /// Linear from `from` to `to` over `secs`.
+    Ramp {
+        from: f64,
+        to: f64,
+        secs: f64,
+    },
+    Closed(usize),
+}
+
+impl Load {
+    fn rate_at(self, t: f64) -> f64 {
+        match self {
+            Load::Constant(r) => r,
+            Load::Ramp { from, to, secs } => from + (to - from) * (t / secs).clamp(0.0, 1.0),
+            Load::Closed(_) => 0.0,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Load::Constant(r) => format!("{r:.0}/s open loop"),
+            Load::Ramp { from, to, .. } => format!("{from:.0}/s → {to:.0}/s open-loop ramp"),
+            Load::Closed(n) => format!("closed loop, {n} senders"),
+        }
+    }
+}
+
+const TICK: Duration = Duration::from_millis(5);
+
+/// Drives `load` from `start` for `secs`; returns when every send it began
+/// has finished.
+async fn drive(ctx: &Arc<Ctx>, load: Load, start: Instant, secs: f64) {
+    let end = start + Duration::from_secs_f64(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    match load {
+        Load::Closed(n) => {
+            for _ in 0..n {
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    tokio::time::sleep_until(start.into()).await;
+                    while Instant::now() < end {
+                        ctx.clone().send_one(Instant::now()).await;
+                    }
+                });
+            }
+        }
+        _ => {
+            let mut tick = tokio::time::interval_at(start.into(), TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut credit = 0.0f64;
+            let mut prev = start;
+            loop {
+                let t = tick.tick().await.into_std();
+                if t >= end {
+                    break;
+                }
+                let dt = (t - prev).as_secs_f64();
+                credit += load.rate_at((t - start).as_secs_f64()) * dt;
+                let n = credit.floor();
+                credit -= n;
+                let n = n as u32;
+                for i in 0..n {
+                    // Spread evenly over the tick just passed.
+                    let intended = prev + (t - prev).mul_f64(f64::from(i + 1) / f64::from(n));
+                    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let ctx = ctx.clone();
+                    tasks.spawn(async move {
+                        ctx.clone().send_one(intended).await;
+                        ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                prev = t;
+                // Reap finished sends so the set stays small.
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// A subscriber: records what its subscription delivers; resubscribes on a
+/// new connection (from its cursors) when `storm` changes.
+async fn subscriber(
+    ctx: Arc<Ctx>,
+    user: usize,
+    mut storm: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut cursors: HashMap<String, u64> = HashMap::new();
+    let mut sub = ctx.client(user as u32).subscribe(cursors.clone());
+    loop {
+        tokio::select! {
+            ev = sub.next() => {
+                let Some(ev) = ev else { return };
+                let SubscriptionEvent::Event(e) = ev else { continue };
+                let Some(event::Kind::Message(m)) = e.kind else { continue };
+                let Some(&conv) = ctx.conv_index.get(&m.conversation_id) else { continue };
+                cursors.insert(m.conversation_id.clone(), m.seq);
+                let d = Delivery {
+                    conv,
+                    seq: m.seq,
+                    k: ctx.k_of(&m.client_msg_id),
+                    at_us: ctx.us(Instant::now()),
+                };
+                ctx.deliveries[user].lock().expect("deliveries lock poisoned").push(d);
+                let mut upto = ctx.delivered_upto[user].lock().expect("upto lock poisoned");
+                let e = upto.entry(conv).or_insert(0);
+                *e = (*e).max(m.seq);
+            }
+            r = storm.changed() => {
+                if r.is_err() { return }
+                drop(sub);
+                sub = ctx.client(user as u32).subscribe(cursors.clone());
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Waits until `done` holds, checking every 100 ms, for at most `within`.
+async fn wait_for(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
+    args.validate(scenario)?;
+    if scenario == Scenario::Failover && args.faults.is_empty() && args.gateways.is_empty() {
+        args.faults
+            .push("store-leader@10".parse().map_err(anyhow::Error::msg)?);
+        anyhow::ensure!(
+            args.duration > 10.0,
+            "failover's default fault is at 10 s: give --duration over 10 or a --fault"
+        );
+    }
+    let started_at = SystemTime::now();
+    let run_id: String = format!("lt{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let run_dir = args.out.join(format!(
+        "{}-{}",
+        scenario.name(),
+        report::timestamp_compact(started_at)
+    ));
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let progress = report::Progress::new(args.quiet);
+
+    let target = if let Some(file) = &args.compose {
+        Target::compose(
+            file.clone(),
+            args.compose_project.clone(),
+            args.token_key.clone(),
+        )?
+    } else if !args.gateways.is_empty() {
+        Target::Gateways {
+            gateways: args.gateways.clone(),
+            key: args.token_key.clone().unwrap_or_default(),
+        }
+    } else {
+        progress.note("starting a local cluster");
+        Target::local(&run_dir.join("cluster"), LocalOptions::default()).await?
+    };
+    let outcome = run_on(scenario, &args, target, &run_id, &progress, started_at).await;
+    if !args.keep_data && args.compose.is_none() && args.gateways.is_empty() {
+        for s in ["store-1", "store-2", "store-3"] {
+            let _ = std::fs::remove_dir_all(run_dir.join("cluster").join(s));
+        }
+    }
+    let report = outcome?;
+    report.write(&run_dir)?;
+    println!("{}", report.summary());
+    println!("report: {}", run_dir.display());
+    Ok(report.pass)
+}
+
+async fn run_on(
+    scenario: Scenario,
+    args: &Args,
+    mut target: Target,
+    run_id: &str,
+    progress: &report::Progress,
+    started_at: SystemTime,
+) -> anyhow::Result<Report> {
+    let result = async {
+        let ctx = setup(args, &target, run_id, progress).await?;
+        exercise(scenario, args, &mut target, &ctx, progress, started_at).await
+    }
+    .await;
+    if let Err(e) = &result
+        && let Target::Local(c) = &target
+    {
+        progress.note(&format!(
+            "failed ({e:#}); service logs in {}",
+            c.dir.join("logs").display()
+        ));
+    }
+    target.shutdown().await;
+    result
+}
+
+/// Makes the users, clients, conversations and subscriptions, and waits
+/// until every subscription delivers.
+async fn setup(
+    args: &Args,
+    target: &Target,
+    run_id: &str,
+    progress: &report::Progress,
+) -> anyhow::Result<Arc<Ctx>> {
+    let gateways = target.gateways();
+    let key = chat_auth::TokenKey::new(target.key().as_bytes().to_vec())
+        .map_err(|e| anyhow::anyhow!("bad token key: {e}"))?;
+    let users: Vec<String> = (0..args.users).map(|i| format!("{run_id}-u{i}")).collect();
+    let convs: Vec<Conv> = (0..args.conversations)
+        .map(|j| Conv {
+            id: format!("{run_id}-c{j}"),
+            members: (0..args.group_size)
+                .map(|m| ((j * args.group_size + m) % args.users) as u32)
+                .collect(),
+        })
+        .collect();
+    let conv_index = convs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.clone(), i as u32))
+        .collect();
+    let mut ctx = Ctx {
+        run: run_id.to_owned(),
+        epoch: Instant::now(),
+        users,
+        convs,
+        conv_index,
+        clients: Vec::new(),
+        body_bytes: args.body_bytes,
+        sends: Mutex::new(Vec::new()),
+        next_k: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        deliveries: (0..args.users).map(|_| Mutex::new(Vec::new())).collect(),
+        delivered_upto: (0..args.users)
+            .map(|_| Mutex::new(HashMap::new()))
+            .collect(),
+        gateways,
+        key,
+        send_timeout: Duration::from_secs_f64(args.send_timeout),
+    };
+    ctx.clients = (0..args.users)
+        .map(|u| ctx.client_for(u).map(RwLock::new))
+        .collect::<Result<_, _>>()?;
+    let ctx = Arc::new(ctx);
+
+    progress.note(&format!(
+        "creating {} conversations of {} members among {} users",
+        args.conversations, args.group_size, args.users
+    ));
+    let mut set = tokio::task::JoinSet::new();
+    for (j, c) in ctx.convs.iter().enumerate() {
+        let client = ctx.client(c.members[0]);
+        let others: Vec<String> = c.members[1..]
+            .iter()
+            .map(|&m| ctx.users[m as usize].clone())
+            .collect();
+        let id = c.id.clone();
+        set.spawn(async move { client.create_conversation(&id, &others).await.map(|_| j) });
+        if set.len() >= 32
+            && let Some(r) = set.join_next().await
+        {
+            created(r)?;
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        created(r)?;
+    }
+    Ok(ctx)
+}
+
+fn created(r: Result<Result<usize, tonic::Status>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    r.context("join")?.map(drop).map_err(|s| {
+        anyhow::anyhow!(
+            "cannot create a conversation: {:?}: {}",
+            s.code(),
+            s.message()
+        )
+    })
+}
+
+/// Subscribes everyone, proves the subscriptions deliver, runs the load
+/// with its faults, and verifies.
+async fn exercise(
+    scenario: Scenario,
+    args: &Args,
+    target: &mut Target,
+    ctx: &Arc<Ctx>,
+    progress: &report::Progress,
+    started_at: SystemTime,
+) -> anyhow::Result<Report> {
+    let (storm_tx, storm_rx) = watch::channel(0u64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut subs = Vec::new();
+    for u in 0..ctx.users.len() {
+        subs.push(tokio::spawn(subscriber(
+            ctx.clone(),
+            u,
+            storm_rx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    // One probe message per conversation; the load starts once every member
+    // has received its conversation's probe.
+    progress.note("subscribing every user");
+    for (j, c) in ctx.convs.iter().enumerate() {
+        ctx.client(c.members[0])
+            .send(&c.id, &format!("{}-probe-{j}", ctx.run), b"probe".to_vec())
+            .await
+            .map_err(|s| anyhow::anyhow!("probe send failed: {:?}: {}", s.code(), s.message()))?;
+    }
+    let all_subscribed = wait_for(Duration::from_secs(30), || {
+        ctx.convs.iter().enumerate().all(|(j, c)| {
+            c.members.iter().all(|&m| {
+                ctx.delivered_upto[m as usize]
+                    .lock()
+                    .expect("upto lock poisoned")
+                    .contains_key(&(j as u32))
+            })
+        })
+    })
+    .await;
+    anyhow::ensure!(
+        all_subscribed,
+        "subscriptions did not deliver the probe messages within 30 s"
+    );
+    for d in &ctx.deliveries {
+        d.lock().expect("deliveries lock poisoned").clear();
+    }
+
+    // Capacity probe for the congestion ramp.
+    let mut capacity = args.capacity;
+    let load = match (scenario, args.concurrency, args.rate) {
+        (_, Some(n), _) => Load::Closed(n),
+        (Scenario::Congestion, None, None) => {
+            let cap = match capacity {
+                Some(c) => c,
+                None => {
+                    progress.note(&format!(
+                        "probing capacity: 64 closed-loop senders for {} s",
+                        args.probe_secs
+                    ));
+                    let before = ctx.sends.lock().expect("sends lock poisoned").len();
+                    let t0 = Instant::now();
+                    drive(ctx, Load::Closed(64), t0, args.probe_secs).await;
+                    let acked = ctx.sends.lock().expect("sends lock poisoned")[before..]
+                        .iter()
+                        .filter(|r| r.outcome.is_ok())
+                        .count();
+                    let c = acked as f64 / args.probe_secs;
+                    anyhow::ensure!(c > 0.0, "the capacity probe got no acks");
+                    c
+                }
+            };
+            capacity = Some(cap);
+            Load::Ramp {
+                from: 0.25 * cap,
+                to: args.peak_factor * cap,
+                secs: args.duration,
+            }
+        }
+        (_, None, rate) => Load::Constant(rate.unwrap_or(500.0)),
+    };
+    // Messages of the probe are not part of the run's figures.
+    let probe_sends = ctx.sends.lock().expect("sends lock poisoned").len();
+
+    let load_start = Instant::now() + Duration::from_millis(200);
+    progress.note(&format!(
+        "{}: {} for {} s against {}",
+        scenario.name(),
+        load.describe(),
+        args.duration,
+        target.describe()
+    ));
+    let ticker = progress.start(ctx.clone(), load_start, probe_sends);
+    let plan = Plan::new(scenario, args);
+    let (faults, fault_errors) = {
+        let traffic = drive(ctx, load, load_start, args.duration);
+        let controller = control(target, ctx, &plan, load_start, args, &storm_tx);
+        let ((), out) = tokio::join!(traffic, controller);
+        out
+    };
+    ticker.abort();
+    let load_end_us = ctx.us(load_start + Duration::from_secs_f64(args.duration));
+    progress.note("load over; healing, then reading everything back");
+    if let Err(e) = target.heal_all().await {
+        progress.note(&format!("cannot heal: {e:#}"));
+    }
+    let healthy = wait_for_healthy(target).await;
+
+    // Every member must see every conversation up to its last acked seq.
+    let sends: Vec<SendRecord> =
+        ctx.sends.lock().expect("sends lock poisoned")[probe_sends..].to_vec();
+    let mut last_acked: HashMap<u32, u64> = HashMap::new();
+    for r in &sends {
+        if let Ok(seq) = r.outcome {
+            let e = last_acked.entry(r.conv).or_insert(0);
+            *e = (*e).max(seq);
+        }
+    }
+    let drained = wait_for(Duration::from_secs(30), || {
+        last_acked.iter().all(|(&c, &seq)| {
+            ctx.convs[c as usize].members.iter().all(|&m| {
+                ctx.delivered_upto[m as usize]
+                    .lock()
+                    .expect("upto lock poisoned")
+                    .get(&c)
+                    .is_some_and(|&s| s >= seq)
+            })
+        })
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    drop(storm_tx);
+    for s in subs {
+        let _ = s.await;
+    }
+    let stored = verify::read_back(ctx).await;
+    let deliveries: Vec<Vec<Delivery>> = ctx
+        .deliveries
+        .iter()
+        .map(|d| std::mem::take(&mut *d.lock().expect("deliveries lock poisoned")))
+        .collect();
+    let load_start_us = ctx.us(load_start);
+    let mut notes = fault_errors;
+    if !healthy.is_empty() {
+        notes.push(format!("not healthy after the run: {}", healthy.join(", ")));
+    }
+    if !drained {
+        notes.push("deliveries had not caught up 30 s after the load ended".into());
+    }
+    let input = verify::Input {
+        ctx,
+        sends: &sends,
+        stored,
+        deliveries: &deliveries,
+        load_start_us,
+        load_end_us,
+    };
+    let v = verify::verify(&input);
+    Ok(Report::build(report::BuildArgs {
+        scenario: scenario.name(),
+        target: target.describe(),
+        started_at,
+        args,
+        load,
+        capacity,
+        verification: v,
+        sends: &sends,
+        load_start_us,
+        faults,
+        notes,
+    }))
+}
+
+/// Services not healthy 60 s after the load (empty when all are).
+async fn wait_for_healthy(target: &Target) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let u = target.unhealthy().await;
+        if u.is_empty() || Instant::now() >= deadline {
+            return u;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// What the controller does during the load phase.
+struct Plan {
+    faults: Vec<FaultSpec>,
+    rolling_restart: bool,
+    storm_at: Option<f64>,
+    restart_after: f64,
+}
+
+impl Plan {
+    fn new(scenario: Scenario, args: &Args) -> Self {
+        let mut faults = args.faults.clone();
+        faults.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+        Self {
+            faults,
+            rolling_restart: scenario == Scenario::RollingRestart,
+            storm_at: (scenario == Scenario::ReconnectStorm)
+                .then(|| args.storm_at.unwrap_or(args.duration / 3.0)),
+            restart_after: args.restart_after,
+        }
+    }
+}
+
+/// Injects the planned faults at their times (and restarts what they
+/// killed), restarts every service in turn for a rolling restart, or
+/// reconnects every client for a storm. Returns what was done and any
+/// failures to do it.
+async fn control(
+    target: &mut Target,
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    start: Instant,
+    args: &Args,
+    storm: &watch::Sender<u64>,
+) -> (Vec<FaultRecord>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    let at = |s: f64| start + Duration::from_secs_f64(s);
+    let since = |t: Instant| t.saturating_duration_since(start).as_secs_f64();
+    // (time, service) of killed services to start again.
+    let mut restarts: Vec<(f64, String)> = Vec::new();
+    let mut faults = plan.faults.iter().peekable();
+    loop {
+        let next_fault = faults.peek().map(|f| f.at_s);
+        let next_restart = restarts.iter().map(|r| r.0).min_by(f64::total_cmp);
+        let next = match (next_fault, next_restart) {
+            (None, None) => break,
+            (a, b) => a.unwrap_or(f64::MAX).min(b.unwrap_or(f64::MAX)),
+        };
+        tokio::time::sleep_until(at(next).into()).await;
+        if next_fault == Some(next) {
+            let f = faults.next().expect("peeked");
+            match target.inject(f.kind).await {
+                Ok(victim) => {
+                    if f.kind.is_kill() {
+                        restarts.push((since(Instant::now()) + plan.restart_after, victim.clone()));
+                    }
+                    done.push(FaultRecord::new(
+                        since(Instant::now()),
+                        f.kind.to_string(),
+                        victim,
+                    ));
+                }
+                Err(e) => errors.push(format!("fault {}@{}: {e:#}", f.kind, f.at_s)),
+            }
+        } else {
+            let i = restarts
+                .iter()
+                .position(|r| r.0 == next)
+                .expect("a restart is due");
+            let (_, name) = restarts.swap_remove(i);
+            match target.restart(&name).await {
+                Ok(()) => done.push(FaultRecord::new(
+                    since(Instant::now()),
+                    "start".into(),
+                    name,
+                )),
+                Err(e) => errors.push(format!("restarting {name}: {e:#}")),
+            }
+        }
+    }
+    if let Some(s) = plan.storm_at {
+        tokio::time::sleep_until(at(s).into()).await;
+        // New clients (new connections) for everyone, then every subscriber
+        // resubscribes from its cursors at once.
+        for (u, cell) in ctx.clients.iter().enumerate() {
+            match ctx.client_for(u) {
+                Ok(c) => *cell.write().expect("client lock poisoned") = c,
+                Err(e) => errors.push(format!("reconnect storm: {e:#}")),
+            }
+        }
+        let _ = storm.send(1);
+        done.push(FaultRecord::new(
+            since(Instant::now()),
+            "reconnect-storm".into(),
+            format!("all {} clients", ctx.users.len()),
+        ));
+    }
+    if plan.rolling_restart {
+        tokio::time::sleep_until(at(2.0_f64.min(args.duration / 4.0)).into()).await;
+        match target.rolling_order().await {
+            Ok(order) => {
+                for name in order {
+                    let t = since(Instant::now());
+                    if t >= args.duration {
+                        errors.push(format!(
+                            "the rolling restart did not reach {name} within --duration"
+                        ));
+                        break;
+                    }
+                    match target.restart_gracefully(&name).await {
+                        Ok(()) => done.push(FaultRecord::new(t, "restart".into(), name)),
+                        Err(e) => {
+                            errors.push(format!("restarting {name}: {e:#}"));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("rolling restart: {e:#}")),
+        }
+    }
+    (done, errors)
+}
+
+/// Whether a fault of this kind (as named in the report) takes the store
+/// leader away, so the unavailability SLO applies.
+fn leader_fault(kind: &str) -> bool {
+    fault::KINDS
+        .iter()
+        .any(|(n, k)| *n == kind && k.hits_store_leader())
+}

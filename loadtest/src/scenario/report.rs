@@ -1,0 +1,881 @@
+//! The run's report: JSON, a Markdown summary and an SVG chart in the run's
+//! directory, a summary on stdout, and a live progress line on stderr.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::verify::{Verification, hist};
+use super::{Args, Ctx, Load, SendRecord};
+
+#[derive(Serialize, Debug, Clone)]
+pub struct FaultRecord {
+    pub at_s: f64,
+    pub kind: String,
+    pub target: String,
+    /// Longest gap between acks from the last ack before the fault until
+    /// the next fault (or the end of the load).
+    pub unavailability_ms: Option<u64>,
+    /// From the fault to the end of the first full second with no failures,
+    /// acks at 90 % or more of the offered load and p99 within twice the
+    /// pre-fault p99 (1 s resolution).
+    pub recovered_after_s: Option<f64>,
+}
+
+impl FaultRecord {
+    pub fn new(at_s: f64, kind: String, target: String) -> Self {
+        Self {
+            at_s: (at_s * 1000.0).round() / 1000.0,
+            kind,
+            target,
+            unavailability_ms: None,
+            recovered_after_s: None,
+        }
+    }
+}
+
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Second {
+    pub t_s: u64,
+    pub offered: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub shed: u64,
+    /// Of the acked sends scheduled in this second.
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct AckLatency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct DeliveryLatency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Slo {
+    pub target: String,
+    pub actual: serde_json::Value,
+    pub pass: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub scenario: String,
+    pub target: String,
+    pub started_at: String,
+    pub duration_s: f64,
+    pub load: String,
+    /// Scheduled sends per second over the load phase.
+    pub offered_rate: f64,
+    /// congestion: acked sends/s at saturation (probe or --capacity).
+    pub capacity_per_s: Option<f64>,
+    pub users: usize,
+    pub conversations: usize,
+    pub group_size: usize,
+    pub body_bytes: usize,
+    pub sent: u64,
+    pub acked: u64,
+    /// Final gRPC code → count, shed sends (RESOURCE_EXHAUSTED) excluded.
+    pub failed: BTreeMap<String, u64>,
+    pub shed: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub delivery_missed: u64,
+    pub delivery_duplicated: u64,
+    /// Acked under a seq other than the one stored.
+    pub seq_mismatch: u64,
+    /// Stored although the sender saw the send fail (not an error).
+    pub stored_unacked: u64,
+    pub goodput_per_s: f64,
+    pub ack_latency_ms: AckLatency,
+    pub delivery_latency_ms: DeliveryLatency,
+    pub max_unavailability_ms: u64,
+    pub faults: Vec<FaultRecord>,
+    pub timeline: Vec<Second>,
+    pub slo: BTreeMap<String, Slo>,
+    /// Things that went wrong around the load (a fault that could not be
+    /// injected, a read-back that failed, ...).
+    pub notes: Vec<String>,
+    pub pass: bool,
+}
+
+pub struct BuildArgs<'a> {
+    pub scenario: &'a str,
+    pub target: String,
+    pub started_at: SystemTime,
+    pub args: &'a Args,
+    pub load: Load,
+    pub capacity: Option<f64>,
+    pub verification: Verification,
+    pub sends: &'a [SendRecord],
+    pub load_start_us: u64,
+    pub faults: Vec<FaultRecord>,
+    pub notes: Vec<String>,
+}
+
+fn ms(us: u64) -> f64 {
+    (us as f64 / 10.0).round() / 100.0
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
+}
+
+/// The longest gap between consecutive acks (`acks` sorted) from the last
+/// ack before `from` through the first ack after `to`, or up to `to` when
+/// none came after.
+fn longest_gap(acks: &[u64], from: u64, to: u64) -> u64 {
+    let i = acks.partition_point(|&t| t < from);
+    let mut prev = if i > 0 { acks[i - 1] } else { from };
+    let mut longest = 0;
+    for &t in &acks[i..] {
+        longest = longest.max(t - prev);
+        prev = t;
+        if t > to {
+            return longest;
+        }
+    }
+    longest.max(to.saturating_sub(prev))
+}
+
+impl Report {
+    pub fn build(b: BuildArgs<'_>) -> Self {
+        let a = b.args;
+        let v = b.verification;
+        let start = b.load_start_us;
+        let end = start + (a.duration * 1e6) as u64;
+        let sec = |t: u64| t.saturating_sub(start) / 1_000_000;
+        let mut ack_h = hist();
+        let mut failed = BTreeMap::new();
+        let (mut acked, mut shed) = (0u64, 0u64);
+        let last = b.sends.iter().map(|r| sec(r.done_us)).max().unwrap_or(0);
+        let n_secs = (last + 1).max(a.duration.ceil() as u64) as usize;
+        let mut timeline: Vec<Second> = (0..n_secs)
+            .map(|t| Second {
+                t_s: t as u64,
+                ..Default::default()
+            })
+            .collect();
+        let mut sec_h: Vec<Histogram<u64>> = (0..n_secs).map(|_| hist()).collect();
+        let mut ack_times = Vec::new();
+        for r in b.sends {
+            let (si, sd) = (sec(r.intended_us) as usize, sec(r.done_us) as usize);
+            timeline[si].offered += 1;
+            match r.outcome {
+                Ok(_) => {
+                    acked += 1;
+                    let lat = r.done_us.saturating_sub(r.intended_us).max(1);
+                    let _ = ack_h.record(lat);
+                    let _ = sec_h[si].record(lat);
+                    timeline[sd].acked += 1;
+                    ack_times.push(r.done_us);
+                }
+                Err(tonic::Code::ResourceExhausted) => {
+                    shed += 1;
+                    timeline[sd].shed += 1;
+                }
+                Err(c) => {
+                    *failed.entry(code_name(c)).or_insert(0) += 1;
+                    timeline[sd].failed += 1;
+                }
+            }
+        }
+        for (s, h) in timeline.iter_mut().zip(&sec_h) {
+            if !h.is_empty() {
+                s.p99_ms = Some(ms(h.value_at_quantile(0.99)));
+            }
+        }
+        ack_times.sort_unstable();
+
+        // Unavailability and recovery per fault.
+        let mut faults = b.faults;
+        let fault_us: Vec<u64> = faults
+            .iter()
+            .map(|f| start + (f.at_s * 1e6) as u64)
+            .collect();
+        for (i, f) in faults.iter_mut().enumerate() {
+            let from = fault_us[i];
+            let to = fault_us.get(i + 1).copied().unwrap_or(end).max(from);
+            f.unavailability_ms = Some(longest_gap(&ack_times, from, to) / 1000);
+            let fs = sec(from) as usize;
+            let baseline = timeline[..fs]
+                .iter()
+                .filter_map(|s| s.p99_ms)
+                .fold(0.0f64, f64::max)
+                .max(20.0);
+            f.recovered_after_s = timeline
+                .iter()
+                .skip(fs + 1)
+                .take_while(|s| (s.t_s as f64) < a.duration)
+                .find(|s| {
+                    s.failed + s.shed == 0
+                        && s.acked as f64 >= 0.9 * s.offered as f64
+                        && s.p99_ms.is_some_and(|p| p <= 2.0 * baseline)
+                })
+                .map(|s| ((s.t_s + 1) as f64 - f.at_s).max(0.0));
+        }
+        let max_unavailability_ms = if faults.is_empty() {
+            longest_gap(&ack_times, start, end) / 1000
+        } else {
+            faults
+                .iter()
+                .filter_map(|f| f.unavailability_ms)
+                .max()
+                .unwrap_or(0)
+        };
+
+        let q = |h: &Histogram<u64>, p: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                ms(h.value_at_quantile(p))
+            }
+        };
+        let dh = &v.delivery_latency;
+        let in_load = b.sends.iter().filter(|r| r.intended_us < end).count() as f64;
+        let goodput = b
+            .sends
+            .iter()
+            .filter(|r| r.outcome.is_ok() && r.intended_us < end)
+            .count() as f64
+            / a.duration;
+
+        let mut slo = BTreeMap::new();
+        let mut zero = |name: &str, actual: u64| {
+            slo.insert(
+                name.to_owned(),
+                Slo {
+                    target: "= 0".into(),
+                    actual: actual.into(),
+                    pass: actual == 0,
+                },
+            );
+        };
+        zero("lost", v.lost + v.seq_mismatch);
+        zero("duplicated", v.duplicated);
+        zero("out_of_order", v.out_of_order);
+        zero("delivery_missed", v.delivery_missed);
+        zero("delivery_duplicated", v.delivery_duplicated);
+        if matches!(b.scenario, "rolling-restart" | "reconnect-storm") {
+            zero("failed", failed.values().sum::<u64>() + shed);
+        }
+        slo.insert(
+            "verified".into(),
+            Slo {
+                target: "every conversation read back".into(),
+                actual: v.read_error.clone().map_or("yes".into(), |e| e.into()),
+                pass: v.read_error.is_none(),
+            },
+        );
+        if faults.iter().any(|f| super::leader_fault(&f.kind)) {
+            slo.insert(
+                "max_unavailability_ms".into(),
+                Slo {
+                    target: format!("<= {}", a.max_unavailability_ms),
+                    actual: max_unavailability_ms.into(),
+                    pass: max_unavailability_ms <= a.max_unavailability_ms,
+                },
+            );
+        }
+        if let (Some(cap), Load::Ramp { to, .. }) = (b.capacity, b.load) {
+            // Seconds at the top of the ramp (offered ≥ 90 % of the peak).
+            let top: Vec<&Second> = timeline
+                .iter()
+                .filter(|s| (s.t_s as f64) < a.duration && s.offered as f64 >= 0.9 * to)
+                .collect();
+            let overload =
+                top.iter().map(|s| s.acked).sum::<u64>() as f64 / top.len().max(1) as f64;
+            let ratio = (overload / cap * 1000.0).round() / 1000.0;
+            slo.insert(
+                "overload_goodput_ratio".into(),
+                Slo {
+                    target: ">= 0.9 (acked/s at the top of the ramp ÷ capacity)".into(),
+                    actual: ratio.into(),
+                    pass: ratio >= 0.9,
+                },
+            );
+        }
+        let pass = slo.values().all(|s| s.pass);
+        Report {
+            scenario: b.scenario.to_owned(),
+            target: b.target,
+            started_at: rfc3339(b.started_at),
+            duration_s: a.duration,
+            load: b.load.describe(),
+            offered_rate: (in_load / a.duration * 10.0).round() / 10.0,
+            capacity_per_s: b.capacity.map(|c| c.round()),
+            users: a.users,
+            conversations: a.conversations,
+            group_size: a.group_size,
+            body_bytes: a.body_bytes,
+            sent: b.sends.len() as u64,
+            acked,
+            failed,
+            shed,
+            lost: v.lost,
+            duplicated: v.duplicated,
+            out_of_order: v.out_of_order,
+            delivery_missed: v.delivery_missed,
+            delivery_duplicated: v.delivery_duplicated,
+            seq_mismatch: v.seq_mismatch,
+            stored_unacked: v.stored_unacked,
+            goodput_per_s: (goodput * 10.0).round() / 10.0,
+            ack_latency_ms: AckLatency {
+                p50: q(&ack_h, 0.5),
+                p90: q(&ack_h, 0.9),
+                p99: q(&ack_h, 0.99),
+                p999: q(&ack_h, 0.999),
+                max: ms(ack_h.max()),
+            },
+            delivery_latency_ms: DeliveryLatency {
+                p50: q(dh, 0.5),
+                p99: q(dh, 0.99),
+                max: ms(dh.max()),
+            },
+            max_unavailability_ms,
+            faults,
+            timeline,
+            slo,
+            notes: b.notes.into_iter().chain(v.read_error).collect(),
+            pass,
+        }
+    }
+
+    /// report.json, report.md and chart.svg in `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        std::fs::write(dir.join("chart.svg"), self.svg())?;
+        Ok(())
+    }
+
+    fn failed_total(&self) -> u64 {
+        self.failed.values().sum()
+    }
+
+    /// The terminal summary.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} against {}: {} for {} s",
+            self.scenario, self.target, self.load, self.duration_s
+        );
+        if let Some(c) = self.capacity_per_s {
+            let _ = writeln!(
+                s,
+                "capacity (closed-loop probe or --capacity): {c:.0} acked sends/s"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "sent {}  acked {}  failed {} {:?}  shed {}  goodput {:.1}/s",
+            self.sent,
+            self.acked,
+            self.failed_total(),
+            self.failed,
+            self.shed,
+            self.goodput_per_s
+        );
+        let l = &self.ack_latency_ms;
+        let _ = writeln!(
+            s,
+            "send→ack ms: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        let d = &self.delivery_latency_ms;
+        let _ = writeln!(
+            s,
+            "send→delivery ms: p50 {}  p99 {}  max {}",
+            d.p50, d.p99, d.max
+        );
+        for f in &self.faults {
+            let _ = write!(s, "fault at {:.1} s: {} {}", f.at_s, f.kind, f.target);
+            if let Some(u) = f.unavailability_ms {
+                let _ = write!(s, " (longest ack gap {u} ms");
+                match f.recovered_after_s {
+                    Some(r) => {
+                        let _ = write!(s, ", recovered after {r:.1} s)");
+                    }
+                    None => s.push_str(", did not recover during the load)"),
+                }
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "longest gap between acks: {} ms",
+            self.max_unavailability_ms
+        );
+        let _ = writeln!(
+            s,
+            "verification: lost {}, duplicated {}, out of order {}, delivery missed {}, delivery duplicated {}",
+            self.lost + self.seq_mismatch,
+            self.duplicated,
+            self.out_of_order,
+            self.delivery_missed,
+            self.delivery_duplicated
+        );
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        let failing: Vec<String> = self
+            .slo
+            .iter()
+            .filter(|(_, v)| !v.pass)
+            .map(|(k, v)| format!("{k} {} (target {})", v.actual, v.target))
+            .collect();
+        if failing.is_empty() {
+            let _ = write!(
+                s,
+                "PASS: every SLO met ({})",
+                self.slo.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        } else {
+            let _ = write!(s, "FAIL: {}", failing.join("; "));
+        }
+        s
+    }
+
+    fn markdown(&self) -> String {
+        let mut m = String::new();
+        let _ = writeln!(
+            m,
+            "# loadtest {}: {}\n",
+            self.scenario,
+            if self.pass { "PASS" } else { "FAIL" }
+        );
+        let _ = writeln!(m, "- target: {}", self.target);
+        let _ = writeln!(m, "- started: {}", self.started_at);
+        let _ = writeln!(
+            m,
+            "- load: {} for {} s; {} users, {} conversations of {}, {}-byte bodies",
+            self.load,
+            self.duration_s,
+            self.users,
+            self.conversations,
+            self.group_size,
+            self.body_bytes
+        );
+        if let Some(c) = self.capacity_per_s {
+            let _ = writeln!(m, "- capacity: {c:.0} acked sends/s");
+        }
+        let _ = writeln!(
+            m,
+            "\n![throughput, errors and latency over time](chart.svg)\n"
+        );
+        let _ = writeln!(m, "| figure | value |\n|---|---|");
+        let l = &self.ack_latency_ms;
+        let d = &self.delivery_latency_ms;
+        for (k, v) in [
+            ("offered /s", format!("{}", self.offered_rate)),
+            ("sent", self.sent.to_string()),
+            ("acked", self.acked.to_string()),
+            (
+                "failed",
+                format!("{} {:?}", self.failed_total(), self.failed),
+            ),
+            ("shed", self.shed.to_string()),
+            ("goodput /s", format!("{}", self.goodput_per_s)),
+            (
+                "send→ack ms p50 / p90 / p99 / p99.9 / max",
+                format!("{} / {} / {} / {} / {}", l.p50, l.p90, l.p99, l.p999, l.max),
+            ),
+            (
+                "send→delivery ms p50 / p99 / max",
+                format!("{} / {} / {}", d.p50, d.p99, d.max),
+            ),
+            (
+                "longest gap between acks ms",
+                self.max_unavailability_ms.to_string(),
+            ),
+            ("lost", (self.lost + self.seq_mismatch).to_string()),
+            ("duplicated", self.duplicated.to_string()),
+            ("out of order", self.out_of_order.to_string()),
+            (
+                "deliveries missed / duplicated",
+                format!("{} / {}", self.delivery_missed, self.delivery_duplicated),
+            ),
+            (
+                "stored though the send failed",
+                self.stored_unacked.to_string(),
+            ),
+        ] {
+            let _ = writeln!(m, "| {k} | {v} |");
+        }
+        let _ = writeln!(
+            m,
+            "\n## SLOs\n\n| SLO | target | actual | pass |\n|---|---|---|---|"
+        );
+        for (k, v) in &self.slo {
+            let _ = writeln!(
+                m,
+                "| {k} | {} | {} | {} |",
+                v.target,
+                v.actual,
+                if v.pass { "yes" } else { "**no**" }
+            );
+        }
+        if !self.faults.is_empty() {
+            let _ = writeln!(
+                m,
+                "\n## Faults\n\n| at s | kind | target | longest ack gap ms | recovered after s |\n|---|---|---|---|---|"
+            );
+            for f in &self.faults {
+                let _ = writeln!(
+                    m,
+                    "| {:.1} | {} | {} | {} | {} |",
+                    f.at_s,
+                    f.kind,
+                    f.target,
+                    f.unavailability_ms.map_or("-".into(), |u| u.to_string()),
+                    f.recovered_after_s
+                        .map_or("-".into(), |r| format!("{r:.0}"))
+                );
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(m, "\n## Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(m, "- {n}");
+            }
+        }
+        let _ = writeln!(
+            m,
+            "\n## Timeline\n\n| s | offered | acked | failed | shed | p99 ms |\n|---|---|---|---|---|---|"
+        );
+        for s in &self.timeline {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} |",
+                s.t_s,
+                s.offered,
+                s.acked,
+                s.failed,
+                s.shed,
+                s.p99_ms.map_or("-".into(), |p| p.to_string())
+            );
+        }
+        m
+    }
+
+    /// Three panels over time: offered and acked per second, failed and
+    /// shed per second, p99 send→ack latency; faults as vertical lines.
+    fn svg(&self) -> String {
+        const W: f64 = 960.0;
+        const LEFT: f64 = 70.0;
+        const RIGHT: f64 = 20.0;
+        const PANEL: f64 = 170.0;
+        const GAP: f64 = 40.0;
+        const TOP: f64 = 40.0;
+        let n = self.timeline.len().max(1) as f64;
+        let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t / n;
+        let h = TOP + 3.0 * (PANEL + GAP) + 10.0;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="{LEFT}" y="20" font-size="14">loadtest {} — {}</text>"#,
+            self.scenario,
+            xml(&self.load)
+        );
+        let max_rate = self
+            .timeline
+            .iter()
+            .map(|t| t.offered.max(t.acked))
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
+        let max_err = self
+            .timeline
+            .iter()
+            .map(|t| t.failed + t.shed)
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64;
+        let max_p99 = self
+            .timeline
+            .iter()
+            .filter_map(|t| t.p99_ms)
+            .fold(1.0f64, f64::max);
+        let panels: [(&str, f64); 3] = [
+            ("sends/s (grey offered, blue acked)", max_rate),
+            ("errors/s (red failed, orange shed)", max_err),
+            ("p99 send→ack ms", max_p99),
+        ];
+        for (i, (title, max)) in panels.iter().enumerate() {
+            let y0 = TOP + i as f64 * (PANEL + GAP);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{LEFT}" y="{y0}" width="{}" height="{PANEL}" fill="none" stroke="#999"/>"##,
+                W - LEFT - RIGHT
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{LEFT}" y="{}">{}</text>"#,
+                y0 - 6.0,
+                xml(title)
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                LEFT - 6.0,
+                y0 + 10.0,
+                fmt_num(*max)
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end">0</text>"#,
+                LEFT - 6.0,
+                y0 + PANEL
+            );
+            let y = |v: f64| y0 + PANEL - PANEL * (v / max).min(1.0);
+            let line = |pts: Vec<(f64, f64)>, color: &str| {
+                let p: Vec<String> = pts
+                    .iter()
+                    .map(|(a, b)| format!("{:.1},{:.1}", x(*a), y(*b)))
+                    .collect();
+                format!(
+                    r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+                    p.join(" ")
+                )
+            };
+            let centre = |t: &Second| t.t_s as f64 + 0.5;
+            match i {
+                0 => {
+                    let _ = writeln!(
+                        s,
+                        "{}",
+                        line(
+                            self.timeline
+                                .iter()
+                                .map(|t| (centre(t), t.offered as f64))
+                                .collect(),
+                            "#999"
+                        )
+                    );
+                    let _ = writeln!(
+                        s,
+                        "{}",
+                        line(
+                            self.timeline
+                                .iter()
+                                .map(|t| (centre(t), t.acked as f64))
+                                .collect(),
+                            "#1f77b4"
+                        )
+                    );
+                }
+                1 => {
+                    let bw = (x(1.0) - x(0.0)) * 0.8;
+                    for t in &self.timeline {
+                        let (f, sh) = (t.failed as f64, t.shed as f64);
+                        if f > 0.0 {
+                            let _ = writeln!(
+                                s,
+                                r##"<rect x="{:.1}" y="{:.1}" width="{bw:.1}" height="{:.1}" fill="#d62728"/>"##,
+                                x(t.t_s as f64),
+                                y(f),
+                                y0 + PANEL - y(f)
+                            );
+                        }
+                        if sh > 0.0 {
+                            let _ = writeln!(
+                                s,
+                                r##"<rect x="{:.1}" y="{:.1}" width="{bw:.1}" height="{:.1}" fill="#ff7f0e"/>"##,
+                                x(t.t_s as f64),
+                                y(f + sh),
+                                y(f) - y(f + sh)
+                            );
+                        }
+                    }
+                }
+                _ => {
+                    let pts = self
+                        .timeline
+                        .iter()
+                        .filter_map(|t| t.p99_ms.map(|p| (centre(t), p)))
+                        .collect();
+                    let _ = writeln!(s, "{}", line(pts, "#2ca02c"));
+                }
+            }
+        }
+        let bottom = TOP + 3.0 * (PANEL + GAP) - GAP;
+        let step = ((n / 10.0).ceil() as u64).max(1);
+        for t in (0..=n as u64).step_by(step as usize) {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t}s</text>"#,
+                x(t as f64),
+                bottom + 14.0
+            );
+        }
+        for f in &self.faults {
+            let fx = x(f.at_s);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{fx:.1}" y1="{TOP}" x2="{fx:.1}" y2="{bottom}" stroke="#9467bd" stroke-dasharray="4,3"/>"##
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{}" fill="#9467bd" transform="rotate(-90 {:.1} {})">{} {}</text>"##,
+                fx - 3.0,
+                TOP + 150.0,
+                fx - 3.0,
+                TOP + 150.0,
+                xml(&f.kind),
+                xml(&f.target)
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn utc(t: SystemTime) -> (i64, u32, u32, u64, u64, u64) {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (y, mo, d) = civil((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    (y, mo, d, s / 3600, s / 60 % 60, s % 60)
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    let (y, mo, d, h, mi, s) = utc(t);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+pub fn timestamp_compact(t: SystemTime) -> String {
+    let (y, mo, d, h, mi, s) = utc(t);
+    format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
+}
+
+/// Notes and the live line on stderr; nothing in quiet mode.
+pub struct Progress {
+    quiet: bool,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Self {
+        Self { quiet }
+    }
+
+    pub fn note(&self, s: &str) {
+        if !self.quiet {
+            eprintln!("loadtest: {s}");
+        }
+    }
+
+    /// Every second (every 5 s when stderr is not a terminal): elapsed time,
+    /// sends, acks and failures in the last second, in-flight, p99.
+    pub fn start(&self, ctx: Arc<Ctx>, start: Instant, skip: usize) -> tokio::task::JoinHandle<()> {
+        let quiet = self.quiet;
+        tokio::spawn(async move {
+            if quiet {
+                return;
+            }
+            let tty = std::io::stderr().is_terminal();
+            let every = if tty { 1 } else { 5 };
+            let mut seen = skip;
+            let mut tick = tokio::time::interval_at(start.into(), Duration::from_secs(every));
+            loop {
+                tick.tick().await;
+                let (mut acked, mut failed, mut h) = (0u64, 0u64, hist());
+                {
+                    let sends = ctx.sends.lock().expect("sends lock poisoned");
+                    for r in &sends[seen.min(sends.len())..] {
+                        match r.outcome {
+                            Ok(_) => {
+                                acked += 1;
+                                let _ = h.record(r.done_us.saturating_sub(r.intended_us).max(1));
+                            }
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    seen = sends.len();
+                }
+                let line = format!(
+                    "t={:>4}s  acked {:>7.0}/s  failed {:>5.0}/s  in flight {:>6}  p99 {:>8.1} ms",
+                    start.elapsed().as_secs(),
+                    acked as f64 / every as f64,
+                    failed as f64 / every as f64,
+                    ctx.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    if h.is_empty() {
+                        0.0
+                    } else {
+                        ms(h.value_at_quantile(0.99))
+                    },
+                );
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_and_gaps_count_from_the_last_ack_before() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_478_400 + 3_661);
+        assert_eq!(rfc3339(t), "2026-11-24T01:01:01Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let acks = [10, 20, 30, 500, 510];
+        // Fault at 25: last ack before is 20, next at 30 then 500.
+        assert_eq!(longest_gap(&acks, 25, 600), 470);
+        // No ack at all after the fault: the gap runs to the end.
+        assert_eq!(longest_gap(&[10], 25, 600), 590);
+    }
+}

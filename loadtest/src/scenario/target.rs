@@ -1,0 +1,389 @@
+//! What the load test runs against, and how it breaks it: a local cluster
+//! it starts itself (faults by signals), a docker compose cluster (faults
+//! through the Docker engine), or gateways that are already running (no
+//! faults).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chatctl::local::{LocalCluster, LocalOptions};
+
+use super::fault::FaultKind;
+
+const STORES: [&str; 3] = ["store-1", "store-2", "store-3"];
+/// How long a restarted service may take to become healthy.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+
+pub enum Target {
+    Local(Box<LocalCluster>),
+    Compose(Compose),
+    Gateways { gateways: Vec<String>, key: String },
+}
+
+impl Target {
+    /// Starts a local cluster in `dir` and waits until it is healthy.
+    pub async fn local(dir: &Path, opts: LocalOptions) -> anyhow::Result<Self> {
+        let opts = LocalOptions {
+            dir: dir.to_owned(),
+            base_port: 0,
+            store_args: [opts.store_args, vec!["--fault-signals".into()]].concat(),
+            ..opts
+        };
+        let mut c = LocalCluster::start(&opts)?;
+        c.wait_healthy(HEALTHY_WITHIN).await?;
+        Ok(Target::Local(Box::new(c)))
+    }
+
+    pub fn compose(file: PathBuf, project: String, key: Option<String>) -> anyhow::Result<Self> {
+        Compose::new(file, project, key).map(Target::Compose)
+    }
+
+    /// One line naming the target, for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Local(_) => "local (3 stores, 2 routers, 2 gateways as local processes)".into(),
+            Target::Compose(c) => format!("compose {} (project {})", c.file.display(), c.project),
+            Target::Gateways { gateways, .. } => format!("gateways {}", gateways.join(",")),
+        }
+    }
+
+    pub fn gateways(&self) -> Vec<String> {
+        match self {
+            Target::Local(c) => c.gateways.clone(),
+            Target::Compose(c) => c.gateways.clone(),
+            Target::Gateways { gateways, .. } => gateways.clone(),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Target::Local(c) => &c.key,
+            Target::Compose(c) => &c.key,
+            Target::Gateways { key, .. } => key,
+        }
+    }
+
+    pub fn can_inject(&self) -> bool {
+        !matches!(self, Target::Gateways { .. })
+    }
+
+    async fn store_leader(&self) -> anyhow::Result<String> {
+        match self {
+            Target::Local(c) => c.store_leader().await,
+            Target::Compose(c) => c.store_leader(),
+            Target::Gateways { .. } => bail!("no faults against a running cluster"),
+        }
+    }
+
+    async fn store_follower(&mut self) -> anyhow::Result<String> {
+        let leader = self.store_leader().await?;
+        for s in STORES {
+            if s != leader && self.running(s) {
+                return Ok(s.to_owned());
+            }
+        }
+        bail!("no running store follower")
+    }
+
+    fn running(&mut self, name: &str) -> bool {
+        match self {
+            Target::Local(c) => c.running(name),
+            Target::Compose(c) => c.running(name),
+            Target::Gateways { .. } => false,
+        }
+    }
+
+    /// Injects `kind`; returns the service it hit.
+    pub async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<String> {
+        use FaultKind::*;
+        let victim = match kind {
+            StoreLeader | PartitionLeader | PauseLeader => self.store_leader().await?,
+            StoreFollower | PartitionFollower | PauseFollower => self.store_follower().await?,
+            Gateway => "gateway-1".into(),
+            Router => "router-1".into(),
+            Heal | Unpause => "every store".into(),
+        };
+        match self {
+            Target::Local(c) => match kind {
+                StoreLeader | StoreFollower | Gateway | Router => c.kill(&victim).await?,
+                PartitionLeader | PartitionFollower => c.signal(&victim, "USR1")?,
+                PauseLeader | PauseFollower => c.signal(&victim, "STOP")?,
+                Heal | Unpause => {
+                    let sig = if kind == Heal { "USR2" } else { "CONT" };
+                    for s in STORES {
+                        if c.running(s) {
+                            c.signal(s, sig)?;
+                        }
+                    }
+                }
+            },
+            Target::Compose(c) => {
+                let container = c.container(&victim);
+                match kind {
+                    StoreLeader | StoreFollower | Gateway | Router => {
+                        c.docker(&["kill", &container])?;
+                    }
+                    PartitionLeader | PartitionFollower => {
+                        c.docker(&["network", "disconnect", &c.network(), &container])?;
+                        c.partitioned.push(container);
+                    }
+                    PauseLeader | PauseFollower => {
+                        c.docker(&["pause", &container])?;
+                        c.paused.push(container);
+                    }
+                    Heal => {
+                        for p in std::mem::take(&mut c.partitioned) {
+                            c.docker(&["network", "connect", &c.network(), &p])?;
+                        }
+                    }
+                    Unpause => {
+                        for p in std::mem::take(&mut c.paused) {
+                            c.docker(&["unpause", &p])?;
+                        }
+                    }
+                }
+            }
+            Target::Gateways { .. } => bail!("no faults against a running cluster"),
+        }
+        Ok(victim)
+    }
+
+    /// Starts a killed service again (it keeps its data).
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        match self {
+            Target::Local(c) => c.restart(name),
+            Target::Compose(c) => c.docker(&["start", &c.container(name)]).map(drop),
+            Target::Gateways { .. } => bail!("no faults against a running cluster"),
+        }
+    }
+
+    /// Undoes partitions and pauses, so the cluster can converge before the
+    /// read-back.
+    pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        if self.can_inject() {
+            self.inject(FaultKind::Unpause).await?;
+            self.inject(FaultKind::Heal).await?;
+        }
+        Ok(())
+    }
+
+    /// Every service, in the order a rolling restart takes them: store
+    /// followers, the store leader, routers, gateways.
+    pub async fn rolling_order(&self) -> anyhow::Result<Vec<String>> {
+        let leader = self.store_leader().await?;
+        let mut order: Vec<String> = STORES
+            .iter()
+            .filter(|s| **s != leader)
+            .map(|s| s.to_string())
+            .collect();
+        order.push(leader);
+        order.extend(["router-1", "router-2", "gateway-1", "gateway-2"].map(String::from));
+        Ok(order)
+    }
+
+    /// Stops `name` gracefully (SIGTERM), starts it again, and waits until
+    /// every service is healthy.
+    pub async fn restart_gracefully(&mut self, name: &str) -> anyhow::Result<()> {
+        match self {
+            Target::Local(c) => {
+                c.stop(name, Duration::from_secs(10)).await?;
+                c.restart(name)?;
+                c.wait_healthy(HEALTHY_WITHIN).await
+            }
+            Target::Compose(c) => {
+                c.docker(&["restart", "-t", "10", &c.container(name)])?;
+                c.wait_healthy(HEALTHY_WITHIN).await
+            }
+            Target::Gateways { .. } => bail!("cannot restart services of a running cluster"),
+        }
+    }
+
+    /// Services that are not healthy now (empty when every one is).
+    pub async fn unhealthy(&self) -> Vec<String> {
+        match self {
+            Target::Local(c) => c.unhealthy().await,
+            Target::Compose(c) => c.unhealthy(),
+            Target::Gateways { .. } => Vec::new(),
+        }
+    }
+
+    /// Stops what the load test started.
+    pub async fn shutdown(self) {
+        if let Target::Local(c) = self {
+            c.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// A compose project started with deploy/up.sh.
+pub struct Compose {
+    file: PathBuf,
+    project: String,
+    key: String,
+    gateways: Vec<String>,
+    partitioned: Vec<String>,
+    paused: Vec<String>,
+}
+
+impl Compose {
+    fn new(file: PathBuf, project: String, key: Option<String>) -> anyhow::Result<Self> {
+        anyhow::ensure!(file.exists(), "compose file {} not found", file.display());
+        let key = match key {
+            Some(k) => k,
+            None => {
+                let env = file.with_file_name(".env");
+                std::fs::read_to_string(&env)
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("CHAT_TOKEN_KEY=").map(str::to_owned))
+                    })
+                    .with_context(|| {
+                        format!(
+                            "no token key: set CHAT_TOKEN_KEY or start the cluster with deploy/up.sh (which writes {})",
+                            env.display()
+                        )
+                    })?
+            }
+        };
+        let mut c = Self {
+            file,
+            project,
+            key,
+            gateways: Vec::new(),
+            partitioned: Vec::new(),
+            paused: Vec::new(),
+        };
+        for g in ["gateway-1", "gateway-2"] {
+            let out = c.compose(&["port", g, "7201"])?;
+            let addr = out.trim().replace("0.0.0.0", "127.0.0.1");
+            anyhow::ensure!(
+                !addr.is_empty(),
+                "{g} publishes no port; is the compose cluster up (deploy/up.sh)?"
+            );
+            c.gateways.push(addr);
+        }
+        Ok(c)
+    }
+
+    fn compose(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("docker-compose");
+        cmd.args(["-p", &self.project, "-f"])
+            .arg(&self.file)
+            .args(args);
+        run(cmd, "docker-compose", args)
+    }
+
+    fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("docker");
+        cmd.args(args);
+        run(cmd, "docker", args)
+    }
+
+    fn container(&self, service: &str) -> String {
+        format!("{}_{service}_1", self.project)
+    }
+
+    fn network(&self) -> String {
+        format!("{}_default", self.project)
+    }
+
+    fn running(&self, service: &str) -> bool {
+        self.docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}}",
+            &self.container(service),
+        ])
+        .is_ok_and(|s| s.trim() == "true")
+    }
+
+    /// The leader as the first reachable store reports it, asked from inside
+    /// the compose network.
+    fn store_leader(&self) -> anyhow::Result<String> {
+        for from in STORES {
+            if !self.running(from) {
+                continue;
+            }
+            let Ok(out) = self.docker(&[
+                "exec",
+                &self.container(from),
+                "chatctl",
+                "--store",
+                "store-1:7001,store-2:7001,store-3:7001",
+                "--timeout-secs",
+                "2",
+                "store",
+                "status",
+            ]) else {
+                continue;
+            };
+            // Columns: id address role term leader ...; the highest term wins.
+            let best = out
+                .lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let term: u64 = f.get(3)?.parse().ok()?;
+                    let leader: u64 = f.get(4)?.parse().ok()?;
+                    (leader != 0).then_some((term, leader))
+                })
+                .max();
+            if let Some((_, id)) = best {
+                return Ok(format!("store-{id}"));
+            }
+        }
+        bail!("no store replica knows a leader")
+    }
+
+    fn unhealthy(&self) -> Vec<String> {
+        let services =
+            STORES
+                .iter()
+                .copied()
+                .chain(["router-1", "router-2", "gateway-1", "gateway-2"]);
+        services
+            .filter(|s| {
+                self.docker(&[
+                    "inspect",
+                    "-f",
+                    "{{.State.Health.Status}}",
+                    &self.container(s),
+                ])
+                .map_or(true, |h| h.trim() != "healthy")
+            })
+            .map(String::from)
+            .collect()
+    }
+
+    async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiting = self.unhealthy();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "not healthy within {} s: {}",
+                    timeout.as_secs(),
+                    waiting.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn run(mut cmd: Command, tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {tool}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{tool} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,4 @@
+//! Library side of `chatctl`: the local cluster that `chatctl local up`
+//! runs and the load tests start and break.
+
+pub mod local;
