@@ -105,7 +105,8 @@ pub struct Args {
     /// partition-follower, heal, pause-leader, pause-follower, unpause.
     #[arg(long = "fault", value_name = "KIND@SECONDS")]
     faults: Vec<FaultSpec>,
-    /// Seconds after which a killed service is started again.
+    /// Seconds after which a killed service is started again; in
+    /// rolling-restart, the pause between one service and the next.
     #[arg(long, default_value_t = 3.0)]
     restart_after: f64,
     /// How long one send may take, retries included, before it counts as
@@ -123,6 +124,11 @@ pub struct Args {
     /// congestion: seconds of the capacity probe.
     #[arg(long, default_value_t = 10.0)]
     probe_secs: f64,
+    /// congestion: closed-loop senders of the capacity probe (the cluster
+    /// batches at every hop, so it needs many requests in flight to reach
+    /// its peak).
+    #[arg(long, default_value_t = 1024)]
+    probe_concurrency: usize,
     /// reconnect-storm: seconds into the load phase (default: a third).
     #[arg(long)]
     storm_at: Option<f64>,
@@ -541,6 +547,12 @@ async fn setup(
     progress: &report::Progress,
 ) -> anyhow::Result<Arc<Ctx>> {
     let gateways = target.gateways();
+    for g in &gateways {
+        anyhow::ensure!(
+            chatctl::local::healthy(g, "chat.v1.Chat").await,
+            "gateway {g} is unreachable or not serving (no SERVING answer on gRPC health within 3 s)"
+        );
+    }
     let key = chat_auth::TokenKey::new(target.key().as_bytes().to_vec())
         .map_err(|e| anyhow::anyhow!("bad token key: {e}"))?;
     let users: Vec<String> = (0..args.users).map(|i| format!("{run_id}-u{i}")).collect();
@@ -679,7 +691,13 @@ async fn exercise(
                     ));
                     let before = ctx.sends.lock().expect("sends lock poisoned").len();
                     let t0 = Instant::now();
-                    drive(ctx, Load::Closed(64), t0, args.probe_secs).await;
+                    drive(
+                        ctx,
+                        Load::Closed(args.probe_concurrency.max(1)),
+                        t0,
+                        args.probe_secs,
+                    )
+                    .await;
                     let acked = ctx.sends.lock().expect("sends lock poisoned")[before..]
                         .iter()
                         .filter(|r| r.outcome.is_ok())
@@ -725,18 +743,32 @@ async fn exercise(
     }
     let healthy = wait_for_healthy(target).await;
 
-    // Every member must see every conversation up to its last acked seq.
+    // Read everything back, then wait until every member has been delivered
+    // its conversations up to the last stored seq (the last acked one when
+    // the read-back failed).
     let sends: Vec<SendRecord> =
         ctx.sends.lock().expect("sends lock poisoned")[probe_sends..].to_vec();
-    let mut last_acked: HashMap<u32, u64> = HashMap::new();
-    for r in &sends {
-        if let Ok(seq) = r.outcome {
-            let e = last_acked.entry(r.conv).or_insert(0);
-            *e = (*e).max(seq);
+    let stored = verify::read_back(ctx).await;
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    match &stored {
+        Ok(convs) => {
+            for (j, msgs) in convs.iter().enumerate() {
+                if let Some(m) = msgs.last() {
+                    last.insert(j as u32, m.seq);
+                }
+            }
+        }
+        Err(_) => {
+            for r in &sends {
+                if let Ok(seq) = r.outcome {
+                    let e = last.entry(r.conv).or_insert(0);
+                    *e = (*e).max(seq);
+                }
+            }
         }
     }
     let drained = wait_for(Duration::from_secs(30), || {
-        last_acked.iter().all(|(&c, &seq)| {
+        last.iter().all(|(&c, &seq)| {
             ctx.convs[c as usize].members.iter().all(|&m| {
                 ctx.delivered_upto[m as usize]
                     .lock()
@@ -752,7 +784,6 @@ async fn exercise(
     for s in subs {
         let _ = s.await;
     }
-    let stored = verify::read_back(ctx).await;
     let deliveries: Vec<Vec<Delivery>> = ctx
         .deliveries
         .iter()
@@ -903,7 +934,10 @@ async fn control(
         tokio::time::sleep_until(at(2.0_f64.min(args.duration / 4.0)).into()).await;
         match target.rolling_order().await {
             Ok(order) => {
-                for name in order {
+                for (i, name) in order.into_iter().enumerate() {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_secs_f64(plan.restart_after)).await;
+                    }
                     let t = since(Instant::now());
                     if t >= args.duration {
                         errors.push(format!(

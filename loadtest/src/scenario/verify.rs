@@ -41,6 +41,8 @@ pub struct Verification {
     pub delivery_duplicated: u64,
     /// Send (scheduled time) → receipt, microseconds, acked sends only.
     pub delivery_latency: Histogram<u64>,
+    /// A few of the findings, for the notes.
+    pub examples: Vec<String>,
 }
 
 pub fn hist() -> Histogram<u64> {
@@ -100,6 +102,7 @@ pub fn verify(input: &Input<'_>) -> Verification {
         delivery_missed: 0,
         delivery_duplicated: 0,
         delivery_latency: hist(),
+        examples: Vec::new(),
     };
     let stored = match &input.stored {
         Ok(s) => s,
@@ -123,7 +126,13 @@ pub fn verify(input: &Input<'_>) -> Verification {
     let by_k: HashMap<u64, &SendRecord> = input.sends.iter().map(|r| (r.k, r)).collect();
     for r in input.sends {
         match (r.outcome, places.get(&r.k)) {
-            (Ok(_), None) => v.lost += 1,
+            (Ok(_), None) => {
+                v.lost += 1;
+                if v.examples.len() < 5 {
+                    v.examples
+                        .push(format!("{} acked but not stored", ctx.cmid(r.k)));
+                }
+            }
             (Ok(seq), Some(p)) if !p.contains(&(r.conv, seq)) => v.seq_mismatch += 1,
             (Err(_), Some(_)) => v.stored_unacked += 1,
             _ => {}
@@ -175,7 +184,15 @@ pub fn verify(input: &Input<'_>) -> Verification {
             }
             for seq in &expected {
                 match got.get(seq) {
-                    None => v.delivery_missed += 1,
+                    None => {
+                        v.delivery_missed += 1;
+                        if v.examples.len() < 5 {
+                            v.examples.push(format!(
+                                "{} was not delivered seq {seq} of {}",
+                                ctx.users[member as usize], ctx.convs[j].id
+                            ));
+                        }
+                    }
                     Some(&n) => v.delivery_duplicated += u64::from(n - 1),
                 }
             }

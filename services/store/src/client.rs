@@ -70,8 +70,11 @@ impl StoreClient {
             .map_err(|e| StoreError::InvalidArgument(format!("bad store address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(1))
+            // A leader that stops answering (paused, hung, cut off) is
+            // dropped within about 1 s, so calls move on to the new leader.
+            .http2_keep_alive_interval(Duration::from_millis(500))
+            .keep_alive_timeout(Duration::from_millis(500))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(addr.to_owned(), c.clone());
         Ok(c)
