@@ -89,6 +89,7 @@ pub mod stack {
                     lease: Duration::from_secs(3),
                     sweep: Duration::from_millis(500),
                     router_timeout: Duration::from_secs(10),
+                    admission: Default::default(),
                 };
                 gateways.push(Some(RunningGateway::start(opts, public, internal).await?));
                 gateway_addrs.push(a);

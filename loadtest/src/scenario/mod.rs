@@ -133,6 +133,10 @@ pub struct Args {
     #[arg(long)]
     storm_at: Option<f64>,
 
+    /// Local target: start the gateways with overload protection switched
+    /// off (`--no-overload-protection`), for a side-by-side comparison.
+    #[arg(long)]
+    no_protection: bool,
     /// SLO: longest gap between acks after a store-leader fault, in ms.
     #[arg(long, default_value_t = 2000)]
     max_unavailability_ms: u64,
@@ -198,6 +202,10 @@ impl Args {
                 self.duration
             );
         }
+        anyhow::ensure!(
+            !self.no_protection || (self.compose.is_none() && self.gateways.is_empty()),
+            "--no-protection starts the gateways itself: it needs --local"
+        );
         if !self.gateways.is_empty() {
             anyhow::ensure!(
                 self.faults.is_empty() && scenario != Scenario::RollingRestart,
@@ -498,7 +506,15 @@ pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
         }
     } else {
         progress.note("starting a local cluster");
-        Target::local(&run_dir.join("cluster"), LocalOptions::default()).await?
+        let opts = LocalOptions {
+            gateway_args: if args.no_protection {
+                vec!["--no-overload-protection".into()]
+            } else {
+                Vec::new()
+            },
+            ..LocalOptions::default()
+        };
+        Target::local(&run_dir.join("cluster"), opts).await?
     };
     let outcome = run_on(scenario, &args, target, &run_id, &progress, started_at).await;
     if !args.keep_data && args.compose.is_none() && args.gateways.is_empty() {

@@ -85,6 +85,8 @@ pub struct Report {
     pub offered_rate: f64,
     /// congestion: acked sends/s at saturation (probe or --capacity).
     pub capacity_per_s: Option<f64>,
+    /// Gateways' overload protection (off with --no-protection).
+    pub overload_protection: bool,
     pub users: usize,
     pub conversations: usize,
     pub group_size: usize,
@@ -330,6 +332,7 @@ impl Report {
             load: b.load.describe(),
             offered_rate: (in_load / a.duration * 10.0).round() / 10.0,
             capacity_per_s: b.capacity.map(|c| c.round()),
+            overload_protection: !a.no_protection,
             users: a.users,
             conversations: a.conversations,
             group_size: a.group_size,
@@ -477,6 +480,15 @@ impl Report {
             if self.pass { "PASS" } else { "FAIL" }
         );
         let _ = writeln!(m, "- target: {}", self.target);
+        let _ = writeln!(
+            m,
+            "- overload protection: {}",
+            if self.overload_protection {
+                "on"
+            } else {
+                "off"
+            }
+        );
         let _ = writeln!(m, "- started: {}", self.started_at);
         let _ = writeln!(
             m,

@@ -2,7 +2,9 @@
 //!
 //! Holds a list of gateway endpoints, never a single name. Calls go to one
 //! gateway and move to the next when it is unavailable, with exponential
-//! backoff and full jitter. `send` retries with the same client message id,
+//! backoff and full jitter; RESOURCE_EXHAUSTED (the server is shedding load)
+//! is returned at once, with the server's `retry-after-ms` hint in its
+//! metadata ([`retry_after`]). `send` retries with the same client message id,
 //! so a retry never stores a message twice. `subscribe` keeps a cursor per
 //! conversation and, when its stream breaks, resumes on another gateway from
 //! those cursors: no gap, no duplicate.
@@ -62,6 +64,19 @@ pub fn retryable(s: &Status) -> bool {
             s.code(),
             Code::Unavailable | Code::ResourceExhausted | Code::Cancelled | Code::Unknown
         )
+}
+
+/// The server's hint of when to try again, from a RESOURCE_EXHAUSTED or
+/// UNAVAILABLE status.
+pub fn retry_after(s: &Status) -> Option<Duration> {
+    let ms: u64 = s
+        .metadata()
+        .get("retry-after-ms")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 fn backoff_step(backoff: &mut Duration) -> Duration {
@@ -140,7 +155,9 @@ impl ChatClient {
                 Ok(Err(s)) => s,
                 Err(_) => return Err(Status::deadline_exceeded("no gateway answered in time")),
             };
-            if !retryable(&err) {
+            // An overloaded server is not retried: a retry is more of the
+            // load it is shedding. The status carries its `retry-after-ms`.
+            if !retryable(&err) || err.code() == Code::ResourceExhausted {
                 return Err(err);
             }
             let wait = backoff_step(&mut backoff);

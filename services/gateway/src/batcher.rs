@@ -2,8 +2,16 @@
 //! whatever is queued goes to a router as one `AppendBatch`. At most
 //! `IN_FLIGHT` batches are outstanding; while they are, the queue fills and
 //! the next batch is bigger.
+//!
+//! Admission: this queue is where work waits when the cluster is offered
+//! more than it can take (everything downstream is bounded by `IN_FLIGHT`).
+//! With overload protection on, a send whose caller has gone away is
+//! dropped unsent, and a send that waited longer than the queue-time limit
+//! is refused with RESOURCE_EXHAUSTED and a `retry-after-ms` hint, so the
+//! cluster spends its capacity on sends that can still be answered in time.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chat_proto::store::v1 as spb;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -22,47 +30,113 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const IN_FLIGHT: usize = 4;
 
 type Reply = oneshot::Sender<Result<spb::AppendResponse, Status>>;
+type Queued = (spb::AppendRequest, Reply, Instant);
+
+/// Overload protection of the send path.
+#[derive(Clone, Copy, Debug)]
+pub struct Admission {
+    /// Off: every queued send is sent, however long it waited.
+    pub enabled: bool,
+    /// Longest a send may wait in the queue.
+    pub max_queue_time: Duration,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_queue_time: Duration::from_millis(300),
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with a retry-after hint.
+pub fn overloaded(msg: &str, retry_after: Duration) -> Status {
+    let mut s = Status::resource_exhausted(msg);
+    if let Ok(v) = retry_after.as_millis().to_string().parse() {
+        s.metadata_mut().insert("retry-after-ms", v);
+    }
+    s
+}
 
 #[derive(Clone)]
 pub struct SendBatcher {
-    tx: mpsc::Sender<(spb::AppendRequest, Reply)>,
+    tx: mpsc::Sender<Queued>,
 }
 
 impl SendBatcher {
-    pub fn start(pool: Arc<RouterPool>) -> Self {
+    pub fn start(pool: Arc<RouterPool>, admission: Admission) -> Self {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        tokio::spawn(run(pool, rx));
+        tokio::spawn(run(pool, rx, admission));
         Self { tx }
     }
 
     /// Appends one message; answered when the store has committed it.
     pub async fn send(&self, req: spb::AppendRequest) -> Result<spb::AppendResponse, Status> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send((req, reply)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                Status::resource_exhausted("gateway send queue is full; retry shortly")
-            }
-            mpsc::error::TrySendError::Closed(_) => Status::unavailable("gateway is shutting down"),
-        })?;
+        self.tx
+            .try_send((req, reply, Instant::now()))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => overloaded(
+                    "gateway send queue is full; retry shortly",
+                    Duration::from_millis(500),
+                ),
+                mpsc::error::TrySendError::Closed(_) => {
+                    Status::unavailable("gateway is shutting down")
+                }
+            })?;
         rx.await
             .map_err(|_| Status::unavailable("gateway is shutting down"))?
     }
 }
 
-async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<(spb::AppendRequest, Reply)>) {
+/// Whether a queued send still goes out; answers it when it does not.
+fn admit(item: Queued, admission: Admission) -> Option<(spb::AppendRequest, Reply)> {
+    let (req, reply, queued) = item;
+    if !admission.enabled {
+        return Some((req, reply));
+    }
+    if reply.is_closed() {
+        // The caller gave up (deadline, disconnect): nobody would see the ack.
+        return None;
+    }
+    let waited = queued.elapsed();
+    if waited > admission.max_queue_time {
+        let _ = reply.send(Err(overloaded(
+            &format!(
+                "gateway overloaded: the send waited {} ms in the queue (limit {} ms); retry later",
+                waited.as_millis(),
+                admission.max_queue_time.as_millis()
+            ),
+            admission.max_queue_time,
+        )));
+        return None;
+    }
+    Some((req, reply))
+}
+
+async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: Admission) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else { return };
-        let mut bytes = first.0.body.len();
-        let mut batch = vec![first];
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.is_empty() {
+            let Some(first) = rx.recv().await else { return };
+            if let Some(x) = admit(first, admission) {
+                bytes += x.0.body.len();
+                batch.push(x);
+            }
+        }
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(x) => {
-                    bytes += x.0.body.len();
-                    batch.push(x);
+                    if let Some(x) = admit(x, admission) {
+                        bytes += x.0.body.len();
+                        batch.push(x);
+                    }
                 }
                 Err(_) => break,
             }
@@ -96,5 +170,56 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<(spb::AppendRequest, 
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(
+        age: Duration,
+    ) -> (
+        Queued,
+        oneshot::Receiver<Result<spb::AppendResponse, Status>>,
+    ) {
+        let (reply, rx) = oneshot::channel();
+        let at = Instant::now() - age;
+        ((spb::AppendRequest::default(), reply, at), rx)
+    }
+
+    #[test]
+    fn a_send_that_waited_too_long_is_refused_with_a_retry_hint() {
+        let on = Admission::default();
+        let (item, mut rx) = queued(on.max_queue_time + Duration::from_millis(50));
+        assert!(admit(item, on).is_none());
+        let status = rx.try_recv().expect("answered").expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("waited"), "{}", status.message());
+        assert_eq!(
+            status.metadata().get("retry-after-ms").unwrap(),
+            &on.max_queue_time.as_millis().to_string()
+        );
+    }
+
+    #[test]
+    fn abandoned_sends_are_dropped_and_fresh_ones_pass() {
+        let on = Admission::default();
+        let (item, rx) = queued(Duration::ZERO);
+        drop(rx);
+        assert!(admit(item, on).is_none(), "nobody waits for this ack");
+        let (item, _rx) = queued(Duration::from_millis(10));
+        assert!(admit(item, on).is_some());
+    }
+
+    #[test]
+    fn with_protection_off_everything_queued_is_sent() {
+        let off = Admission {
+            enabled: false,
+            ..Admission::default()
+        };
+        let (item, rx) = queued(Duration::from_secs(30));
+        drop(rx);
+        assert!(admit(item, off).is_some());
     }
 }

@@ -44,6 +44,8 @@ pub struct GatewayOptions {
     pub sweep: Duration,
     /// Deadline of each router call, retries included.
     pub router_timeout: Duration,
+    /// Overload protection of sends.
+    pub admission: crate::batcher::Admission,
 }
 
 pub struct RunningGateway {
@@ -62,7 +64,7 @@ impl RunningGateway {
         let shutdown = CancellationToken::new();
         let pool = Arc::new(RouterPool::new(&opts.routers, opts.router_timeout)?);
         let sessions = Arc::new(Sessions::default());
-        let batcher = SendBatcher::start(pool.clone());
+        let batcher = SendBatcher::start(pool.clone(), opts.admission);
         let chat = ChatApi {
             pool: pool.clone(),
             batcher,

@@ -52,6 +52,14 @@ struct Config {
     /// Deadline of each router call, retries included.
     #[arg(long, env = "CHAT_GATEWAY_ROUTER_TIMEOUT_MS", default_value_t = 5_000)]
     router_timeout_ms: u64,
+    /// Longest a send may wait in the gateway's queue before it is refused
+    /// with RESOURCE_EXHAUSTED (overload protection).
+    #[arg(long, env = "CHAT_GATEWAY_MAX_QUEUE_MS", default_value_t = 300)]
+    max_queue_ms: u64,
+    /// Switch overload protection off (for comparison runs): queued sends are
+    /// sent however long they waited, even when their caller has gone.
+    #[arg(long, env = "CHAT_GATEWAY_NO_OVERLOAD_PROTECTION")]
+    no_overload_protection: bool,
     /// Log filter.
     #[arg(long, env = "CHAT_GATEWAY_LOG", default_value = "info")]
     log: String,
@@ -103,6 +111,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         lease: Duration::from_millis(cfg.lease_ms),
         sweep: Duration::from_millis(cfg.sweep_ms),
         router_timeout: Duration::from_millis(cfg.router_timeout_ms),
+        admission: chat_gateway::batcher::Admission {
+            enabled: !cfg.no_overload_protection,
+            max_queue_time: Duration::from_millis(cfg.max_queue_ms.max(1)),
+        },
     };
     let gateway = RunningGateway::start(opts, public, internal).await?;
     tracing::info!(address = %cfg.listen, internal = %cfg.internal_listen, "gateway started");
