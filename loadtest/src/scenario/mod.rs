@@ -757,7 +757,7 @@ async fn exercise(
     if let Err(e) = target.heal_all().await {
         progress.note(&format!("cannot heal: {e:#}"));
     }
-    let healthy = wait_for_healthy(target).await;
+    let healthy = target.wait_healthy(Duration::from_secs(60)).await;
 
     // Read everything back, then wait until every member has been delivered
     // its conversations up to the last stored seq (the last acked one when
@@ -835,18 +835,6 @@ async fn exercise(
         faults,
         notes,
     }))
-}
-
-/// Services not healthy 60 s after the load (empty when all are).
-async fn wait_for_healthy(target: &Target) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let u = target.unhealthy().await;
-        if u.is_empty() || Instant::now() >= deadline {
-            return u;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// What the controller does during the load phase.

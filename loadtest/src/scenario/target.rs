@@ -194,9 +194,29 @@ impl Target {
             }
             Target::Compose(c) => {
                 c.docker(&["restart", "-t", "10", &c.container(name)])?;
-                c.wait_healthy(HEALTHY_WITHIN).await
+                let waiting = self.wait_healthy(HEALTHY_WITHIN).await;
+                anyhow::ensure!(
+                    waiting.is_empty(),
+                    "not healthy within {} s: {}",
+                    HEALTHY_WITHIN.as_secs(),
+                    waiting.join(", ")
+                );
+                Ok(())
             }
             Target::Gateways { .. } => bail!("cannot restart services of a running cluster"),
+        }
+    }
+
+    /// Waits up to `within` for every service to be healthy; returns those
+    /// that still are not (empty when all are).
+    pub async fn wait_healthy(&self, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let waiting = self.unhealthy().await;
+            if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
+                return waiting;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -356,24 +376,6 @@ impl Compose {
             })
             .map(String::from)
             .collect()
-    }
-
-    async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let waiting = self.unhealthy();
-            if waiting.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "not healthy within {} s: {}",
-                    timeout.as_secs(),
-                    waiting.join(", ")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
 }
 

@@ -196,6 +196,8 @@ pub struct LocalCluster {
     pub routers: Vec<String>,
     pub gateways: Vec<String>,
     procs: Vec<Proc>,
+    /// Admin client of the stores, for health and the leader.
+    admin: StoreClient,
 }
 
 impl LocalCluster {
@@ -268,6 +270,7 @@ impl LocalCluster {
             let name = format!("gateway-{}", i + 1);
             procs.push(Proc::spawn(&name, &gateway_bin, args, env, &logs)?);
         }
+        let admin = StoreClient::new(stores.clone(), Duration::from_secs(2))?;
         Ok(Self {
             dir,
             key,
@@ -275,12 +278,8 @@ impl LocalCluster {
             routers,
             gateways,
             procs,
+            admin,
         })
-    }
-
-    /// The names of every process, in start order.
-    pub fn names(&self) -> Vec<String> {
-        self.procs.iter().map(|p| p.name.clone()).collect()
     }
 
     fn proc(&mut self, name: &str) -> anyhow::Result<&mut Proc> {
@@ -353,13 +352,9 @@ impl LocalCluster {
 
     /// Which services are not healthy yet (empty when all are).
     pub async fn unhealthy(&self) -> Vec<String> {
-        let admin = match StoreClient::new(self.stores.clone(), Duration::from_secs(2)) {
-            Ok(a) => a,
-            Err(e) => return vec![format!("stores: {e}")],
-        };
         let mut waiting = Vec::new();
         for (i, s) in self.stores.iter().enumerate() {
-            if !admin.status_of(s).await.is_ok_and(|st| st.serving) {
+            if !self.admin.status_of(s).await.is_ok_and(|st| st.serving) {
                 waiting.push(format!("store-{} ({s})", i + 1));
             }
         }
@@ -406,10 +401,9 @@ impl LocalCluster {
     /// The name of the store replica that leads in the highest term any
     /// reachable replica knows of (an isolated old leader's claim loses).
     pub async fn store_leader(&self) -> anyhow::Result<String> {
-        let admin = StoreClient::new(self.stores.clone(), Duration::from_secs(2))?;
         let mut best: Option<(u64, u64)> = None;
         for s in &self.stores {
-            if let Ok(st) = admin.status_of(s).await
+            if let Ok(st) = self.admin.status_of(s).await
                 && st.leader_id != 0
                 && best.is_none_or(|(term, _)| st.term > term)
             {
