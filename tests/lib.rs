@@ -71,6 +71,7 @@ pub mod stack {
                 let opts = RouterOptions {
                     store: store_addrs.clone(),
                     store_timeout: Duration::from_secs(10),
+                    protection: true,
                 };
                 routers.push(Some(RunningRouter::start(opts, l).await?));
                 router_addrs.push(a);
@@ -90,6 +91,7 @@ pub mod stack {
                     sweep: Duration::from_millis(500),
                     router_timeout: Duration::from_secs(10),
                     admission: Default::default(),
+                    limits: Default::default(),
                 };
                 gateways.push(Some(RunningGateway::start(opts, public, internal).await?));
                 gateway_addrs.push(a);

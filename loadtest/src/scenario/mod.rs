@@ -133,8 +133,9 @@ pub struct Args {
     #[arg(long)]
     storm_at: Option<f64>,
 
-    /// Local target: start the gateways with overload protection switched
-    /// off (`--no-overload-protection`), for a side-by-side comparison.
+    /// Local target: start the gateways and routers with overload
+    /// protection and degraded mode switched off
+    /// (`--no-overload-protection`), for a side-by-side comparison.
     #[arg(long)]
     no_protection: bool,
     /// SLO: longest gap between acks after a store-leader fault, in ms.
@@ -506,12 +507,16 @@ pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
         }
     } else {
         progress.note("starting a local cluster");
-        let opts = LocalOptions {
-            gateway_args: if args.no_protection {
+        let off = || {
+            if args.no_protection {
                 vec!["--no-overload-protection".into()]
             } else {
                 Vec::new()
-            },
+            }
+        };
+        let opts = LocalOptions {
+            gateway_args: off(),
+            router_args: off(),
             ..LocalOptions::default()
         };
         Target::local(&run_dir.join("cluster"), opts).await?

@@ -2,9 +2,13 @@
 //!
 //! Holds a list of gateway endpoints, never a single name. Calls go to one
 //! gateway and move to the next when it is unavailable, with exponential
-//! backoff and full jitter; RESOURCE_EXHAUSTED (the server is shedding load)
-//! is returned at once, with the server's `retry-after-ms` hint in its
-//! metadata ([`retry_after`]). `send` retries with the same client message id,
+//! backoff and full jitter, never sooner than the server's `retry-after-ms`
+//! hint, and only while the retry budget allows (about 20 % extra calls).
+//! RESOURCE_EXHAUSTED (the server is shedding load) is returned at once,
+//! with the hint in its metadata ([`retry_after`]); when the gateways refuse
+//! much of what they are sent, the client refuses a matching share of calls
+//! itself before sending them (adaptive throttling), so a shedding cluster
+//! is not kept busy saying no. `send` retries with the same client message id,
 //! so a retry never stores a message twice. `subscribe` keeps a cursor per
 //! conversation and, when its stream breaks, resumes on another gateway from
 //! those cursors: no gap, no duplicate.
@@ -17,6 +21,7 @@ use std::time::Duration;
 
 use chat_proto::chat::v1 as pb;
 use chat_proto::chat::v1::chat_client::ChatClient as RawClient;
+use chat_resilience::retry::{RetryBudget, Throttle};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -49,6 +54,8 @@ struct Inner {
     token: MetadataValue<tonic::metadata::Ascii>,
     next: AtomicUsize,
     deadline: Duration,
+    budget: RetryBudget,
+    throttle: Throttle,
 }
 
 /// A client of the gateways. Cheap to clone.
@@ -68,15 +75,12 @@ pub fn retryable(s: &Status) -> bool {
 
 /// The server's hint of when to try again, from a RESOURCE_EXHAUSTED or
 /// UNAVAILABLE status.
-pub fn retry_after(s: &Status) -> Option<Duration> {
-    let ms: u64 = s
-        .metadata()
-        .get("retry-after-ms")?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms))
+pub use chat_resilience::retry_after;
+
+/// Whether the server refused the call to protect itself (rather than
+/// failing it).
+fn refused_for_overload(s: &Status) -> bool {
+    s.code() == Code::ResourceExhausted
 }
 
 fn backoff_step(backoff: &mut Duration) -> Duration {
@@ -120,6 +124,8 @@ impl ChatClient {
                 token,
                 next: AtomicUsize::new(start),
                 deadline,
+                budget: RetryBudget::default(),
+                throttle: Throttle::default(),
             }),
         })
     }
@@ -148,20 +154,34 @@ impl ChatClient {
     {
         let deadline = tokio::time::Instant::now() + self.inner.deadline;
         let mut backoff = BACKOFF_MIN;
+        self.inner.budget.deposit();
         loop {
+            if !self.inner.throttle.attempt() {
+                return Err(Status::resource_exhausted(
+                    "not sent: the gateways have been refusing calls for overload, \
+                     so this client is holding back a share of its calls",
+                ));
+            }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let err = match tokio::time::timeout(remaining, f(self.pick())).await {
-                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Ok(r)) => {
+                    self.inner.throttle.accepted();
+                    return Ok(r.into_inner());
+                }
                 Ok(Err(s)) => s,
                 Err(_) => return Err(Status::deadline_exceeded("no gateway answered in time")),
             };
             // An overloaded server is not retried: a retry is more of the
             // load it is shedding. The status carries its `retry-after-ms`.
-            if !retryable(&err) || err.code() == Code::ResourceExhausted {
+            if refused_for_overload(&err) {
                 return Err(err);
             }
-            let wait = backoff_step(&mut backoff);
-            if tokio::time::Instant::now() + wait >= deadline {
+            self.inner.throttle.accepted();
+            if !retryable(&err) {
+                return Err(err);
+            }
+            let wait = backoff_step(&mut backoff).max(retry_after(&err).unwrap_or_default());
+            if tokio::time::Instant::now() + wait >= deadline || !self.inner.budget.try_withdraw() {
                 return Err(err);
             }
             tokio::time::sleep(wait).await;

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_proto::store::v1 as spb;
+use chat_resilience::Criticality;
+use chat_resilience::deadline::Deadline;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
@@ -30,7 +32,9 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const IN_FLIGHT: usize = 4;
 
 type Reply = oneshot::Sender<Result<spb::AppendResponse, Status>>;
-type Queued = (spb::AppendRequest, Reply, Instant);
+/// A send, its reply, when it was queued and when its caller stops waiting.
+type Queued = (spb::AppendRequest, Reply, Instant, Option<Deadline>);
+type Admitted = (spb::AppendRequest, Reply, Option<Deadline>);
 
 /// Overload protection of the send path.
 #[derive(Clone, Copy, Debug)]
@@ -50,14 +54,7 @@ impl Default for Admission {
     }
 }
 
-/// RESOURCE_EXHAUSTED with a retry-after hint.
-pub fn overloaded(msg: &str, retry_after: Duration) -> Status {
-    let mut s = Status::resource_exhausted(msg);
-    if let Ok(v) = retry_after.as_millis().to_string().parse() {
-        s.metadata_mut().insert("retry-after-ms", v);
-    }
-    s
-}
+pub use chat_resilience::overloaded;
 
 #[derive(Clone)]
 pub struct SendBatcher {
@@ -72,10 +69,14 @@ impl SendBatcher {
     }
 
     /// Appends one message; answered when the store has committed it.
-    pub async fn send(&self, req: spb::AppendRequest) -> Result<spb::AppendResponse, Status> {
+    pub async fn send(
+        &self,
+        req: spb::AppendRequest,
+        deadline: Option<Deadline>,
+    ) -> Result<spb::AppendResponse, Status> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send((req, reply, Instant::now()))
+            .try_send((req, reply, Instant::now(), deadline))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => overloaded(
                     "gateway send queue is full; retry shortly",
@@ -91,12 +92,12 @@ impl SendBatcher {
 }
 
 /// Whether a queued send still goes out; answers it when it does not.
-fn admit(item: Queued, admission: Admission) -> Option<(spb::AppendRequest, Reply)> {
-    let (req, reply, queued) = item;
+fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
+    let (req, reply, queued, deadline) = item;
     if !admission.enabled {
-        return Some((req, reply));
+        return Some((req, reply, deadline));
     }
-    if reply.is_closed() {
+    if reply.is_closed() || deadline.is_some_and(|d| d.expired()) {
         // The caller gave up (deadline, disconnect): nobody would see the ack.
         return None;
     }
@@ -112,7 +113,7 @@ fn admit(item: Queued, admission: Admission) -> Option<(spb::AppendRequest, Repl
         )));
         return None;
     }
-    Some((req, reply))
+    Some((req, reply, deadline))
 }
 
 async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: Admission) {
@@ -143,9 +144,19 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
         }
         let pool = pool.clone();
         tokio::spawn(async move {
-            let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            // The batch is worth sending until its most patient caller
+            // gives up.
+            let deadline = batch
+                .iter()
+                .map(|(_, _, d)| *d)
+                .try_fold(None::<Deadline>, |acc, d| {
+                    d.map(|d| Some(acc.map_or(d, |a| Deadline(a.0.max(d.0)))))
+                })
+                .flatten();
+            let (items, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|(r, tx, _)| (r, tx)).unzip();
             let req = spb::AppendBatchRequest { items };
-            let result = via_router!(pool, append_batch, req);
+            let result = via_router!(pool, append_batch, req, Criticality::Critical, deadline);
             match result {
                 Ok(resp) => {
                     let mut outcomes = resp.items.into_iter();
@@ -185,7 +196,7 @@ mod tests {
     ) {
         let (reply, rx) = oneshot::channel();
         let at = Instant::now() - age;
-        ((spb::AppendRequest::default(), reply, at), rx)
+        ((spb::AppendRequest::default(), reply, at, None), rx)
     }
 
     #[test]
@@ -210,6 +221,20 @@ mod tests {
         assert!(admit(item, on).is_none(), "nobody waits for this ack");
         let (item, _rx) = queued(Duration::from_millis(10));
         assert!(admit(item, on).is_some());
+    }
+
+    #[test]
+    fn sends_past_their_deadline_are_dropped() {
+        let on = Admission::default();
+        let (reply, _rx) = oneshot::channel();
+        let gone = Deadline(Instant::now() - Duration::from_millis(1));
+        let item = (
+            spb::AppendRequest::default(),
+            reply,
+            Instant::now(),
+            Some(gone),
+        );
+        assert!(admit(item, on).is_none());
     }
 
     #[test]

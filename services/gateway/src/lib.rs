@@ -6,6 +6,7 @@
 //! a client whose gateway dies resumes on another from its cursors.
 
 pub mod batcher;
+pub mod guard;
 pub mod routers;
 pub mod service;
 pub mod sessions;
@@ -22,9 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use chat_resilience::incoming::paced;
+use chat_resilience::layer::AdmitLayer;
+
 use crate::batcher::SendBatcher;
+use crate::guard::Guard;
 use crate::routers::RouterPool;
-use crate::service::{ChatApi, DeliveryApi, authenticate};
+use crate::service::{ChatApi, DeliveryApi};
 use crate::sessions::Sessions;
 
 /// The health service name clients check.
@@ -44,9 +49,15 @@ pub struct GatewayOptions {
     pub sweep: Duration,
     /// Deadline of each router call, retries included.
     pub router_timeout: Duration,
-    /// Overload protection of sends.
+    /// Overload protection of sends; `enabled: false` also switches off
+    /// the adaptive concurrency limit.
     pub admission: crate::batcher::Admission,
+    /// Rate, connection and concurrency limits of the public API.
+    pub limits: crate::guard::Limits,
 }
+
+/// Slack over the largest body for the rest of a `SendRequest`.
+const REQUEST_OVERHEAD: usize = 16 << 10;
 
 pub struct RunningGateway {
     shutdown: CancellationToken,
@@ -81,16 +92,23 @@ impl RunningGateway {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(chat_proto::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let guard = Arc::new(Guard::new(
+            opts.token_key.clone(),
+            &opts.limits,
+            opts.admission.enabled,
+        ));
         let public_router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(opts.limits.max_streams_per_connection)
+            .layer(AdmitLayer::new(guard))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(ChatServer::with_interceptor(
-                chat,
-                authenticate(opts.token_key.clone()),
-            ));
+            .add_service(
+                ChatServer::new(chat)
+                    .max_decoding_message_size(opts.max_body_bytes + REQUEST_OVERHEAD),
+            );
         let internal_router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(
@@ -100,18 +118,26 @@ impl RunningGateway {
                 .max_decoding_message_size(64 << 20),
             );
         let mut servers = Vec::new();
-        for (router, listener) in [(public_router, public), (internal_router, internal)] {
-            let stop = shutdown.clone();
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            servers.push(tokio::spawn(async move {
-                if let Err(e) = router
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
-                    .await
-                {
-                    tracing::warn!(error = %e, "gateway server stopped with an error");
-                }
-            }));
-        }
+        let stop = shutdown.clone();
+        let incoming = paced(public, opts.limits.accept);
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = public_router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
+                tracing::warn!(error = %e, "gateway public server stopped with an error");
+            }
+        }));
+        let stop = shutdown.clone();
+        let incoming = TcpIncoming::from(internal).with_nodelay(Some(true));
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = internal_router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
+                tracing::warn!(error = %e, "gateway internal server stopped with an error");
+            }
+        }));
         tokio::spawn(register(
             pool,
             sessions.clone(),
@@ -160,9 +186,15 @@ impl Drop for RunningGateway {
 
 /// Least time between two registrations.
 const REGISTER_SPACING: Duration = Duration::from_millis(100);
+/// Longest time between two registrations; also how soon subscribers hear
+/// that the service became degraded or recovered.
+const REGISTER_EVERY: Duration = Duration::from_secs(1);
+/// How long one registration may take.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Keeps every router's directory current: the full set of online users,
-/// at once when it changes and every third of the lease otherwise.
+/// at once when it changes and every second otherwise. The routers'
+/// answers say what is degraded; subscribers are told when that changes.
 async fn register(
     pool: Arc<RouterPool>,
     sessions: Arc<Sessions>,
@@ -177,21 +209,42 @@ async fn register(
             user_ids: sessions.users(),
             lease_ms,
         };
-        for client in pool.all() {
+        let calls = pool.all().iter().map(|client| {
             let mut c = client.clone();
             let req = req.clone();
-            tokio::spawn(async move {
-                if let Err(e) =
-                    tokio::time::timeout(Duration::from_secs(2), c.register_sessions(req)).await
-                {
-                    tracing::debug!(error = %e, "session registration timed out");
+            async move { tokio::time::timeout(REGISTER_TIMEOUT, c.register_sessions(req)).await }
+        });
+        let answers: Vec<Vec<String>> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(Ok(resp)) => Some(resp.into_inner().degraded),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "session registration failed");
+                    None
                 }
-            });
+                Err(_) => {
+                    tracing::debug!("session registration timed out");
+                    None
+                }
+            })
+            .collect();
+        // Degraded only as far as every router that answered says so: a
+        // router that still reaches the store's majority serves normally.
+        if let Some(first) = answers.first() {
+            let common: Vec<String> = first
+                .iter()
+                .filter(|f| answers.iter().all(|a| a.contains(f)))
+                .cloned()
+                .collect();
+            if sessions.set_degraded(common.clone()) {
+                tracing::info!(degraded = ?common, "service status changed; subscribers told");
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = sessions.changed.notified() => {}
-            _ = tokio::time::sleep(lease / 3) => {}
+            _ = tokio::time::sleep(REGISTER_EVERY.min(lease / 3)) => {}
         }
         // Changes that come in a burst go out as one registration.
         tokio::select! {

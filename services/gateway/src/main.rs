@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chat_auth::TokenKey;
+use chat_gateway::guard::Limits;
 use chat_gateway::{GatewayOptions, RunningGateway};
+use chat_resilience::bucket::Rate;
+use chat_resilience::incoming::AcceptRate;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -60,6 +63,20 @@ struct Config {
     /// sent however long they waited, even when their caller has gone.
     #[arg(long, env = "CHAT_GATEWAY_NO_OVERLOAD_PROTECTION")]
     no_overload_protection: bool,
+    /// Calls per second one user may make (bursts of twice that); 0: no limit.
+    #[arg(long, env = "CHAT_GATEWAY_USER_RATE", default_value_t = 1_000)]
+    user_rate: u32,
+    /// Calls per second one client IP may make (bursts of twice that); 0: no
+    /// limit.
+    #[arg(long, env = "CHAT_GATEWAY_IP_RATE", default_value_t = 100_000)]
+    ip_rate: u32,
+    /// New connections per second the gateway accepts (bursts of twice
+    /// that); 0: no limit.
+    #[arg(long, env = "CHAT_GATEWAY_ACCEPT_RATE", default_value_t = 2_000)]
+    accept_rate: u32,
+    /// Concurrent calls one connection may have open.
+    #[arg(long, env = "CHAT_GATEWAY_MAX_STREAMS", default_value_t = 1_024)]
+    max_streams_per_connection: u32,
     /// Log filter.
     #[arg(long, env = "CHAT_GATEWAY_LOG", default_value = "info")]
     log: String,
@@ -84,6 +101,14 @@ fn main() -> ExitCode {
             eprintln!("chat-gateway: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `per_second` with bursts of twice that.
+fn rate(per_second: u32) -> Rate {
+    Rate {
+        per_second,
+        burst: per_second.saturating_mul(2),
     }
 }
 
@@ -114,6 +139,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         admission: chat_gateway::batcher::Admission {
             enabled: !cfg.no_overload_protection,
             max_queue_time: Duration::from_millis(cfg.max_queue_ms.max(1)),
+        },
+        limits: Limits {
+            per_user: rate(cfg.user_rate),
+            per_ip: rate(cfg.ip_rate),
+            accept: AcceptRate {
+                per_second: cfg.accept_rate,
+                burst: cfg.accept_rate.saturating_mul(2),
+            },
+            max_streams_per_connection: cfg.max_streams_per_connection.max(1),
+            ..Limits::default()
         },
     };
     let gateway = RunningGateway::start(opts, public, internal).await?;

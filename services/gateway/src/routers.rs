@@ -1,26 +1,52 @@
-//! The gateway's client of the routers: any router serves any request, so a
-//! call goes to the next router in turn and moves on to another when one is
-//! unavailable, with exponential backoff and full jitter, until the call's
-//! deadline. Every router call is idempotent (appends carry client message
-//! ids), so retrying one whose outcome is unknown never duplicates.
+//! The gateway's client of the routers. Any router serves any request, so
+//! each call goes to the less busy of two routers drawn at random (power of
+//! two choices on calls in flight), skipping routers ejected after
+//! consecutive failures ([`chat_resilience::balance`]).
+//!
+//! A call carries its criticality (`x-criticality`, so the router sheds in
+//! the gateway's order) and a `grpc-timeout` no later than its caller's
+//! deadline. A call that fails because a router is unreachable or
+//! unavailable moves on to another, with exponential backoff and full
+//! jitter, while the retry budget allows (about 20 % extra load at most)
+//! and the deadline has not passed. A refusal that carries a
+//! `retry-after-ms` hint (the router is shedding load, or the store has no
+//! quorum) is never retried here: it goes back to the client, who was told
+//! when to come back. Every router call is idempotent (appends carry client
+//! message ids), so retrying one whose outcome is unknown never duplicates.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chat_proto::router::v1::router_client::RouterClient;
+use chat_resilience::balance::Balancer;
+use chat_resilience::deadline::{Deadline, budget};
+use chat_resilience::retry::{Backoff, RetryBudget};
+use chat_resilience::{Criticality, retry_after};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
-/// Calls `Router::$method` with `$req` through `$pool`: the next router in
-/// turn, another one when it is unavailable.
+/// Calls `Router::$method` with `$req` through `$pool`, as a call of
+/// criticality `$crit` on behalf of a caller with deadline `$deadline`
+/// (critical, the pool's own deadline only, when omitted).
 macro_rules! via_router {
-    ($pool:expr, $method:ident, $req:expr) => {{
+    ($pool:expr, $method:ident, $req:expr) => {
+        via_router!(
+            $pool,
+            $method,
+            $req,
+            chat_resilience::Criticality::Critical,
+            None
+        )
+    };
+    ($pool:expr, $method:ident, $req:expr, $crit:expr, $deadline:expr) => {{
         let req = $req;
         $pool
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.$method(req).await }
+            .call($crit, $deadline, |mut c, timeout| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(timeout);
+                $crit.stamp(&mut r);
+                async move { c.$method(r).await }
             })
             .await
     }};
@@ -32,12 +58,14 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 pub struct RouterPool {
     clients: Vec<RouterClient<Channel>>,
-    next: AtomicUsize,
+    balancer: Arc<Balancer>,
+    budget: RetryBudget,
     deadline: Duration,
 }
 
-/// Whether another router (or a later try) may succeed.
-fn retryable(s: &Status) -> bool {
+/// Whether the router could not be reached or could not serve, so another
+/// router (or a later try) may succeed.
+fn unreachable(s: &Status) -> bool {
     std::error::Error::source(s).is_some()
         || matches!(s.code(), Code::Unavailable | Code::Cancelled)
 }
@@ -45,20 +73,22 @@ fn retryable(s: &Status) -> bool {
 impl RouterPool {
     pub fn new(addrs: &[String], deadline: Duration) -> anyhow::Result<Self> {
         anyhow::ensure!(!addrs.is_empty(), "no router addresses given");
-        let clients = addrs
+        let clients: Vec<_> = addrs
             .iter()
             .map(|a| {
                 let ep = Endpoint::from_shared(format!("http://{a}"))?
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(1))
-                    .keep_alive_timeout(Duration::from_secs(1));
+                    .keep_alive_timeout(Duration::from_secs(1))
+                    .keep_alive_while_idle(true);
                 Ok(RouterClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self {
+            balancer: Balancer::new(clients.len()),
             clients,
-            next: AtomicUsize::new(0),
+            budget: RetryBudget::default(),
             deadline,
         })
     }
@@ -67,29 +97,75 @@ impl RouterPool {
         &self.clients
     }
 
-    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    /// Routers ejected now.
+    pub fn ejected(&self) -> usize {
+        self.balancer.ejected_count(Instant::now())
+    }
+
+    /// Runs `f(client, timeout)` on a router, moving to another on
+    /// failures that another may not have.
+    pub async fn call<T, F, Fut>(
+        &self,
+        criticality: Criticality,
+        caller: Option<Deadline>,
+        f: F,
+    ) -> Result<T, Status>
     where
-        F: Fn(RouterClient<Channel>) -> Fut,
+        F: Fn(RouterClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.deadline;
-        let mut backoff = BACKOFF_MIN;
+        let allowed = budget(self.deadline, caller);
+        // Past the caller's own deadline the caller has given up; past the
+        // pool's, the routers are what failed.
+        let expired = move || {
+            if allowed < self.deadline {
+                Status::deadline_exceeded("the caller's deadline passed before a router answered")
+            } else {
+                Status::unavailable("no router answered in time")
+            }
+        };
+        let deadline = Instant::now() + allowed;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        self.budget.deposit();
         loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let err = match tokio::time::timeout(remaining, f(self.clients[i].clone())).await {
-                Ok(Ok(r)) => return Ok(r.into_inner()),
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(expired());
+            }
+            let i = self.balancer.pick(Instant::now());
+            let inflight = self.balancer.start(i);
+            let outcome =
+                tokio::time::timeout(remaining, f(self.clients[i].clone(), remaining)).await;
+            drop(inflight);
+            let err = match outcome {
+                Ok(Ok(r)) => {
+                    self.balancer.success(i);
+                    return Ok(r.into_inner());
+                }
                 Ok(Err(s)) => s,
-                Err(_) => return Err(Status::unavailable("no router answered in time")),
+                Err(_) => return Err(expired()),
             };
-            if !retryable(&err) {
+            if !unreachable(&err) {
+                self.balancer.success(i);
                 return Err(err);
             }
-            let wait = backoff.mul_f64(rand::random::<f64>());
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            if tokio::time::Instant::now() + wait >= deadline {
+            if retry_after(&err).is_some() {
+                // The router answered: it is alive, and it said when to
+                // come back.
+                self.balancer.success(i);
+                return Err(err);
+            }
+            self.balancer.failure(i, Instant::now());
+            let wait = backoff.next_wait();
+            if Instant::now() + wait >= deadline {
                 return Err(Status::unavailable(format!(
-                    "no router could serve the call: {}",
+                    "no router could serve the {criticality} call in time: {}",
+                    err.message()
+                )));
+            }
+            if !self.budget.try_withdraw() {
+                return Err(Status::unavailable(format!(
+                    "router call failed and the retry budget is spent: {}",
                     err.message()
                 )));
             }

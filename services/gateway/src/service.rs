@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_auth::TokenKey;
 use chat_proto::chat::v1 as cpb;
 use chat_proto::chat::v1::chat_server::Chat;
 use chat_proto::router::v1 as rpb;
@@ -16,35 +15,20 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use chat_resilience::Criticality;
+use chat_resilience::deadline;
+
 use crate::batcher::SendBatcher;
 use crate::routers::{RouterPool, via_router};
 use crate::sessions::{OUT_QUEUE, Push, Session, Sessions};
 
-/// The authenticated user of a request, set by `authenticate`, and when
-/// their token expires (unix seconds).
+/// The authenticated user of a request, set by the [`crate::guard::Guard`],
+/// and when their token expires (unix seconds).
 #[derive(Clone, Debug)]
 pub struct User(pub String, pub u64);
 
 /// Open subscriptions one user may hold on one gateway.
 pub const MAX_SESSIONS_PER_USER: usize = 16;
-
-/// Interceptor: every call must carry a valid bearer token; the user it
-/// names is attached to the request. Runs before any other work.
-pub fn authenticate(key: TokenKey) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |mut req: Request<()>| {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let token =
-            chat_auth::bearer(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let (user, expires) = key
-            .verify_claims(token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        req.extensions_mut().insert(User(user, expires));
-        Ok(req)
-    }
-}
 
 fn user_of<T>(req: &Request<T>) -> Result<String, Status> {
     req.extensions()
@@ -92,6 +76,7 @@ impl Chat for ChatApi {
         request: Request<cpb::SendRequest>,
     ) -> Result<Response<cpb::SendResponse>, Status> {
         let user = user_of(&request)?;
+        let deadline = deadline::of(&request);
         let r = request.into_inner();
         valid_conversation(&r.conversation_id)?;
         validate_client_msg_id(&r.client_msg_id).map_err(Status::from)?;
@@ -104,12 +89,15 @@ impl Chat for ChatApi {
         }
         let ok = self
             .batcher
-            .send(spb::AppendRequest {
-                conversation_id: r.conversation_id,
-                sender: user,
-                client_msg_id: r.client_msg_id,
-                body: r.body,
-            })
+            .send(
+                spb::AppendRequest {
+                    conversation_id: r.conversation_id,
+                    sender: user,
+                    client_msg_id: r.client_msg_id,
+                    body: r.body,
+                },
+                deadline,
+            )
             .await?;
         Ok(Response::new(cpb::SendResponse {
             seq: ok.seq,
@@ -160,6 +148,7 @@ impl Chat for ChatApi {
         request: Request<cpb::HistoryRequest>,
     ) -> Result<Response<cpb::HistoryResponse>, Status> {
         let user = user_of(&request)?;
+        let deadline = deadline::of(&request);
         let r = request.into_inner();
         valid_conversation(&r.conversation_id)?;
         let req = spb::ReadRequest {
@@ -170,7 +159,7 @@ impl Chat for ChatApi {
             requester: user,
             ..Default::default()
         };
-        let page = via_router!(self.pool, read, req)?;
+        let page = via_router!(self.pool, read, req, Criticality::Normal, deadline)?;
         let messages = page
             .messages
             .into_iter()
@@ -194,6 +183,7 @@ impl Chat for ChatApi {
         request: Request<cpb::CreateConversationRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
         let user = user_of(&request)?;
+        let deadline = deadline::of(&request);
         let r = request.into_inner();
         let mut members = r.members;
         if !members.contains(&user) {
@@ -203,7 +193,13 @@ impl Chat for ChatApi {
             conversation_id: r.conversation_id,
             members,
         };
-        let c = via_router!(self.pool, create_conversation, req)?;
+        let c = via_router!(
+            self.pool,
+            create_conversation,
+            req,
+            Criticality::Normal,
+            deadline
+        )?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -211,7 +207,14 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::MemberRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
-        let c = via_router!(self.pool, add_member, member_request(request)?)?;
+        let deadline = deadline::of(&request);
+        let c = via_router!(
+            self.pool,
+            add_member,
+            member_request(request)?,
+            Criticality::Normal,
+            deadline
+        )?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -219,7 +222,14 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::MemberRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
-        let c = via_router!(self.pool, remove_member, member_request(request)?)?;
+        let deadline = deadline::of(&request);
+        let c = via_router!(
+            self.pool,
+            remove_member,
+            member_request(request)?,
+            Criticality::Normal,
+            deadline
+        )?;
         Ok(Response::new(conversation(c)))
     }
 
@@ -228,11 +238,18 @@ impl Chat for ChatApi {
         request: Request<cpb::ListConversationsRequest>,
     ) -> Result<Response<cpb::ListConversationsResponse>, Status> {
         let user = user_of(&request)?;
+        let deadline = deadline::of(&request);
         let req = spb::ListConversationsRequest {
             user_id: user,
             ..Default::default()
         };
-        let l = via_router!(self.pool, list_conversations, req)?;
+        let l = via_router!(
+            self.pool,
+            list_conversations,
+            req,
+            Criticality::Normal,
+            deadline
+        )?;
         Ok(Response::new(cpb::ListConversationsResponse {
             conversations: l.conversations.into_iter().map(conversation).collect(),
         }))
@@ -243,13 +260,14 @@ impl Chat for ChatApi {
         request: Request<cpb::TypingRequest>,
     ) -> Result<Response<cpb::TypingResponse>, Status> {
         let user = user_of(&request)?;
+        let deadline = deadline::of(&request);
         let r = request.into_inner();
         valid_conversation(&r.conversation_id)?;
         let req = rpb::TypingRequest {
             conversation_id: r.conversation_id,
             user_id: user,
         };
-        via_router!(self.pool, typing, req)?;
+        via_router!(self.pool, typing, req, Criticality::Sheddable, deadline)?;
         Ok(Response::new(cpb::TypingResponse {}))
     }
 }

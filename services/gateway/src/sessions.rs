@@ -49,6 +49,7 @@ type Held = (
 pub enum Push {
     Message(spb::StoredMessage),
     Typing(rpb::TypingEvent),
+    Status(cpb::StatusEvent),
 }
 
 /// A session's id and the queue of pushes to it.
@@ -61,11 +62,18 @@ pub struct Sessions {
     next: AtomicU64,
     /// Woken when the set of online users changes.
     pub changed: Notify,
+    /// The service's state as subscribers were last told (`None`: ok and
+    /// never degraded since this gateway started).
+    status: Mutex<Option<cpb::StatusEvent>>,
 }
 
 impl Sessions {
     pub fn open(&self, user: &str) -> (u64, mpsc::Receiver<Push>) {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        // A new subscriber learns at once what is degraded now.
+        if let Some(s) = self.status().filter(|s| s.state != STATE_OK) {
+            let _ = tx.try_send(Push::Status(s));
+        }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut g = self.by_user.lock().expect("sessions lock poisoned");
         let list = g.entry(user.to_owned()).or_default();
@@ -116,12 +124,64 @@ impl Sessions {
             .sum()
     }
 
+    /// The current status event, if the service has been degraded since
+    /// this gateway started.
+    pub fn status(&self) -> Option<cpb::StatusEvent> {
+        self.status.lock().expect("sessions lock poisoned").clone()
+    }
+
+    /// Records which features are degraded and, when that changed, tells
+    /// every subscriber. Returns whether it changed.
+    pub fn set_degraded(&self, features: Vec<String>) -> bool {
+        let event = status_event(features);
+        let mut g = self.status.lock().expect("sessions lock poisoned");
+        let unchanged = match &*g {
+            Some(s) => s.affected_features == event.affected_features,
+            None => event.state == STATE_OK,
+        };
+        if unchanged {
+            return false;
+        }
+        *g = Some(event.clone());
+        drop(g);
+        let users = self.by_user.lock().expect("sessions lock poisoned");
+        for (_, tx) in users.values().flatten() {
+            let _ = tx.try_send(Push::Status(event.clone()));
+        }
+        true
+    }
+
     /// Hands a push to every session of `user`; never waits.
     pub fn push(&self, user: &str, make: impl Fn() -> Push) {
         let g = self.by_user.lock().expect("sessions lock poisoned");
         for (_, tx) in g.get(user).into_iter().flatten() {
             let _ = tx.try_send(make());
         }
+    }
+}
+
+pub const STATE_OK: &str = "ok";
+pub const STATE_DEGRADED: &str = "degraded";
+
+/// What subscribers are told when `features` are degraded (none: all ok).
+pub fn status_event(features: Vec<String>) -> cpb::StatusEvent {
+    if features.is_empty() {
+        return cpb::StatusEvent {
+            state: STATE_OK.into(),
+            affected_features: Vec::new(),
+            notice: "all features are working again".into(),
+        };
+    }
+    let notice = if features.iter().any(|f| f == "send") {
+        "the message store has lost its quorum: sending is paused and history may be stale; \
+         it resumes by itself"
+    } else {
+        "some features are degraded; they resume by themselves"
+    };
+    cpb::StatusEvent {
+        state: STATE_DEGRADED.into(),
+        affected_features: features,
+        notice: notice.into(),
     }
 }
 
@@ -193,6 +253,11 @@ impl Session {
                 }
                 p = pushes.recv() => match p {
                     Some(Push::Message(m)) => self.on_message(m).await,
+                    Some(Push::Status(s)) => {
+                        let ev = cpb::Event { kind: Some(cpb::event::Kind::Status(s)) };
+                        let _ = self.out.try_send(Ok(ev));
+                        Ok(())
+                    }
                     Some(Push::Typing(t)) => {
                         // Lowest priority: dropped when the client is behind.
                         let ev = cpb::Event { kind: Some(cpb::event::Kind::Typing(cpb::Typing { conversation_id: t.conversation_id, user_id: t.user_id })) };

@@ -6,6 +6,8 @@
 
 pub mod directory;
 pub mod fanout;
+pub mod guard;
+pub mod quorum;
 pub mod service;
 
 use std::sync::Arc;
@@ -18,8 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use chat_resilience::layer::AdmitLayer;
+use chat_resilience::limit::LimitConfig;
+
 use crate::directory::Directory;
 use crate::fanout::Fanout;
+use crate::guard::RouterGuard;
+use crate::quorum::Quorum;
 use crate::service::RouterService;
 
 /// The health service name clients check.
@@ -31,6 +38,9 @@ pub struct RouterOptions {
     pub store: Vec<String>,
     /// Deadline of each store call, retries included.
     pub store_timeout: Duration,
+    /// Overload protection and degraded mode (off: no concurrency limit,
+    /// and calls wait out their deadline while the store has no quorum).
+    pub protection: bool,
 }
 
 /// A running router.
@@ -43,14 +53,25 @@ pub struct RunningRouter {
 impl RunningRouter {
     pub async fn start(opts: RouterOptions, listener: TcpListener) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
-        let store = Arc::new(StoreClient::new(opts.store, opts.store_timeout)?);
+        let store = Arc::new(StoreClient::new(opts.store.clone(), opts.store_timeout)?);
         let directory = Arc::new(Directory::default());
         let fanout = Arc::new(Fanout::new(shutdown.clone()));
+        let quorum = opts.protection.then(|| Arc::new(Quorum::default()));
+        if let Some(q) = &quorum {
+            tokio::spawn(
+                q.clone()
+                    .watch(store.clone(), opts.store.clone(), shutdown.clone()),
+            );
+        }
         let service = RouterService {
             store,
             directory: directory.clone(),
             fanout,
+            replicas: opts.store,
+            store_timeout: opts.store_timeout,
+            quorum,
         };
+        let guard = Arc::new(RouterGuard::new(opts.protection.then(LimitConfig::default)));
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
@@ -71,6 +92,7 @@ impl RunningRouter {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .layer(AdmitLayer::new(guard))
             .add_service(health_service)
             .add_service(RouterServer::new(service).max_decoding_message_size(64 << 20));
         let stop = shutdown.clone();

@@ -27,6 +27,11 @@ struct Config {
     /// How long SIGTERM waits for in-flight calls.
     #[arg(long, env = "CHAT_ROUTER_SHUTDOWN_GRACE_MS", default_value_t = 3_000)]
     shutdown_grace_ms: u64,
+    /// Switch off overload protection and degraded mode (for comparison
+    /// runs): no concurrency limit, and while the store has no quorum calls
+    /// wait out their deadline instead of failing fast.
+    #[arg(long, env = "CHAT_ROUTER_NO_OVERLOAD_PROTECTION")]
+    no_overload_protection: bool,
     /// Log filter.
     #[arg(long, env = "CHAT_ROUTER_LOG", default_value = "info")]
     log: String,
@@ -61,6 +66,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let opts = RouterOptions {
         store: cfg.store,
         store_timeout: Duration::from_millis(cfg.store_timeout_ms),
+        protection: !cfg.no_overload_protection,
     };
     let router = RunningRouter::start(opts, listener).await?;
     tracing::info!(address = %cfg.listen, "router started");

@@ -9,11 +9,19 @@ use std::time::Duration;
 use chat_proto::router::v1 as rpb;
 use chat_proto::router::v1::router_server::Router;
 use chat_proto::store::v1 as spb;
+use chat_resilience::deadline::{self, Deadline};
+use chat_resilience::with_retry_after;
 use chat_store::{StoreClient, StoreError};
 use tonic::{Request, Response, Status};
 
 use crate::directory::Directory;
 use crate::fanout::Fanout;
+use crate::quorum::{DEGRADED_FEATURES, Quorum};
+
+/// When clients should try a send again while the store has no quorum.
+const RETRY_SEND_AFTER: Duration = Duration::from_secs(1);
+/// When clients should try typing again while the store has no quorum.
+const RETRY_TYPING_AFTER: Duration = Duration::from_secs(5);
 
 /// Longest lease a gateway may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(60);
@@ -22,6 +30,12 @@ pub struct RouterService {
     pub store: Arc<StoreClient>,
     pub directory: Arc<Directory>,
     pub fanout: Arc<Fanout>,
+    /// Store replicas, for stale reads while there is no quorum.
+    pub replicas: Vec<String>,
+    /// Deadline of a store call when the caller has none nearer.
+    pub store_timeout: Duration,
+    /// `None`: degraded mode switched off (calls wait out their deadline).
+    pub quorum: Option<Arc<Quorum>>,
 }
 
 fn status(e: StoreError) -> Status {
@@ -29,6 +43,47 @@ fn status(e: StoreError) -> Status {
 }
 
 impl RouterService {
+    fn quorum_lost(&self) -> bool {
+        self.quorum.as_ref().is_some_and(|q| q.lost())
+    }
+
+    /// Runs a store call within the caller's deadline.
+    async fn bounded<T>(
+        &self,
+        caller: Option<Deadline>,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(deadline::budget(self.store_timeout, caller), call).await {
+            Ok(r) => r.map_err(status),
+            Err(_) => Err(Status::deadline_exceeded(
+                "the store did not answer within the caller's deadline",
+            )),
+        }
+    }
+
+    /// A read from whichever replica answers, as of what it has applied.
+    async fn stale_read(&self, mut req: spb::ReadRequest) -> Result<spb::ReadResponse, Status> {
+        req.consistency = spb::Consistency::Stale as i32;
+        let mut last = Status::unavailable("no store replica answered");
+        for addr in &self.replicas {
+            match tokio::time::timeout(
+                Duration::from_secs(1),
+                self.store.read_from(addr, req.clone()),
+            )
+            .await
+            {
+                Ok(Ok(mut page)) => {
+                    page.stale = true;
+                    return Ok(page);
+                }
+                Ok(Err(e)) if !e.is_retryable() => return Err(status(e)),
+                Ok(Err(e)) => last = status(e),
+                Err(_) => {}
+            }
+        }
+        Err(last)
+    }
+
     fn deliver(&self, recipients: &[String], kind: rpb::delivery::Kind) {
         for (gateway, user_ids) in self.directory.locate(recipients.iter()) {
             self.fanout.push(
@@ -48,8 +103,19 @@ impl Router for RouterService {
         &self,
         request: Request<spb::AppendBatchRequest>,
     ) -> Result<Response<spb::AppendBatchResponse>, Status> {
+        if self.quorum_lost() {
+            return Err(with_retry_after(
+                Status::unavailable(
+                    "the message store has lost its quorum; sends are paused until it returns",
+                ),
+                RETRY_SEND_AFTER,
+            ));
+        }
+        let caller = deadline::of(&request);
         let req = request.into_inner();
-        let resp = self.store.append_batch(req.clone()).await.map_err(status)?;
+        let resp = self
+            .bounded(caller, self.store.append_batch(req.clone()))
+            .await?;
         let members: HashMap<&str, &[String]> = resp
             .members
             .iter()
@@ -84,11 +150,14 @@ impl Router for RouterService {
         &self,
         request: Request<spb::ReadRequest>,
     ) -> Result<Response<spb::ReadResponse>, Status> {
-        self.store
-            .read(request.into_inner())
+        let caller = deadline::of(&request);
+        let req = request.into_inner();
+        if self.quorum_lost() {
+            return self.stale_read(req).await.map(Response::new);
+        }
+        self.bounded(caller, self.store.read(req))
             .await
             .map(Response::new)
-            .map_err(status)
     }
 
     async fn create_conversation(
@@ -150,15 +219,25 @@ impl Router for RouterService {
         &self,
         request: Request<rpb::TypingRequest>,
     ) -> Result<Response<rpb::TypingResponse>, Status> {
+        if self.quorum_lost() {
+            return Err(with_retry_after(
+                Status::unavailable(
+                    "typing indicators are off while the message store has no quorum",
+                ),
+                RETRY_TYPING_AFTER,
+            ));
+        }
+        let caller = deadline::of(&request);
         let r = request.into_inner();
         let conv = self
-            .store
-            .get_conversation(spb::GetConversationRequest {
-                conversation_id: r.conversation_id.clone(),
-                consistency: spb::Consistency::Stale as i32,
-            })
-            .await
-            .map_err(status)?;
+            .bounded(
+                caller,
+                self.store.get_conversation(spb::GetConversationRequest {
+                    conversation_id: r.conversation_id.clone(),
+                    consistency: spb::Consistency::Stale as i32,
+                }),
+            )
+            .await?;
         if !conv.members.contains(&r.user_id) {
             return Err(Status::permission_denied(format!(
                 "{} is not a member of conversation {}",
@@ -198,6 +277,11 @@ impl Router for RouterService {
         }
         self.directory
             .register(&r.gateway_address, r.user_ids, lease);
-        Ok(Response::new(rpb::RegisterSessionsResponse {}))
+        let degraded = if self.quorum_lost() {
+            DEGRADED_FEATURES.iter().map(|f| f.to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(rpb::RegisterSessionsResponse { degraded }))
     }
 }

@@ -1,0 +1,295 @@
+//! What every public call meets before any handler runs, in this order:
+//!
+//! 1. the per-IP token bucket: the cheapest check, and the one that holds
+//!    when the caller has no valid credentials at all (a flood of bad
+//!    tokens is refused before any signature is checked);
+//! 2. authentication: the bearer token's signature and expiry; the user it
+//!    names is attached to the request;
+//! 3. the per-user token bucket: one user (or one stolen token) cannot take
+//!    the gateway from everyone else;
+//! 4. the adaptive concurrency limit, by criticality: when the gateway is
+//!    saturated, typing goes first, then history and conversation
+//!    management, and sends only when the whole limit is in use.
+//!
+//! Health checks and reflection pass untouched. Subscriptions are
+//! rate-limited and authenticated but hold no concurrency permit: they are
+//! long-lived and bounded per user by the session table instead.
+//! Refusals are RESOURCE_EXHAUSTED with a `retry-after-ms` hint, or
+//! UNAUTHENTICATED.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_auth::TokenKey;
+use chat_resilience::bucket::{KeyedBuckets, Rate};
+use chat_resilience::incoming::AcceptRate;
+use chat_resilience::layer::{Admit, method, peer_ip};
+use chat_resilience::limit::{LimitConfig, Limiter, Permit};
+use chat_resilience::{Criticality, overloaded};
+use tonic::Status;
+
+use crate::service::User;
+
+/// Keys each rate-limit table remembers at most.
+const MAX_KEYS: usize = 100_000;
+
+/// Abuse and overload limits of the public API.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Calls per second per authenticated user (0: no limit).
+    pub per_user: Rate,
+    /// Calls per second per client IP (0: no limit).
+    pub per_ip: Rate,
+    /// New connections per second (0: no limit).
+    pub accept: AcceptRate,
+    /// Concurrent HTTP/2 streams one connection may open.
+    pub max_streams_per_connection: u32,
+    /// The adaptive concurrency limit.
+    pub concurrency: LimitConfig,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_user: Rate {
+                per_second: 1_000,
+                burst: 2_000,
+            },
+            per_ip: Rate {
+                per_second: 100_000,
+                burst: 200_000,
+            },
+            accept: AcceptRate {
+                per_second: 2_000,
+                burst: 4_000,
+            },
+            max_streams_per_connection: 1_024,
+            concurrency: LimitConfig::default(),
+        }
+    }
+}
+
+/// The criticality of a public method; `None`: not limited by concurrency.
+pub fn criticality(method: &str) -> Option<Criticality> {
+    match method {
+        "Send" => Some(Criticality::Critical),
+        "Subscribe" => None,
+        "SendTyping" => Some(Criticality::Sheddable),
+        _ => Some(Criticality::Normal),
+    }
+}
+
+pub struct Guard {
+    key: TokenKey,
+    per_user: Option<KeyedBuckets<String>>,
+    per_ip: Option<KeyedBuckets<IpAddr>>,
+    /// `None` with overload protection off.
+    limiter: Option<Arc<Limiter>>,
+}
+
+fn bucket<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> Option<KeyedBuckets<K>> {
+    (rate.per_second > 0).then(|| KeyedBuckets::new(rate, MAX_KEYS))
+}
+
+/// Longest retry-after a rate limit hands out.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+impl Guard {
+    pub fn new(key: TokenKey, limits: &Limits, protect: bool) -> Self {
+        Self {
+            key,
+            per_user: bucket(limits.per_user),
+            per_ip: bucket(limits.per_ip),
+            limiter: protect.then(|| Limiter::new(limits.concurrency)),
+        }
+    }
+
+    pub fn limiter(&self) -> Option<&Arc<Limiter>> {
+        self.limiter.as_ref()
+    }
+
+    fn authenticate(&self, headers: &http::HeaderMap) -> Result<User, Status> {
+        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+        let token =
+            chat_auth::bearer(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let (user, expires) = self
+            .key
+            .verify_claims(token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        Ok(User(user, expires))
+    }
+}
+
+impl Admit for Guard {
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, Status> {
+        let path = parts.uri.path();
+        if !path.starts_with("/chat.v1.Chat/") {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        if let (Some(b), Some(ip)) = (&self.per_ip, peer_ip(parts)) {
+            b.check(&ip, now).map_err(|wait| {
+                overloaded(
+                    format!(
+                        "too many calls from {ip} (limit {}/s); retry later",
+                        b.rate().per_second
+                    ),
+                    wait.min(MAX_RETRY_AFTER),
+                )
+            })?;
+        }
+        let user = self.authenticate(&parts.headers)?;
+        if let Some(b) = &self.per_user {
+            b.check(&user.0, now).map_err(|wait| {
+                overloaded(
+                    format!(
+                        "too many calls by {} (limit {}/s); retry later",
+                        user.0,
+                        b.rate().per_second
+                    ),
+                    wait.min(MAX_RETRY_AFTER),
+                )
+            })?;
+        }
+        parts.extensions.insert(user);
+        let (Some(limiter), Some(c)) = (&self.limiter, criticality(method(parts))) else {
+            return Ok(None);
+        };
+        limiter.try_acquire(c).map(Some).map_err(|r| {
+            overloaded(
+                format!(
+                    "gateway overloaded: {} calls in flight, limit {} ({} calls get {} % of it); retry later",
+                    r.inflight,
+                    r.limit,
+                    c,
+                    chat_resilience::limit::share(c)
+                ),
+                retry_hint(c),
+            )
+        })
+    }
+}
+
+/// How long a refused call of criticality `c` should wait: the less it
+/// matters, the longer it stays away.
+fn retry_hint(c: Criticality) -> Duration {
+    match c {
+        Criticality::Critical => Duration::from_millis(250),
+        Criticality::Normal => Duration::from_millis(500),
+        Criticality::Sheddable => Duration::from_secs(2),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tonic::transport::server::TcpConnectInfo;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn guard(limits: Limits) -> Guard {
+        Guard::new(TokenKey::new(KEY.to_vec()).unwrap(), &limits, true)
+    }
+
+    fn call(
+        g: &Guard,
+        method: &str,
+        user: Option<&str>,
+        ip: &str,
+    ) -> Result<Option<Permit>, Status> {
+        let mut b = http::Request::builder().uri(format!("/chat.v1.Chat/{method}"));
+        if let Some(u) = user {
+            let token = TokenKey::new(KEY.to_vec()).unwrap().sign_for(u, 600);
+            b = b.header("authorization", format!("Bearer {token}"));
+        }
+        let (mut parts, ()) = b.body(()).unwrap().into_parts();
+        let addr: SocketAddr = format!("{ip}:5000").parse().unwrap();
+        let info: TcpConnectInfo = TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some(addr),
+        };
+        parts.extensions.insert(info);
+        g.admit(&mut parts)
+    }
+
+    fn rate(per_second: u32, burst: u32) -> Rate {
+        Rate { per_second, burst }
+    }
+
+    #[test]
+    fn each_user_has_their_own_allowance() {
+        let g = guard(Limits {
+            per_user: rate(1, 3),
+            ..Limits::default()
+        });
+        for _ in 0..3 {
+            call(&g, "Send", Some("alice"), "10.0.0.1").expect("within the burst");
+        }
+        let refused = call(&g, "Send", Some("alice"), "10.0.0.1").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("by alice"),
+            "{}",
+            refused.message()
+        );
+        assert!(chat_resilience::retry_after(&refused).is_some());
+        call(&g, "Send", Some("bob"), "10.0.0.1").expect("bob is not limited by alice");
+    }
+
+    #[test]
+    fn each_ip_has_its_own_allowance_checked_before_credentials() {
+        let g = guard(Limits {
+            per_ip: rate(1, 2),
+            ..Limits::default()
+        });
+        for _ in 0..2 {
+            let e = call(&g, "Send", None, "10.0.0.9").unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        }
+        let e = call(&g, "Send", Some("alice"), "10.0.0.9").unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::ResourceExhausted,
+            "bad tokens spent the IP's allowance"
+        );
+        assert!(e.message().contains("10.0.0.9"), "{}", e.message());
+        call(&g, "Send", Some("alice"), "10.0.0.10").expect("another IP");
+    }
+
+    #[test]
+    fn typing_is_shed_before_history_before_sends() {
+        let g = guard(Limits {
+            concurrency: LimitConfig {
+                initial: 4,
+                min: 4,
+                ..LimitConfig::default()
+            },
+            ..Limits::default()
+        });
+        let mut held = Vec::new();
+        held.push(call(&g, "Send", Some("a"), "10.0.0.1").unwrap());
+        held.push(call(&g, "Send", Some("a"), "10.0.0.1").unwrap());
+        // Half the limit in use: typing is refused, history still served.
+        let typing = call(&g, "SendTyping", Some("a"), "10.0.0.1").unwrap_err();
+        assert_eq!(typing.code(), tonic::Code::ResourceExhausted);
+        held.push(call(&g, "History", Some("a"), "10.0.0.1").unwrap());
+        // Three quarters in use: history is refused, sends still served.
+        call(&g, "History", Some("a"), "10.0.0.1").unwrap_err();
+        held.push(call(&g, "Send", Some("a"), "10.0.0.1").unwrap());
+        call(&g, "Send", Some("a"), "10.0.0.1").unwrap_err();
+        // Subscriptions hold no permit; health checks are not guarded.
+        assert!(
+            call(&g, "Subscribe", Some("a"), "10.0.0.1")
+                .unwrap()
+                .is_none()
+        );
+        let (mut parts, ()) = http::Request::builder()
+            .uri("/grpc.health.v1.Health/Check")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(g.admit(&mut parts).unwrap().is_none());
+    }
+}

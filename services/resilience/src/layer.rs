@@ -1,0 +1,206 @@
+//! The admission layer every server puts in front of its services.
+//!
+//! It sees each request's head before the body is decoded, so refusing is
+//! cheap: the caller's `grpc-timeout` becomes a [`Deadline`] extension,
+//! then the service's [`Admit`] policy decides (rate limits, credentials,
+//! the concurrency limit by criticality) and either answers at once with a
+//! well-formed gRPC status or passes the request on, holding a concurrency
+//! [`Permit`] until the response is ready. Only successful responses feed
+//! the limiter's latency samples; failures just free their place.
+//!
+//! [`Deadline`]: crate::deadline::Deadline
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use crate::deadline;
+use crate::limit::Permit;
+
+/// A service's admission policy.
+pub trait Admit: Send + Sync + 'static {
+    /// Decides on a request from its head, and may attach extensions (the
+    /// authenticated user). `Ok(None)`: admitted without a concurrency
+    /// permit (long-lived streams, health checks).
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, tonic::Status>;
+}
+
+pub struct AdmitLayer<P> {
+    policy: Arc<P>,
+}
+
+impl<P> AdmitLayer<P> {
+    pub fn new(policy: Arc<P>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<P> Clone for AdmitLayer<P> {
+    fn clone(&self) -> Self {
+        Self {
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+impl<S, P> tower_layer::Layer<S> for AdmitLayer<P> {
+    type Service = Admitted<S, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Admitted {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+pub struct Admitted<S, P> {
+    inner: S,
+    policy: Arc<P>,
+}
+
+impl<S: Clone, P> Clone for Admitted<S, P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// Whether a response head says the call succeeded (a unary error comes
+/// back trailers-only, with `grpc-status` in the head).
+fn succeeded<B>(resp: &http::Response<B>) -> bool {
+    resp.headers()
+        .get("grpc-status")
+        .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, P, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for Admitted<S, P>
+where
+    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    P: Admit,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        if let Some(d) = deadline::from_headers(&parts.headers, Instant::now()) {
+            parts.extensions.insert(d);
+        }
+        match self.policy.admit(&mut parts) {
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Ok(permit) => {
+                let fut = self.inner.call(http::Request::from_parts(parts, body));
+                Box::pin(async move {
+                    let resp = fut.await?;
+                    if let Some(p) = permit
+                        && succeeded(&resp)
+                    {
+                        p.success();
+                    }
+                    Ok(resp)
+                })
+            }
+        }
+    }
+}
+
+/// The gRPC method of a request path (`/pkg.Service/Method` → `Method`).
+pub fn method(parts: &http::request::Parts) -> &str {
+    parts.uri.path().rsplit('/').next().unwrap_or("")
+}
+
+/// The client's IP, as the server saw the connection.
+pub fn peer_ip(parts: &http::request::Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+        .map(|a| a.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Criticality;
+    use crate::limit::{LimitConfig, Limiter};
+    use std::convert::Infallible;
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    /// Refuses `Typing`, limits everything else.
+    struct Policy(Arc<Limiter>);
+
+    impl Admit for Policy {
+        fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, tonic::Status> {
+            if method(parts) == "Typing" {
+                return Err(tonic::Status::unavailable("typing is off"));
+            }
+            self.0
+                .try_acquire(Criticality::Critical)
+                .map(Some)
+                .map_err(|_| tonic::Status::resource_exhausted("busy"))
+        }
+    }
+
+    #[derive(Clone)]
+    struct Echo;
+
+    impl Service<http::Request<()>> for Echo {
+        type Response = http::Response<String>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<()>) -> Self::Future {
+            let d = req.extensions().get::<deadline::Deadline>().is_some();
+            std::future::ready(Ok(http::Response::new(format!("deadline={d}"))))
+        }
+    }
+
+    fn request(path: &str, timeout: Option<&str>) -> http::Request<()> {
+        let mut b = http::Request::builder().uri(path);
+        if let Some(t) = timeout {
+            b = b.header("grpc-timeout", t);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn refusals_are_grpc_statuses_and_admitted_calls_carry_their_deadline() {
+        let limiter = Limiter::new(LimitConfig {
+            initial: 1,
+            min: 1,
+            ..LimitConfig::default()
+        });
+        let mut svc = AdmitLayer::new(Arc::new(Policy(limiter.clone()))).layer(Echo);
+        let resp = svc.call(request("/x.Y/Typing", None)).await.unwrap();
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        let resp = svc.call(request("/x.Y/Send", Some("200m"))).await.unwrap();
+        assert_eq!(resp.body(), "deadline=true");
+        assert_eq!(
+            limiter.inflight(),
+            0,
+            "the permit is released with the response"
+        );
+        let held = limiter.try_acquire(Criticality::Critical).unwrap();
+        let resp = svc.call(request("/x.Y/Send", None)).await.unwrap();
+        assert_eq!(resp.headers()["grpc-status"], "8");
+        drop(held);
+    }
+}

@@ -1,0 +1,82 @@
+//! Whether the store can commit: a router asks every replica for its
+//! status a few times a second, and the store has a quorum while some
+//! replica it can reach is a leader or follows one. (Replicas run raft with
+//! check-quorum, so a leader cut off from the majority steps down within an
+//! election timeout, and its followers forget it the same way.)
+//!
+//! The store counts as degraded only after no leader has been seen for
+//! `DEGRADED_AFTER`, longer than a normal election, so a leader change is
+//! ridden out by retries and only a real loss of quorum switches the
+//! router to degraded mode: sends and typing refused at once with a
+//! retry-after hint, history served from any replica's applied state and
+//! flagged stale. The first leader seen again ends it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use chat_store::StoreClient;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How often the replicas are asked.
+pub const POLL: Duration = Duration::from_millis(250);
+/// No leader for this long: the store has lost its quorum.
+pub const DEGRADED_AFTER: Duration = Duration::from_millis(2_000);
+/// Longest wait for one replica's status.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// Features a router cannot serve normally while the store has no quorum.
+pub const DEGRADED_FEATURES: [&str; 3] = ["send", "typing", "history-stale"];
+
+#[derive(Default)]
+pub struct Quorum {
+    lost: AtomicBool,
+}
+
+impl Quorum {
+    /// Whether the store has lost its quorum (as far as this router sees).
+    pub fn lost(&self) -> bool {
+        self.lost.load(Relaxed)
+    }
+
+    /// Polls `replicas` until `stop`.
+    pub async fn watch(
+        self: Arc<Self>,
+        store: Arc<StoreClient>,
+        replicas: Vec<String>,
+        stop: CancellationToken,
+    ) {
+        let mut last_seen = Instant::now();
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let polls = replicas.iter().map(|addr| {
+                let store = store.clone();
+                async move { tokio::time::timeout(STATUS_TIMEOUT, store.status_of(addr)).await }
+            });
+            let has_leader = futures::future::join_all(polls)
+                .await
+                .into_iter()
+                .any(|r| matches!(r, Ok(Ok(s)) if s.role == "leader" || s.leader_id != 0));
+            let now = Instant::now();
+            if has_leader {
+                last_seen = now;
+                if self.lost.swap(false, Relaxed) {
+                    tracing::info!("store quorum is back: leaving degraded mode");
+                }
+            } else if now.duration_since(last_seen) >= DEGRADED_AFTER
+                && !self.lost.swap(true, Relaxed)
+            {
+                tracing::warn!(
+                    no_leader_for_ms = now.duration_since(last_seen).as_millis() as u64,
+                    "store has no quorum: degraded mode (sends and typing refused, history stale)"
+                );
+            }
+        }
+    }
+}
