@@ -68,7 +68,10 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
     .await?;
     let s = status(&k).expect("a status event");
     for f in ["send", "typing", "history-stale"] {
-        assert!(s.affected_features.iter().any(|a| a == f), "{f} missing: {s:?}");
+        assert!(
+            s.affected_features.iter().any(|a| a == f),
+            "{f} missing: {s:?}"
+        );
     }
     assert!(s.notice.contains("quorum"), "{}", s.notice);
 
@@ -84,7 +87,11 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("quorum"), "{}", err.message());
     assert!(chat_client::retry_after(&err).is_some(), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // History is still there, flagged stale.
     let page = bob
@@ -94,7 +101,10 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
             ..Default::default()
         })
         .await?;
-    assert!(page.stale, "history served without a quorum must say it is stale");
+    assert!(
+        page.stale,
+        "history served without a quorum must say it is stale"
+    );
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].client_msg_id, "before");
 
@@ -111,7 +121,10 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
     })
     .await?;
     alice.send("dm-ab", "after", b"back".to_vec()).await?;
-    wait_for(&mut sub, "the message sent after recovery", |k| message(k, "after")).await?;
+    wait_for(&mut sub, "the message sent after recovery", |k| {
+        message(k, "after")
+    })
+    .await?;
     let page = bob
         .history(pb::HistoryRequest {
             conversation_id: "dm-ab".into(),
@@ -120,8 +133,16 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
         })
         .await?;
     assert!(!page.stale);
-    let ids: Vec<&str> = page.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
-    assert_eq!(ids, ["before", "after"], "the refused send was never stored");
+    let ids: Vec<&str> = page
+        .messages
+        .iter()
+        .map(|m| m.client_msg_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["before", "after"],
+        "the refused send was never stored"
+    );
     stack.stop().await;
     Ok(())
 }

@@ -114,6 +114,12 @@ pub struct Args {
     #[arg(long, default_value_t = 10.0)]
     send_timeout: f64,
 
+    /// Typing calls per send (0–1), sent alongside it (default: 0.2 in
+    /// congestion, 0 otherwise). Typing is sheddable: under overload it is
+    /// refused before sends are.
+    #[arg(long)]
+    typing_per_send: Option<f64>,
+
     /// congestion: capacity in acked sends/s; found by a closed-loop probe
     /// when not given.
     #[arg(long)]
@@ -138,6 +144,10 @@ pub struct Args {
     /// (`--no-overload-protection`), for a side-by-side comparison.
     #[arg(long)]
     no_protection: bool,
+    /// Local target: an extra flag for every gateway (repeatable), for
+    /// example `--gateway-arg=--limit-tolerance=4`.
+    #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
+    gateway_args: Vec<String>,
     /// SLO: longest gap between acks after a store-leader fault, in ms.
     #[arg(long, default_value_t = 2000)]
     max_unavailability_ms: u64,
@@ -189,6 +199,11 @@ impl Args {
         anyhow::ensure!(
             self.restart_after >= 0.0,
             "--restart-after must be 0 or more"
+        );
+        anyhow::ensure!(
+            self.typing_per_send
+                .is_none_or(|t| (0.0..=1.0).contains(&t)),
+            "--typing-per-send must be between 0 and 1"
         );
         if let Some(c) = self.capacity {
             anyhow::ensure!(c > 0.0, "--capacity must be more than 0");
@@ -272,6 +287,9 @@ struct Ctx {
     gateways: Vec<String>,
     key: chat_auth::TokenKey,
     send_timeout: Duration,
+    /// Probability a send is accompanied by a typing call.
+    typing_per_send: f64,
+    typing: report::TypingTally,
 }
 
 impl Ctx {
@@ -319,11 +337,18 @@ impl Ctx {
         let stamp = k.to_be_bytes();
         body[..8].copy_from_slice(&stamp);
         let client = self.client(sender);
-        let started = Instant::now();
-        let res = client
-            .send(&self.convs[conv as usize].id, &self.cmid(k), body)
-            .await;
-        let done = Instant::now();
+        let conv_id = &self.convs[conv as usize].id;
+        let typing = async {
+            if self.typing_per_send > 0.0 && rand::random::<f64>() < self.typing_per_send {
+                self.typing.record(client.typing(conv_id).await);
+            }
+        };
+        let send = async {
+            let started = Instant::now();
+            let res = client.send(conv_id, &self.cmid(k), body).await;
+            (started, Instant::now(), res)
+        };
+        let ((), (started, done, res)) = tokio::join!(typing, send);
         let rec = SendRecord {
             conv,
             k,
@@ -474,6 +499,12 @@ async fn wait_for(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
+    args.typing_per_send
+        .get_or_insert(if scenario == Scenario::Congestion {
+            0.2
+        } else {
+            0.0
+        });
     args.validate(scenario)?;
     if scenario == Scenario::Failover && args.faults.is_empty() && args.gateways.is_empty() {
         args.faults
@@ -515,7 +546,10 @@ pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
             }
         };
         let opts = LocalOptions {
-            gateway_args: off(),
+            gateway_args: off()
+                .into_iter()
+                .chain(args.gateway_args.iter().cloned())
+                .collect(),
             router_args: off(),
             ..LocalOptions::default()
         };
@@ -608,6 +642,8 @@ async fn setup(
         gateways,
         key,
         send_timeout: Duration::from_secs_f64(args.send_timeout),
+        typing_per_send: args.typing_per_send.unwrap_or(0.0),
+        typing: Default::default(),
     };
     ctx.clients = (0..args.users)
         .map(|u| ctx.client_for(u).map(RwLock::new))
@@ -741,6 +777,7 @@ async fn exercise(
     let probe_sends = ctx.sends.lock().expect("sends lock poisoned").len();
 
     let load_start = Instant::now() + Duration::from_millis(200);
+    let typing_before = ctx.typing.snapshot();
     progress.note(&format!(
         "{}: {} for {} s against {}",
         scenario.name(),
@@ -757,6 +794,7 @@ async fn exercise(
         out
     };
     ticker.abort();
+    let peak_rss_mib = target.peak_rss_mib();
     let load_end_us = ctx.us(load_start + Duration::from_secs_f64(args.duration));
     progress.note("load over; healing, then reading everything back");
     if let Err(e) = target.heal_all().await {
@@ -811,6 +849,7 @@ async fn exercise(
         .map(|d| std::mem::take(&mut *d.lock().expect("deliveries lock poisoned")))
         .collect();
     let load_start_us = ctx.us(load_start);
+    let typing = ctx.typing.snapshot().since(&typing_before);
     let mut notes = fault_errors;
     if !healthy.is_empty() {
         notes.push(format!("not healthy after the run: {}", healthy.join(", ")));
@@ -839,6 +878,8 @@ async fn exercise(
         load_start_us,
         faults,
         notes,
+        typing,
+        peak_rss_mib,
     }))
 }
 

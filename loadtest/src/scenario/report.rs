@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
@@ -49,6 +50,62 @@ pub struct Second {
     pub shed: u64,
     /// Of the acked sends scheduled in this second.
     pub p99_ms: Option<f64>,
+}
+
+/// Typing calls made alongside sends, by outcome.
+#[derive(Default)]
+pub struct TypingTally {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    shed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl TypingTally {
+    pub fn record(&self, r: Result<(), tonic::Status>) {
+        self.sent.fetch_add(1, Relaxed);
+        let counter = match r {
+            Ok(()) => &self.ok,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => &self.shed,
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> TypingCounts {
+        TypingCounts {
+            sent: self.sent.load(Relaxed),
+            ok: self.ok.load(Relaxed),
+            shed: self.shed.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+        }
+    }
+}
+
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct TypingCounts {
+    pub sent: u64,
+    pub ok: u64,
+    /// Refused for overload (RESOURCE_EXHAUSTED), by a server or by the
+    /// client's own throttling.
+    pub shed: u64,
+    pub failed: u64,
+}
+
+impl TypingCounts {
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            sent: self.sent - before.sent,
+            ok: self.ok - before.ok,
+            shed: self.shed - before.shed,
+            failed: self.failed - before.failed,
+        }
+    }
+}
+
+/// `part` of `whole`, rounded to 0.1 %.
+fn share(part: u64, whole: u64) -> f64 {
+    (part as f64 / whole.max(1) as f64 * 1000.0).round() / 1000.0
 }
 
 #[derive(Serialize, Debug)]
@@ -96,6 +153,8 @@ pub struct Report {
     /// Final gRPC code → count, shed sends (RESOURCE_EXHAUSTED) excluded.
     pub failed: BTreeMap<String, u64>,
     pub shed: u64,
+    /// Typing calls (sheddable) made alongside the sends.
+    pub typing: TypingCounts,
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
@@ -109,6 +168,12 @@ pub struct Report {
     pub ack_latency_ms: AckLatency,
     pub delivery_latency_ms: DeliveryLatency,
     pub max_unavailability_ms: u64,
+    /// congestion: send→ack p99 (ms) of the sends scheduled in the first
+    /// 3 s of the ramp (light load) and at its top (≥ 90 % of the end rate).
+    pub ramp_p99_ms: Option<(f64, f64)>,
+    /// Peak resident memory of each service process at the end of the
+    /// load, MiB (local target only).
+    pub peak_rss_mib: BTreeMap<String, f64>,
     pub faults: Vec<FaultRecord>,
     pub timeline: Vec<Second>,
     pub slo: BTreeMap<String, Slo>,
@@ -130,6 +195,8 @@ pub struct BuildArgs<'a> {
     pub load_start_us: u64,
     pub faults: Vec<FaultRecord>,
     pub notes: Vec<String>,
+    pub typing: TypingCounts,
+    pub peak_rss_mib: BTreeMap<String, f64>,
 }
 
 fn ms(us: u64) -> f64 {
@@ -296,7 +363,21 @@ impl Report {
                 },
             );
         }
+        let mut ramp_p99_ms = None;
         if let Load::Ramp { to, .. } = b.load {
+            let merged = |pick: &dyn Fn(&Second) -> bool| {
+                let mut h = hist();
+                for (sec, sh) in timeline.iter().zip(&sec_h) {
+                    if (sec.t_s as f64) < a.duration && pick(sec) {
+                        let _ = h.add(sh);
+                    }
+                }
+                q(&h, 0.99)
+            };
+            ramp_p99_ms = Some((
+                merged(&|s: &Second| s.t_s < 3),
+                merged(&|s: &Second| s.offered as f64 >= 0.9 * to),
+            ));
             // Goodput at the top of the ramp (offered ≥ 90 % of its end)
             // against the best 3-second goodput of the run.
             let in_load: Vec<&Second> = timeline
@@ -323,6 +404,22 @@ impl Report {
                 },
             );
         }
+        if b.typing.sent > 0 {
+            // Sheddable traffic goes first: typing is refused for overload
+            // at least as often as sends are.
+            let (t, s) = (
+                share(b.typing.shed, b.typing.sent),
+                share(shed, b.sends.len() as u64),
+            );
+            slo.insert(
+                "sheddable_shed_first".into(),
+                Slo {
+                    target: "typing shed share >= send shed share".into(),
+                    actual: format!("typing {:.1} %, sends {:.1} %", t * 100.0, s * 100.0).into(),
+                    pass: t >= s,
+                },
+            );
+        }
         let pass = slo.values().all(|s| s.pass);
         Report {
             scenario: b.scenario.to_owned(),
@@ -341,6 +438,7 @@ impl Report {
             acked,
             failed,
             shed,
+            typing: b.typing,
             lost: v.lost,
             duplicated: v.duplicated,
             out_of_order: v.out_of_order,
@@ -362,6 +460,8 @@ impl Report {
                 max: ms(dh.max()),
             },
             max_unavailability_ms,
+            ramp_p99_ms,
+            peak_rss_mib: b.peak_rss_mib,
             faults,
             timeline,
             slo,
@@ -519,7 +619,27 @@ impl Report {
                 format!("{} {:?}", self.failed_total(), self.failed),
             ),
             ("shed", self.shed.to_string()),
+            (
+                "typing sent / ok / shed / failed",
+                format!(
+                    "{} / {} / {} / {}",
+                    self.typing.sent, self.typing.ok, self.typing.shed, self.typing.failed
+                ),
+            ),
             ("goodput /s", format!("{}", self.goodput_per_s)),
+            (
+                "peak RSS MiB",
+                self.peak_rss_mib
+                    .iter()
+                    .map(|(n, m)| format!("{n} {m}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            (
+                "send→ack p99 ms, ramp start / top",
+                self.ramp_p99_ms
+                    .map_or("—".into(), |(lo, hi)| format!("{lo} / {hi}")),
+            ),
             (
                 "send→ack ms p50 / p90 / p99 / p99.9 / max",
                 format!("{} / {} / {} / {} / {}", l.p50, l.p90, l.p99, l.p999, l.max),

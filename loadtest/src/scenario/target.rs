@@ -3,6 +3,7 @@
 //! through the Docker engine), or gateways that are already running (no
 //! faults).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -226,6 +227,18 @@ impl Target {
             Target::Local(c) => c.unhealthy().await,
             Target::Compose(c) => c.unhealthy(),
             Target::Gateways { .. } => Vec::new(),
+        }
+    }
+
+    /// Peak resident memory of each service process, MiB (local only).
+    pub fn peak_rss_mib(&self) -> BTreeMap<String, f64> {
+        match self {
+            Target::Local(c) => c
+                .peak_rss_kib()
+                .into_iter()
+                .map(|(n, kib)| (n, (kib as f64 / 102.4).round() / 10.0))
+                .collect(),
+            _ => BTreeMap::new(),
         }
     }
 

@@ -236,6 +236,8 @@ mod tests {
             gateways,
             key,
             send_timeout: Duration::from_secs(1),
+            typing_per_send: 0.0,
+            typing: Default::default(),
         })
     }
 

@@ -329,6 +329,27 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The peak resident memory (VmHWM, KiB) of every running process,
+    /// since it last started.
+    pub fn peak_rss_kib(&self) -> Vec<(String, u64)> {
+        self.procs
+            .iter()
+            .filter_map(|p| {
+                let pid = p.child.id()?;
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let kib = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((p.name.clone(), kib))
+            })
+            .collect()
+    }
+
     /// Whether `name` is running.
     pub fn running(&mut self, name: &str) -> bool {
         self.proc(name)

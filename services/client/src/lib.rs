@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use chat_proto::chat::v1 as pb;
 use chat_proto::chat::v1::chat_client::ChatClient as RawClient;
+use chat_resilience::Criticality;
 use chat_resilience::retry::{RetryBudget, Throttle};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
@@ -32,10 +33,13 @@ pub use chat_proto::chat::v1::{Event, Message, event};
 /// Calls `Chat::$method` with `$req` and the bearer token, moving across
 /// gateways on retryable errors.
 macro_rules! gateway_call {
-    ($self:ident, $method:ident, $req:expr) => {{
+    ($self:ident, $method:ident, $req:expr) => {
+        gateway_call!($self, $method, $req, Criticality::Normal)
+    };
+    ($self:ident, $method:ident, $req:expr, $crit:expr) => {{
         let req = $req;
         $self
-            .call(|mut c| {
+            .call($crit, |mut c| {
                 let r = $self.request(req.clone());
                 async move { c.$method(r).await }
             })
@@ -55,7 +59,8 @@ struct Inner {
     next: AtomicUsize,
     deadline: Duration,
     budget: RetryBudget,
-    throttle: Throttle,
+    /// One per criticality: typing being shed must not hold back sends.
+    throttles: [Throttle; 3],
 }
 
 /// A client of the gateways. Cheap to clone.
@@ -125,7 +130,7 @@ impl ChatClient {
                 next: AtomicUsize::new(start),
                 deadline,
                 budget: RetryBudget::default(),
-                throttle: Throttle::default(),
+                throttles: Default::default(),
             }),
         })
     }
@@ -147,16 +152,17 @@ impl ChatClient {
     }
 
     /// Runs an idempotent call, moving across gateways on retryable errors.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    async fn call<T, F, Fut>(&self, criticality: Criticality, f: F) -> Result<T, Status>
     where
         F: Fn(RawClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + self.inner.deadline;
         let mut backoff = BACKOFF_MIN;
+        let throttle = &self.inner.throttles[criticality as usize];
         self.inner.budget.deposit();
         loop {
-            if !self.inner.throttle.attempt() {
+            if !throttle.attempt() {
                 return Err(Status::resource_exhausted(
                     "not sent: the gateways have been refusing calls for overload, \
                      so this client is holding back a share of its calls",
@@ -165,7 +171,7 @@ impl ChatClient {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let err = match tokio::time::timeout(remaining, f(self.pick())).await {
                 Ok(Ok(r)) => {
-                    self.inner.throttle.accepted();
+                    throttle.accepted();
                     return Ok(r.into_inner());
                 }
                 Ok(Err(s)) => s,
@@ -176,7 +182,7 @@ impl ChatClient {
             if refused_for_overload(&err) {
                 return Err(err);
             }
-            self.inner.throttle.accepted();
+            throttle.accepted();
             if !retryable(&err) {
                 return Err(err);
             }
@@ -201,7 +207,7 @@ impl ChatClient {
             client_msg_id: client_msg_id.into(),
             body,
         };
-        gateway_call!(self, send, req)
+        gateway_call!(self, send, req, Criticality::Critical)
     }
 
     pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
@@ -253,7 +259,7 @@ impl ChatClient {
         let req = pb::TypingRequest {
             conversation_id: conversation.into(),
         };
-        gateway_call!(self, send_typing, req).map(|_| ())
+        gateway_call!(self, send_typing, req, Criticality::Sheddable).map(|_| ())
     }
 
     /// Subscribes from `cursors` (conversation → last seq held). Runs until

@@ -104,7 +104,7 @@ fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
     let waited = queued.elapsed();
     if waited > admission.max_queue_time {
         let _ = reply.send(Err(overloaded(
-            &format!(
+            format!(
                 "gateway overloaded: the send waited {} ms in the queue (limit {} ms); retry later",
                 waited.as_millis(),
                 admission.max_queue_time.as_millis()

@@ -9,6 +9,7 @@ use chat_gateway::guard::Limits;
 use chat_gateway::{GatewayOptions, RunningGateway};
 use chat_resilience::bucket::Rate;
 use chat_resilience::incoming::AcceptRate;
+use chat_resilience::limit::LimitConfig;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -77,6 +78,15 @@ struct Config {
     /// Concurrent calls one connection may have open.
     #[arg(long, env = "CHAT_GATEWAY_MAX_STREAMS", default_value_t = 1_024)]
     max_streams_per_connection: u32,
+    /// Adaptive concurrency limit: the least and the most calls in flight
+    /// it allows, and how far latency may rise over its long-term level
+    /// before the limit falls.
+    #[arg(long, env = "CHAT_GATEWAY_LIMIT_MIN", default_value_t = LimitConfig::default().min)]
+    limit_min: usize,
+    #[arg(long, env = "CHAT_GATEWAY_LIMIT_MAX", default_value_t = LimitConfig::default().max)]
+    limit_max: usize,
+    #[arg(long, env = "CHAT_GATEWAY_LIMIT_TOLERANCE", default_value_t = LimitConfig::default().tolerance)]
+    limit_tolerance: f64,
     /// Log filter.
     #[arg(long, env = "CHAT_GATEWAY_LOG", default_value = "info")]
     log: String,
@@ -120,6 +130,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "--lease-ms must be in 300..=60000"
     );
     anyhow::ensure!(cfg.sweep_ms >= 100, "--sweep-ms must be at least 100");
+    anyhow::ensure!(
+        cfg.limit_min >= 1 && cfg.limit_min <= cfg.limit_max,
+        "--limit-min must be at least 1 and at most --limit-max"
+    );
+    anyhow::ensure!(
+        cfg.limit_tolerance >= 1.0,
+        "--limit-tolerance must be at least 1"
+    );
     let public = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -148,7 +166,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 burst: cfg.accept_rate.saturating_mul(2),
             },
             max_streams_per_connection: cfg.max_streams_per_connection.max(1),
-            ..Limits::default()
+            concurrency: LimitConfig {
+                min: cfg.limit_min,
+                max: cfg.limit_max,
+                initial: LimitConfig::default()
+                    .initial
+                    .clamp(cfg.limit_min, cfg.limit_max),
+                tolerance: cfg.limit_tolerance,
+                ..LimitConfig::default()
+            },
         },
     };
     let gateway = RunningGateway::start(opts, public, internal).await?;

@@ -167,7 +167,11 @@ mod tests {
     use super::*;
 
     fn fail_n(b: &Balancer, i: usize, n: u32, now: Instant) -> bool {
-        (0..n).map(|_| b.failure(i, now)).fold(false, |a, x| a || x)
+        let mut ejected = false;
+        for _ in 0..n {
+            ejected |= b.failure(i, now);
+        }
+        ejected
     }
 
     #[test]
