@@ -44,6 +44,15 @@ fn message(k: &pb::event::Kind, id: &str) -> bool {
     matches!(k, event::Kind::Message(m) if m.client_msg_id == id)
 }
 
+async fn history(c: &ChatClient, conv: &str) -> Result<pb::HistoryResponse, tonic::Status> {
+    c.history(pb::HistoryRequest {
+        conversation_id: conv.into(),
+        limit: 10,
+        ..Default::default()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> anyhow::Result<()> {
     let mut stack = Stack::start().await?;
@@ -94,13 +103,7 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
     );
 
     // History is still there, flagged stale.
-    let page = bob
-        .history(pb::HistoryRequest {
-            conversation_id: "dm-ab".into(),
-            limit: 10,
-            ..Default::default()
-        })
-        .await?;
+    let page = history(&bob, "dm-ab").await?;
     assert!(
         page.stale,
         "history served without a quorum must say it is stale"
@@ -125,13 +128,7 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
         message(k, "after")
     })
     .await?;
-    let page = bob
-        .history(pb::HistoryRequest {
-            conversation_id: "dm-ab".into(),
-            limit: 10,
-            ..Default::default()
-        })
-        .await?;
+    let page = history(&bob, "dm-ab").await?;
     assert!(!page.stale);
     let ids: Vec<&str> = page
         .messages
