@@ -166,6 +166,9 @@ pub struct Report {
     pub stored_unacked: u64,
     pub goodput_per_s: f64,
     pub ack_latency_ms: AckLatency,
+    /// How late the load generator began sends against their schedule
+    /// (part of send→ack; large when the generator itself is starved).
+    pub start_lag_ms: DeliveryLatency,
     pub delivery_latency_ms: DeliveryLatency,
     pub max_unavailability_ms: u64,
     /// congestion: send→ack p99 (ms) of the sends scheduled in the first
@@ -244,7 +247,9 @@ impl Report {
             .collect();
         let mut sec_h: Vec<Histogram<u64>> = (0..n_secs).map(|_| hist()).collect();
         let mut ack_times = Vec::new();
+        let mut lag_h = hist();
         for r in b.sends {
+            let _ = lag_h.record(r.started_us.saturating_sub(r.intended_us).max(1));
             let (si, sd) = (sec(r.intended_us) as usize, sec(r.done_us) as usize);
             timeline[si].offered += 1;
             match r.outcome {
@@ -454,6 +459,11 @@ impl Report {
                 p999: q(&ack_h, 0.999),
                 max: ms(ack_h.max()),
             },
+            start_lag_ms: DeliveryLatency {
+                p50: q(&lag_h, 0.5),
+                p99: q(&lag_h, 0.99),
+                max: ms(lag_h.max()),
+            },
             delivery_latency_ms: DeliveryLatency {
                 p50: q(dh, 0.5),
                 p99: q(dh, 0.99),
@@ -627,6 +637,13 @@ impl Report {
                 ),
             ),
             ("goodput /s", format!("{}", self.goodput_per_s)),
+            (
+                "send start lag ms p50 / p99 / max",
+                format!(
+                    "{} / {} / {}",
+                    self.start_lag_ms.p50, self.start_lag_ms.p99, self.start_lag_ms.max
+                ),
+            ),
             (
                 "peak RSS MiB",
                 self.peak_rss_mib

@@ -141,8 +141,12 @@ impl Throttle {
 }
 
 impl Default for Throttle {
+    /// k = 1.2, more eager than the SRE book's 2: on a small cluster the
+    /// refusals themselves cost the CPU the accepted calls need (at 3×
+    /// overload, k = 2 kept sending a third more doomed calls and halved
+    /// goodput; BENCHMARKS.md).
     fn default() -> Self {
-        Self::new(2.0)
+        Self::new(1.2)
     }
 }
 
