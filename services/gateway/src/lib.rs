@@ -138,6 +138,7 @@ impl RunningGateway {
                 tracing::warn!(error = %e, "gateway internal server stopped with an error");
             }
         }));
+        tokio::spawn(pool.clone().keep_resolving(shutdown.clone()));
         tokio::spawn(register(
             pool,
             sessions.clone(),
@@ -209,8 +210,8 @@ async fn register(
             user_ids: sessions.users(),
             lease_ms,
         };
-        let calls = pool.all().iter().map(|client| {
-            let mut c = client.clone();
+        let calls = pool.all().into_iter().map(|client| {
+            let mut c = client;
             let req = req.clone();
             async move { tokio::time::timeout(REGISTER_TIMEOUT, c.register_sessions(req)).await }
         });

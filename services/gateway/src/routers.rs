@@ -13,9 +13,16 @@
 //! quorum) is never retried here: it goes back to the client, who was told
 //! when to come back. Every router call is idempotent (appends carry client
 //! message ids), so retrying one whose outcome is unknown never duplicates.
+//!
+//! Router addresses are configured as host:port. Names are resolved again
+//! every `RESOLVE_EVERY`, and a router's connection moves when its address
+//! changes; a failed lookup keeps the last address that resolved, so a DNS
+//! outage does not empty the pool (the connection to a router that is
+//! still there keeps working).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chat_proto::router::v1::router_client::RouterClient;
@@ -56,8 +63,19 @@ pub(crate) use via_router;
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// How often router names are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// One configured router: its name, the address it last resolved to, and
+/// the client connected there.
+struct Slot {
+    name: String,
+    resolved: Option<SocketAddr>,
+    client: RouterClient<Channel>,
+}
+
 pub struct RouterPool {
-    clients: Vec<RouterClient<Channel>>,
+    slots: Vec<RwLock<Slot>>,
     balancer: Arc<Balancer>,
     budget: RetryBudget,
     deadline: Duration,
@@ -70,31 +88,106 @@ fn unreachable(s: &Status) -> bool {
         || matches!(s.code(), Code::Unavailable | Code::Cancelled)
 }
 
+/// A client of the router at `addr` (host:port), connected lazily.
+fn connect(addr: &str) -> anyhow::Result<RouterClient<Channel>> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .keep_alive_while_idle(true);
+    Ok(RouterClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20))
+}
+
 impl RouterPool {
     pub fn new(addrs: &[String], deadline: Duration) -> anyhow::Result<Self> {
         anyhow::ensure!(!addrs.is_empty(), "no router addresses given");
-        let clients: Vec<_> = addrs
+        let slots: Vec<_> = addrs
             .iter()
             .map(|a| {
-                let ep = Endpoint::from_shared(format!("http://{a}"))?
-                    .connect_timeout(Duration::from_millis(500))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(1))
-                    .keep_alive_timeout(Duration::from_secs(1))
-                    .keep_alive_while_idle(true);
-                Ok(RouterClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20))
+                Ok(RwLock::new(Slot {
+                    name: a.clone(),
+                    resolved: a.parse().ok(),
+                    client: connect(a)?,
+                }))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self {
-            balancer: Balancer::new(clients.len()),
-            clients,
+            balancer: Balancer::new(slots.len()),
+            slots,
             budget: RetryBudget::default(),
             deadline,
         })
     }
 
-    pub fn all(&self) -> &[RouterClient<Channel>] {
-        &self.clients
+    fn client(&self, i: usize) -> RouterClient<Channel> {
+        self.slots[i]
+            .read()
+            .expect("router slot lock poisoned")
+            .client
+            .clone()
+    }
+
+    /// A client of every router.
+    pub fn all(&self) -> Vec<RouterClient<Channel>> {
+        (0..self.slots.len()).map(|i| self.client(i)).collect()
+    }
+
+    /// The address router `i` last resolved to.
+    pub fn address(&self, i: usize) -> Option<SocketAddr> {
+        self.slots[i]
+            .read()
+            .expect("router slot lock poisoned")
+            .resolved
+    }
+
+    /// Resolves every router name with `resolve`; a router whose address
+    /// changed is reconnected there, one whose lookup failed keeps its last
+    /// address.
+    pub async fn refresh<F, Fut>(&self, resolve: F)
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = std::io::Result<Vec<SocketAddr>>>,
+    {
+        for slot in &self.slots {
+            let name = slot.read().expect("router slot lock poisoned").name.clone();
+            let found = match resolve(name.clone()).await {
+                Ok(addrs) => addrs.into_iter().next(),
+                Err(e) => {
+                    tracing::warn!(router = %name, error = %e, "router name did not resolve; keeping its last address");
+                    None
+                }
+            };
+            let Some(addr) = found else { continue };
+            let mut s = slot.write().expect("router slot lock poisoned");
+            if s.resolved == Some(addr) {
+                continue;
+            }
+            match connect(&addr.to_string()) {
+                Ok(c) => {
+                    tracing::info!(router = %name, address = %addr, "router address changed");
+                    s.client = c;
+                    s.resolved = Some(addr);
+                }
+                Err(e) => {
+                    tracing::warn!(router = %name, error = %e, "cannot connect to the new address")
+                }
+            }
+        }
+    }
+
+    /// Re-resolves router names every `RESOLVE_EVERY` until `stop`.
+    pub async fn keep_resolving(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+            }
+            self.refresh(|name| async move {
+                tokio::net::lookup_host(name).await.map(Iterator::collect)
+            })
+            .await;
+        }
     }
 
     /// Routers ejected now.
@@ -134,8 +227,7 @@ impl RouterPool {
             }
             let i = self.balancer.pick(Instant::now());
             let inflight = self.balancer.start(i);
-            let outcome =
-                tokio::time::timeout(remaining, f(self.clients[i].clone(), remaining)).await;
+            let outcome = tokio::time::timeout(remaining, f(self.client(i), remaining)).await;
             drop(inflight);
             let err = match outcome {
                 Ok(Ok(r)) => {
@@ -171,5 +263,39 @@ impl RouterPool {
             }
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(r: std::io::Result<&str>) -> std::io::Result<Vec<SocketAddr>> {
+        r.map(|a| vec![a.parse().unwrap()])
+    }
+
+    #[tokio::test]
+    async fn a_failed_lookup_keeps_the_last_good_address() {
+        let pool = RouterPool::new(&["router-1.test:7101".into()], Duration::from_secs(1)).unwrap();
+        assert_eq!(pool.address(0), None, "a name, not yet resolved");
+        pool.refresh(|_| async { answer(Ok("10.0.0.7:7101")) })
+            .await;
+        assert_eq!(pool.address(0), Some("10.0.0.7:7101".parse().unwrap()));
+        pool.refresh(|_| async { answer(Err(std::io::Error::other("dns server unreachable"))) })
+            .await;
+        assert_eq!(pool.address(0), Some("10.0.0.7:7101".parse().unwrap()));
+        pool.refresh(|_| async { Ok(Vec::new()) }).await;
+        assert_eq!(
+            pool.address(0),
+            Some("10.0.0.7:7101".parse().unwrap()),
+            "an empty answer changes nothing"
+        );
+        pool.refresh(|_| async { answer(Ok("10.0.0.9:7101")) })
+            .await;
+        assert_eq!(
+            pool.address(0),
+            Some("10.0.0.9:7101".parse().unwrap()),
+            "a moved router is followed"
+        );
     }
 }
