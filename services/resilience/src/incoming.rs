@@ -3,13 +3,107 @@
 //! backlog, and past it in the clients' connect backoff, instead of
 //! flattening the server with TLS-free but still costly HTTP/2 handshakes
 //! all at once. Connections already open are not affected.
+//!
+//! Every accepted connection is closed when nothing has been read from it
+//! for `SILENCE` ([`Silent`]). A live HTTP/2 client answers the server's
+//! keepalive pings, so it is never silent that long; a peer that connects
+//! and never completes the handshake, or that went away without a FIN,
+//! is. This is the handshake and idle timeout in one.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// How long a connection may go without sending anything.
+pub const SILENCE: Duration = Duration::from_secs(30);
+
+/// A connection that fails its reads once nothing has arrived for `limit`.
+pub struct Silent<S> {
+    inner: S,
+    limit: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<S> Silent<S> {
+    pub fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Silent<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let at = Instant::now() + self.limit;
+                    self.timer.as_mut().reset(at);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer sent nothing for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Silent<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl Connected for Silent<TcpStream> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.inner.connect_info()
+    }
+}
 
 /// New connections allowed per second and in a burst (0: no limit).
 #[derive(Clone, Copy, Debug)]
@@ -25,8 +119,12 @@ struct State {
     at: Instant,
 }
 
-/// Accepted connections from `listener`, paced by `rate`, with TCP_NODELAY.
-pub fn paced(listener: TcpListener, rate: AcceptRate) -> impl Stream<Item = io::Result<TcpStream>> {
+/// Accepted connections from `listener`, paced by `rate`, with TCP_NODELAY,
+/// closed after `SILENCE` without a byte from the peer.
+pub fn paced(
+    listener: TcpListener,
+    rate: AcceptRate,
+) -> impl Stream<Item = io::Result<Silent<TcpStream>>> {
     let state = State {
         listener,
         rate,
@@ -52,7 +150,7 @@ pub fn paced(listener: TcpListener, rate: AcceptRate) -> impl Stream<Item = io::
             match s.listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    return Some((Ok(stream), s));
+                    return Some((Ok(Silent::new(stream, SILENCE)), s));
                 }
                 // Out of file descriptors and the like: the listener itself
                 // is fine, so wait a moment and accept again.
@@ -69,6 +167,28 @@ pub fn paced(listener: TcpListener, rate: AcceptRate) -> impl Stream<Item = io::
 mod tests {
     use super::*;
     use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_cut_off_and_a_talking_one_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut peer = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut server = Silent::new(server, Duration::from_secs(10));
+        let mut buf = [0u8; 8];
+        // Talking every 6 s keeps the connection up past the limit.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            peer.write_all(b"ping").await.unwrap();
+            assert_eq!(server.read(&mut buf).await.unwrap(), 4);
+        }
+        // Then silence: the read fails once 10 s have passed.
+        let started = Instant::now();
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(Instant::now().duration_since(started) >= Duration::from_secs(10));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn connections_past_the_burst_are_accepted_at_the_rate() {
