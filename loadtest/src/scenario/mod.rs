@@ -139,9 +139,9 @@ pub struct Args {
     #[arg(long)]
     storm_at: Option<f64>,
 
-    /// Local target: start the gateways and routers with overload
-    /// protection and degraded mode switched off
-    /// (`--no-overload-protection`), for a side-by-side comparison.
+    /// Start the local gateways and routers with overload protection and
+    /// degraded mode switched off (`--no-overload-protection`), and switch
+    /// off the clients' throttling, for a side-by-side comparison.
     #[arg(long)]
     no_protection: bool,
     /// Local target: an extra flag for every gateway (repeatable), for
@@ -289,6 +289,8 @@ struct Ctx {
     send_timeout: Duration,
     /// Probability a send is accompanied by a typing call.
     typing_per_send: f64,
+    /// Client-side throttling (off with --no-protection).
+    throttling: bool,
     typing: report::TypingTally,
 }
 
@@ -311,8 +313,10 @@ impl Ctx {
 
     fn client_for(&self, user: usize) -> anyhow::Result<ChatClient> {
         let token = self.key.sign_for(&self.users[user], 24 * 3600);
-        ChatClient::new(self.gateways.clone(), &token, self.send_timeout)
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        let c = ChatClient::new(self.gateways.clone(), &token, self.send_timeout)
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        c.set_throttling(self.throttling);
+        Ok(c)
     }
 
     fn client(&self, user: u32) -> ChatClient {
@@ -643,6 +647,7 @@ async fn setup(
         key,
         send_timeout: Duration::from_secs_f64(args.send_timeout),
         typing_per_send: args.typing_per_send.unwrap_or(0.0),
+        throttling: !args.no_protection,
         typing: Default::default(),
     };
     ctx.clients = (0..args.users)

@@ -237,6 +237,7 @@ mod tests {
             key,
             send_timeout: Duration::from_secs(1),
             typing_per_send: 0.0,
+            throttling: true,
             typing: Default::default(),
         })
     }
