@@ -34,6 +34,8 @@ use crate::sessions::Sessions;
 
 /// The health service name clients check.
 pub const HEALTH_SERVICE: &str = "chat.v1.Chat";
+/// The health service name routers serve (checked by `RouterPool`).
+pub const ROUTER_HEALTH_SERVICE: &str = "chat.router.v1.Router";
 
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
@@ -138,7 +140,7 @@ impl RunningGateway {
                 tracing::warn!(error = %e, "gateway internal server stopped with an error");
             }
         }));
-        tokio::spawn(pool.clone().keep_resolving(shutdown.clone()));
+        tokio::spawn(pool.clone().maintain(shutdown.clone()));
         tokio::spawn(register(
             pool,
             sessions.clone(),

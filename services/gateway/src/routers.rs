@@ -65,12 +65,17 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// How often router names are resolved again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// How often every router's gRPC health is checked.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for one health answer.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// One configured router: its name, the address it last resolved to, and
 /// the client connected there.
 struct Slot {
     name: String,
     resolved: Option<SocketAddr>,
+    channel: Channel,
     client: RouterClient<Channel>,
 }
 
@@ -88,15 +93,18 @@ fn unreachable(s: &Status) -> bool {
         || matches!(s.code(), Code::Unavailable | Code::Cancelled)
 }
 
-/// A client of the router at `addr` (host:port), connected lazily.
-fn connect(addr: &str) -> anyhow::Result<RouterClient<Channel>> {
+/// A channel to the router at `addr` (host:port), connected lazily, and
+/// a client on it.
+fn connect(addr: &str) -> anyhow::Result<(Channel, RouterClient<Channel>)> {
     let ep = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(1))
         .keep_alive_while_idle(true);
-    Ok(RouterClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20))
+    let channel = ep.connect_lazy();
+    let client = RouterClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    Ok((channel, client))
 }
 
 impl RouterPool {
@@ -105,10 +113,12 @@ impl RouterPool {
         let slots: Vec<_> = addrs
             .iter()
             .map(|a| {
+                let (channel, client) = connect(a)?;
                 Ok(RwLock::new(Slot {
                     name: a.clone(),
                     resolved: a.parse().ok(),
-                    client: connect(a)?,
+                    channel,
+                    client,
                 }))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -164,9 +174,10 @@ impl RouterPool {
                 continue;
             }
             match connect(&addr.to_string()) {
-                Ok(c) => {
+                Ok((channel, client)) => {
                     tracing::info!(router = %name, address = %addr, "router address changed");
-                    s.client = c;
+                    s.channel = channel;
+                    s.client = client;
                     s.resolved = Some(addr);
                 }
                 Err(e) => {
@@ -176,17 +187,48 @@ impl RouterPool {
         }
     }
 
-    /// Re-resolves router names every `RESOLVE_EVERY` until `stop`.
-    pub async fn keep_resolving(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    /// Asks every router's gRPC health at once; a router that does not
+    /// answer SERVING in time is skipped by new calls until it does.
+    pub async fn check_health(&self) {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let checks = self.slots.iter().map(|slot| {
+            let channel = slot.read().expect("router slot lock poisoned").channel.clone();
+            async move {
+                let req = HealthCheckRequest {
+                    service: crate::ROUTER_HEALTH_SERVICE.into(),
+                };
+                let answer =
+                    tokio::time::timeout(CHECK_TIMEOUT, HealthClient::new(channel).check(req)).await;
+                matches!(answer, Ok(Ok(r)) if r.get_ref().status == tonic_health::ServingStatus::Serving as i32)
+            }
+        });
+        for (i, up) in futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            self.balancer.set_up(i, up);
+        }
+    }
+
+    /// Checks the routers' health every `CHECK_EVERY` and re-resolves their
+    /// names every `RESOLVE_EVERY`, until `stop`.
+    pub async fn maintain(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut last_resolve = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
-            self.refresh(|name| async move {
-                tokio::net::lookup_host(name).await.map(Iterator::collect)
-            })
-            .await;
+            self.check_health().await;
+            if last_resolve.elapsed() >= RESOLVE_EVERY {
+                last_resolve = Instant::now();
+                self.refresh(|name| async move {
+                    tokio::net::lookup_host(name).await.map(Iterator::collect)
+                })
+                .await;
+            }
         }
     }
 

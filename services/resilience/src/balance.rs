@@ -3,7 +3,8 @@
 //!
 //! Two instances are drawn at random and the one with fewer calls in flight
 //! gets the call, which steers work away from a slow instance without a
-//! global view. An instance whose calls fail (connection refused, reset,
+//! global view. Instances an active health check marked down are skipped
+//! while any other is up. An instance whose calls fail (connection refused, reset,
 //! UNAVAILABLE) `CONSECUTIVE_FAILURES` times in a row is ejected for a
 //! period that doubles with each ejection, up to `MAX_EJECTION`; it comes
 //! back by itself afterwards, and its first successes shorten the next
@@ -13,7 +14,7 @@
 //! load.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// Failures in a row that eject an instance.
@@ -22,8 +23,9 @@ pub const CONSECUTIVE_FAILURES: u32 = 5;
 pub const BASE_EJECTION: Duration = Duration::from_secs(1);
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
 
-#[derive(Default)]
 struct Instance {
+    /// The last active health check's verdict.
+    up: AtomicBool,
     outstanding: AtomicUsize,
     failures: AtomicU32,
     ejections: AtomicU32,
@@ -60,7 +62,15 @@ impl Balancer {
     pub fn new(instances: usize) -> Arc<Self> {
         Arc::new(Self {
             start: Instant::now(),
-            instances: (0..instances.max(1)).map(|_| Instance::default()).collect(),
+            instances: (0..instances.max(1))
+                .map(|_| Instance {
+                    up: AtomicBool::new(true),
+                    outstanding: AtomicUsize::new(0),
+                    failures: AtomicU32::new(0),
+                    ejections: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
+                })
+                .collect(),
         })
     }
 
@@ -91,17 +101,32 @@ impl Balancer {
         self.ejected(i, self.ms(now))
     }
 
+    /// Records an active health check's verdict on instance `i`.
+    pub fn set_up(&self, i: usize, up: bool) {
+        if self.instances[i].up.swap(up, Relaxed) != up {
+            tracing::info!(instance = i, up, "health check verdict changed");
+        }
+    }
+
     /// Chooses an instance for a call: the less busy of two drawn at random
-    /// among those not ejected.
+    /// among those up and not ejected (among those not ejected when none is
+    /// up, among all when every one is ejected).
     pub fn pick(&self, now: Instant) -> usize {
         let now_ms = self.ms(now);
         let live: Vec<usize> = (0..self.len())
             .filter(|&i| !self.ejected(i, now_ms))
             .collect();
-        let pool: Vec<usize> = if live.is_empty() {
-            (0..self.len()).collect()
-        } else {
+        let up: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&i| self.instances[i].up.load(Relaxed))
+            .collect();
+        let pool: Vec<usize> = if !up.is_empty() {
+            up
+        } else if !live.is_empty() {
             live
+        } else {
+            (0..self.len()).collect()
         };
         if pool.len() == 1 {
             return pool[0];
@@ -212,6 +237,22 @@ mod tests {
         assert!(fail_n(&b, 2, CONSECUTIVE_FAILURES, t1));
         assert!(b.is_ejected(2, t1 + BASE_EJECTION * 2 - Duration::from_millis(10)));
         assert!(!b.is_ejected(2, t1 + BASE_EJECTION * 2 + Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn instances_marked_down_are_skipped_while_another_is_up() {
+        let b = Balancer::new(3);
+        let now = Instant::now();
+        b.set_up(0, false);
+        b.set_up(1, false);
+        for _ in 0..50 {
+            assert_eq!(b.pick(now), 2);
+        }
+        b.set_up(2, false);
+        let picked: std::collections::HashSet<usize> = (0..100).map(|_| b.pick(now)).collect();
+        assert_eq!(picked.len(), 3, "all down: the checks may be what is wrong");
+        b.set_up(1, true);
+        assert_eq!(b.pick(now), 1);
     }
 
     #[test]
