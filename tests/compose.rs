@@ -158,7 +158,7 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
         }
         return Ok(());
     }
-    let ports = free_ports(2)?;
+    let ports = free_ports(5)?;
     let (p1, p2) = (ports[0], ports[1]);
     let key: String = (0..32)
         .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
@@ -169,6 +169,9 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
             ("CHAT_IMAGE".into(), image()),
             ("CHAT_GATEWAY1_PORT".into(), p1.to_string()),
             ("CHAT_GATEWAY2_PORT".into(), p2.to_string()),
+            ("CHAT_STORE1_PORT".into(), ports[2].to_string()),
+            ("CHAT_STORE2_PORT".into(), ports[3].to_string()),
+            ("CHAT_STORE3_PORT".into(), ports[4].to_string()),
             ("CHAT_TOKEN_KEY".into(), key.clone()),
         ],
     };
@@ -267,12 +270,58 @@ async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
             expect.push(id);
         }
     }
-    let got: Vec<String> = collect(&mut sub, "c", expect.len())
+    expect_ids(&mut sub, &expect, "gateway restarts").await?;
+
+    // 4. chatctl's rolling restarts against the compose cluster: the guard
+    // refuses two store replicas at once; stores (leader last, leadership
+    // moved first) and routers restart one at a time while bob listens.
+    let stores = format!(
+        "127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        ports[2], ports[3], ports[4]
+    );
+    let chatctl = |args: &[&str]| {
+        let mut c = Command::new(chat_tests::binary("chatctl")?);
+        c.args(["--store", &stores])
+            .args(args)
+            .args(["--compose-project", &project.name]);
+        anyhow::Ok(c.output()?)
+    };
+    let refused = chatctl(&["rollout", "restart", "store", "--batch", "2"])?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let mut expect = Vec::new();
+    for tier in ["store", "router"] {
+        let out = chatctl(&["rollout", "restart", tier])?;
+        assert!(
+            out.status.success(),
+            "restart {tier}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = format!("after-{tier}s");
+        writer_send(&client("alice", &[&gw1, &gw2])?, &id).await?;
+        expect.push(id);
+    }
+    expect_ids(&mut sub, &expect, "rolling restarts").await?;
+    Ok(())
+}
+
+/// The next messages of "c" on `sub` are exactly `expect`, in order.
+async fn expect_ids(
+    sub: &mut chat_client::Subscription,
+    expect: &[String],
+    across: &str,
+) -> anyhow::Result<()> {
+    let got: Vec<String> = collect(sub, "c", expect.len())
         .await?
         .into_iter()
         .map(|m| m.client_msg_id)
         .collect();
-    assert_eq!(got, expect, "gap or duplicate across gateway restarts");
+    assert_eq!(got, expect, "gap or duplicate across {across}");
     Ok(())
 }
 

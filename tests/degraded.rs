@@ -1,6 +1,6 @@
 //! Degraded mode, end to end: when the store loses its quorum, sends and
-//! typing are refused at once with a retry-after hint, history is served
-//! stale and flagged, subscribers are told what is affected, and all of it
+//! typing are refused at once with a retry-after hint, history and the
+//! conversation list are served from a replica (history flagged stale), subscribers are told what is affected, and all of it
 //! ends by itself when the quorum returns.
 
 use std::collections::HashMap;
@@ -110,6 +110,16 @@ async fn losing_the_store_quorum_degrades_plainly_and_recovers_by_itself() -> an
     );
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].client_msg_id, "before");
+
+    // Conversations are listed from a replica too.
+    let convs = bob.list_conversations().await?;
+    assert_eq!(
+        convs
+            .iter()
+            .map(|c| c.conversation_id.as_str())
+            .collect::<Vec<_>>(),
+        ["dm-ab"]
+    );
 
     // Typing is off.
     let err = impatient.typing("dm-ab").await.expect_err("typing is off");

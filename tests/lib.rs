@@ -50,6 +50,8 @@ pub mod stack {
         pub gateways: Vec<Option<RunningGateway>>,
         pub gateway_addrs: Vec<String>,
         pub key: TokenKey,
+        /// Extra routers not started yet.
+        pending: Vec<(TcpListener, RouterOptions)>,
     }
 
     async fn listener() -> anyhow::Result<(TcpListener, String)> {
@@ -60,6 +62,15 @@ pub mod stack {
 
     impl Stack {
         pub async fn start() -> anyhow::Result<Self> {
+            Self::start_with(Vec::new()).await
+        }
+
+        /// With routers beyond the two stable ones, each with its release
+        /// label and injected faults (canaries). The gateways know their
+        /// addresses from the start; they are started by [`Stack::start_pending`].
+        pub async fn start_with(
+            extra_routers: Vec<(String, chat_router::rollout::Faults)>,
+        ) -> anyhow::Result<Self> {
             let store = Cluster::start(3, ClusterOptions::default()).await?;
             store.wait_leader(Duration::from_secs(15)).await?;
             let store_addrs: Vec<String> =
@@ -71,9 +82,24 @@ pub mod stack {
                 let opts = RouterOptions {
                     store: store_addrs.clone(),
                     store_timeout: Duration::from_secs(10),
-                    protection: true,
+                    drain: Duration::ZERO,
+                    ..RouterOptions::default()
                 };
                 routers.push(Some(RunningRouter::start(opts, l).await?));
+                router_addrs.push(a);
+            }
+            let mut pending = Vec::new();
+            for (release, faults) in extra_routers {
+                let (l, a) = listener().await?;
+                let opts = RouterOptions {
+                    store: store_addrs.clone(),
+                    store_timeout: Duration::from_secs(10),
+                    drain: Duration::ZERO,
+                    release,
+                    faults,
+                    ..RouterOptions::default()
+                };
+                pending.push((l, opts));
                 router_addrs.push(a);
             }
             let key = TokenKey::new(b"end-to-end test signing key".to_vec())?;
@@ -103,7 +129,17 @@ pub mod stack {
                 gateways,
                 gateway_addrs,
                 key,
+                pending,
             })
+        }
+
+        /// Starts the extra routers given to [`Stack::start_with`].
+        pub async fn start_pending(&mut self) -> anyhow::Result<()> {
+            for (l, opts) in std::mem::take(&mut self.pending) {
+                self.routers
+                    .push(Some(RunningRouter::start(opts, l).await?));
+            }
+            Ok(())
         }
 
         /// A client of both gateways, signed in as `user`.

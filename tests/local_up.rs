@@ -1,5 +1,7 @@
 //! `chatctl local up` as a user runs it: start the cluster, send and listen
-//! with chatctl, stop it with SIGTERM.
+//! with chatctl, restart every tier with `chatctl rollout restart` (the
+//! change guard refusing what would take too much down) while a listener
+//! keeps receiving, stop it with SIGTERM.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -94,6 +96,56 @@ async fn local_up_runs_a_cluster_that_chatctl_sends_and_listens_through() -> any
         err.contains("PermissionDenied") && err.contains("not a member"),
         "{err}"
     );
+
+    // The change guard refuses, and says why.
+    let dir_arg = dir.path().to_str().expect("utf-8 path");
+    for (tier, batch, why) in [
+        ("store", "2", "the store needs a majority"),
+        ("router", "2", "takes every instance of the tier down"),
+    ] {
+        let out = run(&[
+            "rollout",
+            "restart",
+            tier,
+            "--batch",
+            batch,
+            "--local-dir",
+            dir_arg,
+        ])
+        .output()?;
+        assert!(!out.status.success(), "{tier} x{batch} was not refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("refused") && err.contains(why), "{err}");
+    }
+    // Rolling restarts of every tier; the listener keeps up throughout.
+    for tier in ["store", "router", "gateway"] {
+        let out = run(&["rollout", "restart", tier, "--local-dir", dir_arg]).output()?;
+        assert!(
+            out.status.success(),
+            "restart {tier}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains(&format!("restarted every {tier}")), "{said}");
+        if tier == "store" {
+            assert!(said.contains("leadership moved"), "{said}");
+        }
+    }
+    let sent = run(&["--as", "alice", "send", "demo", "after the restarts"]).output()?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let repeated = std::cell::Cell::new(false);
+    let line = line_matching(&mut heard, |l| {
+        repeated.set(repeated.get() || l.contains("hello, bob"));
+        l.contains("after the restarts")
+    })
+    .await?;
+    assert_eq!(line, "demo #2 alice: after the restarts", "no gap");
+    assert!(!repeated.get(), "the first message was delivered again");
 
     listen.kill().await?;
     let pid = up.id().expect("running").to_string();

@@ -1,7 +1,7 @@
 //! `loadtest`: load scenarios and benchmarks of the chat backend.
 //!
 //! Scenarios (`steady`, `congestion`, `failover`, `rolling-restart`,
-//! `reconnect-storm`) drive chat traffic through the gateways, inject
+//! `reconnect-storm`, `canary-bad-release`, `canary-good-release`) drive chat traffic through the gateways, inject
 //! faults, read everything back and write a report (JSON, Markdown, SVG);
 //! the exit status is 1 when an SLO is missed. Benchmarks (`store-bench`,
 //! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency.
@@ -40,6 +40,11 @@ enum Cmd {
     RollingRestart(scenario::Args),
     /// Every client drops its connections and resubscribes at once.
     ReconnectStorm(scenario::Args),
+    /// A faulty canary router is rolled out under load and must be rolled
+    /// back by the analysis (--canary-error-rate, --canary-latency-ms).
+    CanaryBadRelease(scenario::Args),
+    /// A healthy canary router is rolled out to 100 % under load.
+    CanaryGoodRelease(scenario::Args),
     /// Append throughput and latency of a local store group.
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
@@ -67,6 +72,8 @@ fn main() -> ExitCode {
         Cmd::Failover(args) => scenario(Scenario::Failover, args),
         Cmd::RollingRestart(args) => scenario(Scenario::RollingRestart, args),
         Cmd::ReconnectStorm(args) => scenario(Scenario::ReconnectStorm, args),
+        Cmd::CanaryBadRelease(args) => scenario(Scenario::CanaryBadRelease, args),
+        Cmd::CanaryGoodRelease(args) => scenario(Scenario::CanaryGoodRelease, args),
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)).map(|()| true),
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
         Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),

@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "store/v1/log.proto",
         "raft/v1/raft.proto",
         "router/v1/router.proto",
+        "rollout/v1/rollout.proto",
     ];
     // SAFETY: build scripts are single-threaded; nothing else reads the
     // environment concurrently.

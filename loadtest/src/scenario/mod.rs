@@ -10,6 +10,7 @@
 
 pub mod fault;
 mod report;
+mod rollout;
 mod target;
 mod verify;
 
@@ -25,6 +26,7 @@ use chatctl::local::LocalOptions;
 use rand::Rng;
 use tokio::sync::watch;
 
+use chatctl::restart::Tier;
 use fault::FaultSpec;
 use report::{FaultRecord, Report};
 use target::Target;
@@ -41,6 +43,11 @@ pub enum Scenario {
     RollingRestart,
     /// Every client disconnects and reconnects at once.
     ReconnectStorm,
+    /// A canary router release that fails a share of its calls is rolled
+    /// out under load; the analysis must roll it back.
+    CanaryBadRelease,
+    /// A healthy canary router release is rolled out to 100 % under load.
+    CanaryGoodRelease,
 }
 
 impl Scenario {
@@ -51,7 +58,16 @@ impl Scenario {
             Scenario::Failover => "failover",
             Scenario::RollingRestart => "rolling-restart",
             Scenario::ReconnectStorm => "reconnect-storm",
+            Scenario::CanaryBadRelease => "canary-bad-release",
+            Scenario::CanaryGoodRelease => "canary-good-release",
         }
+    }
+
+    fn is_canary(self) -> bool {
+        matches!(
+            self,
+            Scenario::CanaryBadRelease | Scenario::CanaryGoodRelease
+        )
     }
 }
 
@@ -139,6 +155,23 @@ pub struct Args {
     #[arg(long)]
     storm_at: Option<f64>,
 
+    /// canary-*: seconds into the load phase when the rollout starts and
+    /// the canary router is started.
+    #[arg(long, default_value_t = 2.0)]
+    canary_at: f64,
+    /// canary-*: canary weights in percent, ending at 100.
+    #[arg(long, value_delimiter = ',', default_value = "10,25,50,100")]
+    canary_steps: Vec<u32>,
+    /// canary-*: analysis interval, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    canary_interval: f64,
+    /// canary-bad-release: share of the canary's calls it fails (INTERNAL).
+    #[arg(long, default_value_t = 0.2)]
+    canary_error_rate: f64,
+    /// canary-bad-release: latency the canary adds to every call, ms.
+    #[arg(long, default_value_t = 0)]
+    canary_latency_ms: u64,
+
     /// Start the local gateways and routers with overload protection and
     /// degraded mode switched off (`--no-overload-protection`), and switch
     /// off the clients' throttling, for a side-by-side comparison.
@@ -222,6 +255,25 @@ impl Args {
             !self.no_protection || (self.compose.is_none() && self.gateways.is_empty()),
             "--no-protection starts the gateways itself: it needs --local"
         );
+        if scenario.is_canary() {
+            anyhow::ensure!(
+                self.compose.is_none() && self.gateways.is_empty(),
+                "{} starts a canary router next to the cluster's own: it needs --local",
+                scenario.name()
+            );
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&self.canary_error_rate),
+                "--canary-error-rate must be between 0 and 1"
+            );
+            anyhow::ensure!(
+                self.canary_interval >= 1.0,
+                "--canary-interval must be at least 1 s"
+            );
+            anyhow::ensure!(
+                self.canary_at < self.duration,
+                "--canary-at must be within --duration"
+            );
+        }
         if !self.gateways.is_empty() {
             anyhow::ensure!(
                 self.faults.is_empty() && scenario != Scenario::RollingRestart,
@@ -241,6 +293,8 @@ impl Args {
 #[derive(Clone, Debug)]
 struct SendRecord {
     conv: u32,
+    /// The sending user's index.
+    sender: u32,
     /// Sequence number of the send in this run; the client message id is
     /// derived from it.
     k: u64,
@@ -355,6 +409,7 @@ impl Ctx {
         let ((), (started, done, res)) = tokio::join!(typing, send);
         let rec = SendRecord {
             conv,
+            sender,
             k,
             intended_us: self.us(intended),
             started_us: self.us(started),
@@ -555,6 +610,7 @@ pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
                 .chain(args.gateway_args.iter().cloned())
                 .collect(),
             router_args: off(),
+            spare_routers: usize::from(scenario.is_canary()),
             ..LocalOptions::default()
         };
         Target::local(&run_dir.join("cluster"), opts).await?
@@ -667,7 +723,24 @@ async fn setup(
             .map(|&m| ctx.users[m as usize].clone())
             .collect();
         let id = c.id.clone();
-        set.spawn(async move { client.create_conversation(&id, &others).await.map(|_| j) });
+        set.spawn(async move {
+            // Setup is not measured: a refusal for overload (the cluster's
+            // limiters start cold) is waited out as a user would, by its hint.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match client.create_conversation(&id, &others).await {
+                    Err(s)
+                        if s.code() == tonic::Code::ResourceExhausted
+                            && Instant::now() < deadline =>
+                    {
+                        let wait =
+                            chat_client::retry_after(&s).unwrap_or(Duration::from_millis(100));
+                        tokio::time::sleep(wait).await;
+                    }
+                    r => return r.map(|_| j),
+                }
+            }
+        });
         if set.len() >= 32
             && let Some(r) = set.join_next().await
         {
@@ -792,7 +865,7 @@ async fn exercise(
     ));
     let ticker = progress.start(ctx.clone(), load_start, probe_sends);
     let plan = Plan::new(scenario, args);
-    let (faults, fault_errors) = {
+    let (faults, fault_errors, rollout) = {
         let traffic = drive(ctx, load, load_start, args.duration);
         let controller = control(target, ctx, &plan, load_start, args, &storm_tx);
         let ((), out) = tokio::join!(traffic, controller);
@@ -885,6 +958,8 @@ async fn exercise(
         notes,
         typing,
         peak_rss_mib,
+        rollout,
+        users: &ctx.users,
     }))
 }
 
@@ -894,6 +969,16 @@ struct Plan {
     rolling_restart: bool,
     storm_at: Option<f64>,
     restart_after: f64,
+    canary: Option<CanaryDrill>,
+}
+
+/// A router rollout under load: the plan is started, then the canary
+/// router (with `faults` for a bad release).
+struct CanaryDrill {
+    at_s: f64,
+    steps: Vec<u32>,
+    interval: Duration,
+    router_args: Vec<String>,
 }
 
 impl Plan {
@@ -906,8 +991,85 @@ impl Plan {
             storm_at: (scenario == Scenario::ReconnectStorm)
                 .then(|| args.storm_at.unwrap_or(args.duration / 3.0)),
             restart_after: args.restart_after,
+            canary: scenario.is_canary().then(|| {
+                let mut router_args = vec!["--release".to_owned(), CANARY_RELEASE.to_owned()];
+                if scenario == Scenario::CanaryBadRelease {
+                    router_args.extend([
+                        "--inject-error-rate".to_owned(),
+                        args.canary_error_rate.to_string(),
+                        "--inject-latency-ms".to_owned(),
+                        args.canary_latency_ms.to_string(),
+                    ]);
+                }
+                CanaryDrill {
+                    at_s: args.canary_at,
+                    steps: args.canary_steps.clone(),
+                    interval: Duration::from_secs_f64(args.canary_interval),
+                    router_args,
+                }
+            }),
         }
     }
+}
+
+/// Release label of the drills' canary router.
+const CANARY_RELEASE: &str = "canary";
+
+/// Starts the rollout and the canary router, then follows the plan until
+/// it is promoted or aborted, or the load phase ends.
+async fn canary(
+    target: &mut Target,
+    d: &CanaryDrill,
+    start: Instant,
+    args: &Args,
+) -> anyhow::Result<rollout::RolloutRecord> {
+    use chatctl::plan;
+    tokio::time::sleep_until((start + Duration::from_secs_f64(d.at_s)).into()).await;
+    // Wall-clock time of the load's start, to place the plan's decisions.
+    let epoch_ms = plan::now_ms() - start.elapsed().as_millis() as i64;
+    let store = target.store_client()?;
+    let begun = chat_rollout::StartArgs {
+        id: format!("drill-{}", plan::now_ms()),
+        service: "router".into(),
+        canary: CANARY_RELEASE.into(),
+        steps: d.steps.clone(),
+        interval_ms: d.interval.as_millis() as u64,
+        thresholds: chat_rollout::default_thresholds(),
+    };
+    plan::update(&store, "router", |current| {
+        chat_rollout::start(begun.clone(), current, plan::now_ms())
+    })
+    .await?;
+    target.start_router("router-canary", &d.router_args)?;
+    let canary_started_s = start.elapsed().as_secs_f64();
+    let end = start + Duration::from_secs_f64(args.duration);
+    let mut last = None;
+    let mut finished_s = None;
+    while Instant::now() < end {
+        if let Ok(Some((_, p))) = plan::read(&store, "router").await {
+            let done = !chat_rollout::in_progress(&p);
+            last = Some(p);
+            if done {
+                finished_s = Some(start.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let plan = match last {
+        Some(p) => p,
+        None => plan::read(&store, "router")
+            .await?
+            .map(|(_, p)| p)
+            .context("the rollout plan vanished")?,
+    };
+    Ok(rollout::RolloutRecord {
+        plan,
+        epoch_ms,
+        canary_started_s,
+        finished_s,
+        interval_s: d.interval.as_secs_f64(),
+    })
 }
 
 /// Injects the planned faults at their times (and restarts what they
@@ -921,9 +1083,14 @@ async fn control(
     start: Instant,
     args: &Args,
     storm: &watch::Sender<u64>,
-) -> (Vec<FaultRecord>, Vec<String>) {
+) -> (
+    Vec<FaultRecord>,
+    Vec<String>,
+    Option<rollout::RolloutRecord>,
+) {
     let mut done = Vec::new();
     let mut errors = Vec::new();
+    let mut rollout = None;
     let at = |s: f64| start + Duration::from_secs_f64(s);
     let since = |t: Instant| t.saturating_duration_since(start).as_secs_f64();
     // (time, service) of killed services to start again.
@@ -985,34 +1152,45 @@ async fn control(
             format!("all {} clients", ctx.users.len()),
         ));
     }
-    if plan.rolling_restart {
-        tokio::time::sleep_until(at(2.0_f64.min(args.duration / 4.0)).into()).await;
-        match target.rolling_order().await {
-            Ok(order) => {
-                for (i, name) in order.into_iter().enumerate() {
-                    if i > 0 {
-                        tokio::time::sleep(Duration::from_secs_f64(plan.restart_after)).await;
-                    }
-                    let t = since(Instant::now());
-                    if t >= args.duration {
-                        errors.push(format!(
-                            "the rolling restart did not reach {name} within --duration"
-                        ));
-                        break;
-                    }
-                    match target.restart_gracefully(&name).await {
-                        Ok(()) => done.push(FaultRecord::new(t, "restart".into(), name)),
-                        Err(e) => {
-                            errors.push(format!("restarting {name}: {e:#}"));
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => errors.push(format!("rolling restart: {e:#}")),
+    if let Some(d) = &plan.canary {
+        match canary(target, d, start, args).await {
+            Ok(r) => rollout = Some(r),
+            Err(e) => errors.push(format!("canary rollout: {e:#}")),
         }
     }
-    (done, errors)
+    if plan.rolling_restart {
+        tokio::time::sleep_until(at(2.0_f64.min(args.duration / 4.0)).into()).await;
+        for (i, tier) in [Tier::Store, Tier::Router, Tier::Gateway]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(plan.restart_after)).await;
+            }
+            match target.rolling_restart(tier).await {
+                Ok(log) => {
+                    for step in log.steps {
+                        let kind = if step.what.starts_with("was the leader") {
+                            "move-leader"
+                        } else if step.what == "restarting" {
+                            "restart"
+                        } else {
+                            continue;
+                        };
+                        done.push(FaultRecord::new(since(step.at), kind.into(), step.instance));
+                    }
+                }
+                Err(e) => {
+                    errors.push(format!("rolling restart of the {}s: {e:#}", tier.name()));
+                    break;
+                }
+            }
+        }
+        if since(Instant::now()) >= args.duration {
+            errors.push("the rolling restart outlasted --duration".into());
+        }
+    }
+    (done, errors, rollout)
 }
 
 /// Whether a fault of this kind (as named in the report) takes the store

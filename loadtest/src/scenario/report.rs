@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::rollout::{RolloutRecord, RolloutSummary};
 use super::verify::{Verification, hist};
 use super::{Args, Ctx, Load, SendRecord};
 
@@ -180,6 +181,8 @@ pub struct Report {
     pub faults: Vec<FaultRecord>,
     pub timeline: Vec<Second>,
     pub slo: BTreeMap<String, Slo>,
+    /// canary-*: the rollout and its blast radius.
+    pub rollout: Option<RolloutSummary>,
     /// Things that went wrong around the load (a fault that could not be
     /// injected, a read-back that failed, ...).
     pub notes: Vec<String>,
@@ -200,6 +203,9 @@ pub struct BuildArgs<'a> {
     pub notes: Vec<String>,
     pub typing: TypingCounts,
     pub peak_rss_mib: BTreeMap<String, f64>,
+    pub rollout: Option<RolloutRecord>,
+    /// User ids by index (for the canary assignment).
+    pub users: &'a [String],
 }
 
 fn ms(us: u64) -> f64 {
@@ -347,8 +353,18 @@ impl Report {
         zero("out_of_order", v.out_of_order);
         zero("delivery_missed", v.delivery_missed);
         zero("delivery_duplicated", v.delivery_duplicated);
-        if matches!(b.scenario, "rolling-restart" | "reconnect-storm") {
+        if matches!(
+            b.scenario,
+            "rolling-restart" | "reconnect-storm" | "canary-good-release"
+        ) {
             zero("failed", failed.values().sum::<u64>() + shed);
+        }
+        let rollout = b
+            .rollout
+            .as_ref()
+            .map(|r| super::rollout::summarize(r, b.sends, b.users, start));
+        if let Some(r) = &rollout {
+            slo.extend(super::rollout::slos(r, b.scenario == "canary-bad-release"));
         }
         slo.insert(
             "verified".into(),
@@ -475,6 +491,7 @@ impl Report {
             faults,
             timeline,
             slo,
+            rollout,
             notes: b
                 .notes
                 .into_iter()
@@ -560,6 +577,24 @@ impl Report {
             self.delivery_missed,
             self.delivery_duplicated
         );
+        if let Some(r) = &self.rollout {
+            for d in &r.decisions {
+                let _ = writeln!(
+                    s,
+                    "rollout at {:.1} s: {} -> {} % ({})",
+                    d.at_s, d.action, d.weight, d.reason
+                );
+            }
+            let _ = writeln!(
+                s,
+                "blast radius: {} of {} users, {} of {} sends; errors for {} s",
+                r.users_with_errors,
+                r.users,
+                r.sends_failed,
+                r.sends,
+                r.rollback_s.map_or("-".into(), |x| format!("{x:.1}"))
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
         }
@@ -713,6 +748,9 @@ impl Report {
                         .map_or("-".into(), |r| format!("{r:.0}"))
                 );
             }
+        }
+        if let Some(r) = &self.rollout {
+            m.push_str(&super::rollout::markdown(r));
         }
         if !self.notes.is_empty() {
             let _ = writeln!(m, "\n## Notes\n");

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chatctl::local::{LocalCluster, LocalOptions};
+use chatctl::restart::{RestartLog, Tier, rolling_restart};
 
 use super::fault::FaultKind;
 
@@ -172,39 +173,42 @@ impl Target {
 
     /// Every service, in the order a rolling restart takes them: store
     /// followers, the store leader, routers, gateways.
-    pub async fn rolling_order(&self) -> anyhow::Result<Vec<String>> {
-        let leader = self.store_leader().await?;
-        let mut order: Vec<String> = STORES
-            .iter()
-            .filter(|s| **s != leader)
-            .map(|s| s.to_string())
-            .collect();
-        order.push(leader);
-        order.extend(["router-1", "router-2", "gateway-1", "gateway-2"].map(String::from));
-        Ok(order)
-    }
-
-    /// Stops `name` gracefully (SIGTERM), starts it again, and waits until
-    /// every service is healthy.
-    pub async fn restart_gracefully(&mut self, name: &str) -> anyhow::Result<()> {
+    /// Restarts every instance of `tier` through `chatctl rollout
+    /// restart`'s procedure: the change guard first, leadership moved off
+    /// a store leader before it stops, each instance serving (and a store
+    /// replica caught up) before the next.
+    pub async fn rolling_restart(&mut self, tier: Tier) -> anyhow::Result<RestartLog> {
         match self {
-            Target::Local(c) => {
-                c.stop(name, Duration::from_secs(10)).await?;
-                c.restart(name)?;
-                c.wait_healthy(HEALTHY_WITHIN).await
-            }
+            Target::Local(c) => rolling_restart(&mut **c, tier, 1, true).await,
             Target::Compose(c) => {
-                c.docker(&["restart", "-t", "10", &c.container(name)])?;
-                let waiting = self.wait_healthy(HEALTHY_WITHIN).await;
-                anyhow::ensure!(
-                    waiting.is_empty(),
-                    "not healthy within {} s: {}",
-                    HEALTHY_WITHIN.as_secs(),
-                    waiting.join(", ")
-                );
-                Ok(())
+                let mut p = chatctl::compose::Compose {
+                    project: c.project.clone(),
+                    stores: c.store_addrs()?,
+                };
+                rolling_restart(&mut p, tier, 1, true).await
             }
             Target::Gateways { .. } => bail!("cannot restart services of a running cluster"),
+        }
+    }
+
+    /// A client of the store replicas (for rollout plans).
+    pub fn store_client(&self) -> anyhow::Result<chat_store::StoreClient> {
+        let addrs = match self {
+            Target::Local(c) => c.stores.clone(),
+            Target::Compose(c) => c.store_addrs()?,
+            Target::Gateways { .. } => bail!("the store of a running cluster is not known here"),
+        };
+        Ok(chat_store::StoreClient::new(
+            addrs,
+            Duration::from_secs(10),
+        )?)
+    }
+
+    /// Starts a router with `args` on the local cluster's spare address.
+    pub fn start_router(&mut self, name: &str, args: &[String]) -> anyhow::Result<String> {
+        match self {
+            Target::Local(c) => c.start_router(name, args),
+            _ => bail!("a canary router can only be started on the local cluster (--local)"),
         }
     }
 
@@ -299,6 +303,19 @@ impl Compose {
             c.gateways.push(addr);
         }
         Ok(c)
+    }
+
+    /// The store replicas' ports published on this host.
+    fn store_addrs(&self) -> anyhow::Result<Vec<String>> {
+        STORES
+            .iter()
+            .map(|s| {
+                let out = self.compose(&["port", s, "7001"])?;
+                let addr = out.trim().replace("0.0.0.0", "127.0.0.1");
+                anyhow::ensure!(!addr.is_empty(), "{s} publishes no port");
+                Ok(addr)
+            })
+            .collect()
     }
 
     fn compose(&self, args: &[&str]) -> anyhow::Result<String> {

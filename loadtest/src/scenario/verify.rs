@@ -245,6 +245,7 @@ mod tests {
     fn send(k: u64, started: u64, done: u64, outcome: Result<u64, tonic::Code>) -> SendRecord {
         SendRecord {
             conv: 0,
+            sender: 0,
             k,
             intended_us: started,
             started_us: started,

@@ -1,4 +1,7 @@
 //! Library side of `chatctl`: the local cluster that `chatctl local up`
 //! runs and the load tests start and break.
 
+pub mod compose;
 pub mod local;
+pub mod plan;
+pub mod restart;

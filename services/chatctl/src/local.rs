@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chat_store::StoreClient;
+
+use crate::restart::{Platform, Tier};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -35,11 +37,16 @@ pub struct LocalOptions {
     pub store_args: Vec<String>,
     pub router_args: Vec<String>,
     pub gateway_args: Vec<String>,
+    /// Router addresses the gateways are given beyond the two started, for
+    /// routers started later with [`LocalCluster::start_router`] (a canary).
+    pub spare_routers: usize,
 }
 
 /// One service process.
 struct Proc {
     name: String,
+    /// The address it serves on.
+    addr: String,
     bin: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -51,14 +58,22 @@ struct Proc {
 impl Proc {
     fn spawn(
         name: &str,
+        addr: &str,
         bin: &Path,
         args: Vec<String>,
         env: Vec<(String, String)>,
-        logs: &Path,
+        dir: &Path,
     ) -> anyhow::Result<Self> {
-        let child = Self::start(bin, &args, &env, &logs.join(format!("{name}.log")))?;
+        let child = Self::start(
+            bin,
+            &args,
+            &env,
+            &dir.join("logs").join(format!("{name}.log")),
+        )?;
+        write_run_file(dir, name, child.id(), addr)?;
         Ok(Self {
             name: name.to_owned(),
+            addr: addr.to_owned(),
             bin: bin.to_owned(),
             args,
             env,
@@ -116,6 +131,17 @@ impl Proc {
         }
         let _ = self.child.kill().await;
     }
+}
+
+/// Records that `name` runs as `pid` on `addr`, in `dir/run/<name>`, for
+/// `chatctl rollout restart --local-dir`.
+fn write_run_file(dir: &Path, name: &str, pid: Option<u32>, addr: &str) -> anyhow::Result<()> {
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
+    let tmp = run.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, format!("{} {addr}\n", pid.unwrap_or(0)))?;
+    std::fs::rename(&tmp, run.join(name))?;
+    Ok(())
 }
 
 /// The port at `offset` from `base`, or with base 0 the next of `free`
@@ -186,6 +212,162 @@ pub async fn healthy(addr: &str, service: &str) -> bool {
         Ok(Ok(r)) if r.get_ref().status == tonic_health::ServingStatus::Serving as i32)
 }
 
+/// The tier of an instance named `<tier>-<n>`.
+pub fn tier_of(name: &str) -> Option<Tier> {
+    [Tier::Store, Tier::Router, Tier::Gateway]
+        .into_iter()
+        .find(|t| name.starts_with(&format!("{}-", t.name())))
+}
+
+/// Whether the instance of `tier` at `addr` serves: a store replica that
+/// says so in its status, a router or gateway that answers SERVING on gRPC
+/// health.
+pub async fn instance_healthy(admin: &StoreClient, tier: Tier, addr: &str) -> bool {
+    match tier {
+        Tier::Store => admin.status_of(addr).await.is_ok_and(|st| st.serving),
+        Tier::Router => healthy(addr, "chat.router.v1.Router").await,
+        Tier::Gateway => healthy(addr, "chat.v1.Chat").await,
+    }
+}
+
+impl Platform for LocalCluster {
+    fn instances(&self, tier: Tier) -> Vec<String> {
+        self.names(tier)
+    }
+
+    fn store_addrs(&self) -> Vec<String> {
+        self.stores.clone()
+    }
+
+    async fn healthy(&self, tier: Tier, name: &str) -> bool {
+        match self.addr(name) {
+            Some(addr) => instance_healthy(&self.admin, tier, &addr).await,
+            None => false,
+        }
+    }
+
+    async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        self.stop(name, STOP_GRACE).await?;
+        LocalCluster::restart(self, name)
+    }
+}
+
+/// How long a graceful stop may take before SIGKILL (the routers' drain
+/// and in-flight calls fit well within it).
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// The cluster `chatctl local up` runs, seen from another process through
+/// its run files (`<dir>/run/<name>`: pid and address); `local up` starts
+/// again any process that exits.
+pub struct RunDir {
+    dir: PathBuf,
+    admin: StoreClient,
+}
+
+impl RunDir {
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let me = Self {
+            dir: dir.join("run"),
+            admin: StoreClient::new(vec!["127.0.0.1:1".into()], Duration::from_secs(2))?,
+        };
+        let stores = me.store_addrs();
+        anyhow::ensure!(
+            !stores.is_empty(),
+            "no local cluster found in {} (is `chatctl local up --dir {}` running?)",
+            me.dir.display(),
+            dir.display()
+        );
+        Ok(Self {
+            admin: StoreClient::new(stores, Duration::from_secs(2))?,
+            ..me
+        })
+    }
+
+    /// Every (name, pid, address) recorded, by name.
+    fn entries(&self) -> Vec<(String, u32, String)> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = rd
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().to_str()?.to_owned();
+                if name.starts_with('.') {
+                    return None;
+                }
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                let (pid, addr) = text.trim().split_once(' ')?;
+                Some((name, pid.parse().ok()?, addr.to_owned()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn entry(&self, name: &str) -> Option<(u32, String)> {
+        self.entries()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, pid, addr)| (pid, addr))
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Platform for RunDir {
+    fn instances(&self, tier: Tier) -> Vec<String> {
+        self.entries()
+            .into_iter()
+            .filter(|(n, _, _)| tier_of(n) == Some(tier))
+            .map(|(n, _, _)| n)
+            .collect()
+    }
+
+    fn store_addrs(&self) -> Vec<String> {
+        self.entries()
+            .into_iter()
+            .filter(|(n, _, _)| tier_of(n) == Some(Tier::Store))
+            .map(|(_, _, a)| a)
+            .collect()
+    }
+
+    async fn healthy(&self, tier: Tier, name: &str) -> bool {
+        match self.entry(name) {
+            Some((pid, addr)) => alive(pid) && instance_healthy(&self.admin, tier, &addr).await,
+            None => false,
+        }
+    }
+
+    async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let (pid, _) = self
+            .entry(name)
+            .with_context(|| format!("no process named {name} in {}", self.dir.display()))?;
+        anyhow::ensure!(alive(pid), "{name} (pid {pid}) is not running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("cannot run kill")?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} ({name}) failed");
+        // `local up` starts it again once it has exited.
+        let deadline = std::time::Instant::now() + STOP_GRACE + Duration::from_secs(10);
+        loop {
+            if let Some((now, _)) = self.entry(name)
+                && now != pid
+                && alive(now)
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{name} was not started again; is `chatctl local up` still running?"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// A running local cluster. Its processes are named `store-1..3`,
 /// `router-1..2` and `gateway-1..2`; dropping it kills them.
 pub struct LocalCluster {
@@ -195,9 +377,13 @@ pub struct LocalCluster {
     pub stores: Vec<String>,
     pub routers: Vec<String>,
     pub gateways: Vec<String>,
+    /// Router addresses the gateways know of with no router yet.
+    spare: Vec<String>,
     procs: Vec<Proc>,
     /// Admin client of the stores, for health and the leader.
     admin: StoreClient,
+    router_bin: PathBuf,
+    router_args: Vec<String>,
 }
 
 impl LocalCluster {
@@ -215,7 +401,7 @@ impl LocalCluster {
         );
         let b = opts.base_port;
         let mut free = if b == 0 {
-            chat_store::testkit::process::free_ports(9)?
+            chat_store::testkit::process::free_ports(9 + opts.spare_routers)?
         } else {
             Vec::new()
         };
@@ -223,7 +409,8 @@ impl LocalCluster {
             (1..=n).map(|i| port(b, offset + i, &mut free)).collect()
         };
         let stores = ports(0, 3)?;
-        let routers = ports(100, 2)?;
+        let mut routers = ports(100, 2 + opts.spare_routers as u16)?;
+        let spare: Vec<String> = routers.split_off(2);
         let gateways = ports(200, 2)?;
         let internals = ports(210, 2)?;
         let peers = stores
@@ -243,7 +430,7 @@ impl LocalCluster {
             args.push(dir.join(format!("store-{id}")).display().to_string());
             args.extend(opts.store_args.iter().cloned());
             let name = format!("store-{id}");
-            procs.push(Proc::spawn(&name, &store_bin, args, vec![], &logs)?);
+            procs.push(Proc::spawn(&name, addr, &store_bin, args, vec![], &dir)?);
         }
         for (i, addr) in routers.iter().enumerate() {
             let mut args = vec![
@@ -254,7 +441,7 @@ impl LocalCluster {
             ];
             args.extend(opts.router_args.iter().cloned());
             let name = format!("router-{}", i + 1);
-            procs.push(Proc::spawn(&name, &router_bin, args, vec![], &logs)?);
+            procs.push(Proc::spawn(&name, addr, &router_bin, args, vec![], &dir)?);
         }
         for (i, addr) in gateways.iter().enumerate() {
             let mut args = vec![
@@ -263,12 +450,17 @@ impl LocalCluster {
                 "--internal-listen".into(),
                 internals[i].clone(),
                 "--routers".into(),
-                routers.join(","),
+                routers
+                    .iter()
+                    .chain(&spare)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(","),
             ];
             args.extend(opts.gateway_args.iter().cloned());
             let env = vec![("CHAT_TOKEN_KEY".to_owned(), key.clone())];
             let name = format!("gateway-{}", i + 1);
-            procs.push(Proc::spawn(&name, &gateway_bin, args, env, &logs)?);
+            procs.push(Proc::spawn(&name, addr, &gateway_bin, args, env, &dir)?);
         }
         let admin = StoreClient::new(stores.clone(), Duration::from_secs(2))?;
         Ok(Self {
@@ -277,9 +469,57 @@ impl LocalCluster {
             stores,
             routers,
             gateways,
+            spare,
             procs,
             admin,
+            router_bin,
+            router_args: opts.router_args.clone(),
         })
+    }
+
+    /// Starts a router named `name` on the next spare address (the
+    /// gateways already know it) with `args` added; returns its address.
+    pub fn start_router(&mut self, name: &str, args: &[String]) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            self.proc(name).is_err(),
+            "a process named {name} already exists"
+        );
+        let addr = self
+            .spare
+            .first()
+            .cloned()
+            .context("no spare router address left (LocalOptions::spare_routers)")?;
+        let mut all = vec![
+            "--listen".to_owned(),
+            addr.clone(),
+            "--store".into(),
+            self.stores.join(","),
+        ];
+        all.extend(self.router_args.iter().cloned());
+        all.extend(args.iter().cloned());
+        let p = Proc::spawn(name, &addr, &self.router_bin, all, vec![], &self.dir)?;
+        self.procs.push(p);
+        self.spare.remove(0);
+        self.routers.push(addr.clone());
+        Ok(addr)
+    }
+
+    /// Names of the processes of a tier, in start order.
+    pub fn names(&self, tier: crate::restart::Tier) -> Vec<String> {
+        let prefix = format!("{}-", tier.name());
+        self.procs
+            .iter()
+            .filter(|p| p.name.starts_with(&prefix))
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// The address `name` serves on.
+    pub fn addr(&self, name: &str) -> Option<String> {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.addr.clone())
     }
 
     fn proc(&mut self, name: &str) -> anyhow::Result<&mut Proc> {
@@ -326,7 +566,8 @@ impl LocalCluster {
         );
         p.child = Proc::start(&p.bin, &p.args, &p.env, &log)?;
         p.reported = false;
-        Ok(())
+        let (pid, addr) = (p.child.id(), p.addr.clone());
+        write_run_file(&self.dir, name, pid, &addr)
     }
 
     /// The peak resident memory (VmHWM, KiB) of every running process,
@@ -374,19 +615,12 @@ impl LocalCluster {
     /// Which services are not healthy yet (empty when all are).
     pub async fn unhealthy(&self) -> Vec<String> {
         let mut waiting = Vec::new();
-        for (i, s) in self.stores.iter().enumerate() {
-            if !self.admin.status_of(s).await.is_ok_and(|st| st.serving) {
-                waiting.push(format!("store-{} ({s})", i + 1));
-            }
-        }
-        for (i, r) in self.routers.iter().enumerate() {
-            if !healthy(r, "chat.router.v1.Router").await {
-                waiting.push(format!("router-{} ({r})", i + 1));
-            }
-        }
-        for (i, g) in self.gateways.iter().enumerate() {
-            if !healthy(g, "chat.v1.Chat").await {
-                waiting.push(format!("gateway-{} ({g})", i + 1));
+        for p in &self.procs {
+            let Some(tier) = tier_of(&p.name) else {
+                continue;
+            };
+            if !instance_healthy(&self.admin, tier, &p.addr).await {
+                waiting.push(format!("{} ({})", p.name, p.addr));
             }
         }
         waiting
@@ -469,20 +703,39 @@ async fn serve(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     println!("chatctl --as alice send demo 'hello, bob'");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut pending: Vec<(String, tokio::time::Instant)> = Vec::new();
+    let mut last_start = std::collections::HashMap::new();
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = tick.tick() => {
-                // A process that dies is a failure the cluster is built to
-                // survive: say so and keep the rest running.
-                for (name, status, command) in cluster.exited() {
+                // A process that exits is started again, like a restart
+                // policy would (`chatctl rollout restart` relies on it);
+                // one that keeps failing is started at most once a second.
+                for (name, status, _) in cluster.exited() {
                     eprintln!(
-                        "{name} exited ({status}); the rest keeps running. Log: {}. Start it again with: {command}",
+                        "{name} exited ({status}); starting it again. Log: {}",
                         cluster.log(&name).display()
                     );
+                    pending.push((name, tokio::time::Instant::now()));
                 }
+                let now = tokio::time::Instant::now();
+                let mut later = Vec::new();
+                for (name, since) in pending.drain(..) {
+                    let due = last_start.get(&name).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(1));
+                    if !due {
+                        later.push((name, since));
+                        continue;
+                    }
+                    last_start.insert(name.clone(), now);
+                    if let Err(e) = cluster.restart(&name) {
+                        eprintln!("cannot start {name} again: {e:#}");
+                        later.push((name, since));
+                    }
+                }
+                pending = later;
             }
         }
     }

@@ -102,12 +102,114 @@ enum Top {
     /// Direct access to the store replicas.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Staged rollouts of a canary release, and rolling restarts.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// Exits 0 if ADDR reports SERVING on gRPC health (for healthchecks).
     Health {
         addr: String,
         /// Service name to check ("" for the server as a whole).
         #[arg(long, default_value = "")]
         service: String,
+    },
+}
+
+/// `30s`, `500ms`, `2m` or a number of seconds.
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let (num, unit) = match raw.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => raw.split_at(i),
+        None => (raw, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("unknown unit {unit:?} in {raw:?}; use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(clap::Args)]
+struct ServiceArg {
+    /// The service rolled out. Only routers run canaries side by side:
+    /// clients choose their gateway, so a gateway canary would need a load
+    /// balancer in front.
+    #[arg(long, default_value = "router", value_parser = ["router"])]
+    service: String,
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// Starts sending a share of users to the routers labelled --canary,
+    /// raising it step by step while the analysis passes.
+    Start {
+        #[command(flatten)]
+        service: ServiceArg,
+        /// Release label of the canary routers (their --release).
+        #[arg(long)]
+        canary: String,
+        /// Canary weights in percent, ending at 100.
+        #[arg(long, value_delimiter = ',', default_value = "1,5,25,50,100")]
+        steps: Vec<u32>,
+        /// Length of each analysis window.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        interval: Duration,
+        /// Least canary success rate, percent.
+        #[arg(long, default_value_t = 99.0)]
+        min_success: f64,
+        /// Most canary p99 latency relative to the stable p99.
+        #[arg(long, default_value_t = 1.5)]
+        max_latency_ratio: f64,
+        /// Latencies under this always pass, ms.
+        #[arg(long, default_value_t = 10)]
+        latency_floor_ms: u64,
+        /// Least canary calls in a window before it is judged.
+        #[arg(long, default_value_t = 50)]
+        min_requests: u64,
+        /// Failed checks before the rollout aborts by itself.
+        #[arg(long, default_value_t = 2)]
+        max_failed_checks: u32,
+    },
+    /// The plan, its weight and every decision so far.
+    Status {
+        #[command(flatten)]
+        service: ServiceArg,
+    },
+    /// Holds the weight; no analysis until resumed.
+    Pause {
+        #[command(flatten)]
+        service: ServiceArg,
+    },
+    Resume {
+        #[command(flatten)]
+        service: ServiceArg,
+    },
+    /// Sends every user back to the stable routers now.
+    Abort {
+        #[command(flatten)]
+        service: ServiceArg,
+    },
+    /// Sends every user to the canary now.
+    Promote {
+        #[command(flatten)]
+        service: ServiceArg,
+    },
+    /// Restarts every instance of a tier, one at a time, keeping it serving.
+    Restart {
+        tier: chatctl::restart::Tier,
+        /// Instances restarted at once (stores: always 1).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// The cluster of `chatctl local up --dir DIR`.
+        #[arg(long, conflicts_with = "compose_project")]
+        local_dir: Option<std::path::PathBuf>,
+        /// The compose cluster of this project (deploy/up.sh: chat).
+        #[arg(long)]
+        compose_project: Option<String>,
     },
 }
 
@@ -347,6 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Top::Store(_) => return store(cli).await,
+        Top::Rollout(_) => return rollout(cli).await,
         Top::Health { addr, service } => {
             anyhow::ensure!(
                 local::healthy(addr, service).await,
@@ -468,7 +571,19 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
             print_replicas(client.add_learner(id, &address).await?)
         }
         StoreCmd::Promote { id } => print_replicas(client.promote(id).await?),
-        StoreCmd::RemoveReplica { id } => print_replicas(client.remove_replica(id).await?),
+        StoreCmd::RemoveReplica { id } => {
+            // The change guard: removing a replica while another is down or
+            // behind leaves the store one failure from losing its majority.
+            let mut replicas = Vec::new();
+            for addr in &cli.store {
+                replicas.push(chatctl::restart::ReplicaState {
+                    name: addr.clone(),
+                    status: client.status_of(addr).await.ok(),
+                });
+            }
+            chatctl::restart::check_removal(&replicas, id).map_err(anyhow::Error::msg)?;
+            print_replicas(client.remove_replica(id).await?)
+        }
         StoreCmd::TransferLeader { id } => {
             let s = client
                 .transfer_leader(id.unwrap_or(0))
@@ -480,6 +595,99 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+async fn rollout(cli: Cli) -> anyhow::Result<()> {
+    use chatctl::plan;
+    let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?;
+    let Top::Rollout(cmd) = cli.command else {
+        unreachable!()
+    };
+    let by = std::env::var("USER").unwrap_or_else(|_| "an operator".into());
+    let (service, cmd) = match cmd {
+        RolloutCmd::Start {
+            service,
+            canary,
+            steps,
+            interval,
+            min_success,
+            max_latency_ratio,
+            latency_floor_ms,
+            min_requests,
+            max_failed_checks,
+        } => {
+            anyhow::ensure!(
+                (0.0..=100.0).contains(&min_success),
+                "--min-success is a percentage"
+            );
+            let args = chat_rollout::StartArgs {
+                id: format!("{}-{}", service.service, plan::now_ms()),
+                service: service.service.clone(),
+                canary,
+                steps,
+                interval_ms: interval.as_millis() as u64,
+                thresholds: chat_rollout::Thresholds {
+                    min_success_permille: (min_success * 10.0).round() as u32,
+                    max_latency_ratio,
+                    latency_floor_us: latency_floor_ms * 1_000,
+                    min_requests,
+                    max_failed_checks,
+                },
+            };
+            let p = plan::update(&client, &service.service, |current| {
+                chat_rollout::start(args.clone(), current, plan::now_ms())
+            })
+            .await?;
+            print!("{}", plan::describe(&p));
+            return Ok(());
+        }
+        RolloutCmd::Status { service } => {
+            match plan::read(&client, &service.service).await? {
+                Some((_, p)) => print!("{}", plan::describe(&p)),
+                None => println!("no rollout of {} has been started", service.service),
+            }
+            return Ok(());
+        }
+        RolloutCmd::Restart {
+            tier,
+            batch,
+            local_dir,
+            compose_project,
+        } => {
+            let log = match (local_dir, compose_project) {
+                (_, Some(project)) => {
+                    let mut p = chatctl::compose::Compose {
+                        project,
+                        stores: cli.store.clone(),
+                    };
+                    chatctl::restart::rolling_restart(&mut p, tier, batch, false).await?
+                }
+                (dir, None) => {
+                    let dir = dir.unwrap_or_else(|| ".local/cluster".into());
+                    let mut p = local::RunDir::open(&dir)?;
+                    chatctl::restart::rolling_restart(&mut p, tier, batch, false).await?
+                }
+            };
+            println!(
+                "restarted every {} ({} steps)",
+                tier.name(),
+                log.steps.len()
+            );
+            return Ok(());
+        }
+        RolloutCmd::Pause { service } => (service, chat_rollout::Command::Pause),
+        RolloutCmd::Resume { service } => (service, chat_rollout::Command::Resume),
+        RolloutCmd::Abort { service } => (service, chat_rollout::Command::Abort),
+        RolloutCmd::Promote { service } => (service, chat_rollout::Command::Promote),
+    };
+    let p = plan::update(&client, &service.service, |current| {
+        let current =
+            current.ok_or_else(|| format!("no rollout of {} has been started", service.service))?;
+        chat_rollout::command(current, cmd, plan::now_ms(), &by)
+    })
+    .await?;
+    print!("{}", plan::describe(&p));
     Ok(())
 }
 

@@ -189,6 +189,7 @@ impl ChatClient {
             // An overloaded server is not retried: a retry is more of the
             // load it is shedding. The status carries its `retry-after-ms`.
             if refused_for_overload(&err) {
+                throttle.refused();
                 return Err(err);
             }
             throttle.accepted();

@@ -19,7 +19,9 @@ use chat_resilience::deadline::Deadline;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
-use crate::routers::{RouterPool, via_router};
+use chat_rollout::Lane;
+
+use crate::routers::RouterPool;
 
 /// Sends queued before new ones are refused with RESOURCE_EXHAUSTED.
 pub const SEND_QUEUE: usize = 16_384;
@@ -144,43 +146,73 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
         }
         let pool = pool.clone();
         tokio::spawn(async move {
-            // The batch is worth sending until its most patient caller
-            // gives up.
-            let deadline = batch
-                .iter()
-                .map(|(_, _, d)| *d)
-                .try_fold(None::<Deadline>, |acc, d| {
-                    d.map(|d| Some(acc.map_or(d, |a| Deadline(a.0.max(d.0)))))
-                })
-                .flatten();
-            let (items, replies): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|(r, tx, _)| (r, tx)).unzip();
-            let req = spb::AppendBatchRequest { items };
-            let result = via_router!(pool, append_batch, req, Criticality::Critical, deadline);
-            match result {
-                Ok(resp) => {
-                    let mut outcomes = resp.items.into_iter();
-                    for reply in replies {
-                        let r = match outcomes.next().and_then(|o| o.outcome) {
-                            Some(spb::append_outcome::Outcome::Ok(ok)) => Ok(ok),
-                            Some(spb::append_outcome::Outcome::Error(e)) => {
-                                Err(Status::new(tonic::Code::from(e.code), e.message))
-                            }
-                            None => {
-                                Err(Status::internal("router returned no outcome for a message"))
-                            }
-                        };
-                        let _ = reply.send(r);
-                    }
-                }
-                Err(s) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(s.clone()));
-                    }
+            // One call per lane: during a rollout each sender's messages go
+            // to the routers the plan gives them.
+            let mut lanes: Vec<(Lane, Vec<Admitted>)> = Vec::new();
+            for item in batch {
+                let lane = pool.lane_of(&item.0.sender);
+                match lanes.iter_mut().find(|(l, _)| *l == lane) {
+                    Some((_, items)) => items.push(item),
+                    None => lanes.push((lane, vec![item])),
                 }
             }
+            futures::future::join_all(
+                lanes
+                    .into_iter()
+                    .map(|(lane, items)| send_batch(&pool, lane, items)),
+            )
+            .await;
             drop(permit);
         });
+    }
+}
+
+/// Sends one batch through routers of `lane` and answers every sender.
+async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
+    // The batch is worth sending until its most patient caller gives up.
+    let deadline = batch
+        .iter()
+        .map(|(_, _, d)| *d)
+        .try_fold(None::<Deadline>, |acc, d| {
+            d.map(|d| Some(acc.map_or(d, |a| Deadline(a.0.max(d.0)))))
+        })
+        .flatten();
+    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, tx, _)| (r, tx)).unzip();
+    let n = items.len() as u64;
+    let req = spb::AppendBatchRequest { items };
+    let result = pool
+        .call(
+            lane,
+            n,
+            Criticality::Critical,
+            deadline,
+            |mut c, timeout| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(timeout);
+                Criticality::Critical.stamp(&mut r);
+                async move { c.append_batch(r).await }
+            },
+        )
+        .await;
+    match result {
+        Ok(resp) => {
+            let mut outcomes = resp.items.into_iter();
+            for reply in replies {
+                let r = match outcomes.next().and_then(|o| o.outcome) {
+                    Some(spb::append_outcome::Outcome::Ok(ok)) => Ok(ok),
+                    Some(spb::append_outcome::Outcome::Error(e)) => {
+                        Err(Status::new(tonic::Code::from(e.code), e.message))
+                    }
+                    None => Err(Status::internal("router returned no outcome for a message")),
+                };
+                let _ = reply.send(r);
+            }
+        }
+        Err(s) => {
+            for reply in replies {
+                let _ = reply.send(Err(s.clone()));
+            }
+        }
     }
 }
 

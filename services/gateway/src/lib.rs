@@ -21,7 +21,6 @@ use chat_proto::router::v1::gateway_delivery_server::GatewayDeliveryServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 
 use chat_resilience::incoming::paced;
 use chat_resilience::layer::AdmitLayer;
@@ -63,6 +62,7 @@ const REQUEST_OVERHEAD: usize = 16 << 10;
 
 pub struct RunningGateway {
     shutdown: CancellationToken,
+    health: tonic_health::server::HealthReporter,
     servers: Vec<tokio::task::JoinHandle<()>>,
     sessions: Arc<Sessions>,
 }
@@ -87,10 +87,7 @@ impl RunningGateway {
             stop: shutdown.clone(),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
-            .await;
-        health.set_service_status("", ServingStatus::Serving).await;
+        chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(chat_proto::FILE_DESCRIPTOR_SET)
             .build_v1()?;
@@ -150,6 +147,7 @@ impl RunningGateway {
         ));
         Ok(Self {
             shutdown,
+            health,
             servers,
             sessions,
         })
@@ -159,8 +157,11 @@ impl RunningGateway {
         self.sessions.count()
     }
 
-    /// Graceful stop: no new calls; open streams are closed.
+    /// Graceful stop: health turns NOT_SERVING, no new calls are taken,
+    /// open streams are closed (their clients resume on another gateway)
+    /// and in-flight calls finish within `grace`.
     pub async fn shutdown(mut self, grace: Duration) {
+        chat_resilience::health::set(&self.health, HEALTH_SERVICE, false).await;
         self.shutdown.cancel();
         for s in &mut self.servers {
             if tokio::time::timeout(grace, &mut *s).await.is_err() {
@@ -196,8 +197,10 @@ const REGISTER_EVERY: Duration = Duration::from_secs(1);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Keeps every router's directory current: the full set of online users,
-/// at once when it changes and every second otherwise. The routers'
-/// answers say what is degraded; subscribers are told when that changes.
+/// at once when it changes and every second otherwise, with this gateway's
+/// counts for the rollout analysis. The routers' answers say what is
+/// degraded (subscribers are told when that changes), which release each
+/// router runs, and the rollout plan.
 async fn register(
     pool: Arc<RouterPool>,
     sessions: Arc<Sessions>,
@@ -211,27 +214,34 @@ async fn register(
             gateway_address: me.clone(),
             user_ids: sessions.users(),
             lease_ms,
+            rollout: pool.recorder.report(),
         };
         let calls = pool.all().into_iter().map(|client| {
             let mut c = client;
             let req = req.clone();
             async move { tokio::time::timeout(REGISTER_TIMEOUT, c.register_sessions(req)).await }
         });
-        let answers: Vec<Vec<String>> = futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .filter_map(|r| match r {
-                Ok(Ok(resp)) => Some(resp.into_inner().degraded),
+        let mut learned = Vec::new();
+        let mut answers: Vec<Vec<String>> = Vec::new();
+        for r in futures::future::join_all(calls).await {
+            match r {
+                Ok(Ok(resp)) => {
+                    let resp = resp.into_inner();
+                    let plan = resp.plan.map(|p| (resp.plan_revision, p));
+                    learned.push(Some((resp.release, plan)));
+                    answers.push(resp.degraded);
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "session registration failed");
-                    None
+                    learned.push(None);
                 }
                 Err(_) => {
                     tracing::debug!("session registration timed out");
-                    None
+                    learned.push(None);
                 }
-            })
-            .collect();
+            }
+        }
+        pool.learn(learned);
         // Degraded only as far as every router that answered says so: a
         // router that still reaches the store's majority serves normally.
         if let Some(first) = answers.first() {

@@ -14,6 +14,14 @@
 //! when to come back. Every router call is idempotent (appends carry client
 //! message ids), so retrying one whose outcome is unknown never duplicates.
 //!
+//! Staged rollouts: every router says its release label when the gateway
+//! registers its sessions, and the answer carries the router rollout plan
+//! from the store. While a plan exists, each user's calls go to the canary
+//! routers or to the others by the plan's sticky hash of the user
+//! ([`chat_rollout::is_canary`]), falling back to any router when the
+//! chosen side has none available; the outcome and latency of every call
+//! are counted per side for the routers' analysis.
+//!
 //! Router addresses are configured as host:port. Names are resolved again
 //! every `RESOLVE_EVERY`, and a router's connection moves when its address
 //! changes; a failed lookup keeps the last address that resolved, so a DNS
@@ -30,26 +38,30 @@ use chat_resilience::balance::Balancer;
 use chat_resilience::deadline::{Deadline, budget};
 use chat_resilience::retry::{Backoff, RetryBudget};
 use chat_resilience::{Criticality, retry_after};
+use chat_rollout::{Lane, Plan, Recorder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
 /// Calls `Router::$method` with `$req` through `$pool`, as a call of
 /// criticality `$crit` on behalf of a caller with deadline `$deadline`
 /// (critical, the pool's own deadline only, when omitted).
+/// for user `$user`.
 macro_rules! via_router {
-    ($pool:expr, $method:ident, $req:expr) => {
+    ($pool:expr, $user:expr, $method:ident, $req:expr) => {
         via_router!(
             $pool,
+            $user,
             $method,
             $req,
             chat_resilience::Criticality::Critical,
             None
         )
     };
-    ($pool:expr, $method:ident, $req:expr, $crit:expr, $deadline:expr) => {{
+    ($pool:expr, $user:expr, $method:ident, $req:expr, $crit:expr, $deadline:expr) => {{
         let req = $req;
+        let lane = $pool.lane_of($user);
         $pool
-            .call($crit, $deadline, |mut c, timeout| {
+            .call(lane, 1, $crit, $deadline, |mut c, timeout| {
                 let mut r = tonic::Request::new(req.clone());
                 r.set_timeout(timeout);
                 $crit.stamp(&mut r);
@@ -77,13 +89,31 @@ struct Slot {
     resolved: Option<SocketAddr>,
     channel: Channel,
     client: RouterClient<Channel>,
+    /// Release label the router last said it runs.
+    release: Option<String>,
 }
+
+/// The router rollout plan and its revision, as the routers last said.
+type Current = Option<(u64, Plan)>;
 
 pub struct RouterPool {
     slots: Vec<RwLock<Slot>>,
     balancer: Arc<Balancer>,
     budget: RetryBudget,
     deadline: Duration,
+    plan: RwLock<Current>,
+    /// Calls to canary and stable routers in the plan's current window.
+    pub recorder: Recorder,
+}
+
+/// Whether a failed call counts against the router's release: not client
+/// errors, not load shedding, not refusals that say when to come back.
+fn fails_release(s: &Status) -> bool {
+    match s.code() {
+        Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => true,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => retry_after(s).is_none(),
+        _ => false,
+    }
 }
 
 /// Whether the router could not be reached or could not serve, so another
@@ -119,6 +149,7 @@ impl RouterPool {
                     resolved: a.parse().ok(),
                     channel,
                     client,
+                    release: None,
                 }))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -127,7 +158,103 @@ impl RouterPool {
             slots,
             budget: RetryBudget::default(),
             deadline,
+            plan: RwLock::new(None),
+            recorder: Recorder::default(),
         })
+    }
+
+    /// Takes in every router's registration answer (`None`: it did not
+    /// answer): the newest rollout plan any of them passed on first, then
+    /// each router's release label, so a canary never gets traffic from a
+    /// gateway that knows its label but not yet the plan.
+    pub fn learn(&self, answers: Vec<Option<(String, Current)>>) {
+        let newest = answers
+            .iter()
+            .flatten()
+            .filter_map(|(_, plan)| plan.as_ref())
+            .max_by_key(|(revision, _)| *revision)
+            .cloned();
+        if let Some((revision, plan)) = newest {
+            let mut held = self.plan.write().expect("router plan lock poisoned");
+            if held.as_ref().is_none_or(|(r, _)| *r < revision) {
+                if chat_rollout::in_progress(&plan) {
+                    self.recorder.window(&plan.id, plan.check);
+                } else {
+                    self.recorder.window("", 0);
+                }
+                tracing::info!(
+                    plan = %plan.id, canary = %plan.canary, weight = plan.weight,
+                    state = chat_rollout::state_name(&plan), "router rollout plan"
+                );
+                *held = Some((revision, plan));
+            }
+        }
+        for (i, answer) in answers.into_iter().enumerate() {
+            if let Some((release, _)) = answer {
+                self.slots[i]
+                    .write()
+                    .expect("router slot lock poisoned")
+                    .release = Some(release);
+            }
+        }
+    }
+
+    /// The rollout plan held now.
+    pub fn plan(&self) -> Current {
+        self.plan.read().expect("router plan lock poisoned").clone()
+    }
+
+    /// Which routers `user`'s calls go to.
+    pub fn lane_of(&self, user: &str) -> Lane {
+        match &*self.plan.read().expect("router plan lock poisoned") {
+            None => Lane::Any,
+            Some((_, p)) if chat_rollout::is_canary(p, user) => Lane::Canary,
+            Some(_) => Lane::Stable,
+        }
+    }
+
+    /// The side router `i` is on under the current plan.
+    fn side_of(&self, i: usize, canary: Option<&str>) -> Lane {
+        let Some(canary) = canary else {
+            return Lane::Any;
+        };
+        let slot = self.slots[i].read().expect("router slot lock poisoned");
+        match slot.release.as_deref() {
+            Some(r) if r == canary => Lane::Canary,
+            Some(_) => Lane::Stable,
+            None => Lane::Any,
+        }
+    }
+
+    /// The available routers of `lane`, or `None` for any router (none of
+    /// that lane is available). Without a plan, routers whose release is
+    /// not known yet (they have not answered a registration) are left out
+    /// while others are available.
+    fn candidates(&self, lane: Lane) -> (Option<Vec<usize>>, Option<String>) {
+        let canary = self
+            .plan
+            .read()
+            .expect("router plan lock poisoned")
+            .as_ref()
+            .map(|(_, p)| p.canary.clone());
+        let now = Instant::now();
+        let known = |i: usize| {
+            self.slots[i]
+                .read()
+                .expect("router slot lock poisoned")
+                .release
+                .is_some()
+        };
+        let found: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                let fits = match lane {
+                    Lane::Any => known(i),
+                    _ => self.side_of(i, canary.as_deref()) == lane,
+                };
+                fits && self.balancer.is_available(i, now)
+            })
+            .collect();
+        ((!found.is_empty()).then_some(found), canary)
     }
 
     fn client(&self, i: usize) -> RouterClient<Channel> {
@@ -237,10 +364,13 @@ impl RouterPool {
         self.balancer.ejected_count(Instant::now())
     }
 
-    /// Runs `f(client, timeout)` on a router, moving to another on
-    /// failures that another may not have.
+    /// Runs `f(client, timeout)` on a router of `lane`, moving to another
+    /// on failures that another may not have. The call carries `requests`
+    /// requests (a batch) for the rollout analysis.
     pub async fn call<T, F, Fut>(
         &self,
+        lane: Lane,
+        requests: u64,
         criticality: Criticality,
         caller: Option<Deadline>,
         f: F,
@@ -262,15 +392,21 @@ impl RouterPool {
         let deadline = Instant::now() + allowed;
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         self.budget.deposit();
+        let (allowed, canary) = self.candidates(lane);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(expired());
             }
-            let i = self.balancer.pick(Instant::now());
+            let i = self.balancer.pick_in(Instant::now(), allowed.as_deref());
+            let side = self.side_of(i, canary.as_deref());
             let inflight = self.balancer.start(i);
+            let started = Instant::now();
             let outcome = tokio::time::timeout(remaining, f(self.client(i), remaining)).await;
             drop(inflight);
+            let ok = matches!(&outcome, Ok(Ok(_)))
+                || matches!(&outcome, Ok(Err(s)) if !fails_release(s));
+            self.recorder.record(side, ok, started.elapsed(), requests);
             let err = match outcome {
                 Ok(Ok(r)) => {
                     self.balancer.success(i);

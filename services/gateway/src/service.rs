@@ -156,10 +156,10 @@ impl Chat for ChatApi {
             after_seq: r.after_seq,
             before_seq: r.before_seq,
             limit: r.limit,
-            requester: user,
+            requester: user.clone(),
             ..Default::default()
         };
-        let page = via_router!(self.pool, read, req, Criticality::Normal, deadline)?;
+        let page = via_router!(self.pool, &user, read, req, Criticality::Normal, deadline)?;
         let messages = page
             .messages
             .into_iter()
@@ -186,6 +186,7 @@ impl Chat for ChatApi {
         let deadline = deadline::of(&request);
         let r = request.into_inner();
         let mut members = r.members;
+        let creator = user.clone();
         if !members.contains(&user) {
             members.push(user);
         }
@@ -195,6 +196,7 @@ impl Chat for ChatApi {
         };
         let c = via_router!(
             self.pool,
+            &creator,
             create_conversation,
             req,
             Criticality::Normal,
@@ -207,9 +209,11 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::MemberRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
+        let user = user_of(&request)?;
         let deadline = deadline::of(&request);
         let c = via_router!(
             self.pool,
+            &user,
             add_member,
             member_request(request)?,
             Criticality::Normal,
@@ -222,9 +226,11 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::MemberRequest>,
     ) -> Result<Response<cpb::Conversation>, Status> {
+        let user = user_of(&request)?;
         let deadline = deadline::of(&request);
         let c = via_router!(
             self.pool,
+            &user,
             remove_member,
             member_request(request)?,
             Criticality::Normal,
@@ -240,11 +246,12 @@ impl Chat for ChatApi {
         let user = user_of(&request)?;
         let deadline = deadline::of(&request);
         let req = spb::ListConversationsRequest {
-            user_id: user,
+            user_id: user.clone(),
             ..Default::default()
         };
         let l = via_router!(
             self.pool,
+            &user,
             list_conversations,
             req,
             Criticality::Normal,
@@ -265,9 +272,16 @@ impl Chat for ChatApi {
         valid_conversation(&r.conversation_id)?;
         let req = rpb::TypingRequest {
             conversation_id: r.conversation_id,
-            user_id: user,
+            user_id: user.clone(),
         };
-        via_router!(self.pool, typing, req, Criticality::Sheddable, deadline)?;
+        via_router!(
+            self.pool,
+            &user,
+            typing,
+            req,
+            Criticality::Sheddable,
+            deadline
+        )?;
         Ok(Response::new(cpb::TypingResponse {}))
     }
 }

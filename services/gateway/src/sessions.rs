@@ -281,7 +281,7 @@ impl Session {
             user_id: self.user.clone(),
             ..Default::default()
         };
-        let list = match via_router!(self.pool, list_conversations, req) {
+        let list = match via_router!(self.pool, &self.user, list_conversations, req) {
             Ok(l) => l,
             Err(e) => {
                 debug!(user = %self.user, error = %e, "sync skipped");
@@ -376,7 +376,7 @@ impl Session {
                 requester: self.user.clone(),
                 ..Default::default()
             };
-            let page = match via_router!(self.pool, read, req) {
+            let page = match via_router!(self.pool, &self.user, read, req) {
                 Ok(p) => p,
                 Err(e) if matches!(e.code(), Code::PermissionDenied | Code::NotFound) => {
                     // No longer a member: drop what is held. The cursor

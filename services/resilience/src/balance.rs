@@ -102,6 +102,11 @@ impl Balancer {
     }
 
     /// Records an active health check's verdict on instance `i`.
+    /// Whether `i` answered its last health check and is not ejected.
+    pub fn is_available(&self, i: usize, now: Instant) -> bool {
+        self.instances[i].up.load(Relaxed) && !self.ejected(i, self.ms(now))
+    }
+
     pub fn set_up(&self, i: usize, up: bool) {
         if self.instances[i].up.swap(up, Relaxed) != up {
             tracing::info!(instance = i, up, "health check verdict changed");
@@ -112,8 +117,24 @@ impl Balancer {
     /// among those up and not ejected (among those not ejected when none is
     /// up, among all when every one is ejected).
     pub fn pick(&self, now: Instant) -> usize {
+        self.pick_in(now, None)
+    }
+
+    /// Like [`Balancer::pick`], among `allowed` instances only (all when
+    /// `None`; an empty list is taken as all).
+    pub fn pick_in(&self, now: Instant, allowed: Option<&[usize]>) -> usize {
         let now_ms = self.ms(now);
-        let live: Vec<usize> = (0..self.len())
+        let all: Vec<usize>;
+        let allowed = match allowed {
+            Some(a) if !a.is_empty() => a,
+            _ => {
+                all = (0..self.len()).collect();
+                &all
+            }
+        };
+        let live: Vec<usize> = allowed
+            .iter()
+            .copied()
             .filter(|&i| !self.ejected(i, now_ms))
             .collect();
         let up: Vec<usize> = live
@@ -126,7 +147,7 @@ impl Balancer {
         } else if !live.is_empty() {
             live
         } else {
-            (0..self.len()).collect()
+            allowed.to_vec()
         };
         if pool.len() == 1 {
             return pool[0];

@@ -17,6 +17,7 @@ pub mod balance;
 pub mod bucket;
 pub mod criticality;
 pub mod deadline;
+pub mod health;
 pub mod incoming;
 pub mod layer;
 pub mod limit;

@@ -95,7 +95,10 @@ impl Default for RetryBudget {
 /// Client-side adaptive throttling: a call is refused locally with
 /// probability `max(0, (requests - K * accepts) / (requests + 1))` over the
 /// last ten seconds, where `accepts` counts calls the backend did not
-/// refuse for overload.
+/// refuse for overload. A request is counted when its outcome is known
+/// (answered, refused by the backend, or refused here), never while it is
+/// in flight: otherwise a quiet client's second concurrent call would be
+/// refused half the time with no refusal from the backend at all.
 pub struct Throttle {
     /// (requests, accepts)
     window: Window<SLOTS>,
@@ -126,8 +129,11 @@ impl Throttle {
 
     pub fn attempt_at(&self, now: Instant, dice: f64) -> bool {
         let p = self.reject_probability(now);
-        self.window.add(now, 1, 0);
-        dice >= p
+        if dice < p {
+            self.window.add(now, 1, 0);
+            return false;
+        }
+        true
     }
 
     /// The backend took the call (any answer but an overload refusal).
@@ -136,7 +142,16 @@ impl Throttle {
     }
 
     pub fn accepted_at(&self, now: Instant) {
-        self.window.add(now, 0, 1);
+        self.window.add(now, 1, 1);
+    }
+
+    /// The backend refused the call for overload.
+    pub fn refused(&self) {
+        self.refused_at(Instant::now());
+    }
+
+    pub fn refused_at(&self, now: Instant) {
+        self.window.add(now, 1, 0);
     }
 }
 
@@ -199,10 +214,17 @@ mod tests {
             t.accepted_at(now);
         }
         assert_eq!(t.reject_probability(now), 0.0);
+        // Calls in flight are not refusals.
+        for _ in 0..50 {
+            assert!(t.attempt_at(now, 0.0));
+        }
+        assert_eq!(t.reject_probability(now), 0.0);
         // The backend now refuses everything: once requests exceed twice the
         // accepts, a growing share is refused locally.
         for _ in 0..300 {
-            t.attempt_at(now, 0.999);
+            if t.attempt_at(now, 0.999) {
+                t.refused_at(now);
+            }
         }
         let p = t.reject_probability(now);
         assert!(p > 0.4 && p < 0.6, "(400 - 200) / 401 = {p}");

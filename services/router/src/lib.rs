@@ -8,6 +8,7 @@ pub mod directory;
 pub mod fanout;
 pub mod guard;
 pub mod quorum;
+pub mod rollout;
 pub mod service;
 
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use chat_store::StoreClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 
 use chat_resilience::layer::AdmitLayer;
 use chat_resilience::limit::LimitConfig;
@@ -27,6 +27,7 @@ use crate::directory::Directory;
 use crate::fanout::Fanout;
 use crate::guard::RouterGuard;
 use crate::quorum::Quorum;
+use crate::rollout::{Faults, Rollout};
 use crate::service::RouterService;
 
 /// The health service name clients check.
@@ -41,11 +42,33 @@ pub struct RouterOptions {
     /// Overload protection and degraded mode (off: no concurrency limit,
     /// and calls wait out their deadline while the store has no quorum).
     pub protection: bool,
+    /// Release label (stable, or a canary's name in a rollout).
+    pub release: String,
+    /// Faults injected into client traffic (drills).
+    pub faults: Faults,
+    /// How long a graceful stop reports NOT_SERVING before it stops
+    /// accepting calls, so gateways move their traffic away first.
+    pub drain: Duration,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            store: Vec::new(),
+            store_timeout: Duration::from_secs(5),
+            protection: true,
+            release: chat_rollout::DEFAULT_RELEASE.to_owned(),
+            faults: Faults::default(),
+            drain: Duration::from_secs(2),
+        }
+    }
 }
 
 /// A running router.
 pub struct RunningRouter {
     shutdown: CancellationToken,
+    health: tonic_health::server::HealthReporter,
+    drain: Duration,
     server: tokio::task::JoinHandle<()>,
     directory: Arc<Directory>,
 }
@@ -63,6 +86,11 @@ impl RunningRouter {
                     .watch(store.clone(), opts.store.clone(), shutdown.clone()),
             );
         }
+        let rollout = Rollout::new(opts.release.clone());
+        tokio::spawn(rollout.clone().run(store.clone(), shutdown.clone()));
+        if !opts.faults.is_off() {
+            tracing::warn!(faults = ?opts.faults, "injecting faults into client traffic");
+        }
         let service = RouterService {
             store,
             directory: directory.clone(),
@@ -70,13 +98,12 @@ impl RunningRouter {
             replicas: opts.store,
             store_timeout: opts.store_timeout,
             quorum,
+            rollout,
+            faults: opts.faults,
         };
         let guard = Arc::new(RouterGuard::new(opts.protection.then(LimitConfig::default)));
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
-            .await;
-        health.set_service_status("", ServingStatus::Serving).await;
+        chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
         let purge = directory.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -107,6 +134,8 @@ impl RunningRouter {
         });
         Ok(Self {
             shutdown,
+            health,
+            drain: opts.drain,
             server,
             directory,
         })
@@ -116,8 +145,15 @@ impl RunningRouter {
         self.directory.online_users()
     }
 
-    /// Graceful stop: in-flight calls finish within `grace`.
+    /// Graceful stop: health turns NOT_SERVING so gateways stop choosing
+    /// this router, then after the drain period it stops accepting calls
+    /// and in-flight ones finish within `grace`.
     pub async fn shutdown(mut self, grace: Duration) {
+        chat_resilience::health::set(&self.health, HEALTH_SERVICE, false).await;
+        if !self.drain.is_zero() {
+            tracing::info!(drain_ms = self.drain.as_millis() as u64, "draining");
+            tokio::time::sleep(self.drain).await;
+        }
         self.shutdown.cancel();
         if tokio::time::timeout(grace, &mut self.server).await.is_err() {
             self.server.abort();

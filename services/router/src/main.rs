@@ -32,6 +32,19 @@ struct Config {
     /// wait out their deadline instead of failing fast.
     #[arg(long, env = "CHAT_ROUTER_NO_OVERLOAD_PROTECTION")]
     no_overload_protection: bool,
+    /// Release label of this instance (a canary's name during a rollout).
+    #[arg(long, env = "CHAT_RELEASE", default_value = chat_rollout::DEFAULT_RELEASE)]
+    release: String,
+    /// Drill: fail this share (0 to 1) of client calls with INTERNAL.
+    #[arg(long, env = "CHAT_ROUTER_INJECT_ERROR_RATE", default_value_t = 0.0)]
+    inject_error_rate: f64,
+    /// Drill: add this latency to every client call.
+    #[arg(long, env = "CHAT_ROUTER_INJECT_LATENCY_MS", default_value_t = 0)]
+    inject_latency_ms: u64,
+    /// On SIGTERM, report NOT_SERVING this long before stopping, so
+    /// gateways move away first.
+    #[arg(long, env = "CHAT_ROUTER_DRAIN_MS", default_value_t = 2_000)]
+    drain_ms: u64,
     /// Log filter.
     #[arg(long, env = "CHAT_ROUTER_LOG", default_value = "info")]
     log: String,
@@ -60,6 +73,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&cfg.inject_error_rate),
+        "--inject-error-rate {} is not between 0 and 1",
+        cfg.inject_error_rate
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -67,9 +85,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         store: cfg.store,
         store_timeout: Duration::from_millis(cfg.store_timeout_ms),
         protection: !cfg.no_overload_protection,
+        release: cfg.release.clone(),
+        faults: chat_router::rollout::Faults {
+            error_rate: cfg.inject_error_rate,
+            latency: Duration::from_millis(cfg.inject_latency_ms),
+        },
+        drain: Duration::from_millis(cfg.drain_ms),
     };
     let router = RunningRouter::start(opts, listener).await?;
-    tracing::info!(address = %cfg.listen, "router started");
+    tracing::info!(
+        address = %cfg.listen,
+        version = env!("CARGO_PKG_VERSION"),
+        release = %cfg.release,
+        "router started"
+    );
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::directory::Directory;
 use crate::fanout::Fanout;
 use crate::quorum::{DEGRADED_FEATURES, Quorum};
+use crate::rollout::{Faults, Rollout};
 
 /// When clients should try a send again while the store has no quorum.
 const RETRY_SEND_AFTER: Duration = Duration::from_secs(1);
@@ -36,6 +37,10 @@ pub struct RouterService {
     pub store_timeout: Duration,
     /// `None`: degraded mode switched off (calls wait out their deadline).
     pub quorum: Option<Arc<Quorum>>,
+    /// The rollout plan and the gateways' reports on it.
+    pub rollout: Arc<Rollout>,
+    /// Faults injected into client traffic (drills).
+    pub faults: Faults,
 }
 
 fn status(e: StoreError) -> Status {
@@ -61,27 +66,36 @@ impl RouterService {
         }
     }
 
-    /// A read from whichever replica answers, as of what it has applied.
-    async fn stale_read(&self, mut req: spb::ReadRequest) -> Result<spb::ReadResponse, Status> {
-        req.consistency = spb::Consistency::Stale as i32;
+    /// `call` on whichever replica answers first, in order, each within a
+    /// second (for stale reads while there is no quorum).
+    async fn on_any_replica<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let mut last = Status::unavailable("no store replica answered");
         for addr in &self.replicas {
-            match tokio::time::timeout(
-                Duration::from_secs(1),
-                self.store.read_from(addr, req.clone()),
-            )
-            .await
-            {
-                Ok(Ok(mut page)) => {
-                    page.stale = true;
-                    return Ok(page);
-                }
+            match tokio::time::timeout(Duration::from_secs(1), call(addr.clone())).await {
+                Ok(Ok(r)) => return Ok(r),
                 Ok(Err(e)) if !e.is_retryable() => return Err(status(e)),
                 Ok(Err(e)) => last = status(e),
                 Err(_) => {}
             }
         }
         Err(last)
+    }
+
+    /// A read as of what some replica has applied, flagged stale.
+    async fn stale_read(&self, mut req: spb::ReadRequest) -> Result<spb::ReadResponse, Status> {
+        req.consistency = spb::Consistency::Stale as i32;
+        let mut page = self
+            .on_any_replica(|addr| {
+                let req = req.clone();
+                async move { self.store.read_from(&addr, req).await }
+            })
+            .await?;
+        page.stale = true;
+        Ok(page)
     }
 
     fn deliver(&self, recipients: &[String], kind: rpb::delivery::Kind) {
@@ -103,6 +117,7 @@ impl Router for RouterService {
         &self,
         request: Request<spb::AppendBatchRequest>,
     ) -> Result<Response<spb::AppendBatchResponse>, Status> {
+        self.faults.inject().await?;
         if self.quorum_lost() {
             return Err(with_retry_after(
                 Status::unavailable(
@@ -150,6 +165,7 @@ impl Router for RouterService {
         &self,
         request: Request<spb::ReadRequest>,
     ) -> Result<Response<spb::ReadResponse>, Status> {
+        self.faults.inject().await?;
         let caller = deadline::of(&request);
         let req = request.into_inner();
         if self.quorum_lost() {
@@ -164,6 +180,7 @@ impl Router for RouterService {
         &self,
         request: Request<spb::CreateConversationRequest>,
     ) -> Result<Response<spb::ConversationInfo>, Status> {
+        self.faults.inject().await?;
         self.store
             .create_conversation(request.into_inner())
             .await
@@ -175,6 +192,7 @@ impl Router for RouterService {
         &self,
         request: Request<spb::MemberRequest>,
     ) -> Result<Response<spb::ConversationInfo>, Status> {
+        self.faults.inject().await?;
         self.store
             .add_member(request.into_inner())
             .await
@@ -186,6 +204,7 @@ impl Router for RouterService {
         &self,
         request: Request<spb::MemberRequest>,
     ) -> Result<Response<spb::ConversationInfo>, Status> {
+        self.faults.inject().await?;
         self.store
             .remove_member(request.into_inner())
             .await
@@ -197,17 +216,31 @@ impl Router for RouterService {
         &self,
         request: Request<spb::ListConversationsRequest>,
     ) -> Result<Response<spb::ListConversationsResponse>, Status> {
-        self.store
-            .list_conversations(request.into_inner())
+        self.faults.inject().await?;
+        let caller = deadline::of(&request);
+        let mut req = request.into_inner();
+        if self.quorum_lost() {
+            // What some replica has applied: enough for subscribers to keep
+            // catching up on what was committed before the quorum went.
+            req.consistency = spb::Consistency::Stale as i32;
+            return self
+                .on_any_replica(|addr| {
+                    let req = req.clone();
+                    async move { self.store.list_conversations_from(&addr, req).await }
+                })
+                .await
+                .map(Response::new);
+        }
+        self.bounded(caller, self.store.list_conversations(req))
             .await
             .map(Response::new)
-            .map_err(status)
     }
 
     async fn last_seqs(
         &self,
         request: Request<spb::LastSeqsRequest>,
     ) -> Result<Response<spb::LastSeqsResponse>, Status> {
+        self.faults.inject().await?;
         self.store
             .last_seqs(request.into_inner())
             .await
@@ -219,6 +252,7 @@ impl Router for RouterService {
         &self,
         request: Request<rpb::TypingRequest>,
     ) -> Result<Response<rpb::TypingResponse>, Status> {
+        self.faults.inject().await?;
         if self.quorum_lost() {
             return Err(with_retry_after(
                 Status::unavailable(
@@ -277,11 +311,22 @@ impl Router for RouterService {
         }
         self.directory
             .register(&r.gateway_address, r.user_ids, lease);
+        self.rollout.report(&r.gateway_address, r.rollout);
+        let (plan_revision, plan) = self
+            .rollout
+            .plan()
+            .map_or((0, None), |(rev, p)| (rev, Some(p)));
         let degraded = if self.quorum_lost() {
             DEGRADED_FEATURES.iter().map(|f| f.to_string()).collect()
         } else {
             Vec::new()
         };
-        Ok(Response::new(rpb::RegisterSessionsResponse { degraded }))
+        Ok(Response::new(rpb::RegisterSessionsResponse {
+            degraded,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            release: self.rollout.release.clone(),
+            plan,
+            plan_revision,
+        }))
     }
 }

@@ -255,6 +255,60 @@ impl StoreClient {
         .await
     }
 
+    /// A setting, read through the leader (revision 0: never written).
+    pub async fn get_setting(&self, key: &str) -> Result<api::Setting, StoreError> {
+        let req = api::GetSettingRequest {
+            key: key.to_owned(),
+            consistency: api::Consistency::Linearizable as i32,
+        };
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).get_setting(req).await }
+        })
+        .await
+    }
+
+    /// Writes a setting; with `expected` Some, only if its revision is still
+    /// that (otherwise `Conflict`). A retried put whose first try was
+    /// applied also ends in `Conflict`: read again to see which.
+    pub async fn put_setting(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<api::Setting, StoreError> {
+        let req = api::PutSettingRequest {
+            key: key.to_owned(),
+            value,
+            check_revision: expected.is_some(),
+            expected_revision: expected.unwrap_or(0),
+        };
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move { RawStoreClient::new(c).put_setting(req).await }
+        })
+        .await
+    }
+
+    /// Settings under `prefix`, through the leader.
+    pub async fn list_settings(&self, prefix: &str) -> Result<Vec<api::Setting>, StoreError> {
+        let req = api::ListSettingsRequest {
+            prefix: prefix.to_owned(),
+            consistency: api::Consistency::Linearizable as i32,
+        };
+        self.with_leader(|c| {
+            let req = req.clone();
+            async move {
+                RawStoreClient::new(c)
+                    .max_decoding_message_size(64 << 20)
+                    .list_settings(req)
+                    .await
+            }
+        })
+        .await
+        .map(|r| r.settings)
+    }
+
     /// Reads a conversation from one given replica, without retries (for
     /// stale reads and checks of a particular replica).
     pub async fn read_from(
@@ -264,6 +318,20 @@ impl StoreClient {
     ) -> Result<api::ReadResponse, StoreError> {
         let mut c = RawStoreClient::new(self.channel(addr)?).max_decoding_message_size(256 << 20);
         c.read(req)
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| StoreError::from_status(&s))
+    }
+
+    /// Lists a user's conversations as one given replica has them, without
+    /// retries (for stale reads).
+    pub async fn list_conversations_from(
+        &self,
+        addr: &str,
+        req: api::ListConversationsRequest,
+    ) -> Result<api::ListConversationsResponse, StoreError> {
+        let mut c = RawStoreClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20);
+        c.list_conversations(req)
             .await
             .map(Response::into_inner)
             .map_err(|s| StoreError::from_status(&s))

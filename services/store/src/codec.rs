@@ -10,7 +10,8 @@ use prost::Message as _;
 use crate::engine::Pair;
 use crate::error::StoreError;
 use crate::types::{
-    Appended, Conversation, ConversationId, NewMessage, Op, Seq, StoredMessage, UserId,
+    Appended, Conversation, ConversationId, NewMessage, Op, Seq, Setting, SettingKey,
+    StoredMessage, UserId,
 };
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -51,6 +52,16 @@ pub fn encode_proposal(id: u64, ts_ms: i64, ops: &[Op]) -> Vec<u8> {
                     sender: m.sender.as_str().to_owned(),
                     client_msg_id: m.client_msg_id.clone(),
                     body: m.body.clone(),
+                }),
+                Op::PutSetting {
+                    key,
+                    value,
+                    expected,
+                } => log::op::Kind::PutSetting(log::PutSetting {
+                    key: key.as_str().to_owned(),
+                    value: value.to_vec(),
+                    check_revision: expected.is_some(),
+                    expected_revision: expected.unwrap_or(0),
                 }),
                 Op::Noop => log::op::Kind::Noop(log::Noop {}),
             }),
@@ -109,6 +120,11 @@ pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
                 client_msg_id: a.client_msg_id,
                 body: a.body,
             }),
+            Some(log::op::Kind::PutSetting(p)) => Op::PutSetting {
+                key: SettingKey::parse(&p.key).map_err(|e| corrupt("log entry", e))?,
+                value: Bytes::from(p.value),
+                expected: p.check_revision.then_some(p.expected_revision),
+            },
             Some(log::op::Kind::Noop(_)) | None => Op::Noop,
         });
     }
@@ -172,6 +188,25 @@ pub fn decode_message(
     })
 }
 
+pub fn encode_setting(s: &Setting) -> Vec<u8> {
+    log::SettingRecord {
+        value: s.value.to_vec(),
+        revision: s.revision,
+        updated_ms: s.updated_ms,
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_setting(key: &SettingKey, raw: &[u8]) -> Result<Setting, StoreError> {
+    let r = log::SettingRecord::decode(raw).map_err(|e| corrupt("setting record", e))?;
+    Ok(Setting {
+        key: key.clone(),
+        value: Bytes::from(r.value),
+        revision: r.revision,
+        updated_ms: r.updated_ms,
+    })
+}
+
 pub fn encode_snapshot_data(pairs: Vec<Pair>) -> Vec<u8> {
     log::SnapshotData {
         entries: pairs
@@ -230,6 +265,17 @@ impl From<StoredMessage> for api::StoredMessage {
     }
 }
 
+impl From<Setting> for api::Setting {
+    fn from(s: Setting) -> Self {
+        Self {
+            key: s.key.as_str().to_owned(),
+            value: s.value.to_vec(),
+            revision: s.revision,
+            updated_ms: s.updated_ms,
+        }
+    }
+}
+
 impl From<Appended> for api::AppendResponse {
     fn from(a: Appended) -> Self {
         Self {
@@ -257,6 +303,16 @@ mod tests {
                 client_msg_id: "m1".into(),
                 body: Bytes::from_static(b"hi"),
             }),
+            Op::PutSetting {
+                key: SettingKey::parse("rollout/router").unwrap(),
+                value: Bytes::from_static(b"plan"),
+                expected: Some(0),
+            },
+            Op::PutSetting {
+                key: SettingKey::parse("incident").unwrap(),
+                value: Bytes::new(),
+                expected: None,
+            },
             Op::Noop,
         ];
         let p = decode_proposal(&encode_proposal(7, 99, &ops)).unwrap();

@@ -870,6 +870,7 @@ fn op_size(op: &Op) -> usize {
     match op {
         Op::Append(m) => 64 + m.body.len() + m.client_msg_id.len(),
         Op::CreateConversation { members, .. } => 64 + members.len() * 16,
+        Op::PutSetting { key, value, .. } => 64 + key.as_str().len() + value.len(),
         _ => 64,
     }
 }

@@ -36,6 +36,9 @@ pub enum StoreError {
     PermissionDenied(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A compare-and-set found another revision; read again and retry.
+    #[error("{0}")]
+    Conflict(String),
     /// The storage engine failed; the replica cannot continue safely.
     #[error("storage: {0}")]
     Storage(String),
@@ -72,6 +75,7 @@ impl StoreError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Conflict(_) => Code::Aborted,
             Self::Storage(_) => Code::Internal,
         }
     }
@@ -116,9 +120,8 @@ impl StoreError {
             Code::AlreadyExists => Self::AlreadyExists(msg),
             Code::PermissionDenied => Self::PermissionDenied(msg),
             Code::FailedPrecondition => Self::FailedPrecondition(msg),
-            Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted => {
-                Self::Unavailable(msg)
-            }
+            Code::Aborted => Self::Conflict(msg),
+            Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => Self::Unavailable(msg),
             _ => Self::Storage(msg),
         }
     }

@@ -13,6 +13,7 @@
 //! s/d/<len><conv><len><sender><cmid>  dedup: seq and server ts (u64/i64 BE)
 //! s/r/<id BE>       raft address of a replica (initial voters included)
 //! s/u/<len><user><conv>               the user is a member of the conversation
+//! s/k/<key>         a setting (SettingRecord)
 //! ```
 //!
 //! Everything under `s/` is the state machine and travels in snapshots.
@@ -31,6 +32,7 @@ pub const MESSAGE_PREFIX: &[u8] = b"s/m/";
 pub const DEDUP_PREFIX: &[u8] = b"s/d/";
 pub const REPLICA_ADDR_PREFIX: &[u8] = b"s/r/";
 pub const USER_CONV_PREFIX: &[u8] = b"s/u/";
+pub const SETTING_PREFIX: &[u8] = b"s/k/";
 
 pub fn log_entry(index: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(LOG_PREFIX.len() + 8);
@@ -91,6 +93,10 @@ pub fn user_conversation(user: &str, conv: &str) -> Vec<u8> {
     let mut k = conversations_of(user);
     k.extend_from_slice(conv.as_bytes());
     k
+}
+
+pub fn setting(key: &str) -> Vec<u8> {
+    [SETTING_PREFIX, key.as_bytes()].concat()
 }
 
 pub fn replica_addr(id: u64) -> Vec<u8> {

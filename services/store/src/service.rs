@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 use crate::error::StoreError;
 use crate::node::{MembershipChange, NodeHandle, ReplicaView, StatusReport};
 use crate::types::{
-    ConversationId, NewMessage, NodeId, Op, OpOutcome, Seq, UserId, validate_client_msg_id,
+    ConversationId, MAX_SETTING_VALUE, NewMessage, NodeId, Op, OpOutcome, Seq, SettingKey, UserId,
+    validate_client_msg_id,
 };
 
 /// Most members a conversation may be created with.
@@ -343,6 +344,55 @@ impl Store for StoreApi {
             .map(|id| reader.last_seq(id).map(|s| s.0))
             .collect::<Result<_, _>>()?;
         Ok(Response::new(api::LastSeqsResponse { last_seqs }))
+    }
+
+    async fn get_setting(
+        &self,
+        request: Request<api::GetSettingRequest>,
+    ) -> Result<Response<api::Setting>, Status> {
+        let r = request.into_inner();
+        let key = SettingKey::parse(&r.key)?;
+        self.barrier(r.consistency).await?;
+        Ok(Response::new(self.node.reader().setting(&key)?.into()))
+    }
+
+    async fn put_setting(
+        &self,
+        request: Request<api::PutSettingRequest>,
+    ) -> Result<Response<api::Setting>, Status> {
+        let r = request.into_inner();
+        let key = SettingKey::parse(&r.key)?;
+        if r.value.len() > MAX_SETTING_VALUE {
+            return Err(StoreError::InvalidArgument(format!(
+                "setting value is {} bytes, the limit is {MAX_SETTING_VALUE}",
+                r.value.len()
+            ))
+            .into());
+        }
+        let op = Op::PutSetting {
+            key,
+            value: r.value.into(),
+            expected: r.check_revision.then_some(r.expected_revision),
+        };
+        match self.one(op).await? {
+            OpOutcome::Setting(s) => Ok(Response::new(s.into())),
+            other => Err(StoreError::Storage(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    async fn list_settings(
+        &self,
+        request: Request<api::ListSettingsRequest>,
+    ) -> Result<Response<api::ListSettingsResponse>, Status> {
+        let r = request.into_inner();
+        if !r.prefix.is_empty() {
+            SettingKey::parse(&r.prefix)?;
+        }
+        self.barrier(r.consistency).await?;
+        let settings = self.node.reader().settings(&r.prefix, MAX_LIST)?;
+        Ok(Response::new(api::ListSettingsResponse {
+            settings: settings.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn get_conversation(

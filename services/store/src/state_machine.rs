@@ -16,7 +16,8 @@ use crate::engine::{Engine, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
 use crate::types::{
-    Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, StoredMessage, UserId,
+    Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, Setting, SettingKey,
+    StoredMessage, UserId,
 };
 
 /// Last seq of recently appended-to conversations, kept by the driver across
@@ -42,6 +43,8 @@ pub struct Applier<'a> {
     convs: HashMap<ConversationId, Conversation>,
     /// Dedup entries added by this batch (not yet readable from the engine).
     dedup: HashMap<Vec<u8>, (u64, i64)>,
+    /// Settings written by this batch (not yet readable from the engine).
+    settings: HashMap<SettingKey, Setting>,
     batch: WriteBatch,
 }
 
@@ -55,6 +58,7 @@ impl<'a> Applier<'a> {
             seqs,
             convs: HashMap::new(),
             dedup: HashMap::new(),
+            settings: HashMap::new(),
             batch: WriteBatch::default(),
         }
     }
@@ -143,6 +147,33 @@ impl<'a> Applier<'a> {
                 Ok(OpOutcome::Conversation(c))
             }
             Op::Append(m) => self.append(m, ts_ms).map(OpOutcome::Appended),
+            Op::PutSetting {
+                key,
+                value,
+                expected,
+            } => {
+                let current = match self.settings.get(key) {
+                    Some(s) => s.revision,
+                    None => Reader::setting_in(self.engine, key)?.map_or(0, |s| s.revision),
+                };
+                if let Some(expected) = expected
+                    && *expected != current
+                {
+                    return Err(StoreError::Conflict(format!(
+                        "setting {key} is at revision {current}, not {expected}"
+                    )));
+                }
+                let s = Setting {
+                    key: key.clone(),
+                    value: value.clone(),
+                    revision: current + 1,
+                    updated_ms: ts_ms,
+                };
+                self.batch
+                    .put(keys::setting(key.as_str()), codec::encode_setting(&s));
+                self.settings.insert(key.clone(), s.clone());
+                Ok(OpOutcome::Setting(s))
+            }
         }
     }
 
@@ -344,6 +375,43 @@ impl Reader {
             .collect()
     }
 
+    fn setting_in(engine: &dyn Engine, key: &SettingKey) -> Result<Option<Setting>, StoreError> {
+        match engine.get(&keys::setting(key.as_str()))? {
+            Some(raw) => codec::decode_setting(key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A setting; revision 0 and an empty value when it was never written.
+    pub fn setting(&self, key: &SettingKey) -> Result<Setting, StoreError> {
+        Ok(
+            Self::setting_in(self.engine.as_ref(), key)?.unwrap_or_else(|| Setting {
+                key: key.clone(),
+                value: bytes::Bytes::new(),
+                revision: 0,
+                updated_ms: 0,
+            }),
+        )
+    }
+
+    /// Settings whose key starts with `prefix`, in key order, at most
+    /// `limit`.
+    pub fn settings(&self, prefix: &str, limit: usize) -> Result<Vec<Setting>, StoreError> {
+        let start = keys::setting(prefix);
+        let end = prefix_end(&start);
+        let pairs = self.engine.scan(&start, &end, false, limit)?;
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let raw = std::str::from_utf8(&k[keys::SETTING_PREFIX.len()..])
+                    .map_err(|_| StoreError::Storage("corrupt setting key".into()))?;
+                let key = SettingKey::parse(raw)
+                    .map_err(|e| StoreError::Storage(format!("corrupt setting key: {e}")))?;
+                codec::decode_setting(&key, &v)
+            })
+            .collect()
+    }
+
     /// Raft addresses of replicas added at run time, by id.
     pub fn replica_addresses(&self) -> Result<Vec<(u64, String)>, StoreError> {
         let pairs = self.engine.scan(
@@ -394,6 +462,45 @@ mod tests {
         let out = ops.iter().map(|op| a.apply(op, 1000)).collect();
         engine.write(a.finish()).unwrap();
         out
+    }
+
+    #[test]
+    fn settings_compare_and_set_within_and_across_batches() {
+        let e = MemEngine::new();
+        let key = SettingKey::parse("rollout/router").unwrap();
+        let put = |v: &'static str, expected: Option<u64>| Op::PutSetting {
+            key: key.clone(),
+            value: bytes::Bytes::from_static(v.as_bytes()),
+            expected,
+        };
+        let revision = |r: &Result<OpOutcome, StoreError>| match r {
+            Ok(OpOutcome::Setting(s)) => s.revision,
+            other => panic!("{other:?}"),
+        };
+        // Within one batch: create, a stale CAS loses, a current one wins.
+        let out = apply_all(
+            &e,
+            &[put("a", Some(0)), put("x", Some(0)), put("b", Some(1))],
+        );
+        assert_eq!(revision(&out[0]), 1);
+        assert!(
+            matches!(out[1], Err(StoreError::Conflict(_))),
+            "{:?}",
+            out[1]
+        );
+        assert_eq!(revision(&out[2]), 2);
+        // Across batches the revision is read from the engine.
+        let out = apply_all(&e, &[put("y", Some(1)), put("c", None)]);
+        assert!(matches!(out[0], Err(StoreError::Conflict(_))));
+        assert_eq!(revision(&out[1]), 3);
+        let r = Reader::new(Arc::new(e.clone()));
+        let s = r.setting(&key).unwrap();
+        assert_eq!((s.value.as_ref(), s.revision), (&b"c"[..], 3));
+        let absent = r.setting(&SettingKey::parse("nothing").unwrap()).unwrap();
+        assert_eq!(absent.revision, 0);
+        let listed = r.settings("rollout/", 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(r.settings("rollout/x", 10).unwrap().is_empty());
     }
 
     #[test]

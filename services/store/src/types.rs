@@ -114,6 +114,13 @@ pub enum Op {
         by: Option<UserId>,
     },
     Append(NewMessage),
+    /// Writes a setting; with `expected` Some, only if its revision is
+    /// still that (0: absent).
+    PutSetting {
+        key: SettingKey,
+        value: bytes::Bytes,
+        expected: Option<u64>,
+    },
     /// Proposed by a new leader to commit an entry of its own term.
     Noop,
 }
@@ -156,11 +163,58 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// A setting as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub key: SettingKey,
+    pub value: bytes::Bytes,
+    /// 0: never written.
+    pub revision: u64,
+    pub updated_ms: i64,
+}
+
+/// Longest setting key and largest setting value.
+pub const MAX_SETTING_KEY: usize = 256;
+pub const MAX_SETTING_VALUE: usize = 64 * 1024;
+
+/// A setting's key: 1 to 256 printable ASCII characters, `/` separating
+/// parts (for example `rollout/router`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SettingKey(String);
+
+impl SettingKey {
+    pub fn parse(raw: &str) -> Result<Self, StoreError> {
+        if raw.is_empty() || raw.len() > MAX_SETTING_KEY {
+            return Err(StoreError::InvalidArgument(format!(
+                "a setting key has 1 to {MAX_SETTING_KEY} characters, not {}",
+                raw.len()
+            )));
+        }
+        if let Some(c) = raw.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(StoreError::InvalidArgument(format!(
+                "setting key {raw:?} contains {c:?}; only printable ASCII is allowed"
+            )));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SettingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// What applying one op produced.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpOutcome {
     Conversation(Conversation),
     Appended(Appended),
+    Setting(Setting),
     Done,
 }
 
