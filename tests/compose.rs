@@ -144,7 +144,7 @@ async fn collect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compose_cluster_delivers_survives_a_leader_kill_and_a_gateway_restart()
+async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_and_rolling_restarts()
 -> anyhow::Result<()> {
     if let Some(why) = unavailable() {
         println!("skipped: {why}");

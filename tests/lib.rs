@@ -118,6 +118,7 @@ pub mod stack {
                     router_timeout: Duration::from_secs(10),
                     admission: Default::default(),
                     limits: Default::default(),
+                    release: "stable".into(),
                 };
                 gateways.push(Some(RunningGateway::start(opts, public, internal).await?));
                 gateway_addrs.push(a);

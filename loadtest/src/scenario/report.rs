@@ -587,7 +587,7 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "blast radius: {} of {} users, {} of {} sends; errors for {} s",
+                "blast radius: {} of {} users, {} of {} sends failed; the fault reached users for {} s",
                 r.users_with_errors,
                 r.users,
                 r.sends_failed,

@@ -44,7 +44,9 @@ pub struct RolloutSummary {
     pub aborted_s: Option<f64>,
     /// When the drill saw the plan promoted or aborted.
     pub finished_s: Option<f64>,
-    /// From the first error to the last: how long the fault reached users.
+    /// How long the fault reached users: from the first error to the last,
+    /// or (a fault that fails nothing, added latency) from the canary's
+    /// start to the abort.
     pub rollback_s: Option<f64>,
     /// Canary weight (percent) when the rollout aborted, or its highest.
     pub weight_at_end: u32,
@@ -115,7 +117,10 @@ pub fn summarize(
         last_error_s,
         aborted_s,
         finished_s: r.finished_s.map(|x| (x * 10.0).round() / 10.0),
-        rollback_s: first_error_s.zip(last_error_s).map(|(a, b)| b - a),
+        rollback_s: match (first_error_s, last_error_s) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => aborted_s.map(|x| x - r.canary_started_s),
+        },
         weight_at_end,
         users: users.len(),
         users_with_errors: erring.len(),
@@ -154,10 +159,10 @@ pub fn slos(s: &RolloutSummary, bad_release: bool) -> Vec<(String, Slo)> {
             "rolled_back".into(),
             Slo {
                 target: format!(
-                    "aborted, errors over within 3 intervals ({limit:.0} s) of the first"
+                    "aborted, the fault over within 3 intervals ({limit:.0} s) of showing"
                 ),
                 actual: format!(
-                    "{}, errors for {}",
+                    "{}, the fault reached users for {}",
                     s.state,
                     s.rollback_s.map_or("-".into(), |r| format!("{r:.1} s"))
                 )

@@ -469,13 +469,21 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
     match cmd {
         StoreCmd::Status => {
             println!(
-                "{:<4} {:<22} {:<14} {:>6} {:>7} {:>9} {:>9} {:>8}",
-                "id", "address", "role", "term", "leader", "commit", "applied", "serving"
+                "{:<4} {:<22} {:<14} {:>6} {:>7} {:>9} {:>9} {:>8} {:>8}",
+                "id",
+                "address",
+                "role",
+                "term",
+                "leader",
+                "commit",
+                "applied",
+                "serving",
+                "version"
             );
             for addr in &cli.store {
                 match client.status_of(addr).await {
                     Ok(s) => println!(
-                        "{:<4} {:<22} {:<14} {:>6} {:>7} {:>9} {:>9} {:>8}",
+                        "{:<4} {:<22} {:<14} {:>6} {:>7} {:>9} {:>9} {:>8} {:>8}",
                         s.id,
                         addr,
                         s.role,
@@ -483,7 +491,8 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
                         s.leader_id,
                         s.commit_index,
                         s.applied_index,
-                        s.serving
+                        s.serving,
+                        s.version
                     ),
                     Err(e) => println!("{:<4} {:<22} unreachable: {e}", "?", addr),
                 }

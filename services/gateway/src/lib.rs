@@ -55,6 +55,8 @@ pub struct GatewayOptions {
     pub admission: crate::batcher::Admission,
     /// Rate, connection and concurrency limits of the public API.
     pub limits: crate::guard::Limits,
+    /// Release label, reported with the build version on every response.
+    pub release: String,
 }
 
 /// Slack over the largest body for the rest of a `SendRequest`.
@@ -101,7 +103,7 @@ impl RunningGateway {
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(opts.limits.max_streams_per_connection)
-            .layer(AdmitLayer::new(guard))
+            .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(

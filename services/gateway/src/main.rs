@@ -87,6 +87,10 @@ struct Config {
     limit_max: usize,
     #[arg(long, env = "CHAT_GATEWAY_LIMIT_TOLERANCE", default_value_t = LimitConfig::default().tolerance)]
     limit_tolerance: f64,
+    /// Release label of this instance, reported with the build version in
+    /// the `chat-release` and `chat-version` headers of every response.
+    #[arg(long, env = "CHAT_RELEASE", default_value = chat_rollout::DEFAULT_RELEASE)]
+    release: String,
     /// Log filter.
     #[arg(long, env = "CHAT_GATEWAY_LOG", default_value = "info")]
     log: String,
@@ -158,6 +162,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             enabled: !cfg.no_overload_protection,
             max_queue_time: Duration::from_millis(cfg.max_queue_ms.max(1)),
         },
+        release: cfg.release.clone(),
         limits: Limits {
             per_user: rate(cfg.user_rate),
             per_ip: rate(cfg.ip_rate),
@@ -178,7 +183,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         },
     };
     let gateway = RunningGateway::start(opts, public, internal).await?;
-    tracing::info!(address = %cfg.listen, internal = %cfg.internal_listen, "gateway started");
+    tracing::info!(
+        address = %cfg.listen,
+        internal = %cfg.internal_listen,
+        version = env!("CARGO_PKG_VERSION"),
+        release = %cfg.release,
+        "gateway started"
+    );
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

@@ -8,6 +8,9 @@
 //! [`Permit`] until the response is ready. Only successful responses feed
 //! the limiter's latency samples; failures just free their place.
 //!
+//! Every response, refusals and health checks included, carries the
+//! server's identity (`chat-version`, `chat-release`) when one is set.
+//!
 //! [`Deadline`]: crate::deadline::Deadline
 
 use std::future::Future;
@@ -27,13 +30,35 @@ pub trait Admit: Send + Sync + 'static {
     fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, tonic::Status>;
 }
 
+/// Response header with the server's build version.
+pub const VERSION_HEADER: &str = "chat-version";
+/// Response header with the server's release label.
+pub const RELEASE_HEADER: &str = "chat-release";
+
+type Identity = Arc<Vec<(http::HeaderName, http::HeaderValue)>>;
+
 pub struct AdmitLayer<P> {
     policy: Arc<P>,
+    identity: Identity,
 }
 
 impl<P> AdmitLayer<P> {
     pub fn new(policy: Arc<P>) -> Self {
-        Self { policy }
+        Self {
+            policy,
+            identity: Arc::default(),
+        }
+    }
+
+    /// Stamps every response with this build version and release label
+    /// (values that are not valid header values are left out).
+    pub fn with_identity(mut self, version: &str, release: &str) -> Self {
+        let pairs = [(VERSION_HEADER, version), (RELEASE_HEADER, release)]
+            .into_iter()
+            .filter_map(|(k, v)| Some((http::HeaderName::from_static(k), v.parse().ok()?)))
+            .collect();
+        self.identity = Arc::new(pairs);
+        self
     }
 }
 
@@ -41,6 +66,7 @@ impl<P> Clone for AdmitLayer<P> {
     fn clone(&self) -> Self {
         Self {
             policy: self.policy.clone(),
+            identity: self.identity.clone(),
         }
     }
 }
@@ -52,6 +78,7 @@ impl<S, P> tower_layer::Layer<S> for AdmitLayer<P> {
         Admitted {
             inner,
             policy: self.policy.clone(),
+            identity: self.identity.clone(),
         }
     }
 }
@@ -59,6 +86,7 @@ impl<S, P> tower_layer::Layer<S> for AdmitLayer<P> {
 pub struct Admitted<S, P> {
     inner: S,
     policy: Arc<P>,
+    identity: Identity,
 }
 
 impl<S: Clone, P> Clone for Admitted<S, P> {
@@ -66,8 +94,16 @@ impl<S: Clone, P> Clone for Admitted<S, P> {
         Self {
             inner: self.inner.clone(),
             policy: self.policy.clone(),
+            identity: self.identity.clone(),
         }
     }
+}
+
+fn stamp<B>(mut resp: http::Response<B>, identity: &Identity) -> http::Response<B> {
+    for (k, v) in identity.iter() {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp
 }
 
 /// Whether a response head says the call succeeded (a unary error comes
@@ -101,8 +137,9 @@ where
         if let Some(d) = deadline::from_headers(&parts.headers, Instant::now()) {
             parts.extensions.insert(d);
         }
+        let identity = self.identity.clone();
         match self.policy.admit(&mut parts) {
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => Box::pin(std::future::ready(Ok(stamp(status.into_http(), &identity)))),
             Ok(permit) => {
                 let fut = self.inner.call(http::Request::from_parts(parts, body));
                 Box::pin(async move {
@@ -112,7 +149,7 @@ where
                     {
                         p.success();
                     }
-                    Ok(resp)
+                    Ok(stamp(resp, &identity))
                 })
             }
         }
@@ -188,11 +225,15 @@ mod tests {
             min: 1,
             ..LimitConfig::default()
         });
-        let mut svc = AdmitLayer::new(Arc::new(Policy(limiter.clone()))).layer(Echo);
+        let mut svc = AdmitLayer::new(Arc::new(Policy(limiter.clone())))
+            .with_identity("1.2.3", "canary")
+            .layer(Echo);
         let resp = svc.call(request("/x.Y/Typing", None)).await.unwrap();
         assert_eq!(resp.headers()["grpc-status"], "14");
+        assert_eq!(resp.headers()[RELEASE_HEADER], "canary");
         let resp = svc.call(request("/x.Y/Send", Some("200m"))).await.unwrap();
         assert_eq!(resp.body(), "deadline=true");
+        assert_eq!(resp.headers()[VERSION_HEADER], "1.2.3");
         assert_eq!(
             limiter.inflight(),
             0,

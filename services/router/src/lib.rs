@@ -119,7 +119,7 @@ impl RunningRouter {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
-            .layer(AdmitLayer::new(guard))
+            .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)
             .add_service(RouterServer::new(service).max_decoding_message_size(64 << 20));
         let stop = shutdown.clone();

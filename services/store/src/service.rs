@@ -449,6 +449,7 @@ pub fn status_response(report: StatusReport, leader_address: String) -> api::Sta
             sync_micros: report.stats.sync_micros,
             applied_entries: report.stats.applied_entries,
         }),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
     }
 }
 
