@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "raft/v1/raft.proto",
         "router/v1/router.proto",
         "rollout/v1/rollout.proto",
+        "status/v1/status.proto",
     ];
     // SAFETY: build scripts are single-threaded; nothing else reads the
     // environment concurrently.

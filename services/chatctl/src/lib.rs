@@ -2,6 +2,7 @@
 //! runs and the load tests start and break.
 
 pub mod compose;
+pub mod incident;
 pub mod local;
 pub mod plan;
 pub mod restart;

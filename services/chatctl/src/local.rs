@@ -21,7 +21,9 @@ pub struct UpArgs {
     #[arg(long, default_value = ".local/cluster")]
     dir: PathBuf,
     /// Ports: stores base+1..3, routers base+101..102, gateways base+201..202
-    /// (internal base+211..212). 0 picks free ports.
+    /// (internal base+211..212); admin HTTP (metrics, status page): stores
+    /// base+11..13, routers base+111..112, gateways base+221..222. 0 picks
+    /// free ports.
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
 }
@@ -40,6 +42,8 @@ pub struct LocalOptions {
     /// Router addresses the gateways are given beyond the two started, for
     /// routers started later with [`LocalCluster::start_router`] (a canary).
     pub spare_routers: usize,
+    /// Where the service binaries are (default: next to the running one).
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// One service process.
@@ -377,8 +381,14 @@ pub struct LocalCluster {
     pub stores: Vec<String>,
     pub routers: Vec<String>,
     pub gateways: Vec<String>,
-    /// Router addresses the gateways know of with no router yet.
+    /// Router addresses the gateways know of with no router yet, and
+    /// admin addresses for them.
     spare: Vec<String>,
+    spare_admin: Vec<String>,
+    /// The gateways' admin addresses (status page, metrics).
+    pub gateway_admin: Vec<String>,
+    /// Every process's admin address, by name.
+    admins: std::collections::HashMap<String, String>,
     procs: Vec<Proc>,
     /// Admin client of the stores, for health and the leader.
     admin: StoreClient,
@@ -394,14 +404,26 @@ impl LocalCluster {
         std::fs::create_dir_all(&logs)
             .with_context(|| format!("cannot create {}", logs.display()))?;
         let key = token_key(&dir)?;
+        let bin = |name: &str| match &opts.bin_dir {
+            Some(dir) => {
+                let p = dir.join(name);
+                anyhow::ensure!(
+                    p.exists(),
+                    "{} is missing; build the binaries first",
+                    p.display()
+                );
+                Ok(p)
+            }
+            None => sibling_binary(name),
+        };
         let (store_bin, router_bin, gateway_bin) = (
-            sibling_binary("chat-store")?,
-            sibling_binary("chat-router")?,
-            sibling_binary("chat-gateway")?,
+            bin("chat-store")?,
+            bin("chat-router")?,
+            bin("chat-gateway")?,
         );
         let b = opts.base_port;
         let mut free = if b == 0 {
-            chat_store::testkit::process::free_ports(9 + opts.spare_routers)?
+            chat_store::testkit::process::free_ports(16 + 2 * opts.spare_routers)?
         } else {
             Vec::new()
         };
@@ -413,6 +435,10 @@ impl LocalCluster {
         let spare: Vec<String> = routers.split_off(2);
         let gateways = ports(200, 2)?;
         let internals = ports(210, 2)?;
+        let store_admin = ports(10, 3)?;
+        let mut router_admin = ports(110, 2 + opts.spare_routers as u16)?;
+        let spare_admin: Vec<String> = router_admin.split_off(2);
+        let gateway_admin = ports(220, 2)?;
         let peers = stores
             .iter()
             .enumerate()
@@ -428,6 +454,8 @@ impl LocalCluster {
                 .to_vec();
             args.push("--data-dir".into());
             args.push(dir.join(format!("store-{id}")).display().to_string());
+            args.push("--admin-listen".into());
+            args.push(store_admin[i].clone());
             args.extend(opts.store_args.iter().cloned());
             let name = format!("store-{id}");
             procs.push(Proc::spawn(&name, addr, &store_bin, args, vec![], &dir)?);
@@ -438,6 +466,8 @@ impl LocalCluster {
                 addr.clone(),
                 "--store".into(),
                 stores.join(","),
+                "--admin-listen".into(),
+                router_admin[i].clone(),
             ];
             args.extend(opts.router_args.iter().cloned());
             let name = format!("router-{}", i + 1);
@@ -456,6 +486,8 @@ impl LocalCluster {
                     .cloned()
                     .collect::<Vec<_>>()
                     .join(","),
+                "--admin-listen".into(),
+                gateway_admin[i].clone(),
             ];
             args.extend(opts.gateway_args.iter().cloned());
             let env = vec![("CHAT_TOKEN_KEY".to_owned(), key.clone())];
@@ -463,13 +495,26 @@ impl LocalCluster {
             procs.push(Proc::spawn(&name, addr, &gateway_bin, args, env, &dir)?);
         }
         let admin = StoreClient::new(stores.clone(), Duration::from_secs(2))?;
+        let admins = (1..=3)
+            .map(|i| format!("store-{i}"))
+            .zip(store_admin)
+            .chain((1..=2).map(|i| format!("router-{i}")).zip(router_admin))
+            .chain(
+                (1..=2)
+                    .map(|i| format!("gateway-{i}"))
+                    .zip(gateway_admin.clone()),
+            )
+            .collect();
         Ok(Self {
+            admins,
             dir,
             key,
             stores,
             routers,
             gateways,
             spare,
+            spare_admin,
+            gateway_admin,
             procs,
             admin,
             router_bin,
@@ -495,11 +540,18 @@ impl LocalCluster {
             "--store".into(),
             self.stores.join(","),
         ];
+        if let Some(a) = self.spare_admin.first() {
+            all.extend(["--admin-listen".to_owned(), a.clone()]);
+            self.admins.insert(name.to_owned(), a.clone());
+        }
         all.extend(self.router_args.iter().cloned());
         all.extend(args.iter().cloned());
         let p = Proc::spawn(name, &addr, &self.router_bin, all, vec![], &self.dir)?;
         self.procs.push(p);
         self.spare.remove(0);
+        if !self.spare_admin.is_empty() {
+            self.spare_admin.remove(0);
+        }
         self.routers.push(addr.clone());
         Ok(addr)
     }
@@ -512,6 +564,12 @@ impl LocalCluster {
             .filter(|p| p.name.starts_with(&prefix))
             .map(|p| p.name.clone())
             .collect()
+    }
+
+    /// The admin HTTP address of `name` (metrics; the status page on
+    /// gateways).
+    pub fn admin_addr(&self, name: &str) -> Option<String> {
+        self.admins.get(name).cloned()
     }
 
     /// The address `name` serves on.
@@ -696,6 +754,10 @@ async fn serve(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     cluster.wait_healthy(Duration::from_secs(60)).await?;
     let gws = cluster.gateways.join(",");
     println!("ready gateways={gws} dir={}", cluster.dir.display());
+    println!(
+        "status page: http://{}/ (JSON at /status, Prometheus metrics at /metrics on every service's admin port)",
+        cluster.gateway_admin[0]
+    );
     println!("# in another terminal:");
     println!("export CHAT_GATEWAYS={gws} CHAT_TOKEN_KEY={}", cluster.key);
     println!("chatctl --as alice conversation create demo --members bob");

@@ -102,6 +102,9 @@ enum Top {
     /// Direct access to the store replicas.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Incident notices on the status page and to every subscriber.
+    #[command(subcommand)]
+    Incident(IncidentCmd),
     /// Staged rollouts of a canary release, and rolling restarts.
     #[command(subcommand)]
     Rollout(RolloutCmd),
@@ -211,6 +214,16 @@ enum RolloutCmd {
         #[arg(long)]
         compose_project: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum IncidentCmd {
+    /// Posts an open incident notice.
+    Post { text: String },
+    /// Resolves incident ID (default: the newest open one).
+    Resolve { id: Option<String> },
+    /// Every incident kept, oldest first.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -450,6 +463,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Top::Store(_) => return store(cli).await,
         Top::Rollout(_) => return rollout(cli).await,
+        Top::Incident(cmd) => {
+            use chatctl::incident;
+            let client =
+                StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?;
+            let by = std::env::var("USER").unwrap_or_else(|_| "an operator".into());
+            let show = |i: &chat_proto::status::v1::Incident| {
+                let state = if i.resolved_ms == 0 {
+                    "open"
+                } else {
+                    "resolved"
+                };
+                println!("{} {state} {}", i.id, i.text);
+            };
+            match cmd {
+                IncidentCmd::Post { text } => show(&incident::post(&client, text, &by).await?),
+                IncidentCmd::Resolve { id } => {
+                    show(&incident::resolve(&client, id.as_deref()).await?)
+                }
+                IncidentCmd::List => {
+                    for i in incident::list(&client).await? {
+                        show(&i);
+                    }
+                }
+            }
+        }
         Top::Health { addr, service } => {
             anyhow::ensure!(
                 local::healthy(addr, service).await,

@@ -7,7 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use chat_rollout::Plan;
 use chat_store::{StoreClient, StoreError};
-use prost::Message as _;
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -15,40 +14,57 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The stored plan of `service` and its revision, if there is one.
-pub async fn read(store: &StoreClient, service: &str) -> anyhow::Result<Option<(u64, Plan)>> {
+/// A setting decoded as `M`, with its revision (`None`: never written).
+pub async fn read_setting<M: prost::Message + Default>(
+    store: &StoreClient,
+    key: &str,
+) -> anyhow::Result<Option<(u64, M)>> {
     let s = store
-        .get_setting(&chat_rollout::plan_key(service))
+        .get_setting(key)
         .await
-        .context("reading the rollout plan")?;
+        .with_context(|| format!("reading {key}"))?;
     if s.revision == 0 {
         return Ok(None);
     }
-    let plan = Plan::decode(s.value.as_slice()).context("the stored rollout plan is corrupt")?;
-    Ok(Some((s.revision, plan)))
+    let m =
+        M::decode(s.value.as_slice()).with_context(|| format!("the stored {key} is corrupt"))?;
+    Ok(Some((s.revision, m)))
 }
 
-/// Replaces the plan with `change(current)`, retrying when someone else
+/// Replaces a setting with `change(current)`, retrying when someone else
 /// changed it in between.
-pub async fn update<F>(store: &StoreClient, service: &str, change: F) -> anyhow::Result<Plan>
+pub async fn update_setting<M, F>(store: &StoreClient, key: &str, change: F) -> anyhow::Result<M>
 where
-    F: Fn(Option<&Plan>) -> Result<Plan, String>,
+    M: prost::Message + Default,
+    F: Fn(Option<&M>) -> Result<M, String>,
 {
-    let key = chat_rollout::plan_key(service);
     for _ in 0..10 {
-        let current = read(store, service).await?;
-        let next = change(current.as_ref().map(|(_, p)| p)).map_err(anyhow::Error::msg)?;
+        let current = read_setting::<M>(store, key).await?;
+        let next = change(current.as_ref().map(|(_, m)| m)).map_err(anyhow::Error::msg)?;
         let revision = current.as_ref().map_or(0, |(r, _)| *r);
         match store
-            .put_setting(&key, next.encode_to_vec(), Some(revision))
+            .put_setting(key, next.encode_to_vec(), Some(revision))
             .await
         {
             Ok(_) => return Ok(next),
             Err(StoreError::Conflict(_)) => continue,
-            Err(e) => return Err(e).context("writing the rollout plan"),
+            Err(e) => return Err(e).with_context(|| format!("writing {key}")),
         }
     }
-    anyhow::bail!("the rollout plan kept changing under this command; try again")
+    anyhow::bail!("{key} kept changing under this command; try again")
+}
+
+/// The stored plan of `service` and its revision, if there is one.
+pub async fn read(store: &StoreClient, service: &str) -> anyhow::Result<Option<(u64, Plan)>> {
+    read_setting(store, &chat_rollout::plan_key(service)).await
+}
+
+/// Replaces the plan with `change(current)` (compare-and-set).
+pub async fn update<F>(store: &StoreClient, service: &str, change: F) -> anyhow::Result<Plan>
+where
+    F: Fn(Option<&Plan>) -> Result<Plan, String>,
+{
+    update_setting(store, &chat_rollout::plan_key(service), change).await
 }
 
 /// The plan as `chatctl rollout status` prints it.

@@ -20,6 +20,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
 use chat_rollout::Lane;
+use opentelemetry::trace::TraceContextExt as _;
+use tracing::Instrument as _;
 
 use crate::routers::RouterPool;
 
@@ -35,8 +37,16 @@ const IN_FLIGHT: usize = 4;
 
 type Reply = oneshot::Sender<Result<spb::AppendResponse, Status>>;
 /// A send, its reply, when it was queued and when its caller stops waiting.
-type Queued = (spb::AppendRequest, Reply, Instant, Option<Deadline>);
-type Admitted = (spb::AppendRequest, Reply, Option<Deadline>);
+/// The caller's span travels with the send, so the batch's call is traced
+/// as part of the first send in it (and linked to the others).
+type Queued = (
+    spb::AppendRequest,
+    Reply,
+    Instant,
+    Option<Deadline>,
+    tracing::Span,
+);
+type Admitted = (spb::AppendRequest, Reply, Option<Deadline>, tracing::Span);
 
 /// Overload protection of the send path.
 #[derive(Clone, Copy, Debug)]
@@ -78,7 +88,13 @@ impl SendBatcher {
     ) -> Result<spb::AppendResponse, Status> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send((req, reply, Instant::now(), deadline))
+            .try_send((
+                req,
+                reply,
+                Instant::now(),
+                deadline,
+                tracing::Span::current(),
+            ))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => overloaded(
                     "gateway send queue is full; retry shortly",
@@ -95,9 +111,9 @@ impl SendBatcher {
 
 /// Whether a queued send still goes out; answers it when it does not.
 fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
-    let (req, reply, queued, deadline) = item;
+    let (req, reply, queued, deadline, span) = item;
     if !admission.enabled {
-        return Some((req, reply, deadline));
+        return Some((req, reply, deadline, span));
     }
     if reply.is_closed() || deadline.is_some_and(|d| d.expired()) {
         // The caller gave up (deadline, disconnect): nobody would see the ack.
@@ -115,7 +131,7 @@ fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
         )));
         return None;
     }
-    Some((req, reply, deadline))
+    Some((req, reply, deadline, span))
 }
 
 async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: Admission) {
@@ -167,17 +183,40 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
     }
 }
 
+/// The span of a batch's router call: a child of its first send's span,
+/// linked to the others' (none when traces are not exported).
+fn batch_span(batch: &[Admitted]) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !chat_telemetry::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let Some((_, _, _, first)) = batch.first() else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        parent: first,
+        "append_batch",
+        otel.name = "gateway/AppendBatch",
+        messages = batch.len()
+    );
+    for (_, _, _, other) in &batch[1..] {
+        span.add_link(other.context().span().span_context().clone());
+    }
+    span
+}
+
 /// Sends one batch through routers of `lane` and answers every sender.
 async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
     // The batch is worth sending until its most patient caller gives up.
     let deadline = batch
         .iter()
-        .map(|(_, _, d)| *d)
+        .map(|(_, _, d, _)| *d)
         .try_fold(None::<Deadline>, |acc, d| {
             d.map(|d| Some(acc.map_or(d, |a| Deadline(a.0.max(d.0)))))
         })
         .flatten();
-    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, tx, _)| (r, tx)).unzip();
+    let span = batch_span(&batch);
+    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, tx, _, _)| (r, tx)).unzip();
     let n = items.len() as u64;
     let req = spb::AppendBatchRequest { items };
     let result = pool
@@ -190,9 +229,11 @@ async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
                 let mut r = tonic::Request::new(req.clone());
                 r.set_timeout(timeout);
                 Criticality::Critical.stamp(&mut r);
+                chat_telemetry::trace::inject(&mut r);
                 async move { c.append_batch(r).await }
             },
         )
+        .instrument(span)
         .await;
     match result {
         Ok(resp) => {
@@ -228,7 +269,16 @@ mod tests {
     ) {
         let (reply, rx) = oneshot::channel();
         let at = Instant::now() - age;
-        ((spb::AppendRequest::default(), reply, at, None), rx)
+        (
+            (
+                spb::AppendRequest::default(),
+                reply,
+                at,
+                None,
+                tracing::Span::none(),
+            ),
+            rx,
+        )
     }
 
     #[test]
@@ -265,6 +315,7 @@ mod tests {
             reply,
             Instant::now(),
             Some(gone),
+            tracing::Span::none(),
         );
         assert!(admit(item, on).is_none());
     }

@@ -10,6 +10,7 @@ pub mod guard;
 pub mod routers;
 pub mod service;
 pub mod sessions;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ const REQUEST_OVERHEAD: usize = 16 << 10;
 
 pub struct RunningGateway {
     shutdown: CancellationToken,
+    admin: Arc<status::GatewayAdmin>,
     health: tonic_health::server::HealthReporter,
     servers: Vec<tokio::task::JoinHandle<()>>,
     sessions: Arc<Sessions>,
@@ -78,6 +80,7 @@ impl RunningGateway {
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let pool = Arc::new(RouterPool::new(&opts.routers, opts.router_timeout)?);
+        let view = Arc::new(status::ClusterView::new(opts.routers.len()));
         let sessions = Arc::new(Sessions::default());
         let batcher = SendBatcher::start(pool.clone(), opts.admission);
         let chat = ChatApi {
@@ -98,11 +101,25 @@ impl RunningGateway {
             &opts.limits,
             opts.admission.enabled,
         ));
+        let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(&status::METHODS));
+        let admin = Arc::new(status::GatewayAdmin {
+            view: view.clone(),
+            pool: pool.clone(),
+            sessions: sessions.clone(),
+            rpc: rpc.clone(),
+            limiter: guard.limiter().cloned(),
+            release: opts.release.clone(),
+            address: public
+                .local_addr()
+                .map_or_else(|_| String::new(), |a| a.to_string()),
+        });
         let public_router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(opts.limits.max_streams_per_connection)
+            .layer(chat_telemetry::metrics::MetricsLayer::new(rpc))
+            .layer(chat_telemetry::trace::TraceLayer)
             .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)
             .add_service(reflection)
@@ -142,6 +159,7 @@ impl RunningGateway {
         tokio::spawn(pool.clone().maintain(shutdown.clone()));
         tokio::spawn(register(
             pool,
+            view,
             sessions.clone(),
             opts.internal_advertise,
             opts.lease,
@@ -149,10 +167,21 @@ impl RunningGateway {
         ));
         Ok(Self {
             shutdown,
+            admin,
             health,
             servers,
             sessions,
         })
+    }
+
+    /// Serves `/metrics`, `/status` and the status page on `listener`
+    /// until the gateway stops.
+    pub fn serve_admin(&self, listener: TcpListener) {
+        tokio::spawn(chat_telemetry::admin::serve(
+            listener,
+            self.admin.clone(),
+            self.shutdown.clone(),
+        ));
     }
 
     pub fn session_count(&self) -> usize {
@@ -205,6 +234,7 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// router runs, and the rollout plan.
 async fn register(
     pool: Arc<RouterPool>,
+    view: Arc<status::ClusterView>,
     sessions: Arc<Sessions>,
     me: String,
     lease: Duration,
@@ -224,26 +254,42 @@ async fn register(
             async move { tokio::time::timeout(REGISTER_TIMEOUT, c.register_sessions(req)).await }
         });
         let mut learned = Vec::new();
+        let mut heard = Vec::new();
         let mut answers: Vec<Vec<String>> = Vec::new();
         for r in futures::future::join_all(calls).await {
             match r {
                 Ok(Ok(resp)) => {
                     let resp = resp.into_inner();
                     let plan = resp.plan.map(|p| (resp.plan_revision, p));
-                    learned.push(Some((resp.release, plan)));
+                    learned.push(Some((resp.release.clone(), plan)));
+                    heard.push(Some((
+                        resp.release,
+                        resp.version,
+                        resp.store,
+                        resp.incidents,
+                    )));
                     answers.push(resp.degraded);
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "session registration failed");
                     learned.push(None);
+                    heard.push(None);
                 }
                 Err(_) => {
                     tracing::debug!("session registration timed out");
                     learned.push(None);
+                    heard.push(None);
                 }
             }
         }
         pool.learn(learned);
+        view.heard(&heard);
+        if let Some((_, _, _, incidents)) = heard.iter().flatten().next() {
+            let told = sessions.set_incidents(incidents);
+            if told > 0 {
+                tracing::info!(events = told, "incident notices changed; subscribers told");
+            }
+        }
         // Degraded only as far as every router that answered says so: a
         // router that still reaches the store's majority serves normally.
         if let Some(first) = answers.first() {

@@ -87,6 +87,10 @@ struct Config {
     limit_max: usize,
     #[arg(long, env = "CHAT_GATEWAY_LIMIT_TOLERANCE", default_value_t = LimitConfig::default().tolerance)]
     limit_tolerance: f64,
+    /// Admin HTTP address: /metrics (Prometheus), /status (JSON) and the
+    /// status page at /; off when unset.
+    #[arg(long, env = "CHAT_GATEWAY_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// Release label of this instance, reported with the build version in
     /// the `chat-release` and `chat-version` headers of every response.
     #[arg(long, env = "CHAT_RELEASE", default_value = chat_rollout::DEFAULT_RELEASE)]
@@ -94,11 +98,15 @@ struct Config {
     /// Log filter.
     #[arg(long, env = "CHAT_GATEWAY_LOG", default_value = "info")]
     log: String,
+    /// Log lines as `text` or `json`. Traces go over OTLP/gRPC when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
+    log_format: chat_telemetry::trace::LogFormat,
 }
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
-    chat_store::logging::init_tracing(&cfg.log);
+    let _telemetry = chat_telemetry::trace::init("chat-gateway", &cfg.log, cfg.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,7 +190,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             },
         },
     };
+    let admin = chat_telemetry::admin::bind(cfg.admin_listen, "--admin-listen")
+        .await
+        .map_err(anyhow::Error::msg)?;
     let gateway = RunningGateway::start(opts, public, internal).await?;
+    if let Some(l) = admin {
+        gateway.serve_admin(l);
+    }
     tracing::info!(
         address = %cfg.listen,
         internal = %cfg.internal_listen,

@@ -65,6 +65,7 @@ macro_rules! via_router {
                 let mut r = tonic::Request::new(req.clone());
                 r.set_timeout(timeout);
                 $crit.stamp(&mut r);
+                chat_telemetry::trace::inject(&mut r);
                 async move { c.$method(r).await }
             })
             .await
@@ -357,6 +358,24 @@ impl RouterPool {
                 .await;
             }
         }
+    }
+
+    /// Whether router `i` answers health checks and is not ejected.
+    pub fn available(&self, i: usize) -> bool {
+        self.balancer.is_available(i, Instant::now())
+    }
+
+    pub fn available_count(&self) -> usize {
+        (0..self.slots.len()).filter(|&i| self.available(i)).count()
+    }
+
+    /// Router `i` as configured (host:port).
+    pub fn name(&self, i: usize) -> String {
+        self.slots[i]
+            .read()
+            .expect("router slot lock poisoned")
+            .name
+            .clone()
     }
 
     /// Routers ejected now.

@@ -65,6 +65,19 @@ pub struct Sessions {
     /// The service's state as subscribers were last told (`None`: ok and
     /// never degraded since this gateway started).
     status: Mutex<Option<cpb::StatusEvent>>,
+    /// Open incident notices by id (`None`: not read yet).
+    incidents: Mutex<Option<std::collections::BTreeMap<String, String>>>,
+}
+
+pub const STATE_INCIDENT: &str = "incident";
+pub const STATE_INCIDENT_RESOLVED: &str = "incident-resolved";
+
+fn incident_event(state: &str, text: &str) -> cpb::StatusEvent {
+    cpb::StatusEvent {
+        state: state.into(),
+        affected_features: Vec::new(),
+        notice: text.into(),
+    }
 }
 
 impl Sessions {
@@ -73,6 +86,10 @@ impl Sessions {
         // A new subscriber learns at once what is degraded now.
         if let Some(s) = self.status().filter(|s| s.state != STATE_OK) {
             let _ = tx.try_send(Push::Status(s));
+        }
+        // ... and of every open incident.
+        for text in self.open_incidents() {
+            let _ = tx.try_send(Push::Status(incident_event(STATE_INCIDENT, &text)));
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut g = self.by_user.lock().expect("sessions lock poisoned");
@@ -149,6 +166,53 @@ impl Sessions {
             let _ = tx.try_send(Push::Status(event.clone()));
         }
         true
+    }
+
+    /// The texts of the open incidents, oldest id first.
+    pub fn open_incidents(&self) -> Vec<String> {
+        self.incidents
+            .lock()
+            .expect("sessions lock poisoned")
+            .iter()
+            .flat_map(|m| m.values().cloned())
+            .collect()
+    }
+
+    /// Records the incident notices; tells every subscriber of each one
+    /// posted or resolved since the last call (not of those already open
+    /// when this gateway first heard of them: new subscribers are told of
+    /// open ones when they subscribe). Returns how many events went out.
+    pub fn set_incidents(&self, all: &[chat_proto::status::v1::Incident]) -> usize {
+        let open: std::collections::BTreeMap<String, String> = all
+            .iter()
+            .filter(|i| i.resolved_ms == 0)
+            .map(|i| (i.id.clone(), i.text.clone()))
+            .collect();
+        let mut g = self.incidents.lock().expect("sessions lock poisoned");
+        let Some(before) = g.replace(open.clone()) else {
+            return 0;
+        };
+        drop(g);
+        let mut events = Vec::new();
+        for (id, text) in &open {
+            if !before.contains_key(id) {
+                events.push(incident_event(STATE_INCIDENT, text));
+            }
+        }
+        for (id, text) in &before {
+            if !open.contains_key(id) {
+                events.push(incident_event(STATE_INCIDENT_RESOLVED, text));
+            }
+        }
+        if !events.is_empty() {
+            let users = self.by_user.lock().expect("sessions lock poisoned");
+            for (_, tx) in users.values().flatten() {
+                for e in &events {
+                    let _ = tx.try_send(Push::Status(e.clone()));
+                }
+            }
+        }
+        events.len()
     }
 
     /// Hands a push to every session of `user`; never waits.

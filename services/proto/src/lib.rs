@@ -38,6 +38,12 @@ pub mod rollout {
     }
 }
 
+pub mod status {
+    pub mod v1 {
+        tonic::include_proto!("chat.status.v1");
+    }
+}
+
 /// Encoded descriptors of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/chat_descriptor.bin"));

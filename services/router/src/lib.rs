@@ -4,6 +4,7 @@
 //! Architecture Invariant: a router holds only soft state (the session
 //! directory). Killing one loses no message: gateways resume from the store.
 
+pub mod admin;
 pub mod directory;
 pub mod fanout;
 pub mod guard;
@@ -67,6 +68,7 @@ impl Default for RouterOptions {
 /// A running router.
 pub struct RunningRouter {
     shutdown: CancellationToken,
+    admin: Arc<admin::RouterAdmin>,
     health: tonic_health::server::HealthReporter,
     drain: Duration,
     server: tokio::task::JoinHandle<()>,
@@ -79,13 +81,15 @@ impl RunningRouter {
         let store = Arc::new(StoreClient::new(opts.store.clone(), opts.store_timeout)?);
         let directory = Arc::new(Directory::default());
         let fanout = Arc::new(Fanout::new(shutdown.clone()));
-        let quorum = opts.protection.then(|| Arc::new(Quorum::default()));
-        if let Some(q) = &quorum {
-            tokio::spawn(
-                q.clone()
-                    .watch(store.clone(), opts.store.clone(), shutdown.clone()),
-            );
-        }
+        // Always watched (the status page shows the replicas); acted on
+        // (degraded mode) only with protection on.
+        let store_view = Arc::new(Quorum::default());
+        tokio::spawn(
+            store_view
+                .clone()
+                .watch(store.clone(), opts.store.clone(), shutdown.clone()),
+        );
+        let quorum = opts.protection.then(|| store_view.clone());
         let rollout = Rollout::new(opts.release.clone());
         tokio::spawn(rollout.clone().run(store.clone(), shutdown.clone()));
         if !opts.faults.is_off() {
@@ -98,10 +102,24 @@ impl RunningRouter {
             replicas: opts.store,
             store_timeout: opts.store_timeout,
             quorum,
+            store_view,
             rollout,
             faults: opts.faults,
         };
         let guard = Arc::new(RouterGuard::new(opts.protection.then(LimitConfig::default)));
+        let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(&admin::METHODS));
+        let degraded = {
+            let q = service.quorum.clone();
+            Arc::new(move || q.as_ref().is_some_and(|q| q.lost()))
+        };
+        let admin = Arc::new(admin::RouterAdmin {
+            rpc: rpc.clone(),
+            limiter: guard.limiter().cloned(),
+            directory: directory.clone(),
+            store_view: service.store_view.clone(),
+            rollout: service.rollout.clone(),
+            degraded,
+        });
         let (health, health_service) = tonic_health::server::health_reporter();
         chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
         let purge = directory.clone();
@@ -119,6 +137,8 @@ impl RunningRouter {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .layer(chat_telemetry::metrics::MetricsLayer::new(rpc))
+            .layer(chat_telemetry::trace::TraceLayer)
             .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)
             .add_service(RouterServer::new(service).max_decoding_message_size(64 << 20));
@@ -138,7 +158,17 @@ impl RunningRouter {
             drain: opts.drain,
             server,
             directory,
+            admin,
         })
+    }
+
+    /// Serves `/metrics` on `listener` until the router stops.
+    pub fn serve_admin(&self, listener: TcpListener) {
+        tokio::spawn(chat_telemetry::admin::serve(
+            listener,
+            self.admin.clone(),
+            self.shutdown.clone(),
+        ));
     }
 
     pub fn online_users(&self) -> usize {

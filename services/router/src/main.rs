@@ -45,14 +45,21 @@ struct Config {
     /// gateways move away first.
     #[arg(long, env = "CHAT_ROUTER_DRAIN_MS", default_value_t = 2_000)]
     drain_ms: u64,
+    /// Admin HTTP address serving /metrics (Prometheus); off when unset.
+    #[arg(long, env = "CHAT_ROUTER_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Log filter.
     #[arg(long, env = "CHAT_ROUTER_LOG", default_value = "info")]
     log: String,
+    /// Log lines as `text` or `json`. Traces go over OTLP/gRPC when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
+    log_format: chat_telemetry::trace::LogFormat,
 }
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
-    chat_store::logging::init_tracing(&cfg.log);
+    let _telemetry = chat_telemetry::trace::init("chat-router", &cfg.log, cfg.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,7 +99,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         drain: Duration::from_millis(cfg.drain_ms),
     };
+    let admin = chat_telemetry::admin::bind(cfg.admin_listen, "--admin-listen")
+        .await
+        .map_err(anyhow::Error::msg)?;
     let router = RunningRouter::start(opts, listener).await?;
+    if let Some(l) = admin {
+        router.serve_admin(l);
+    }
     tracing::info!(
         address = %cfg.listen,
         version = env!("CARGO_PKG_VERSION"),

@@ -11,8 +11,10 @@
 //! retry-after hint, history served from any replica's applied state and
 //! flagged stale. The first leader seen again ends it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+use chat_proto::status::v1::ReplicaView;
 use std::time::Duration;
 
 use chat_store::StoreClient;
@@ -32,12 +34,19 @@ pub const DEGRADED_FEATURES: [&str; 3] = ["send", "typing", "history-stale"];
 #[derive(Default)]
 pub struct Quorum {
     lost: AtomicBool,
+    /// Every replica as last polled (for the status page).
+    views: RwLock<Vec<ReplicaView>>,
 }
 
 impl Quorum {
     /// Whether the store has lost its quorum (as far as this router sees).
     pub fn lost(&self) -> bool {
         self.lost.load(Relaxed)
+    }
+
+    /// Every replica as last polled.
+    pub fn views(&self) -> Vec<ReplicaView> {
+        self.views.read().expect("quorum lock poisoned").clone()
     }
 
     /// Polls `replicas` until `stop`.
@@ -59,10 +68,33 @@ impl Quorum {
                 let store = store.clone();
                 async move { tokio::time::timeout(STATUS_TIMEOUT, store.status_of(addr)).await }
             });
-            let has_leader = futures::future::join_all(polls)
-                .await
-                .into_iter()
+            let answers = futures::future::join_all(polls).await;
+            let has_leader = answers
+                .iter()
                 .any(|r| matches!(r, Ok(Ok(s)) if s.role == "leader" || s.leader_id != 0));
+            let views = replicas
+                .iter()
+                .zip(&answers)
+                .map(|(addr, r)| match r {
+                    Ok(Ok(s)) => ReplicaView {
+                        address: addr.clone(),
+                        reachable: true,
+                        id: s.id,
+                        role: s.role.clone(),
+                        term: s.term,
+                        leader_id: s.leader_id,
+                        commit_index: s.commit_index,
+                        applied_index: s.applied_index,
+                        serving: s.serving,
+                        version: s.version.clone(),
+                    },
+                    _ => ReplicaView {
+                        address: addr.clone(),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            *self.views.write().expect("quorum lock poisoned") = views;
             let now = Instant::now();
             if has_leader {
                 last_seen = now;

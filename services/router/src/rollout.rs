@@ -7,11 +7,15 @@
 //! window is stored even though every stable router tries.
 //!
 //! Canary routers never judge: a faulty release must not grade itself.
+//!
+//! The same loop reads the incident notices operators post, which routers
+//! pass on to gateways the same way.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chat_proto::status::v1::{Incident, Incidents};
 use chat_rollout::{Histogram, Plan, Report, Window};
 use chat_store::{StoreClient, StoreError};
 use prost::Message as _;
@@ -41,7 +45,12 @@ pub struct Rollout {
     plan: RwLock<Option<(u64, Plan)>>,
     /// Each gateway's latest report.
     reports: Mutex<HashMap<String, (Instant, Report)>>,
+    /// Incident notices as last read.
+    incidents: RwLock<Vec<Incident>>,
 }
+
+/// The setting holding incident notices.
+pub const INCIDENTS_KEY: &str = "incidents";
 
 fn merge(into: &mut Window, w: &Window) {
     into.ok += w.ok;
@@ -57,7 +66,15 @@ impl Rollout {
             release,
             plan: RwLock::new(None),
             reports: Mutex::new(HashMap::new()),
+            incidents: RwLock::new(Vec::new()),
         })
+    }
+
+    pub fn incidents(&self) -> Vec<Incident> {
+        self.incidents
+            .read()
+            .expect("rollout lock poisoned")
+            .clone()
     }
 
     pub fn plan(&self) -> Option<(u64, Plan)> {
@@ -102,6 +119,13 @@ impl Rollout {
             }
         };
         *self.plan.write().expect("rollout lock poisoned") = plan;
+        let s = store.get_setting(INCIDENTS_KEY).await?;
+        match Incidents::decode(s.value.as_slice()) {
+            Ok(i) => *self.incidents.write().expect("rollout lock poisoned") = i.incidents,
+            Err(e) => {
+                tracing::error!(error = %e, "the stored incidents do not decode; ignoring them")
+            }
+        }
         Ok(())
     }
 

@@ -37,6 +37,9 @@ pub struct RouterService {
     pub store_timeout: Duration,
     /// `None`: degraded mode switched off (calls wait out their deadline).
     pub quorum: Option<Arc<Quorum>>,
+    /// The store replicas as last polled (whether or not degraded mode is
+    /// on).
+    pub store_view: Arc<Quorum>,
     /// The rollout plan and the gateways' reports on it.
     pub rollout: Arc<Rollout>,
     /// Faults injected into client traffic (drills).
@@ -327,6 +330,8 @@ impl Router for RouterService {
             release: self.rollout.release.clone(),
             plan,
             plan_revision,
+            incidents: self.rollout.incidents(),
+            store: self.store_view.views(),
         }))
     }
 }

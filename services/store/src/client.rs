@@ -150,7 +150,11 @@ impl StoreClient {
     pub async fn append(&self, req: api::AppendRequest) -> Result<api::AppendResponse, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).append(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .append(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -164,7 +168,7 @@ impl StoreClient {
             async move {
                 RawStoreClient::new(c)
                     .max_decoding_message_size(64 << 20)
-                    .append_batch(req)
+                    .append_batch(chat_telemetry::trace::traced(req))
                     .await
             }
         })
@@ -177,7 +181,7 @@ impl StoreClient {
             async move {
                 RawStoreClient::new(c)
                     .max_decoding_message_size(256 << 20)
-                    .read(req)
+                    .read(chat_telemetry::trace::traced(req))
                     .await
             }
         })
@@ -190,7 +194,11 @@ impl StoreClient {
     ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).create_conversation(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .create_conversation(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -201,7 +209,11 @@ impl StoreClient {
     ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).add_member(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .add_member(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -212,7 +224,11 @@ impl StoreClient {
     ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).remove_member(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .remove_member(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -223,7 +239,11 @@ impl StoreClient {
     ) -> Result<api::ConversationInfo, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).get_conversation(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .get_conversation(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -237,7 +257,7 @@ impl StoreClient {
             async move {
                 RawStoreClient::new(c)
                     .max_decoding_message_size(64 << 20)
-                    .list_conversations(req)
+                    .list_conversations(chat_telemetry::trace::traced(req))
                     .await
             }
         })
@@ -250,7 +270,11 @@ impl StoreClient {
     ) -> Result<api::LastSeqsResponse, StoreError> {
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).last_seqs(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .last_seqs(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -263,7 +287,11 @@ impl StoreClient {
         };
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).get_setting(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .get_setting(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -285,7 +313,11 @@ impl StoreClient {
         };
         self.with_leader(|c| {
             let req = req.clone();
-            async move { RawStoreClient::new(c).put_setting(req).await }
+            async move {
+                RawStoreClient::new(c)
+                    .put_setting(chat_telemetry::trace::traced(req))
+                    .await
+            }
         })
         .await
     }
@@ -301,7 +333,7 @@ impl StoreClient {
             async move {
                 RawStoreClient::new(c)
                     .max_decoding_message_size(64 << 20)
-                    .list_settings(req)
+                    .list_settings(chat_telemetry::trace::traced(req))
                     .await
             }
         })
@@ -317,7 +349,7 @@ impl StoreClient {
         req: api::ReadRequest,
     ) -> Result<api::ReadResponse, StoreError> {
         let mut c = RawStoreClient::new(self.channel(addr)?).max_decoding_message_size(256 << 20);
-        c.read(req)
+        c.read(chat_telemetry::trace::traced(req))
             .await
             .map(Response::into_inner)
             .map_err(|s| StoreError::from_status(&s))
@@ -331,7 +363,7 @@ impl StoreClient {
         req: api::ListConversationsRequest,
     ) -> Result<api::ListConversationsResponse, StoreError> {
         let mut c = RawStoreClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20);
-        c.list_conversations(req)
+        c.list_conversations(chat_telemetry::trace::traced(req))
             .await
             .map(Response::into_inner)
             .map_err(|s| StoreError::from_status(&s))

@@ -84,9 +84,16 @@ pub struct StoreConfig {
     /// traffic both ways; clients still reach it), SIGUSR2 reconnects it.
     #[arg(long, env = "CHAT_STORE_FAULT_SIGNALS")]
     pub fault_signals: bool,
+    /// Admin HTTP address serving /metrics (Prometheus); off when unset.
+    #[arg(long, env = "CHAT_STORE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Log filter (for example `info` or `chat_store=debug,raft=debug`).
     #[arg(long, env = "CHAT_STORE_LOG", default_value = "info")]
     pub log: String,
+    /// Log lines as `text` or `json`. Traces go over OTLP/gRPC when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
+    pub log_format: chat_telemetry::trace::LogFormat,
 }
 
 /// Parses `id=host:port` pairs.

@@ -6,6 +6,7 @@
 //! majority, each of which synced it to disk, and applied on the leader.
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
+pub mod admin;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -1,5 +1,5 @@
 //! Bridges raft-rs's slog logging into `tracing`, and sets up tracing for
-//! the binaries.
+//! tests (the binaries use `chat_telemetry::trace::init`).
 
 use std::fmt::Write as _;
 
@@ -42,17 +42,6 @@ impl Drain for TracingDrain {
 
 pub fn raft_logger(id: NodeId) -> slog::Logger {
     slog::Logger::root(TracingDrain.fuse(), slog::o!("replica" => id.0))
-}
-
-/// Installs a text tracing subscriber; `filter` is an env-filter directive
-/// such as `info` or `chat_store=debug,raft=info`.
-pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
 }
 
 /// Installs a subscriber writing to the test harness's capture, filtered by

@@ -4,17 +4,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_store::Replica;
 use chat_store::config::{StoreConfig, SyncArg};
 use chat_store::engine::{BackgroundFlush, SledEngine};
 use chat_store::faults::Faults;
-use chat_store::{Replica, logging};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 fn main() -> ExitCode {
     let cfg = StoreConfig::parse();
-    logging::init_tracing(&cfg.log);
+    let _telemetry = chat_telemetry::trace::init("chat-store", &cfg.log, cfg.log_format);
     let opts = match cfg.validate() {
         Ok(o) => o,
         Err(e) => {
@@ -57,9 +57,19 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let admin = chat_telemetry::admin::bind(cfg.admin_listen, "--admin-listen")
+        .await
+        .map_err(anyhow::Error::msg)?;
     let faults = Faults::default();
     let id = opts.driver.id;
     let replica = Replica::start(opts, engine, listener, faults.clone()).await?;
+    let stop_admin = tokio_util::sync::CancellationToken::new();
+    if let Some(l) = admin {
+        let handler = std::sync::Arc::new(chat_store::admin::StoreAdminHttp {
+            handle: replica.handle().clone(),
+        });
+        tokio::spawn(chat_telemetry::admin::serve(l, handler, stop_admin.clone()));
+    }
     if cfg.fault_signals {
         tokio::spawn(fault_signals(faults, id));
     }
@@ -72,6 +82,7 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
             anyhow::bail!("the raft driver stopped; see the log above");
         }
     }
+    stop_admin.cancel();
     replica
         .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
         .await?;

@@ -167,6 +167,7 @@ impl Replica {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .layer(chat_telemetry::trace::TraceLayer)
             .add_service(health_service)
             .add_service(StoreServer::new(api.clone()).max_decoding_message_size(api_limit))
             .add_service(StoreAdminServer::new(api))
