@@ -158,7 +158,7 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
         }
         return Ok(());
     }
-    let ports = free_ports(5)?;
+    let ports = free_ports(7)?;
     let (p1, p2) = (ports[0], ports[1]);
     let key: String = (0..32)
         .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
@@ -172,6 +172,8 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
             ("CHAT_STORE1_PORT".into(), ports[2].to_string()),
             ("CHAT_STORE2_PORT".into(), ports[3].to_string()),
             ("CHAT_STORE3_PORT".into(), ports[4].to_string()),
+            ("CHAT_STATUS_PORT".into(), ports[5].to_string()),
+            ("CHAT_STATUS2_PORT".into(), ports[6].to_string()),
             ("CHAT_TOKEN_KEY".into(), key.clone()),
         ],
     };
@@ -193,6 +195,47 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
     let alice1 = client("alice", &[&gw1])?;
     wait_until("the cluster to accept calls", || async {
         alice1.list_conversations().await.is_ok()
+    })
+    .await?;
+
+    // 0. The observability profile is there for users with a registry: it
+    // is well formed, and the default profile (what just started, with no
+    // image to pull) runs none of it.
+    let compose_out = |args: &[&str]| -> anyhow::Result<String> {
+        let out = project.compose(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let profile = compose_out(&["--profile", "observability", "config"])?;
+    let running = project.docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=com.docker.compose.project={}", project.name),
+        "--format",
+        "{{.Label \"com.docker.compose.service\"}}",
+    ])?;
+    for s in ["otel-collector", "jaeger", "prometheus", "grafana"] {
+        assert!(
+            profile.contains(&format!("  {s}:")),
+            "{s} missing from the profile"
+        );
+        assert!(
+            !running.lines().any(|l| l == s),
+            "{s} runs in the default profile"
+        );
+    }
+    assert_eq!(running.lines().count(), 7, "{running}");
+    // The status page of gateway 1 is published on 127.0.0.1.
+    let status_addr = format!("127.0.0.1:{}", ports[5]);
+    wait_until("the status page to show every part up", || async {
+        chat_telemetry::admin::get(&status_addr, "/status")
+            .await
+            .is_ok_and(|(code, body)| code == 200 && body.contains("\"overall\": \"operational\""))
     })
     .await?;
 

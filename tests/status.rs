@@ -114,7 +114,9 @@ async fn metrics_incidents_and_the_status_page_show_what_is_wrong() -> anyhow::R
     alice.send("ops", "m1", b"hello".to_vec()).await?;
 
     // Metrics on every tier's admin port (either gateway and router may
-    // have served the send).
+    // have served the send); every metric the Grafana dashboard charts is
+    // served by some service (rollout metrics appear once a rollout exists).
+    let mut served = String::new();
     for (tier, expect) in [
         (
             Tier::Gateway,
@@ -135,6 +137,24 @@ async fn metrics_incidents_and_the_status_page_show_what_is_wrong() -> anyhow::R
             all.push_str(&body);
         }
         assert!(all.contains(expect), "no {expect} in:\n{all}");
+        served.push_str(&all);
+    }
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/observability/grafana/dashboards/chat.json"),
+    )?;
+    let mut charted: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("chat_") && !w.starts_with("chat_rollout_"))
+        .collect();
+    charted.sort();
+    charted.dedup();
+    assert!(charted.len() > 10, "{charted:?}");
+    for name in charted {
+        assert!(
+            served.contains(&format!("\n{name}")) || served.contains(&format!("# TYPE {name} ")),
+            "the dashboard charts {name}, which no service serves"
+        );
     }
     let s = status_until(&admin, "every part up", |s| s["overall"] == "operational").await?;
     assert_eq!(

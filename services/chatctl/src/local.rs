@@ -44,6 +44,8 @@ pub struct LocalOptions {
     pub spare_routers: usize,
     /// Where the service binaries are (default: next to the running one).
     pub bin_dir: Option<PathBuf>,
+    /// Environment of every process (for example OTEL_EXPORTER_OTLP_ENDPOINT).
+    pub env: Vec<(String, String)>,
 }
 
 /// One service process.
@@ -458,7 +460,14 @@ impl LocalCluster {
             args.push(store_admin[i].clone());
             args.extend(opts.store_args.iter().cloned());
             let name = format!("store-{id}");
-            procs.push(Proc::spawn(&name, addr, &store_bin, args, vec![], &dir)?);
+            procs.push(Proc::spawn(
+                &name,
+                addr,
+                &store_bin,
+                args,
+                opts.env.clone(),
+                &dir,
+            )?);
         }
         for (i, addr) in routers.iter().enumerate() {
             let mut args = vec![
@@ -471,7 +480,14 @@ impl LocalCluster {
             ];
             args.extend(opts.router_args.iter().cloned());
             let name = format!("router-{}", i + 1);
-            procs.push(Proc::spawn(&name, addr, &router_bin, args, vec![], &dir)?);
+            procs.push(Proc::spawn(
+                &name,
+                addr,
+                &router_bin,
+                args,
+                opts.env.clone(),
+                &dir,
+            )?);
         }
         for (i, addr) in gateways.iter().enumerate() {
             let mut args = vec![
@@ -490,7 +506,8 @@ impl LocalCluster {
                 gateway_admin[i].clone(),
             ];
             args.extend(opts.gateway_args.iter().cloned());
-            let env = vec![("CHAT_TOKEN_KEY".to_owned(), key.clone())];
+            let mut env = opts.env.clone();
+            env.push(("CHAT_TOKEN_KEY".to_owned(), key.clone()));
             let name = format!("gateway-{}", i + 1);
             procs.push(Proc::spawn(&name, addr, &gateway_bin, args, env, &dir)?);
         }
