@@ -126,7 +126,10 @@ async fn metrics_incidents_and_the_status_page_show_what_is_wrong() -> anyhow::R
             Tier::Router,
             "chat_router_rpc_total{method=\"AppendBatch\",code=\"OK\"}",
         ),
-        (Tier::Store, "chat_store_raft_commit_index "),
+        (
+            Tier::Store,
+            "chat_store_rpc_total{method=\"AppendBatch\",code=\"OK\"}",
+        ),
     ] {
         let mut all = String::new();
         for name in cluster.names(tier) {

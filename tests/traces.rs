@@ -57,6 +57,15 @@ async fn a_send_is_one_trace_across_gateway_router_and_store() -> anyhow::Result
     let send = spans_named(&spans, "chat.v1.Chat/Send");
     assert_eq!(send.len(), 1, "one Send call");
     let trace = send[0].span_context.trace_id();
+    let attr = |span: &SpanData, key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    assert_eq!(attr(send[0], "user").as_deref(), Some("alice"));
+    assert_eq!(attr(send[0], "conversation").as_deref(), Some("traced"));
+    assert_eq!(attr(send[0], "seq").as_deref(), Some("1"));
     let by_id: HashMap<_, _> = spans
         .iter()
         .map(|s| (s.span_context.span_id(), s))

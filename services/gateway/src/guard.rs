@@ -86,6 +86,8 @@ pub struct Guard {
     per_ip: Option<KeyedBuckets<IpAddr>>,
     /// `None` with overload protection off.
     limiter: Option<Arc<Limiter>>,
+    limited_ip: std::sync::atomic::AtomicU64,
+    limited_user: std::sync::atomic::AtomicU64,
 }
 
 fn bucket<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> Option<KeyedBuckets<K>> {
@@ -102,11 +104,22 @@ impl Guard {
             per_user: bucket(limits.per_user),
             per_ip: bucket(limits.per_ip),
             limiter: protect.then(|| Limiter::new(limits.concurrency)),
+            limited_ip: Default::default(),
+            limited_user: Default::default(),
         }
     }
 
     pub fn limiter(&self) -> Option<&Arc<Limiter>> {
         self.limiter.as_ref()
+    }
+
+    /// Calls refused by the per-IP and the per-user rate limits.
+    pub fn rate_limited(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.limited_ip.load(Relaxed),
+            self.limited_user.load(Relaxed),
+        )
     }
 
     fn authenticate(&self, headers: &http::HeaderMap) -> Result<User, Status> {
@@ -130,6 +143,8 @@ impl Admit for Guard {
         let now = Instant::now();
         if let (Some(b), Some(ip)) = (&self.per_ip, peer_ip(parts)) {
             b.check(&ip, now).map_err(|wait| {
+                self.limited_ip
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 overloaded(
                     format!(
                         "too many calls from {ip} (limit {}/s); retry later",
@@ -142,6 +157,8 @@ impl Admit for Guard {
         let user = self.authenticate(&parts.headers)?;
         if let Some(b) = &self.per_user {
             b.check(&user.0, now).map_err(|wait| {
+                self.limited_user
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 overloaded(
                     format!(
                         "too many calls by {} (limit {}/s); retry later",

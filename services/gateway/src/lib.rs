@@ -102,12 +102,15 @@ impl RunningGateway {
             opts.admission.enabled,
         ));
         let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(&status::METHODS));
+        let connections = Arc::new(chat_resilience::incoming::ConnectionCount::default());
         let admin = Arc::new(status::GatewayAdmin {
             view: view.clone(),
             pool: pool.clone(),
             sessions: sessions.clone(),
             rpc: rpc.clone(),
             limiter: guard.limiter().cloned(),
+            guard: guard.clone(),
+            connections: connections.clone(),
             release: opts.release.clone(),
             address: public
                 .local_addr()
@@ -137,7 +140,7 @@ impl RunningGateway {
             );
         let mut servers = Vec::new();
         let stop = shutdown.clone();
-        let incoming = paced(public, opts.limits.accept);
+        let incoming = paced(public, opts.limits.accept, connections);
         servers.push(tokio::spawn(async move {
             if let Err(e) = public_router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())

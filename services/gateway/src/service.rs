@@ -78,6 +78,8 @@ impl Chat for ChatApi {
         let user = user_of(&request)?;
         let deadline = deadline::of(&request);
         let r = request.into_inner();
+        chat_telemetry::trace::record("user", &user.as_str());
+        chat_telemetry::trace::record("conversation", &r.conversation_id.as_str());
         valid_conversation(&r.conversation_id)?;
         validate_client_msg_id(&r.client_msg_id).map_err(Status::from)?;
         if r.body.len() > self.max_body_bytes {
@@ -99,6 +101,7 @@ impl Chat for ChatApi {
                 deadline,
             )
             .await?;
+        chat_telemetry::trace::record("seq", &ok.seq);
         Ok(Response::new(cpb::SendResponse {
             seq: ok.seq,
             server_ts_ms: ok.server_ts_ms,

@@ -95,6 +95,8 @@ pub struct GatewayAdmin {
     pub sessions: Arc<Sessions>,
     pub rpc: Arc<RpcMetrics>,
     pub limiter: Option<Arc<Limiter>>,
+    pub guard: Arc<crate::guard::Guard>,
+    pub connections: Arc<chat_resilience::incoming::ConnectionCount>,
     pub release: String,
     /// This gateway's public address, as configured.
     pub address: String,
@@ -254,6 +256,30 @@ impl GatewayAdmin {
             ] {
                 page.sample(shed, &[("criticality", c.as_str())], l.rejected(c) as f64);
             }
+        }
+        let (by_ip, by_user) = self.guard.rate_limited();
+        let limited = "chat_gateway_rate_limited_total";
+        page.family(
+            limited,
+            "counter",
+            "Calls refused by the per-IP and per-user rate limits.",
+        );
+        page.sample(limited, &[("scope", "ip")], by_ip as f64);
+        page.sample(limited, &[("scope", "user")], by_user as f64);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            page.single(
+                "chat_gateway_open_connections",
+                "gauge",
+                "Client connections open now.",
+                self.connections.open.load(Relaxed) as f64,
+            );
+            page.single(
+                "chat_gateway_connections_accepted_total",
+                "counter",
+                "Client connections accepted.",
+                self.connections.accepted.load(Relaxed) as f64,
+            );
         }
         page.single(
             "chat_gateway_open_streams",

@@ -24,11 +24,30 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// How long a connection may go without sending anything.
 pub const SILENCE: Duration = Duration::from_secs(30);
 
+/// Connections accepted and open now (for metrics).
+#[derive(Debug, Default)]
+pub struct ConnectionCount {
+    pub accepted: std::sync::atomic::AtomicU64,
+    pub open: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a connection as open until dropped.
+struct OpenGuard(std::sync::Arc<ConnectionCount>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A connection that fails its reads once nothing has arrived for `limit`.
 pub struct Silent<S> {
     inner: S,
     limit: Duration,
     timer: Pin<Box<Sleep>>,
+    _open: Option<OpenGuard>,
 }
 
 impl<S> Silent<S> {
@@ -37,7 +56,16 @@ impl<S> Silent<S> {
             inner,
             limit,
             timer: Box::pin(tokio::time::sleep(limit)),
+            _open: None,
         }
+    }
+
+    fn counted(mut self, count: &std::sync::Arc<ConnectionCount>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        count.accepted.fetch_add(1, Relaxed);
+        count.open.fetch_add(1, Relaxed);
+        self._open = Some(OpenGuard(count.clone()));
+        self
     }
 }
 
@@ -117,19 +145,22 @@ struct State {
     rate: AcceptRate,
     tokens: f64,
     at: Instant,
+    count: std::sync::Arc<ConnectionCount>,
 }
 
 /// Accepted connections from `listener`, paced by `rate`, with TCP_NODELAY,
-/// closed after `SILENCE` without a byte from the peer.
+/// closed after `SILENCE` without a byte from the peer, counted in `count`.
 pub fn paced(
     listener: TcpListener,
     rate: AcceptRate,
+    count: std::sync::Arc<ConnectionCount>,
 ) -> impl Stream<Item = io::Result<Silent<TcpStream>>> {
     let state = State {
         listener,
         rate,
         tokens: f64::from(rate.burst.max(1)),
         at: Instant::now(),
+        count,
     };
     futures::stream::unfold(state, |mut s| async move {
         if s.rate.per_second > 0 {
@@ -150,7 +181,8 @@ pub fn paced(
             match s.listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    return Some((Ok(Silent::new(stream, SILENCE)), s));
+                    let conn = Silent::new(stream, SILENCE).counted(&s.count);
+                    return Some((Ok(conn), s));
                 }
                 // Out of file descriptors and the like: the listener itself
                 // is fine, so wait a moment and accept again.
@@ -198,21 +230,35 @@ mod tests {
         for _ in 0..6 {
             clients.push(TcpStream::connect(addr).await.unwrap());
         }
+        let count = std::sync::Arc::new(ConnectionCount::default());
         let incoming = paced(
             listener,
             AcceptRate {
                 per_second: 10,
                 burst: 2,
             },
+            count.clone(),
         );
         futures::pin_mut!(incoming);
         let t0 = Instant::now();
+        let mut conns = Vec::new();
         for _ in 0..6 {
-            incoming.next().await.unwrap().unwrap();
+            conns.push(incoming.next().await.unwrap().unwrap());
         }
         // Two at once, then four at 10 a second.
         let took = Instant::now().duration_since(t0);
         assert!(took >= Duration::from_millis(390), "{took:?}");
         assert!(took < Duration::from_millis(600), "{took:?}");
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(
+            (count.accepted.load(Relaxed), count.open.load(Relaxed)),
+            (6, 6)
+        );
+        conns.truncate(2);
+        assert_eq!(
+            count.open.load(Relaxed),
+            2,
+            "closed connections are not open"
+        );
     }
 }

@@ -131,6 +131,7 @@ impl Router for RouterService {
         }
         let caller = deadline::of(&request);
         let req = request.into_inner();
+        chat_telemetry::trace::record("messages", &req.items.len());
         let resp = self
             .bounded(caller, self.store.append_batch(req.clone()))
             .await?;

@@ -6,8 +6,28 @@ use chat_telemetry::metrics::Page;
 
 use crate::node::NodeHandle;
 
+/// Methods counted by name.
+pub const METHODS: [&str; 14] = [
+    "AppendBatch",
+    "Append",
+    "Read",
+    "CreateConversation",
+    "AddMember",
+    "RemoveMember",
+    "GetConversation",
+    "ListConversations",
+    "LastSeqs",
+    "GetSetting",
+    "PutSetting",
+    "ListSettings",
+    "Status",
+    "Check",
+];
+
 pub struct StoreAdminHttp {
     pub handle: NodeHandle,
+    pub rpc: std::sync::Arc<chat_telemetry::metrics::RpcMetrics>,
+    pub release: String,
 }
 
 impl Handler for StoreAdminHttp {
@@ -16,7 +36,8 @@ impl Handler for StoreAdminHttp {
             return Reply::not_found(path);
         }
         let mut page = Page::default();
-        page.build_info("store", env!("CARGO_PKG_VERSION"), None);
+        page.build_info("store", env!("CARGO_PKG_VERSION"), Some(&self.release));
+        self.rpc.render(&mut page, "chat_store");
         let report =
             tokio::time::timeout(std::time::Duration::from_secs(2), self.handle.report()).await;
         let Ok(Ok(r)) = report else {

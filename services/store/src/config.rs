@@ -84,6 +84,9 @@ pub struct StoreConfig {
     /// traffic both ways; clients still reach it), SIGUSR2 reconnects it.
     #[arg(long, env = "CHAT_STORE_FAULT_SIGNALS")]
     pub fault_signals: bool,
+    /// Release label of this replica (reported in metrics).
+    #[arg(long, env = "CHAT_RELEASE", default_value = "stable")]
+    pub release: String,
     /// Admin HTTP address serving /metrics (Prometheus); off when unset.
     #[arg(long, env = "CHAT_STORE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,

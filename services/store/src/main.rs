@@ -67,6 +67,8 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
     if let Some(l) = admin {
         let handler = std::sync::Arc::new(chat_store::admin::StoreAdminHttp {
             handle: replica.handle().clone(),
+            rpc: replica.rpc().clone(),
+            release: cfg.release.clone(),
         });
         tokio::spawn(chat_telemetry::admin::serve(l, handler, stop_admin.clone()));
     }

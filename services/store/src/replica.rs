@@ -55,6 +55,7 @@ pub struct Replica {
     server: tokio::task::JoinHandle<()>,
     health_task: tokio::task::JoinHandle<()>,
     health: tonic_health::server::HealthReporter,
+    rpc: Arc<chat_telemetry::metrics::RpcMetrics>,
 }
 
 impl Replica {
@@ -163,10 +164,14 @@ impl Replica {
         // limit; snapshots by MAX_MESSAGE_BYTES.
         let api_limit =
             (opts.max_body_bytes + 1024) * crate::service::MAX_BATCH_ITEMS.min(256) + (1 << 20);
+        let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(
+            &crate::admin::METHODS,
+        ));
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .layer(chat_telemetry::metrics::MetricsLayer::new(rpc.clone()))
             .layer(chat_telemetry::trace::TraceLayer)
             .add_service(health_service)
             .add_service(StoreServer::new(api.clone()).max_decoding_message_size(api_limit))
@@ -194,7 +199,13 @@ impl Replica {
             server,
             health_task,
             health,
+            rpc,
         })
+    }
+
+    /// Calls served, by method and code.
+    pub fn rpc(&self) -> &Arc<chat_telemetry::metrics::RpcMetrics> {
+        &self.rpc
     }
 
     pub fn handle(&self) -> &NodeHandle {

@@ -205,6 +205,7 @@ impl Store for StoreApi {
         request: Request<api::AppendBatchRequest>,
     ) -> Result<Response<api::AppendBatchResponse>, Status> {
         let items = request.into_inner().items;
+        chat_telemetry::trace::record("messages", &items.len());
         if items.len() > MAX_BATCH_ITEMS {
             return Err(StoreError::InvalidArgument(format!(
                 "{} items in one batch, the limit is {MAX_BATCH_ITEMS}",

@@ -203,6 +203,13 @@ pub fn inject<T>(req: &mut tonic::Request<T>) {
     TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(req.metadata_mut()));
 }
 
+/// Sets a field of the current call's span (when traces are exported).
+pub fn record(field: &str, value: &dyn tracing::Value) {
+    if enabled() {
+        tracing::Span::current().record(field, value);
+    }
+}
+
 /// A request carrying the current trace context.
 pub fn traced<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
@@ -211,7 +218,9 @@ pub fn traced<T>(message: T) -> tonic::Request<T> {
 }
 
 /// One span per call, the child of the caller's (from `traceparent`), named
-/// after the gRPC path, around everything the server does for it.
+/// after the gRPC path, around everything the server does for it. Handlers
+/// fill its `user`, `conversation`, `seq` and `messages` fields with
+/// [`record`].
 #[derive(Clone, Copy, Default)]
 pub struct TraceLayer;
 
@@ -252,7 +261,15 @@ where
         }
         let path = req.uri().path().trim_start_matches('/').to_owned();
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
-        let span = tracing::info_span!("rpc", otel.name = %path, rpc.system = "grpc");
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %path,
+            rpc.system = "grpc",
+            user = tracing::field::Empty,
+            conversation = tracing::field::Empty,
+            seq = tracing::field::Empty,
+            messages = tracing::field::Empty,
+        );
         let _ = span.set_parent(parent);
         let fut = {
             let _entered = span.enter();
