@@ -320,6 +320,28 @@ impl GatewayAdmin {
     }
 }
 
+/// Milliseconds since the epoch as `YYYY-MM-DD hh:mm:ss UTC`.
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1_000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3_600,
+        rest % 3_600 / 60,
+        rest % 60
+    )
+}
+
 /// Escapes text for HTML.
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -346,8 +368,8 @@ pub fn html(status: &Value) -> String {
             "<tr class=\"{}\" data-component=\"{}\"><td>{}</td><td>{}</td><td class=\"state\">{}</td><td>{}</td></tr>\n",
             esc(&st.replace(' ', "-")),
             text(name),
-            esc(kind),
             text(name),
+            esc(kind),
             esc(st),
             detail
         ));
@@ -425,11 +447,15 @@ pub fn html(status: &Value) -> String {
     for i in status["incidents"].as_array().into_iter().flatten() {
         let open = i["open"] == true;
         incidents.push_str(&format!(
-            "<li class=\"{}\">{}<strong>{}</strong> <small>(posted {})</small></li>\n",
+            "<li class=\"{}\">{}<strong>{}</strong> <small>(posted {}{})</small></li>\n",
             if open { "open" } else { "resolved" },
             if open { "OPEN: " } else { "resolved: " },
             text(&i["text"]),
-            text(&i["posted_ms"])
+            utc(i["posted_ms"].as_i64().unwrap_or(0)),
+            match i["resolved_ms"].as_i64() {
+                Some(ms) => format!(", resolved {}", utc(ms)),
+                None => String::new(),
+            }
         ));
     }
     if incidents.is_empty() {
@@ -511,5 +537,9 @@ mod tests {
             "{page}"
         );
         assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("<td>r1</td><td>router</td>"), "{page}");
+        assert!(page.contains("(posted 1970-01-01 00:00:00 UTC)"), "{page}");
+        assert_eq!(utc(1_796_038_682_501), "2026-11-30 11:38:02 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 }
