@@ -133,7 +133,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         senders.push(tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let mut h = hist();
-            let (mut acked, mut measured, mut errors) = (0u64, 0u64, 0u64);
+            let (mut acked, mut measured) = (0u64, 0u64);
+            let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
             let mut n = 0u64;
             loop {
                 let t0 = Instant::now();
@@ -147,7 +148,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             let _ = h.record(t0.elapsed().as_micros() as u64);
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        *errors
+                            .entry(format!("{:?}: {}", e.code(), e.message()))
+                            .or_insert(0) += 1;
+                        // As a client should: a refusal for overload is
+                        // waited out, not answered with the next call at once.
+                        if e.code() == tonic::Code::ResourceExhausted {
+                            let wait =
+                                chat_client::retry_after(&e).unwrap_or(Duration::from_millis(50));
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
                 }
                 n += 1;
                 if t0 >= end {
@@ -157,14 +169,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             (h, acked, measured, errors)
         }));
     }
-    let (mut ack_h, mut acked, mut measured, mut errors) = (hist(), 0u64, 0u64, 0u64);
+    let (mut ack_h, mut acked, mut measured) = (hist(), 0u64, 0u64);
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     let mut acked_per = Vec::new();
     for s in senders {
         let (h, a, m, e) = s.await?;
         ack_h.add(h)?;
         acked += a;
         measured += m;
-        errors += e;
+        for (k, v) in e {
+            *errors.entry(k).or_insert(0) += v;
+        }
         acked_per.push(a);
     }
     let mut del_h = hist();
@@ -202,8 +217,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "acked {acked}, errors {errors}, acknowledged but not delivered {lost}, delivered twice {dup}"
+        "acked {acked}, errors {}, acknowledged but not delivered {lost}, delivered twice {dup}",
+        errors.values().sum::<u64>()
     );
+    for (what, n) in &errors {
+        println!("  {n} × {what}");
+    }
     let pid = up.id().context("local up exited")?.to_string();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
