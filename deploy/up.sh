@@ -17,6 +17,7 @@ for _ in $(seq 1 120); do
     if [ -z "$unhealthy" ]; then
         gw1="127.0.0.1:${CHAT_GATEWAY1_PORT:-7201}"; gw2="127.0.0.1:${CHAT_GATEWAY2_PORT:-7202}"
         echo "ready gateways=$gw1,$gw2"
+        echo "status page: http://127.0.0.1:${CHAT_STATUS_PORT:-7280}/ (JSON at /status)"
         echo "export CHAT_GATEWAYS=$gw1,$gw2 $(cat .env)"
         echo "target/release/chatctl --as alice conversation create demo --members bob"
         exit 0
