@@ -100,7 +100,7 @@ async fn metrics_incidents_and_the_status_page_show_what_is_wrong() -> anyhow::R
     };
     let mut cluster = LocalCluster::start(&opts)?;
     cluster.wait_healthy(Duration::from_secs(60)).await?;
-    let admin = cluster.gateway_admin[0].clone();
+    let admin = cluster.gateway_admins()[0].clone();
     let key = chat_auth::TokenKey::new(cluster.key.clone().into_bytes())?;
     let client = |user: &str| {
         ChatClient::new(

@@ -968,24 +968,9 @@ fn xml(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn utc(t: SystemTime) -> (i64, u32, u32, u64, u64, u64) {
+fn utc(t: SystemTime) -> (i64, u32, u32, i64, i64, i64) {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let (y, mo, d) = civil((secs / 86_400) as i64);
-    let s = secs % 86_400;
-    (y, mo, d, s / 3600, s / 60 % 60, s % 60)
+    chat_telemetry::time::utc(secs as i64)
 }
 
 pub fn rfc3339(t: SystemTime) -> String {

@@ -387,8 +387,6 @@ pub struct LocalCluster {
     /// admin addresses for them.
     spare: Vec<String>,
     spare_admin: Vec<String>,
-    /// The gateways' admin addresses (status page, metrics).
-    pub gateway_admin: Vec<String>,
     /// Every process's admin address, by name.
     admins: std::collections::HashMap<String, String>,
     procs: Vec<Proc>,
@@ -516,11 +514,7 @@ impl LocalCluster {
             .map(|i| format!("store-{i}"))
             .zip(store_admin)
             .chain((1..=2).map(|i| format!("router-{i}")).zip(router_admin))
-            .chain(
-                (1..=2)
-                    .map(|i| format!("gateway-{i}"))
-                    .zip(gateway_admin.clone()),
-            )
+            .chain((1..=2).map(|i| format!("gateway-{i}")).zip(gateway_admin))
             .collect();
         Ok(Self {
             admins,
@@ -531,7 +525,6 @@ impl LocalCluster {
             gateways,
             spare,
             spare_admin,
-            gateway_admin,
             procs,
             admin,
             router_bin,
@@ -580,6 +573,14 @@ impl LocalCluster {
             .iter()
             .filter(|p| p.name.starts_with(&prefix))
             .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// The gateways' admin addresses (status page, metrics), in order.
+    pub fn gateway_admins(&self) -> Vec<String> {
+        self.names(Tier::Gateway)
+            .iter()
+            .filter_map(|n| self.admin_addr(n))
             .collect()
     }
 
@@ -773,7 +774,7 @@ async fn serve(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     println!("ready gateways={gws} dir={}", cluster.dir.display());
     println!(
         "status page: http://{}/ (JSON at /status, Prometheus metrics at /metrics on every service's admin port)",
-        cluster.gateway_admin[0]
+        cluster.gateway_admins()[0]
     );
     println!("# in another terminal:");
     println!("export CHAT_GATEWAYS={gws} CHAT_TOKEN_KEY={}", cluster.key);

@@ -108,7 +108,6 @@ impl RunningGateway {
             pool: pool.clone(),
             sessions: sessions.clone(),
             rpc: rpc.clone(),
-            limiter: guard.limiter().cloned(),
             guard: guard.clone(),
             connections: connections.clone(),
             release: opts.release.clone(),

@@ -11,7 +11,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chat_proto::status::v1::{Incident, ReplicaView};
-use chat_resilience::limit::Limiter;
 use chat_telemetry::admin::{Handler, PROMETHEUS, Reply};
 use chat_telemetry::metrics::{Page, RpcMetrics};
 use serde_json::{Value, json};
@@ -94,7 +93,6 @@ pub struct GatewayAdmin {
     pub pool: Arc<RouterPool>,
     pub sessions: Arc<Sessions>,
     pub rpc: Arc<RpcMetrics>,
-    pub limiter: Option<Arc<Limiter>>,
     pub guard: Arc<crate::guard::Guard>,
     pub connections: Arc<chat_resilience::incoming::ConnectionCount>,
     pub release: String,
@@ -230,32 +228,8 @@ impl GatewayAdmin {
         let mut page = Page::default();
         page.build_info("gateway", env!("CARGO_PKG_VERSION"), Some(&self.release));
         self.rpc.render(&mut page, "chat_gateway");
-        if let Some(l) = &self.limiter {
-            page.single(
-                "chat_gateway_concurrency_limit",
-                "gauge",
-                "The adaptive concurrency limit now.",
-                l.limit() as f64,
-            );
-            page.single(
-                "chat_gateway_inflight_calls",
-                "gauge",
-                "Calls holding a place under the limit.",
-                l.inflight() as f64,
-            );
-            let shed = "chat_gateway_shed_total";
-            page.family(
-                shed,
-                "counter",
-                "Calls refused by the concurrency limit, by criticality.",
-            );
-            for c in [
-                chat_resilience::Criticality::Critical,
-                chat_resilience::Criticality::Normal,
-                chat_resilience::Criticality::Sheddable,
-            ] {
-                page.sample(shed, &[("criticality", c.as_str())], l.rejected(c) as f64);
-            }
+        if let Some(l) = self.guard.limiter() {
+            l.render_metrics(&mut page, "chat_gateway");
         }
         let (by_ip, by_user) = self.guard.rate_limited();
         let limited = "chat_gateway_rate_limited_total";
@@ -301,45 +275,15 @@ impl GatewayAdmin {
                 .status()
                 .map_or(0, |s| s.affected_features.len()) as f64,
         );
-        if let Some((_, p)) = self.pool.plan() {
-            page.family(
-                "chat_rollout_canary_weight_percent",
-                "gauge",
-                "Share of users sent to the canary routers.",
-            );
-            page.sample(
-                "chat_rollout_canary_weight_percent",
-                &[
-                    ("canary", p.canary.as_str()),
-                    ("state", chat_rollout::state_name(&p)),
-                ],
-                f64::from(p.weight),
-            );
-        }
+        chat_rollout::render_metrics(&mut page, self.pool.plan().as_ref().map(|(_, p)| p));
         page.finish()
     }
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DD hh:mm:ss UTC`.
 fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1_000);
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3_600,
-        rest % 3_600 / 60,
-        rest % 60
-    )
+    let (y, mo, d, h, mi, s) = chat_telemetry::time::utc(ms.div_euclid(1_000));
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
 }
 
 /// Escapes text for HTML.

@@ -149,6 +149,40 @@ impl Limiter {
         self.inflight.load(Relaxed)
     }
 
+    /// `<prefix>_concurrency_limit`, `<prefix>_inflight_calls` and
+    /// `<prefix>_shed_total{criticality}`.
+    pub fn render_metrics(&self, page: &mut chat_telemetry::metrics::Page, prefix: &str) {
+        page.single(
+            &format!("{prefix}_concurrency_limit"),
+            "gauge",
+            "The adaptive concurrency limit now.",
+            self.limit() as f64,
+        );
+        page.single(
+            &format!("{prefix}_inflight_calls"),
+            "gauge",
+            "Calls holding a place under the limit.",
+            self.inflight() as f64,
+        );
+        let shed = format!("{prefix}_shed_total");
+        page.family(
+            &shed,
+            "counter",
+            "Calls refused by the concurrency limit, by criticality.",
+        );
+        for c in [
+            Criticality::Critical,
+            Criticality::Normal,
+            Criticality::Sheddable,
+        ] {
+            page.sample(
+                &shed,
+                &[("criticality", c.as_str())],
+                self.rejected(c) as f64,
+            );
+        }
+    }
+
     pub fn rejected(&self, c: Criticality) -> u64 {
         self.rejected[c as usize].load(Relaxed)
     }

@@ -31,3 +31,29 @@ pub fn plan_key(service: &str) -> String {
 
 /// Release label of instances started without one.
 pub const DEFAULT_RELEASE: &str = "stable";
+
+/// The plan's canary weight (labelled with the canary and the state), step
+/// and failed checks, as Prometheus gauges (nothing without a plan).
+pub fn render_metrics(page: &mut chat_telemetry::metrics::Page, plan: Option<&Plan>) {
+    let Some(p) = plan else { return };
+    let weight = "chat_rollout_canary_weight_percent";
+    page.family(
+        weight,
+        "gauge",
+        "Share of users sent to the canary routers.",
+    );
+    let labels = [("canary", p.canary.as_str()), ("state", state_name(p))];
+    page.sample(weight, &labels, f64::from(p.weight));
+    page.single(
+        "chat_rollout_step",
+        "gauge",
+        "Index of the rollout's current step.",
+        f64::from(p.step),
+    );
+    page.single(
+        "chat_rollout_failed_checks",
+        "gauge",
+        "Failed analysis checks of the rollout.",
+        f64::from(p.failed_checks),
+    );
+}

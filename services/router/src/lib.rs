@@ -108,17 +108,13 @@ impl RunningRouter {
         };
         let guard = Arc::new(RouterGuard::new(opts.protection.then(LimitConfig::default)));
         let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(&admin::METHODS));
-        let degraded = {
-            let q = service.quorum.clone();
-            Arc::new(move || q.as_ref().is_some_and(|q| q.lost()))
-        };
         let admin = Arc::new(admin::RouterAdmin {
             rpc: rpc.clone(),
             limiter: guard.limiter().cloned(),
             directory: directory.clone(),
             store_view: service.store_view.clone(),
             rollout: service.rollout.clone(),
-            degraded,
+            quorum: service.quorum.clone(),
         });
         let (health, health_service) = tonic_health::server::health_reporter();
         chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
