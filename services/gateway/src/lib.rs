@@ -255,49 +255,35 @@ async fn register(
             let req = req.clone();
             async move { tokio::time::timeout(REGISTER_TIMEOUT, c.register_sessions(req)).await }
         });
-        let mut learned = Vec::new();
-        let mut heard = Vec::new();
-        let mut answers: Vec<Vec<String>> = Vec::new();
+        let mut answers = Vec::new();
         for r in futures::future::join_all(calls).await {
-            match r {
-                Ok(Ok(resp)) => {
-                    let resp = resp.into_inner();
-                    let plan = resp.plan.map(|p| (resp.plan_revision, p));
-                    learned.push(Some((resp.release.clone(), plan)));
-                    heard.push(Some((
-                        resp.release,
-                        resp.version,
-                        resp.store,
-                        resp.incidents,
-                    )));
-                    answers.push(resp.degraded);
-                }
+            answers.push(match r {
+                Ok(Ok(resp)) => Some(resp.into_inner()),
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "session registration failed");
-                    learned.push(None);
-                    heard.push(None);
+                    None
                 }
                 Err(_) => {
                     tracing::debug!("session registration timed out");
-                    learned.push(None);
-                    heard.push(None);
+                    None
                 }
-            }
+            });
         }
-        pool.learn(learned);
-        view.heard(&heard);
-        if let Some((_, _, _, incidents)) = heard.iter().flatten().next() {
-            let told = sessions.set_incidents(incidents);
+        pool.learn(&answers);
+        view.heard(&answers);
+        if let Some(a) = answers.iter().flatten().next() {
+            let told = sessions.set_incidents(&a.incidents);
             if told > 0 {
                 tracing::info!(events = told, "incident notices changed; subscribers told");
             }
         }
+        let degraded: Vec<&Vec<String>> = answers.iter().flatten().map(|a| &a.degraded).collect();
         // Degraded only as far as every router that answered says so: a
         // router that still reaches the store's majority serves normally.
-        if let Some(first) = answers.first() {
+        if let Some(first) = degraded.first() {
             let common: Vec<String> = first
                 .iter()
-                .filter(|f| answers.iter().all(|a| a.contains(f)))
+                .filter(|f| degraded.iter().all(|a| a.contains(f)))
                 .cloned()
                 .collect();
             if sessions.set_degraded(common.clone()) {

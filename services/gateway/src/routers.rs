@@ -168,13 +168,13 @@ impl RouterPool {
     /// answer): the newest rollout plan any of them passed on first, then
     /// each router's release label, so a canary never gets traffic from a
     /// gateway that knows its label but not yet the plan.
-    pub fn learn(&self, answers: Vec<Option<(String, Current)>>) {
+    pub fn learn(&self, answers: &[Option<chat_proto::router::v1::RegisterSessionsResponse>]) {
         let newest = answers
             .iter()
             .flatten()
-            .filter_map(|(_, plan)| plan.as_ref())
+            .filter_map(|a| a.plan.as_ref().map(|p| (a.plan_revision, p)))
             .max_by_key(|(revision, _)| *revision)
-            .cloned();
+            .map(|(revision, plan)| (revision, plan.clone()));
         if let Some((revision, plan)) = newest {
             let mut held = self.plan.write().expect("router plan lock poisoned");
             if held.as_ref().is_none_or(|(r, _)| *r < revision) {
@@ -190,12 +190,12 @@ impl RouterPool {
                 *held = Some((revision, plan));
             }
         }
-        for (i, answer) in answers.into_iter().enumerate() {
-            if let Some((release, _)) = answer {
+        for (i, answer) in answers.iter().enumerate() {
+            if let Some(a) = answer {
                 self.slots[i]
                     .write()
                     .expect("router slot lock poisoned")
-                    .release = Some(release);
+                    .release = Some(a.release.clone());
             }
         }
     }

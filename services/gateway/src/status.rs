@@ -10,6 +10,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chat_proto::router::v1 as rpb;
 use chat_proto::status::v1::{Incident, ReplicaView};
 use chat_telemetry::admin::{Handler, PROMETHEUS, Reply};
 use chat_telemetry::metrics::{Page, RpcMetrics};
@@ -48,10 +49,6 @@ pub struct ClusterView {
     incidents: RwLock<Vec<Incident>>,
 }
 
-/// One router's registration answer: release, version, store replicas,
-/// incidents.
-pub type Heard = (String, String, Vec<ReplicaView>, Vec<Incident>);
-
 impl ClusterView {
     pub fn new(routers: usize) -> Self {
         Self {
@@ -62,27 +59,27 @@ impl ClusterView {
     }
 
     /// Takes in one registration round (`None`: that router did not answer).
-    pub fn heard(&self, answers: &[Option<Heard>]) {
+    pub fn heard(&self, answers: &[Option<rpb::RegisterSessionsResponse>]) {
         let now = Instant::now();
         for (slot, a) in self.routers.iter().zip(answers) {
-            if let Some((release, version, _, _)) = a {
+            if let Some(a) = a {
                 *slot.write().expect("view lock poisoned") = RouterSeen {
-                    release: release.clone(),
-                    version: version.clone(),
+                    release: a.release.clone(),
+                    version: a.version.clone(),
                     answered: Some(now),
                 };
             }
         }
         // The replicas as the router that sees most of them reports them.
-        if let Some((_, _, store, incidents)) = answers
+        if let Some(a) = answers
             .iter()
             .flatten()
-            .max_by_key(|(_, _, s, _)| s.iter().filter(|r| r.reachable).count())
+            .max_by_key(|a| a.store.iter().filter(|r| r.reachable).count())
         {
-            if !store.is_empty() {
-                *self.store.write().expect("view lock poisoned") = (Some(now), store.clone());
+            if !a.store.is_empty() {
+                *self.store.write().expect("view lock poisoned") = (Some(now), a.store.clone());
             }
-            *self.incidents.write().expect("view lock poisoned") = incidents.clone();
+            *self.incidents.write().expect("view lock poisoned") = a.incidents.clone();
         }
     }
 }
