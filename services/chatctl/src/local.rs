@@ -784,7 +784,7 @@ async fn serve(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut pending: Vec<(String, tokio::time::Instant)> = Vec::new();
+    let mut pending: Vec<String> = Vec::new();
     let mut last_start = std::collections::HashMap::new();
     loop {
         tokio::select! {
@@ -799,23 +799,25 @@ async fn serve(cluster: &mut LocalCluster) -> anyhow::Result<()> {
                         "{name} exited ({status}); starting it again. Log: {}",
                         cluster.log(&name).display()
                     );
-                    pending.push((name, tokio::time::Instant::now()));
+                    pending.push(name);
                 }
                 let now = tokio::time::Instant::now();
-                let mut later = Vec::new();
-                for (name, since) in pending.drain(..) {
-                    let due = last_start.get(&name).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(1));
+                pending.retain(|name| {
+                    let due = last_start
+                        .get(name)
+                        .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(1));
                     if !due {
-                        later.push((name, since));
-                        continue;
+                        return true;
                     }
                     last_start.insert(name.clone(), now);
-                    if let Err(e) = cluster.restart(&name) {
-                        eprintln!("cannot start {name} again: {e:#}");
-                        later.push((name, since));
+                    match cluster.restart(name) {
+                        Ok(()) => false,
+                        Err(e) => {
+                            eprintln!("cannot start {name} again: {e:#}");
+                            true
+                        }
                     }
-                }
-                pending = later;
+                });
             }
         }
     }
