@@ -1,21 +1,26 @@
 //! The store's per-replica write path without network or raft: for each
-//! batch, persist one raft entry holding the batch, apply it to the state
-//! machine, and sync. Tells whether the engine bounds the store.
+//! batch, append one raft entry holding the batch to the WAL (synced, as
+//! `--sync always` does before acknowledging), apply it to the state
+//! machine without a sync, and checkpoint the state in the background every
+//! `--checkpoint-ms`, as a replica does. Tells whether storage bounds the
+//! store, and what a message costs it in CPU and bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chat_store::checkpoint::{Checkpointer, Durable};
 use chat_store::codec::encode_proposal;
 use chat_store::engine::{BackgroundFlush, Engine, MemEngine, SledEngine, WriteBatch};
 use chat_store::keys;
 use chat_store::log_store::LogStore;
 use chat_store::state_machine::{Applier, SeqCache};
 use chat_store::types::{ConversationId, NewMessage, NodeId, Op, UserId};
+use chat_store::wal::{RaftEngineWal, Wal};
 use raft::eraftpb::{Entry, HardState};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// "sled" or "mem".
+    /// State machine engine: "sled" or "mem".
     #[arg(long, default_value = "sled")]
     engine: String,
     /// Messages per raft entry (group commit size).
@@ -26,22 +31,65 @@ pub struct Args {
     conversations: usize,
     #[arg(long, default_value_t = 256)]
     body_bytes: usize,
-    /// Sync after every batch (as `--sync always` does).
+    /// fdatasync the WAL after every batch (as `--sync always` does).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync: bool,
+    /// Background state checkpoint interval.
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_ms: u64,
+    /// Compact the log to this many entries behind the checkpoint.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_entries: u64,
     #[arg(long, default_value_t = 5)]
     duration_secs: u64,
 }
 
+/// CPU time this process has used (user + system), from /proc.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let total = ticks(11) + ticks(12);
+    Duration::from_millis(total * 10)
+}
+
+/// Bytes under `dir`, recursively.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let engine: Arc<dyn Engine> = match args.engine.as_str() {
-        "sled" => Arc::new(SledEngine::open(dir.path(), BackgroundFlush::Off)?),
+    let state_dir = dir.path().join("state");
+    let wal_dir = dir.path().join("wal");
+    std::fs::create_dir_all(&state_dir)?;
+    let state: Arc<dyn Engine> = match args.engine.as_str() {
+        "sled" => Arc::new(SledEngine::open(&state_dir, BackgroundFlush::Off)?),
         "mem" => Arc::new(MemEngine::new()),
         other => anyhow::bail!("unknown engine {other:?}"),
     };
+    let wal: Arc<dyn Wal> = Arc::new(RaftEngineWal::open(&wal_dir)?);
     let log = LogStore::open(
-        engine.clone(),
+        wal,
+        state.clone(),
         NodeId(1),
         &[(NodeId(1), "127.0.0.1:1".to_owned())],
     )?;
@@ -50,7 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|i| ConversationId::parse(&format!("c{i}")))
         .collect::<Result<_, _>>()?;
     let mut seqs = SeqCache::default();
-    let mut a = Applier::new(engine.as_ref(), &mut seqs);
+    let mut a = Applier::new(state.as_ref(), &mut seqs);
     for c in &convs {
         a.apply(
             &Op::CreateConversation {
@@ -60,11 +108,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             0,
         )?;
     }
-    engine.write(a.finish())?;
+    state.write(a.finish())?;
+    let durable = Durable::new(log.applied()?.0);
+    let mut checkpointer = Checkpointer::start(
+        log.clone(),
+        durable.clone(),
+        Duration::from_millis(args.checkpoint_ms),
+        None,
+        "checkpoint".into(),
+    )?;
 
     let body = bytes::Bytes::from(vec![b'x'; args.body_bytes]);
     let mut index = log.last_index_cached();
+    let first = index;
     let mut n = 0u64;
+    let cpu0 = process_cpu();
     let start = Instant::now();
     let mut sync_time = Duration::ZERO;
     while start.elapsed() < Duration::from_secs(args.duration_secs) {
@@ -87,30 +145,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut hs = HardState::default();
         hs.term = 6;
         hs.commit = index - 1;
-        log.persist(&[e], Some(&hs))?;
-        let mut a = Applier::new(engine.as_ref(), &mut seqs);
+        let t = Instant::now();
+        log.persist(&[e], Some(&hs), args.sync)?;
+        sync_time += t.elapsed();
+        let mut a = Applier::new(state.as_ref(), &mut seqs);
         for op in &ops {
             a.apply(op, 0)?;
         }
         let mut b: WriteBatch = a.finish();
         b.put(keys::APPLIED, keys::encode_pair(index, 6));
-        engine.write(b)?;
-        if args.sync {
-            let t = Instant::now();
-            engine.sync()?;
-            sync_time += t.elapsed();
+        state.write(b)?;
+        let to = index
+            .saturating_sub(args.snapshot_entries)
+            .min(durable.get());
+        if to > log.truncated_index() + args.snapshot_entries / 2 {
+            log.compact(to)?;
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    checkpointer.stop();
+    let batches = index - first;
+    let disk = dir_bytes(dir.path());
     println!(
-        "engine-bench: engine={} batch={} conversations={} body={}B sync={}",
-        args.engine, args.batch, args.conversations, args.body_bytes, args.sync
+        "engine-bench: state={} batch={} conversations={} body={}B sync={} checkpoint={}ms",
+        args.engine, args.batch, args.conversations, args.body_bytes, args.sync, args.checkpoint_ms
     );
     println!(
-        "messages/s: {:.0}  batches/s: {:.0}  time in sync: {:.0}%",
+        "messages/s: {:.0}  batches (WAL writes) /s: {:.0}  time in WAL write+sync: {:.0}%",
         n as f64 / secs,
-        (index as f64) / secs,
+        batches as f64 / secs,
         100.0 * sync_time.as_secs_f64() / secs
+    );
+    println!(
+        "CPU per message: {:.2} µs (process user+system {:.2} s over {:.2} s; includes the checkpointer)",
+        cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
+        cpu.as_secs_f64(),
+        secs
+    );
+    println!(
+        "on disk at the end: {:.1} MiB ({:.0} B per message, bodies {} B)",
+        disk as f64 / (1 << 20) as f64,
+        disk as f64 / n.max(1) as f64,
+        args.body_bytes
     );
     Ok(())
 }

@@ -15,10 +15,11 @@ use crate::types::NodeId;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SyncArg {
-    /// fsync before acknowledging (durable against power loss).
+    /// fdatasync the raft log before acknowledging (durable against power
+    /// loss).
     Always,
-    /// Flush in the background every --sync-interval-ms (faster; a crash of
-    /// a majority can lose acknowledged messages).
+    /// Sync the raft log in the background every --sync-interval-ms
+    /// (faster; a power cut on a majority can lose acknowledged messages).
     Interval,
 }
 
@@ -53,9 +54,13 @@ pub struct StoreConfig {
     /// Durability of acknowledged writes.
     #[arg(long, env = "CHAT_STORE_SYNC", value_enum, default_value = "always")]
     pub sync: SyncArg,
-    /// Background flush interval with --sync interval.
+    /// Background raft log sync interval with --sync interval.
     #[arg(long, env = "CHAT_STORE_SYNC_INTERVAL_MS", default_value_t = 100)]
     pub sync_interval_ms: u64,
+    /// How often the state machine is made durable (fsync) in the
+    /// background; the raft log is kept back to the last such checkpoint.
+    #[arg(long, env = "CHAT_STORE_CHECKPOINT_MS", default_value_t = 1000)]
+    pub checkpoint_ms: u64,
     /// Raft tick.
     #[arg(long, env = "CHAT_STORE_TICK_MS", default_value_t = 50)]
     pub tick_ms: u64,
@@ -167,6 +172,11 @@ impl StoreConfig {
                     .into(),
             ));
         }
+        if self.checkpoint_ms == 0 || self.sync_interval_ms == 0 {
+            return Err(StoreError::InvalidArgument(
+                "--checkpoint-ms and --sync-interval-ms must be positive".into(),
+            ));
+        }
         if self.max_body_bytes == 0 || self.max_body_bytes > 16 << 20 {
             return Err(StoreError::InvalidArgument(
                 "--max-body-bytes must be in 1..=16 MiB".into(),
@@ -188,6 +198,8 @@ impl StoreConfig {
                 },
                 snapshot_entries: self.snapshot_entries,
                 compact_keep: self.compact_keep,
+                checkpoint_interval: Duration::from_millis(self.checkpoint_ms),
+                wal_sync_interval: Duration::from_millis(self.sync_interval_ms),
             },
             advertise,
             data_dir: Some(self.data_dir.clone()),

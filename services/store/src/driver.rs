@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::checkpoint::Durable;
 use crate::codec;
 use crate::engine::Engine;
 use crate::error::StoreError;
@@ -56,10 +57,12 @@ const PIPELINE_DEPTH: u64 = 1;
 /// Durability of acknowledged writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
-    /// fsync before acknowledging an append to the leader or applying.
+    /// fdatasync the raft log before acknowledging an append to the
+    /// leader or applying.
     Always,
-    /// No fsync on the write path; the engine flushes in the background.
-    /// A crash of a majority can lose acknowledged writes.
+    /// No fsync on the write path; the raft log is synced in the background
+    /// (`DriverConfig::wal_sync_interval`). A power cut on a majority can
+    /// lose acknowledged writes.
     Interval,
 }
 
@@ -75,6 +78,10 @@ pub struct DriverConfig {
     /// Applied entries kept after compaction, so slightly lagging followers
     /// catch up from the log rather than by snapshot.
     pub compact_keep: u64,
+    /// How often the state machine is made durable (see `checkpoint`).
+    pub checkpoint_interval: Duration,
+    /// With `SyncMode::Interval`, how often the raft log is synced.
+    pub wal_sync_interval: Duration,
 }
 
 type ProposeReply = oneshot::Sender<Result<OpResults, StoreError>>;
@@ -85,7 +92,11 @@ pub(crate) struct Driver {
     cfg: DriverConfig,
     raw: RawNode<LogStore>,
     log: LogStore,
-    engine: Arc<dyn Engine>,
+    /// The state machine's engine.
+    state: Arc<dyn Engine>,
+    /// Applied index the state engine has made durable; the log is never
+    /// compacted past it.
+    durable: Durable,
     transport: Transport,
     requests: mpsc::Receiver<Request>,
     inbox: mpsc::Receiver<Message>,
@@ -127,6 +138,7 @@ impl Driver {
     pub(crate) fn new(
         cfg: DriverConfig,
         log: LogStore,
+        durable: Durable,
         transport: Transport,
         requests: mpsc::Receiver<Request>,
         inbox: mpsc::Receiver<Message>,
@@ -151,8 +163,8 @@ impl Driver {
         let logger = crate::logging::raft_logger(cfg.id);
         let raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
         let start_commit = log.hard_state().commit;
-        let fresh = log.is_fresh()?;
-        let engine = log.engine().clone();
+        let fresh = log.is_fresh();
+        let state = log.state().clone();
         // Proposal ids: replica id in the top 16 bits, then a counter seeded
         // from the clock so ids of a previous run are not reused.
         let seed = (SystemTime::now()
@@ -164,7 +176,8 @@ impl Driver {
             cfg,
             raw,
             log,
-            engine,
+            state,
+            durable,
             transport,
             requests,
             inbox,
@@ -206,8 +219,13 @@ impl Driver {
         }
     }
 
-    /// Runs until `shutdown` fires or storage fails.
-    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+    /// Runs until `shutdown` fires or storage fails. With `crash` fired
+    /// too, stops as a crash would: without syncing anything.
+    pub(crate) async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        crash: CancellationToken,
+    ) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -243,8 +261,13 @@ impl Driver {
             self.publish_status();
         };
         self.fail_all(StoreError::ShuttingDown);
-        if let Err(e) = self.engine.sync() {
-            warn!(error = %e, "final sync failed");
+        if !crash.is_cancelled() {
+            if let Err(e) = self.log.sync() {
+                warn!(error = %e, "final raft log sync failed");
+            }
+            if let Err(e) = crate::checkpoint::checkpoint(&self.log, &self.durable) {
+                warn!(error = %e, "final state checkpoint failed");
+            }
         }
         self.status.send_modify(|s| {
             s.stopped = true;
@@ -579,14 +602,13 @@ impl Driver {
         }
         self.apply(ready.take_committed_entries())?;
         let hs = ready.hs().cloned();
-        if !ready.entries().is_empty() || hs.is_some() {
-            self.log.persist(ready.entries(), hs.as_ref())?;
-        }
-        if must_sync {
+        if !ready.entries().is_empty() || hs.is_some() || must_sync {
             let t = std::time::Instant::now();
-            self.engine.sync()?;
-            self.stats.syncs += 1;
-            self.stats.sync_micros += t.elapsed().as_micros() as u64;
+            self.log.persist(ready.entries(), hs.as_ref(), must_sync)?;
+            if must_sync {
+                self.stats.syncs += 1;
+                self.stats.sync_micros += t.elapsed().as_micros() as u64;
+            }
         }
         for rs in ready.take_read_states() {
             let ctx = rs
@@ -620,7 +642,7 @@ impl Driver {
         self.log.install_snapshot(snap, data)?;
         self.seqs.clear();
         self.applied = meta.index;
-        let reader = crate::state_machine::Reader::new(self.engine.clone());
+        let reader = crate::state_machine::Reader::new(self.state.clone());
         for (id, addr) in reader.replica_addresses()? {
             self.transport.set_peer(NodeId(id), addr);
         }
@@ -633,8 +655,8 @@ impl Driver {
         };
         self.stats.applied_entries += entries.len() as u64;
         let (last_index, last_term) = (last.index, last.term);
-        let engine = self.engine.clone();
-        let mut applier = Applier::new(engine.as_ref(), &mut self.seqs);
+        let state = self.state.clone();
+        let mut applier = Applier::new(state.as_ref(), &mut self.seqs);
         let mut replies: Vec<(ProposeReply, OpResults)> = Vec::new();
         let mut membership_replies: Vec<MembershipReply> = Vec::new();
         let mut new_conf: Option<ConfState> = None;
@@ -697,7 +719,9 @@ impl Driver {
         }
         let mut batch = applier.finish();
         batch.put(keys::APPLIED, keys::encode_pair(last_index, last_term));
-        self.engine.write(batch)?;
+        // Not synced: the WAL holds these entries until a checkpoint
+        // covers them.
+        self.state.write(batch)?;
         self.applied = last_index;
         // Published before anyone is answered, so the status never lags an
         // acknowledgement.
@@ -738,7 +762,12 @@ impl Driver {
         if self.applied.saturating_sub(truncated) < self.cfg.snapshot_entries {
             return Ok(());
         }
-        let to = self.applied.saturating_sub(self.cfg.compact_keep);
+        // Only below the durable checkpoint: entries above it may still be
+        // needed to rebuild the state after a crash.
+        let to = self
+            .applied
+            .saturating_sub(self.cfg.compact_keep)
+            .min(self.durable.get());
         if to > truncated {
             debug!(replica = %self.cfg.id, to, "compacting log");
             self.log.compact(to)?;

@@ -1,12 +1,20 @@
-//! Key layout inside the engine. Every key the store writes is built here.
+//! Key layout. Every key the store writes is built here.
+//!
+//! The raft log's metadata lives in the WAL's meta group (`wal::META_GROUP`),
+//! beside the entries (`wal::LOG_GROUP`, keyed by raft index):
 //!
 //! ```text
-//! m/id              replica id that owns this data directory (u64 BE)
-//! m/hs              raft hard state
+//! id                replica id that owns this WAL (u64 BE)
+//! hs                raft hard state
+//! tr                index and term of the last compacted entry (u64 BE x2)
+//! fresh             present until a leader has contacted this replica
+//! ```
+//!
+//! The state machine lives in the ordered key-value engine (sled):
+//!
+//! ```text
+//! m/id              replica id that owns this state (u64 BE)
 //! m/cs              raft conf state (as of the applied index)
-//! m/tr              index and term of the last compacted entry (u64 BE x2)
-//! m/fresh           present until a leader has contacted this replica
-//! l/<index BE>      raft log entry
 //! s/a               applied index and its term (u64 BE x2)
 //! s/c/<conv>        conversation record
 //! s/m/<len><conv><seq BE>             message record
@@ -18,13 +26,17 @@
 //!
 //! Everything under `s/` is the state machine and travels in snapshots.
 
+/// Keys of the WAL's meta group.
+pub mod wal {
+    pub const REPLICA_ID: &[u8] = b"id";
+    pub const HARD_STATE: &[u8] = b"hs";
+    pub const TRUNCATED: &[u8] = b"tr";
+    /// Present while the replica has never heard from a leader.
+    pub const FRESH: &[u8] = b"fresh";
+}
+
 pub const REPLICA_ID: &[u8] = b"m/id";
-pub const HARD_STATE: &[u8] = b"m/hs";
 pub const CONF_STATE: &[u8] = b"m/cs";
-pub const TRUNCATED: &[u8] = b"m/tr";
-/// Present while the data directory has never heard from a leader.
-pub const FRESH: &[u8] = b"m/fresh";
-pub const LOG_PREFIX: &[u8] = b"l/";
 pub const STATE_PREFIX: &[u8] = b"s/";
 pub const APPLIED: &[u8] = b"s/a";
 pub const CONVERSATION_PREFIX: &[u8] = b"s/c/";
@@ -33,18 +45,6 @@ pub const DEDUP_PREFIX: &[u8] = b"s/d/";
 pub const REPLICA_ADDR_PREFIX: &[u8] = b"s/r/";
 pub const USER_CONV_PREFIX: &[u8] = b"s/u/";
 pub const SETTING_PREFIX: &[u8] = b"s/k/";
-
-pub fn log_entry(index: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(LOG_PREFIX.len() + 8);
-    k.extend_from_slice(LOG_PREFIX);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
-}
-
-pub fn log_index(key: &[u8]) -> Option<u64> {
-    let raw = key.strip_prefix(LOG_PREFIX)?;
-    Some(u64::from_be_bytes(raw.try_into().ok()?))
-}
 
 pub fn conversation(conv: &str) -> Vec<u8> {
     [CONVERSATION_PREFIX, conv.as_bytes()].concat()
@@ -139,7 +139,5 @@ mod tests {
         assert!(a9 < a10);
         assert!(!ab1.starts_with(&messages_of("a")));
         assert_eq!(message_seq(&a10), Some(10));
-        assert_eq!(log_index(&log_entry(42)), Some(42));
-        assert!(log_entry(255) < log_entry(256));
     }
 }

@@ -1,12 +1,15 @@
 //! The chat backend's message store: a raft group (raft-rs) whose replicas
-//! persist the raft log and the state machine in an ordered key-value engine
-//! (sled in production, an in-memory twin in tests).
+//! keep the raft log in a write-ahead log made for raft logs (raft-engine)
+//! and the state machine in an ordered key-value engine (sled in
+//! production, an in-memory twin in tests).
 //!
 //! An append is acknowledged only after its entry is committed on a
-//! majority, each of which synced it to disk, and applied on the leader.
+//! majority, each of which made it durable with an fdatasync of its raft
+//! log, and applied on the leader.
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admin;
+pub mod checkpoint;
 pub mod client;
 pub mod codec;
 pub mod config;
@@ -25,8 +28,9 @@ pub mod state_machine;
 pub mod testkit;
 pub mod transport;
 pub mod types;
+pub mod wal;
 
 pub use client::StoreClient;
 pub use error::StoreError;
-pub use replica::{Replica, ReplicaOptions};
+pub use replica::{Replica, ReplicaOptions, Storage};
 pub use types::NodeId;

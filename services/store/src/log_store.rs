@@ -1,10 +1,22 @@
-//! The raft log, hard state and conf state, kept in an `Engine`; implements
-//! `raft::Storage` for raft-rs.
+//! The raft log (entries, hard state, truncation point) in the WAL and the
+//! conf state beside the state machine; implements `raft::Storage`.
+//!
+//! Two stores, two durability points:
+//! - the WAL (raft-engine) holds what raft needs to be durable before it
+//!   acknowledges: entries and hard state, written with one `fdatasync` per
+//!   Ready (`persist`);
+//! - the state engine (sled) holds the state machine, written without sync
+//!   as entries apply; the checkpointer (see `checkpoint`) makes it durable
+//!   in the background, and after a crash the replica re-applies from the
+//!   WAL whatever the state lost.
+//!
+//! Architecture Invariant: the log is compacted only below the durable
+//! checkpoint, so every entry the state engine may have lost is still in
+//! the WAL.
 //!
 //! Snapshots are not stored: `snapshot()` exports the state machine as of
 //! the applied index, which is consistent because the driver is the only
-//! writer and calls it from its own thread. Compaction only ever removes
-//! entries at or below the applied index.
+//! writer and calls it from its own thread.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
@@ -12,19 +24,23 @@ use std::sync::{Arc, RwLock};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use raft_engine::{Command, LogBatch};
 
 use crate::engine::{Engine, Pair, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
 use crate::types::NodeId;
+use crate::wal::{EntryExt, LOG_GROUP, META_GROUP, Wal};
 
 /// Index and term a new group's log starts after (see `LogStore::open`).
 pub const BOOTSTRAP_INDEX: u64 = 5;
 pub const BOOTSTRAP_TERM: u64 = 5;
 
-/// Terms of the most recent entries kept in memory; raft asks for them on
-/// every append response.
-const TERM_CACHE: usize = 8192;
+/// Most recent entries kept in memory: raft asks for their terms on every
+/// append response and sends them to followers that lag a little.
+const RECENT_ENTRIES: usize = 8192;
+/// Bytes of recent entries kept in memory at most.
+const RECENT_BYTES: usize = 32 << 20;
 
 struct Cache {
     hard_state: HardState,
@@ -32,14 +48,58 @@ struct Cache {
     /// Index and term of the last compacted (or snapshotted) entry.
     truncated: (u64, u64),
     last_index: u64,
-    /// (index, term) of the newest entries, contiguous, ascending.
-    terms: VecDeque<(u64, u64)>,
+    /// The newest entries, contiguous, ascending, ending at `last_index`.
+    recent: VecDeque<Entry>,
+    recent_bytes: usize,
 }
 
-/// Raft log storage over an engine. Cheap to clone; clones share state.
+impl Cache {
+    fn push_recent(&mut self, entries: &[Entry]) {
+        if let Some(first) = entries.first() {
+            while self.recent.back().is_some_and(|e| e.index >= first.index) {
+                let e = self.recent.pop_back().expect("back exists");
+                self.recent_bytes -= e.data.len();
+            }
+            if self
+                .recent
+                .back()
+                .is_some_and(|e| e.index + 1 != first.index)
+            {
+                self.recent.clear();
+                self.recent_bytes = 0;
+            }
+        }
+        for e in entries {
+            self.recent_bytes += e.data.len();
+            self.recent.push_back(e.clone());
+        }
+        while self.recent.len() > RECENT_ENTRIES || self.recent_bytes > RECENT_BYTES {
+            let Some(e) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes -= e.data.len();
+        }
+    }
+
+    fn drop_recent_through(&mut self, index: u64) {
+        while self.recent.front().is_some_and(|e| e.index <= index) {
+            let e = self.recent.pop_front().expect("front exists");
+            self.recent_bytes -= e.data.len();
+        }
+    }
+
+    fn recent_from(&self, index: u64) -> Option<usize> {
+        let first = self.recent.front()?.index;
+        (index >= first && index <= self.last_index).then(|| (index - first) as usize)
+    }
+}
+
+/// Raft log storage over a WAL and the state engine. Cheap to clone; clones
+/// share state.
 #[derive(Clone)]
 pub struct LogStore {
-    engine: Arc<dyn Engine>,
+    wal: Arc<dyn Wal>,
+    state: Arc<dyn Engine>,
     cache: Arc<RwLock<Cache>>,
 }
 
@@ -51,151 +111,133 @@ fn to_raft(e: StoreError) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
 
+fn encode<M: protobuf::Message>(what: &str, m: &M) -> Result<Vec<u8>, StoreError> {
+    m.write_to_bytes().map_err(|e| corrupt(what, e))
+}
+
+fn owner(raw: Option<Vec<u8>>) -> Result<Option<u64>, StoreError> {
+    raw.map(|raw| {
+        let raw: [u8; 8] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("replica id", "wrong length"))?;
+        Ok(u64::from_be_bytes(raw))
+    })
+    .transpose()
+}
+
 impl LogStore {
     /// Opens the log of replica `id`. A data directory written by another
     /// replica is refused. A fresh one is initialised with `initial_voters`
     /// (empty for a replica that will join an existing group).
+    ///
+    /// Reconciles the two stores after a crash: a snapshot the state
+    /// engine installed but the WAL did not record is recorded now.
     pub fn open(
-        engine: Arc<dyn Engine>,
+        wal: Arc<dyn Wal>,
+        state: Arc<dyn Engine>,
         id: NodeId,
         initial_voters: &[(NodeId, String)],
     ) -> Result<Self, StoreError> {
-        let owner = engine.get(keys::REPLICA_ID)?;
-        let fresh = match owner {
-            Some(raw) => {
-                let raw: [u8; 8] = raw
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| corrupt("replica id", "wrong length"))?;
-                let owner = u64::from_be_bytes(raw);
-                if owner != id.0 {
-                    return Err(StoreError::FailedPrecondition(format!(
-                        "data directory belongs to replica {owner}, not to replica {id}"
-                    )));
-                }
-                false
+        let wal_owner = owner(wal.get(keys::wal::REPLICA_ID))?;
+        let state_owner = owner(state.get(keys::REPLICA_ID)?)?;
+        for owner in [wal_owner, state_owner].into_iter().flatten() {
+            if owner != id.0 {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "data directory belongs to replica {owner}, not to replica {id}"
+                )));
             }
-            None => true,
-        };
-        if fresh {
-            let mut b = WriteBatch::default();
-            b.put(keys::REPLICA_ID, id.0.to_be_bytes().to_vec());
-            // Until a leader contacts it, this replica knows nothing the
-            // group has committed, and must not help elect anyone who has
-            // history (see Driver::step).
-            b.put(keys::FRESH, Vec::new());
-            if !initial_voters.is_empty() {
-                // A new group starts as if a snapshot at BOOTSTRAP_INDEX held
-                // its voters. The log then never contains index 1, so any
-                // replica joining later must begin with a snapshot, which
-                // carries the conf state it could not learn from the log.
-                let mut cs = ConfState::default();
-                cs.voters = initial_voters.iter().map(|(n, _)| n.0).collect();
-                // Every initial voter writes the same addresses, and they
-                // travel in snapshots, so replicas that join later can reach
-                // every voter.
-                for (n, addr) in initial_voters {
-                    b.put(keys::replica_addr(n.0), addr.clone().into_bytes());
-                }
-                b.put(
-                    keys::CONF_STATE,
-                    cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?,
-                );
-                let mut hs = HardState::default();
-                hs.term = BOOTSTRAP_TERM;
-                hs.commit = BOOTSTRAP_INDEX;
-                b.put(
-                    keys::HARD_STATE,
-                    hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
-                );
-                b.put(
-                    keys::TRUNCATED,
-                    keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
-                );
-                b.put(
-                    keys::APPLIED,
-                    keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
-                );
-            }
-            engine.write(b)?;
-            engine.sync()?;
         }
-        let mut hard_state = match engine.get(keys::HARD_STATE)? {
+        let initialising = wal.get(keys::wal::FRESH).is_some() && state_owner.is_none();
+        match (wal_owner, state_owner) {
+            (None, None) => Self::init_wal(wal.as_ref(), id, initial_voters)?,
+            (Some(_), None) if initialising => {}
+            (Some(_), Some(_)) => {}
+            (None, Some(_)) => {
+                return Err(StoreError::Storage(
+                    "data directory is damaged: the state machine is there but the raft log is empty; \
+                     restore it from a backup, or delete the directory to rejoin by snapshot"
+                        .into(),
+                ));
+            }
+            (Some(_), None) => {
+                return Err(StoreError::Storage(
+                    "data directory is damaged: the raft log is there but the state machine is empty; \
+                     restore it from a backup, or delete the directory to rejoin by snapshot"
+                        .into(),
+                ));
+            }
+        }
+        if state_owner.is_none() {
+            Self::init_state(state.as_ref(), id, initial_voters)?;
+        }
+
+        let mut hard_state = match wal.get(keys::wal::HARD_STATE) {
             Some(raw) => HardState::parse_from_bytes(&raw).map_err(|e| corrupt("hard state", e))?,
             None => HardState::default(),
         };
-        let conf_state = match engine.get(keys::CONF_STATE)? {
+        let conf_state = match state.get(keys::CONF_STATE)? {
             Some(raw) => ConfState::parse_from_bytes(&raw).map_err(|e| corrupt("conf state", e))?,
             None => ConfState::default(),
         };
-        let truncated = match engine.get(keys::TRUNCATED)? {
+        let mut truncated = match wal.get(keys::wal::TRUNCATED) {
             Some(raw) => keys::decode_pair(&raw)
                 .ok_or_else(|| corrupt("truncation marker", "wrong length"))?,
             None => (0, 0),
         };
-        let tail = engine.scan(
-            keys::LOG_PREFIX,
-            &prefix_end(keys::LOG_PREFIX),
-            true,
-            TERM_CACHE,
-        )?;
-        let mut terms = VecDeque::with_capacity(tail.len());
-        for (k, v) in tail.iter().rev() {
-            let index = keys::log_index(k).ok_or_else(|| corrupt("log key", "wrong length"))?;
-            let e = Entry::parse_from_bytes(v).map_err(|e| corrupt("log entry", e))?;
-            if e.index != index {
-                return Err(corrupt(
-                    "log entry",
-                    format!("key says {index}, entry says {}", e.index),
-                ));
-            }
-            if let Some(&(prev, _)) = terms.back()
-                && prev + 1 != index
-            {
-                return Err(corrupt("log", format!("gap between {prev} and {index}")));
-            }
-            terms.push_back((index, e.term));
-        }
-        let last_index = terms.back().map_or(truncated.0, |&(i, _)| i);
-        if let Some(&(first, _)) = terms.front()
-            && first <= truncated.0
-            && terms.len() < TERM_CACHE
+        let applied = read_applied(state.as_ref())?;
+        let mut span = wal.span();
+        if let Some((first, _)) = span
+            && first > truncated.0 + 1
         {
             return Err(corrupt(
-                "log",
+                "raft log",
                 format!(
-                    "entry {first} is below the compaction point {}",
-                    truncated.0
+                    "entries {}..{first} are missing after the compaction point",
+                    truncated.0 + 1
                 ),
             ));
         }
-        // Applying writes the applied index before the Ready's hard state
-        // is written, so a crash can leave the recorded commit behind it.
-        // Applied entries were committed; raise the commit to match.
-        let applied = match engine.get(keys::APPLIED)? {
-            Some(raw) => {
-                keys::decode_pair(&raw)
-                    .ok_or_else(|| corrupt("applied index", "wrong length"))?
-                    .0
+        let term_at = |index: u64| -> Result<Option<u64>, StoreError> {
+            if index == truncated.0 {
+                return Ok(Some(truncated.1));
             }
-            None => 0,
+            match span {
+                Some((first, last)) if index >= first && index <= last => {
+                    Ok(wal.entry(index)?.map(|e| e.term))
+                }
+                _ => Ok(None),
+            }
         };
-        if applied > last_index {
+        let mut fix = LogBatch::default();
+        if applied.0 > 0 && applied.0 < truncated.0 {
             return Err(corrupt(
                 "state machine",
-                format!("applied index {applied} is beyond the last log index {last_index}"),
+                format!(
+                    "applied index {} is below the compacted log ({}); the state lost entries the log no longer has",
+                    applied.0, truncated.0
+                ),
             ));
         }
-        if applied > hard_state.commit {
-            hard_state.commit = applied;
-            let mut b = WriteBatch::default();
-            b.put(
-                keys::HARD_STATE,
-                hard_state
-                    .write_to_bytes()
-                    .map_err(|e| corrupt("hard state", e))?,
-            );
-            engine.write(b)?;
+        if applied.0 > 0 && term_at(applied.0)? != Some(applied.1) {
+            // The state engine installed a snapshot and the crash came
+            // before the WAL recorded it: the log before it is obsolete.
+            fix.add_command(LOG_GROUP, Command::Clean);
+            truncated = applied;
+            span = None;
+            fix.put(
+                META_GROUP,
+                keys::wal::TRUNCATED.to_vec(),
+                keys::encode_pair(applied.0, applied.1),
+            )
+            .map_err(|e| corrupt("truncation marker", e))?;
+            hard_state.term = hard_state.term.max(applied.1);
+        }
+        let last_index = span.map_or(truncated.0, |(_, last)| last);
+        // Applied entries were committed; a commit index behind them (the
+        // light ready's commit is not written) is raised to match.
+        if applied.0 > hard_state.commit {
+            hard_state.commit = applied.0;
         }
         if hard_state.commit > last_index {
             return Err(corrupt(
@@ -206,35 +248,122 @@ impl LogStore {
                 ),
             ));
         }
-        let cache = Cache {
+        if !fix.is_empty() || wal.get(keys::wal::HARD_STATE).is_some() {
+            fix.put(
+                META_GROUP,
+                keys::wal::HARD_STATE.to_vec(),
+                encode("hard state", &hard_state)?,
+            )
+            .map_err(|e| corrupt("hard state", e))?;
+            wal.write(&mut fix, true)?;
+        }
+        let mut cache = Cache {
             hard_state,
             conf_state,
             truncated,
             last_index,
-            terms,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         };
+        if last_index > truncated.0 {
+            let low = (truncated.0 + 1).max(last_index.saturating_sub(RECENT_ENTRIES as u64 - 1));
+            let mut tail = Vec::new();
+            wal.entries(low, last_index + 1, Some(RECENT_BYTES), &mut tail)?;
+            // A size-limited read may stop early; keep what is contiguous
+            // with the end.
+            if tail.last().is_some_and(|e| e.index == last_index) {
+                cache.push_recent(&tail);
+            }
+        }
         Ok(Self {
-            engine,
+            wal,
+            state,
             cache: Arc::new(RwLock::new(cache)),
         })
     }
 
+    /// First write of a new WAL: owner, the fresh marker and, for a new
+    /// group, the bootstrap point. Synced before the state is initialised.
+    fn init_wal(
+        wal: &dyn Wal,
+        id: NodeId,
+        initial_voters: &[(NodeId, String)],
+    ) -> Result<(), StoreError> {
+        let mut b = LogBatch::default();
+        let put = |b: &mut LogBatch, k: &[u8], v: Vec<u8>| {
+            b.put(META_GROUP, k.to_vec(), v)
+                .map_err(|e| corrupt("raft metadata", e))
+        };
+        put(&mut b, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
+        // Until a leader contacts it, this replica knows nothing the group
+        // has committed, and must not help elect anyone who has history
+        // (see Driver::step).
+        put(&mut b, keys::wal::FRESH, Vec::new())?;
+        if !initial_voters.is_empty() {
+            // A new group starts as if a snapshot at BOOTSTRAP_INDEX held
+            // its voters. The log then never contains index 1, so any
+            // replica joining later must begin with a snapshot, which
+            // carries the conf state it could not learn from the log.
+            let mut hs = HardState::default();
+            hs.term = BOOTSTRAP_TERM;
+            hs.commit = BOOTSTRAP_INDEX;
+            put(&mut b, keys::wal::HARD_STATE, encode("hard state", &hs)?)?;
+            put(
+                &mut b,
+                keys::wal::TRUNCATED,
+                keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+            )?;
+        }
+        wal.write(&mut b, true)
+    }
+
+    fn init_state(
+        state: &dyn Engine,
+        id: NodeId,
+        initial_voters: &[(NodeId, String)],
+    ) -> Result<(), StoreError> {
+        let mut b = WriteBatch::default();
+        b.put(keys::REPLICA_ID, id.0.to_be_bytes().to_vec());
+        if !initial_voters.is_empty() {
+            let mut cs = ConfState::default();
+            cs.voters = initial_voters.iter().map(|(n, _)| n.0).collect();
+            // Every initial voter writes the same addresses, and they travel
+            // in snapshots, so replicas that join later can reach every
+            // voter.
+            for (n, addr) in initial_voters {
+                b.put(keys::replica_addr(n.0), addr.clone().into_bytes());
+            }
+            b.put(keys::CONF_STATE, encode("conf state", &cs)?);
+            b.put(
+                keys::APPLIED,
+                keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+            );
+        }
+        state.write(b)?;
+        state.sync()
+    }
+
     /// Whether this replica has never heard from a leader since its data
     /// directory was created.
-    pub fn is_fresh(&self) -> Result<bool, StoreError> {
-        Ok(self.engine.get(keys::FRESH)?.is_some())
+    pub fn is_fresh(&self) -> bool {
+        self.wal.get(keys::wal::FRESH).is_some()
     }
 
     /// Records that a leader has contacted this replica (durable with the
-    /// next sync; losing it only keeps the replica cautious longer).
+    /// next synced write; losing it only keeps the replica cautious longer).
     pub fn clear_fresh(&self) -> Result<(), StoreError> {
-        let mut b = WriteBatch::default();
-        b.delete(keys::FRESH);
-        self.engine.write(b)
+        let mut b = LogBatch::default();
+        b.delete(META_GROUP, keys::wal::FRESH.to_vec());
+        self.wal.write(&mut b, false)
     }
 
-    pub fn engine(&self) -> &Arc<dyn Engine> {
-        &self.engine
+    /// The state machine's engine.
+    pub fn state(&self) -> &Arc<dyn Engine> {
+        &self.state
+    }
+
+    pub fn wal(&self) -> &Arc<dyn Wal> {
+        &self.wal
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
@@ -261,52 +390,47 @@ impl LogStore {
         self.read().last_index
     }
 
-    /// Persists new entries (replacing any conflicting suffix) and, if given,
-    /// the hard state, in one atomic write. Durable after `sync`.
-    pub fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StoreError> {
-        let mut b = WriteBatch::default();
-        if let Some(first) = entries.first() {
-            let last_index = self.read().last_index;
-            if first.index <= last_index {
-                b.delete_range(keys::log_entry(first.index), prefix_end(keys::LOG_PREFIX));
-            }
-            for e in entries {
-                b.put(
-                    keys::log_entry(e.index),
-                    e.write_to_bytes().map_err(|e| corrupt("entry", e))?,
-                );
-            }
-        }
+    /// Appends new entries (replacing any conflicting suffix) and, if
+    /// given, the hard state, in one atomic WAL write; with `sync`, returns
+    /// once an fdatasync covers them.
+    pub fn persist(
+        &self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        let mut b = LogBatch::default();
+        b.add_entries::<EntryExt>(LOG_GROUP, entries)
+            .map_err(|e| corrupt("entry", e))?;
         if let Some(hs) = hs {
             b.put(
-                keys::HARD_STATE,
-                hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
-            );
+                META_GROUP,
+                keys::wal::HARD_STATE.to_vec(),
+                encode("hard state", hs)?,
+            )
+            .map_err(|e| corrupt("hard state", e))?;
         }
         if b.is_empty() {
+            if sync {
+                self.wal.write(&mut b, true)?;
+            }
             return Ok(());
         }
-        self.engine.write(b)?;
+        self.wal.write(&mut b, sync)?;
         let mut c = self.write_cache();
-        if let Some(first) = entries.first() {
-            while c.terms.back().is_some_and(|&(i, _)| i >= first.index) {
-                c.terms.pop_back();
-            }
-            if c.terms.back().is_some_and(|&(i, _)| i + 1 != first.index) {
-                c.terms.clear();
-            }
-            for e in entries {
-                c.terms.push_back((e.index, e.term));
-            }
-            while c.terms.len() > TERM_CACHE {
-                c.terms.pop_front();
-            }
-            c.last_index = entries.last().map_or(c.last_index, |e| e.index);
+        if let Some(last) = entries.last() {
+            c.push_recent(entries);
+            c.last_index = last.index;
         }
         if let Some(hs) = hs {
             c.hard_state = hs.clone();
         }
         Ok(())
+    }
+
+    /// Makes every WAL write so far durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.wal.write(&mut LogBatch::default(), true)
     }
 
     /// Adds the conf state write to an apply batch; call `note_conf_state`
@@ -316,10 +440,7 @@ impl LogStore {
         batch: &mut WriteBatch,
         cs: &ConfState,
     ) -> Result<(), StoreError> {
-        batch.put(
-            keys::CONF_STATE,
-            cs.write_to_bytes().map_err(|e| corrupt("conf state", e))?,
-        );
+        batch.put(keys::CONF_STATE, encode("conf state", cs)?);
         Ok(())
     }
 
@@ -328,14 +449,14 @@ impl LogStore {
     }
 
     /// Replaces log and state machine with a snapshot received from the
-    /// leader, atomically.
+    /// leader: first the state (synced), then the log (synced). A crash in
+    /// between is repaired by `open`.
     pub fn install_snapshot(&self, snap: &Snapshot, data: Vec<Pair>) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
         let mut hs = self.hard_state();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
         let mut b = WriteBatch::default();
-        b.delete_range(keys::LOG_PREFIX, prefix_end(keys::LOG_PREFIX));
         b.delete_range(keys::STATE_PREFIX, prefix_end(keys::STATE_PREFIX));
         for (k, v) in data {
             if !k.starts_with(keys::STATE_PREFIX) {
@@ -346,28 +467,39 @@ impl LogStore {
             b.put(k, v);
         }
         b.put(keys::APPLIED, keys::encode_pair(meta.index, meta.term));
-        b.put(keys::TRUNCATED, keys::encode_pair(meta.index, meta.term));
         b.put(
             keys::CONF_STATE,
-            meta.get_conf_state()
-                .write_to_bytes()
-                .map_err(|e| corrupt("conf state", e))?,
+            encode("conf state", meta.get_conf_state())?,
         );
-        b.put(
-            keys::HARD_STATE,
-            hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
-        );
-        self.engine.write(b)?;
+        self.state.write(b)?;
+        self.state.sync()?;
+        let mut lb = LogBatch::default();
+        lb.add_command(LOG_GROUP, Command::Clean);
+        lb.put(
+            META_GROUP,
+            keys::wal::TRUNCATED.to_vec(),
+            keys::encode_pair(meta.index, meta.term),
+        )
+        .map_err(|e| corrupt("truncation marker", e))?;
+        lb.put(
+            META_GROUP,
+            keys::wal::HARD_STATE.to_vec(),
+            encode("hard state", &hs)?,
+        )
+        .map_err(|e| corrupt("hard state", e))?;
+        self.wal.write(&mut lb, true)?;
         let mut c = self.write_cache();
         c.hard_state = hs;
         c.conf_state = meta.get_conf_state().clone();
         c.truncated = (meta.index, meta.term);
         c.last_index = meta.index;
-        c.terms.clear();
+        c.recent.clear();
+        c.recent_bytes = 0;
         Ok(())
     }
 
-    /// Removes entries up to and including `index`, which must be applied.
+    /// Removes entries up to and including `index`. The caller guarantees
+    /// that the state machine is durable past `index` (see the module doc).
     pub fn compact(&self, index: u64) -> Result<(), StoreError> {
         let (first, last) = {
             let c = self.read();
@@ -382,15 +514,19 @@ impl LogStore {
             )));
         }
         let term = self.term_of(index)?;
-        let mut b = WriteBatch::default();
-        b.delete_range(keys::log_entry(first), keys::log_entry(index + 1));
-        b.put(keys::TRUNCATED, keys::encode_pair(index, term));
-        self.engine.write(b)?;
+        let mut b = LogBatch::default();
+        b.add_command(LOG_GROUP, Command::Compact { index: index + 1 });
+        b.put(
+            META_GROUP,
+            keys::wal::TRUNCATED.to_vec(),
+            keys::encode_pair(index, term),
+        )
+        .map_err(|e| corrupt("truncation marker", e))?;
+        // Not synced: a lost compaction is done again.
+        self.wal.write(&mut b, false)?;
         let mut c = self.write_cache();
         c.truncated = (index, term);
-        while c.terms.front().is_some_and(|&(i, _)| i <= index) {
-            c.terms.pop_front();
-        }
+        c.drop_recent_through(index);
         Ok(())
     }
 
@@ -400,26 +536,19 @@ impl LogStore {
             if idx == c.truncated.0 {
                 return Ok(c.truncated.1);
             }
-            if let Some(&(first, _)) = c.terms.front()
-                && idx >= first
-                && let Some(&(i, t)) = c.terms.get((idx - first) as usize)
-            {
-                debug_assert_eq!(i, idx);
-                return Ok(t);
+            if let Some(at) = c.recent_from(idx) {
+                return Ok(c.recent[at].term);
             }
         }
-        let raw = self
-            .engine
-            .get(&keys::log_entry(idx))?
-            .ok_or_else(|| StoreError::Storage(format!("log entry {idx} is missing")))?;
-        Ok(Entry::parse_from_bytes(&raw)
-            .map_err(|e| corrupt("log entry", e))?
-            .term)
+        self.wal
+            .entry(idx)?
+            .map(|e| e.term)
+            .ok_or_else(|| StoreError::Storage(format!("log entry {idx} is missing")))
     }
 
     /// The state machine as of the applied index, as snapshot payload pairs.
     pub fn export_state(&self) -> Result<Vec<Pair>, StoreError> {
-        self.engine.scan(
+        self.state.scan(
             keys::STATE_PREFIX,
             &prefix_end(keys::STATE_PREFIX),
             false,
@@ -429,12 +558,16 @@ impl LogStore {
 
     /// Applied index and its term, as last written by the state machine.
     pub fn applied(&self) -> Result<(u64, u64), StoreError> {
-        match self.engine.get(keys::APPLIED)? {
-            Some(raw) => {
-                keys::decode_pair(&raw).ok_or_else(|| corrupt("applied index", "wrong length"))
-            }
-            None => Ok((0, 0)),
+        read_applied(self.state.as_ref())
+    }
+}
+
+fn read_applied(state: &dyn Engine) -> Result<(u64, u64), StoreError> {
+    match state.get(keys::APPLIED)? {
+        Some(raw) => {
+            keys::decode_pair(&raw).ok_or_else(|| corrupt("applied index", "wrong length"))
         }
+        None => Ok((0, 0)),
     }
 }
 
@@ -454,39 +587,36 @@ impl raft::Storage for LogStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        let (first, last) = {
-            let c = self.read();
-            (c.truncated.0 + 1, c.last_index)
-        };
-        if low < first {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if high > last + 1 {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
         let max_size = max_size.into().unwrap_or(u64::MAX);
-        let pairs = self
-            .engine
-            .scan(
-                &keys::log_entry(low),
-                &keys::log_entry(high),
-                false,
-                (high - low) as usize,
-            )
-            .map_err(to_raft)?;
-        let mut out = Vec::with_capacity(pairs.len());
-        let mut size = 0u64;
-        for (_, v) in pairs {
-            let e = Entry::parse_from_bytes(&v).map_err(|e| to_raft(corrupt("log entry", e)))?;
-            size += u64::from(e.compute_size());
-            if !out.is_empty() && size > max_size {
-                break;
+        {
+            let c = self.read();
+            if low <= c.truncated.0 {
+                return Err(raft::Error::Store(StorageError::Compacted));
             }
-            out.push(e);
+            if high > c.last_index + 1 {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+            if let Some(at) = c.recent_from(low) {
+                let mut out = Vec::with_capacity((high - low) as usize);
+                let mut size = 0u64;
+                for e in c.recent.range(at..at + (high - low) as usize) {
+                    size += u64::from(e.compute_size());
+                    if !out.is_empty() && size > max_size {
+                        break;
+                    }
+                    out.push(e.clone());
+                }
+                return Ok(out);
+            }
         }
+        let mut out = Vec::new();
+        let limit = usize::try_from(max_size).unwrap_or(usize::MAX);
+        self.wal
+            .entries(low, high, Some(limit), &mut out)
+            .map_err(to_raft)?;
         if out.first().is_some_and(|e| e.index != low) || (out.is_empty() && low < high) {
             return Err(to_raft(corrupt(
-                "log",
+                "raft log",
                 format!("entries from {low} are missing"),
             )));
         }
@@ -531,5 +661,314 @@ impl raft::Storage for LogStore {
         meta.set_conf_state(self.conf_state());
         snap.set_metadata(meta);
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::Storage as _;
+
+    use super::*;
+    use crate::engine::MemEngine;
+    use crate::wal::RaftEngineWal;
+
+    /// A WAL in a temporary directory and an in-memory state engine.
+    struct Disk {
+        dir: tempfile::TempDir,
+        state: MemEngine,
+    }
+
+    impl Disk {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+                state: MemEngine::new(),
+            }
+        }
+
+        fn wal(&self) -> Arc<dyn Wal> {
+            Arc::new(RaftEngineWal::open(self.dir.path()).unwrap())
+        }
+
+        fn open(&self, id: u64, voters: &[(NodeId, String)]) -> Result<LogStore, StoreError> {
+            LogStore::open(self.wal(), Arc::new(self.state.clone()), NodeId(id), voters)
+        }
+    }
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = format!("entry {index}").into_bytes().into();
+        e
+    }
+
+    fn voters() -> Vec<(NodeId, String)> {
+        (1..=3)
+            .map(|i| (NodeId(i), format!("127.0.0.1:700{i}")))
+            .collect()
+    }
+
+    fn kv(k: &str, v: &str) -> Pair {
+        (k.as_bytes().to_vec(), v.as_bytes().to_vec())
+    }
+
+    fn entries(log: &LogStore, low: u64, high: u64, max: Option<u64>) -> Vec<(u64, u64)> {
+        log.entries(low, high, max, raft::GetEntriesContext::empty(false))
+            .unwrap()
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect()
+    }
+
+    #[test]
+    fn appends_truncate_conflicts_and_answer_raft_queries_from_memory_and_disk() {
+        let disk = Disk::new();
+        let log = disk.open(1, &[]).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (1, 0)
+        );
+        let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
+        log.persist(&ents, None, true).unwrap();
+        // A new leader overwrites 4..: the old 4 and 5 must go.
+        log.persist(&[entry(4, 2)], None, true).unwrap();
+        assert_eq!(log.last_index().unwrap(), 4);
+        assert_eq!(log.term(4).unwrap(), 2);
+        assert_eq!(log.term(3).unwrap(), 1);
+        assert!(log.term(5).is_err());
+        assert_eq!(entries(&log, 2, 5, None), vec![(2, 1), (3, 1), (4, 2)]);
+        // Size limit: always at least one entry.
+        assert_eq!(entries(&log, 2, 5, Some(1)).len(), 1);
+        log.compact(2).unwrap();
+        assert_eq!(log.first_index().unwrap(), 3);
+        assert_eq!(log.term(2).unwrap(), 1, "term of the compaction point");
+        assert!(matches!(
+            log.entries(1, 3, None, raft::GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(raft::StorageError::Compacted))
+        ));
+        // The same answers after a restart, now read from the WAL's files.
+        drop(log);
+        let log = disk.open(1, &[]).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (3, 4)
+        );
+        assert_eq!(entries(&log, 3, 5, None), vec![(3, 1), (4, 2)]);
+        assert_eq!(log.term(2).unwrap(), 1);
+    }
+
+    #[test]
+    fn entries_older_than_the_memory_cache_come_from_the_wal() {
+        let disk = Disk::new();
+        let log = disk.open(1, &[]).unwrap();
+        let n = RECENT_ENTRIES as u64 + 100;
+        let ents: Vec<Entry> = (1..=n).map(|i| entry(i, 1)).collect();
+        for chunk in ents.chunks(1000) {
+            log.persist(chunk, None, false).unwrap();
+        }
+        assert_eq!(entries(&log, 1, 4, None), vec![(1, 1), (2, 1), (3, 1)]);
+        assert_eq!(log.term(50).unwrap(), 1);
+        assert_eq!(entries(&log, n - 1, n + 1, None), vec![(n - 1, 1), (n, 1)]);
+    }
+
+    #[test]
+    fn a_new_group_starts_after_a_bootstrap_point_so_joiners_need_a_snapshot() {
+        let disk = Disk::new();
+        let log = disk.open(1, &voters()).unwrap();
+        let st = log.initial_state().unwrap();
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(
+            (st.hard_state.term, st.hard_state.commit),
+            (BOOTSTRAP_TERM, BOOTSTRAP_INDEX)
+        );
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (BOOTSTRAP_INDEX + 1, BOOTSTRAP_INDEX)
+        );
+        assert_eq!(log.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM);
+        let snap = log.snapshot(0, 4).unwrap();
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+        // The voters' addresses travel with it, for replicas that join later.
+        let data = crate::codec::decode_snapshot_data(&snap.data).unwrap();
+        assert!(data.contains(&(keys::replica_addr(2), b"127.0.0.1:7002".to_vec())));
+        assert!(log.is_fresh());
+        log.clear_fresh().unwrap();
+        assert!(!log.is_fresh());
+    }
+
+    #[test]
+    fn hard_state_and_log_survive_reopen_and_another_replica_is_refused() {
+        let disk = Disk::new();
+        {
+            let log = disk.open(2, &voters()).unwrap();
+            let mut hs = HardState::default();
+            hs.term = 7;
+            hs.vote = 3;
+            hs.commit = 7;
+            log.persist(&[entry(6, 7), entry(7, 7), entry(8, 7)], Some(&hs), true)
+                .unwrap();
+        }
+        let log = disk.open(2, &[]).unwrap();
+        let st = log.initial_state().unwrap();
+        assert_eq!(
+            (st.hard_state.term, st.hard_state.vote, st.hard_state.commit),
+            (7, 3, 7)
+        );
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(log.last_index().unwrap(), 8);
+        drop(log);
+        match disk.open(3, &[]) {
+            Err(StoreError::FailedPrecondition(msg)) => {
+                assert!(msg.contains("belongs to replica 2"), "{msg}")
+            }
+            other => panic!("expected refusal, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    fn snapshot_at(index: u64, term: u64) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = index;
+        snap.mut_metadata().term = term;
+        let mut cs = ConfState::default();
+        cs.voters = vec![1, 2, 3];
+        snap.mut_metadata().set_conf_state(cs);
+        snap
+    }
+
+    #[test]
+    fn installing_a_snapshot_replaces_log_and_state() {
+        let disk = Disk::new();
+        let log = disk.open(3, &[]).unwrap();
+        log.persist(&[entry(1, 1), entry(2, 1)], None, true)
+            .unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"s/c/old".to_vec(), b"old".to_vec());
+        disk.state.write(b).unwrap();
+        let snap = snapshot_at(50, 4);
+        log.install_snapshot(&snap, vec![kv("s/c/new", "new")])
+            .unwrap();
+        assert_eq!(
+            disk.state.get(b"s/c/old").unwrap(),
+            None,
+            "old state survived"
+        );
+        assert_eq!(disk.state.get(b"s/c/new").unwrap(), Some(b"new".to_vec()));
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (51, 50)
+        );
+        assert_eq!(log.term(50).unwrap(), 4);
+        assert_eq!(log.applied().unwrap(), (50, 4));
+        assert_eq!(log.initial_state().unwrap().hard_state.commit, 50);
+        // What this replica would now send to others is that same state.
+        let out = log.snapshot(0, 1).unwrap();
+        assert_eq!(out.get_metadata().index, 50);
+        let data = crate::codec::decode_snapshot_data(&out.data).unwrap();
+        assert!(data.contains(&kv("s/c/new", "new")));
+        // Keys outside the state machine are refused.
+        let bad = log.install_snapshot(&snap, vec![kv("m/hs", "x")]);
+        assert!(matches!(bad, Err(StoreError::Storage(_))));
+        // The log continues after the snapshot, across a restart.
+        log.persist(&[entry(51, 4)], None, true).unwrap();
+        drop(log);
+        let log = disk.open(3, &[]).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (51, 51)
+        );
+        assert_eq!(log.term(50).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_crash_after_the_state_took_a_snapshot_but_before_the_log_did_is_repaired() {
+        let disk = Disk::new();
+        let log = disk.open(3, &[]).unwrap();
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = 3;
+        log.persist(
+            &(1..=4).map(|i| entry(i, 1)).collect::<Vec<_>>(),
+            Some(&hs),
+            true,
+        )
+        .unwrap();
+        drop(log);
+        // The state engine installed a snapshot at 50 (term 4); the WAL
+        // never heard of it.
+        let mut b = WriteBatch::default();
+        b.put(keys::APPLIED, keys::encode_pair(50, 4));
+        disk.state.write(b).unwrap();
+        let log = disk.open(3, &[]).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (51, 50)
+        );
+        assert_eq!(log.term(50).unwrap(), 4);
+        let hs = log.hard_state();
+        assert_eq!((hs.term, hs.commit), (4, 50));
+    }
+
+    #[test]
+    fn a_state_behind_the_compacted_log_is_refused() {
+        let disk = Disk::new();
+        let log = disk.open(1, &[]).unwrap();
+        log.persist(
+            &(1..=9).map(|i| entry(i, 1)).collect::<Vec<_>>(),
+            None,
+            true,
+        )
+        .unwrap();
+        let mut b = WriteBatch::default();
+        b.put(keys::APPLIED, keys::encode_pair(3, 1));
+        disk.state.write(b).unwrap();
+        log.compact(6).unwrap();
+        drop(log);
+        match disk.open(1, &[]) {
+            Err(StoreError::Storage(msg)) => {
+                assert!(msg.contains("below the compacted log"), "{msg}")
+            }
+            other => panic!("expected refusal, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_commit_index_beyond_the_log_is_refused_and_one_behind_apply_is_raised() {
+        let disk = Disk::new();
+        let log = disk.open(1, &[]).unwrap();
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = 1;
+        log.persist(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs), true)
+            .unwrap();
+        // Applied through 3, but the hard state saying commit = 3 was lost.
+        let mut b = WriteBatch::default();
+        b.put(keys::APPLIED, keys::encode_pair(3, 1));
+        disk.state.write(b).unwrap();
+        drop(log);
+        let log = disk.open(1, &[]).unwrap();
+        assert_eq!(log.hard_state().commit, 3);
+        hs.commit = 10;
+        log.persist(&[], Some(&hs), true).unwrap();
+        drop(log);
+        assert!(matches!(disk.open(1, &[]), Err(StoreError::Storage(_))));
+    }
+
+    #[test]
+    fn corrupt_records_stop_the_replica_with_a_clear_error() {
+        let disk = Disk::new();
+        drop(disk.open(1, &[]).unwrap());
+        let mut b = LogBatch::default();
+        b.put(
+            META_GROUP,
+            keys::wal::HARD_STATE.to_vec(),
+            vec![0xff, 0xff, 0xff],
+        )
+        .unwrap();
+        disk.wal().write(&mut b, true).unwrap();
+        match disk.open(1, &[]) {
+            Err(StoreError::Storage(msg)) => assert!(msg.contains("corrupt hard state"), "{msg}"),
+            other => panic!("expected corruption error, got {:?}", other.map(|_| ())),
+        }
     }
 }

@@ -1,12 +1,10 @@
 //! `chat-store`: one replica of the message store.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chat_store::Replica;
-use chat_store::config::{StoreConfig, SyncArg};
-use chat_store::engine::{BackgroundFlush, SledEngine};
+use chat_store::config::StoreConfig;
 use chat_store::faults::Faults;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -43,17 +41,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Result<()> {
-    let flush = match cfg.sync {
-        SyncArg::Always => BackgroundFlush::Off,
-        SyncArg::Interval => BackgroundFlush::EveryMs(cfg.sync_interval_ms.max(1)),
-    };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create data directory {}: {e}",
             cfg.data_dir.display()
         )
     })?;
-    let engine = Arc::new(SledEngine::open(&cfg.data_dir, flush)?);
+    let storage = chat_store::data_dir::open_storage(&cfg.data_dir)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -62,7 +56,7 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
         .map_err(anyhow::Error::msg)?;
     let faults = Faults::default();
     let id = opts.driver.id;
-    let replica = Replica::start(opts, engine, listener, faults.clone()).await?;
+    let replica = Replica::start(opts, storage, listener, faults.clone()).await?;
     let stop_admin = tokio_util::sync::CancellationToken::new();
     if let Some(l) = admin {
         let handler = std::sync::Arc::new(chat_store::admin::StoreAdminHttp {

@@ -17,7 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::driver::{Driver, DriverConfig};
+use crate::checkpoint::{Checkpointer, Durable};
+use crate::driver::{Driver, DriverConfig, SyncMode};
 use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::faults::Faults;
@@ -27,6 +28,7 @@ use crate::service::StoreApi;
 use crate::state_machine::Reader;
 use crate::transport::{INBOX, MAX_MESSAGE_BYTES, RaftService, Transport};
 use crate::types::NodeId;
+use crate::wal::Wal;
 
 /// The health service name clients check.
 pub const HEALTH_SERVICE: &str = "chat.store.v1.Store";
@@ -35,7 +37,7 @@ pub const HEALTH_SERVICE: &str = "chat.store.v1.Store";
 #[derive(Clone, Debug)]
 pub struct ReplicaOptions {
     pub driver: DriverConfig,
-    /// The engine's directory, guarded by `data_dir` (None: in memory).
+    /// The data directory, guarded by `data_dir` (None: in memory).
     pub data_dir: Option<std::path::PathBuf>,
     /// Address other replicas and clients reach this one at.
     pub advertise: String,
@@ -51,30 +53,53 @@ pub struct ReplicaOptions {
 pub struct Replica {
     handle: NodeHandle,
     shutdown: CancellationToken,
+    /// Fired (before `shutdown`) by `kill`: stop without syncing.
+    crash: CancellationToken,
     driver: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    checkpointer: Checkpointer,
     server: tokio::task::JoinHandle<()>,
     health_task: tokio::task::JoinHandle<()>,
     health: tonic_health::server::HealthReporter,
     rpc: Arc<chat_telemetry::metrics::RpcMetrics>,
 }
 
+/// A replica's two stores: the raft log's WAL and the state machine's
+/// engine.
+#[derive(Clone)]
+pub struct Storage {
+    pub wal: Arc<dyn Wal>,
+    pub state: Arc<dyn Engine>,
+}
+
 impl Replica {
-    /// Starts a replica on `engine`, serving on `listener`.
+    /// Starts a replica on `storage`, serving on `listener`.
     pub async fn start(
         opts: ReplicaOptions,
-        engine: Arc<dyn Engine>,
+        storage: Storage,
         listener: TcpListener,
         faults: Faults,
     ) -> Result<Self, StoreError> {
         let id = opts.driver.id;
+        let Storage { wal, state } = storage;
         if let Some(dir) = &opts.data_dir {
-            crate::data_dir::check(dir, id, engine.as_ref())?;
+            crate::data_dir::check(dir, wal.as_ref(), state.as_ref())?;
         }
-        let log = LogStore::open(engine.clone(), id, &opts.initial_voters)?;
+        let log = LogStore::open(wal, state.clone(), id, &opts.initial_voters)?;
         if let Some(dir) = &opts.data_dir {
             crate::data_dir::mark(dir, id)?;
         }
-        let reader = Reader::new(engine.clone());
+        // What the state engine holds now may sit in the page cache only
+        // (after a process crash); sync it before counting it durable.
+        state.sync()?;
+        let durable = Durable::new(log.applied()?.0);
+        let checkpointer = Checkpointer::start(
+            log.clone(),
+            durable.clone(),
+            opts.driver.checkpoint_interval,
+            (opts.driver.sync == SyncMode::Interval).then_some(opts.driver.wal_sync_interval),
+            format!("checkpoint-{id}"),
+        )?;
+        let reader = Reader::new(state.clone());
         let addresses = Addresses::default();
         for (n, addr) in &opts.peers {
             addresses.set(*n, addr.clone());
@@ -107,6 +132,7 @@ impl Replica {
         let driver = Driver::new(
             opts.driver.clone(),
             log,
+            durable,
             transport,
             req_rx,
             inbox_rx,
@@ -114,7 +140,8 @@ impl Replica {
             status_tx,
         )?;
         let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
+        let crash = CancellationToken::new();
+        let (token, crash_token) = (shutdown.clone(), crash.clone());
         let driver = std::thread::Builder::new()
             .name(format!("raft-{id}"))
             .spawn(move || {
@@ -124,7 +151,7 @@ impl Replica {
                     .map_err(|e| {
                         StoreError::Storage(format!("cannot start the raft thread: {e}"))
                     })?;
-                rt.block_on(driver.run(token))
+                rt.block_on(driver.run(token, crash_token))
             })
             .map_err(|e| StoreError::Storage(format!("cannot start the raft thread: {e}")))?;
 
@@ -195,7 +222,9 @@ impl Replica {
         Ok(Self {
             handle,
             shutdown,
+            crash,
             driver: Some(driver),
+            checkpointer,
             server,
             health_task,
             health,
@@ -263,6 +292,7 @@ impl Replica {
     /// Abrupt stop, as close to a crash as a process can simulate in
     /// itself: connections are dropped and nothing is handed over.
     pub async fn kill(mut self) {
+        self.crash.cancel();
         self.shutdown.cancel();
         self.health_task.abort();
         // Cancelling makes the server close every connection (the raft
@@ -282,10 +312,17 @@ impl Replica {
         let Some(driver) = self.driver.take() else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || driver.join())
+        let result = tokio::task::spawn_blocking(move || driver.join())
             .await
             .map_err(|e| StoreError::Storage(format!("raft thread: {e}")))?
-            .map_err(|_| StoreError::Storage("raft thread panicked".into()))?
+            .map_err(|_| StoreError::Storage("raft thread panicked".into()))?;
+        // The checkpointer holds the engines; it is gone when this returns,
+        // so the data directory can be opened again.
+        let mut checkpointer = std::mem::replace(&mut self.checkpointer, Checkpointer::stopped());
+        tokio::task::spawn_blocking(move || checkpointer.stop())
+            .await
+            .map_err(|e| StoreError::Storage(format!("checkpointer thread: {e}")))?;
+        result
     }
 }
 

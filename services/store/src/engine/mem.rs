@@ -7,16 +7,42 @@ use std::sync::{Arc, RwLock};
 use super::{Engine, Pair, WriteBatch, WriteOp};
 use crate::error::StoreError;
 
+type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// A `BTreeMap` behind a lock. Clones share the same data, so a test can
 /// "restart" a replica on the engine it had.
+///
+/// It models a disk's durability too: `sync` records what is durable, and
+/// `power_cut` forgets every write that no `sync` covered.
 #[derive(Clone, Default)]
 pub struct MemEngine {
-    map: Arc<RwLock<BTreeMap<Vec<u8>, Vec<u8>>>>,
+    map: Arc<RwLock<Map>>,
+    durable: Arc<RwLock<Map>>,
+    /// Power is going: syncs do not count until `power_cut`.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now until `power_cut`, syncs do not count.
+    pub fn freeze(&self) {
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Loses every write no counted `sync` covered, as a power cut would.
+    pub fn power_cut(&self) {
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::Release);
+        let durable = self
+            .durable
+            .read()
+            .expect("mem engine lock poisoned")
+            .clone();
+        *self.map.write().expect("mem engine lock poisoned") = durable;
     }
 }
 
@@ -82,6 +108,11 @@ impl Engine for MemEngine {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
+        if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let now = self.map.read().expect("mem engine lock poisoned").clone();
+        *self.durable.write().expect("mem engine lock poisoned") = now;
         Ok(())
     }
 

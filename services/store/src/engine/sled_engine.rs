@@ -1,8 +1,12 @@
 //! sled-backed engine. The only module that knows sled.
 //!
 //! Everything lives in sled's default tree, so a `WriteBatch` maps onto one
-//! atomic `sled::Batch`. `sync` is `Db::flush`, which writes sled's log and
-//! fsyncs it.
+//! atomic `sled::Batch`.
+//!
+//! `sync` is `Db::flush` followed by an fsync of every file and directory
+//! sled keeps: sled's own flush ends in `sync_file_range`, which flushes
+//! neither the drive's cache nor file metadata, and it writes large values
+//! to blob files it never syncs at all.
 
 use std::path::Path;
 
@@ -11,6 +15,7 @@ use crate::error::StoreError;
 
 pub struct SledEngine {
     db: sled::Db,
+    dir: std::path::PathBuf,
 }
 
 /// How sled itself flushes in the background.
@@ -36,8 +41,31 @@ impl SledEngine {
             .map_err(|e| {
                 StoreError::Storage(format!("cannot open data directory {}: {e}", dir.display()))
             })?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            dir: dir.to_path_buf(),
+        })
     }
+}
+
+/// fsyncs every file under `dir`, then the directories themselves, so that
+/// both the data and the names of new files survive a power cut.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            match std::fs::File::open(entry.path()) {
+                Ok(f) => f.sync_data()?,
+                // sled removes blobs and old snapshots as it goes.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn storage(e: sled::Error) -> StoreError {
@@ -89,7 +117,9 @@ impl Engine for SledEngine {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(storage)
+        self.db.flush().map_err(storage)?;
+        sync_tree(&self.dir)
+            .map_err(|e| StoreError::Storage(format!("cannot sync {}: {e}", self.dir.display())))
     }
 
     fn size_on_disk(&self) -> Option<u64> {

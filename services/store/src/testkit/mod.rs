@@ -5,22 +5,22 @@
 //! Used by the store's tests and by benchmarks; everything waits on
 //! conditions with deadlines, never on fixed sleeps.
 
+pub mod power;
 pub mod process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use crate::client::StoreClient;
 use crate::driver::{DriverConfig, SyncMode};
-use crate::engine::{BackgroundFlush, SledEngine};
 use crate::error::StoreError;
 use crate::faults::Faults;
 use crate::node::NodeHandle;
 use crate::replica::{Replica, ReplicaOptions};
+use crate::testkit::power::PowerCutDisk;
 use crate::types::NodeId;
 
 /// Timing and storage knobs of a test cluster.
@@ -33,6 +33,11 @@ pub struct ClusterOptions {
     pub compact_keep: u64,
     pub sync: SyncMode,
     pub request_timeout: Duration,
+    /// State checkpoints, and raft log syncs with `SyncMode::Interval`.
+    pub checkpoint_interval: Duration,
+    /// Replicas' disks can lose power (`Cluster::power_cut`): the WAL sits
+    /// on a file system that tracks syncs, the state in memory.
+    pub power_cuts: bool,
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +50,8 @@ impl Default for ClusterOptions {
             compact_keep: 100,
             sync: SyncMode::Always,
             request_timeout: Duration::from_secs(3),
+            checkpoint_interval: Duration::from_millis(200),
+            power_cuts: false,
         }
     }
 }
@@ -53,6 +60,8 @@ struct Slot {
     addr: String,
     dir: PathBuf,
     replica: Option<Replica>,
+    /// The replica's disk, with `ClusterOptions::power_cuts`.
+    disk: Option<PowerCutDisk>,
     /// Started with an empty group, to be added at run time, knowing only
     /// this replica's address.
     joiner: Option<NodeId>,
@@ -120,6 +129,7 @@ impl Cluster {
                     addr,
                     dir,
                     replica: None,
+                    disk: cluster.opts.power_cuts.then(PowerCutDisk::new),
                     joiner: None,
                 },
             );
@@ -140,6 +150,8 @@ impl Cluster {
                 sync: o.sync,
                 snapshot_entries: o.snapshot_entries,
                 compact_keep: o.compact_keep,
+                checkpoint_interval: o.checkpoint_interval,
+                wal_sync_interval: o.checkpoint_interval,
             },
             advertise: addr,
             data_dir: Some(self.slots[&id].dir.clone()),
@@ -178,15 +190,15 @@ impl Cluster {
             None => bind(&slot.addr).await?,
         };
         std::fs::create_dir_all(&slot.dir).map_err(|e| StoreError::Storage(e.to_string()))?;
-        let flush = match self.opts.sync {
-            SyncMode::Always => BackgroundFlush::Off,
-            SyncMode::Interval => BackgroundFlush::EveryMs(100),
-        };
-        // The previous incarnation releases its sled lock once every handle
-        // is dropped; wait for that rather than guessing.
+        // The previous incarnation releases its locks once every handle is
+        // dropped; wait for that rather than guessing.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let engine = loop {
-            match SledEngine::open(&slot.dir, flush) {
+        let storage = loop {
+            let opened = match &slot.disk {
+                Some(disk) => disk.open(&slot.dir.join(crate::data_dir::WAL_DIR)),
+                None => crate::data_dir::open_storage(&slot.dir),
+            };
+            match opened {
                 Ok(e) => break e,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "data directory still locked; retrying");
@@ -196,7 +208,7 @@ impl Cluster {
             }
         };
         let opts = self.options(id, slot.joiner);
-        let replica = Replica::start(opts, Arc::new(engine), listener, self.faults.clone()).await?;
+        let replica = Replica::start(opts, storage, listener, self.faults.clone()).await?;
         self.slots.get_mut(&id).expect("slot exists").replica = Some(replica);
         Ok(())
     }
@@ -295,9 +307,34 @@ impl Cluster {
         self.launch(id, None).await
     }
 
+    /// Stops a replica abruptly and cuts its disk's power: whatever no
+    /// sync covered is lost. Needs `ClusterOptions::power_cuts`.
+    pub async fn power_cut(&mut self, id: NodeId) -> Result<(), StoreError> {
+        let disk = self.slots[&id].disk.clone().ok_or_else(|| {
+            StoreError::FailedPrecondition("the cluster was started without power_cuts".into())
+        })?;
+        disk.freeze();
+        self.kill(id).await;
+        disk.power_cut()
+    }
+
+    /// fdatasyncs of replica `id`'s WAL so far (with `power_cuts`).
+    pub fn wal_syncs(&self, id: NodeId) -> Option<u64> {
+        Some(self.slots.get(&id)?.disk.as_ref()?.wal_syncs())
+    }
+
+    /// The applied index replica `id`'s state engine holds now (with
+    /// `power_cuts`; after a cut, what survived it).
+    pub fn disk_applied(&self, id: NodeId) -> Option<u64> {
+        self.slots.get(&id)?.disk.as_ref()?.state_applied()
+    }
+
     /// Stops a replica and deletes its data directory.
     pub async fn wipe(&mut self, id: NodeId) -> Result<(), StoreError> {
         self.kill(id).await;
+        if self.slots[&id].disk.is_some() {
+            self.slots.get_mut(&id).expect("slot exists").disk = Some(PowerCutDisk::new());
+        }
         let dir = self.slots[&id].dir.clone();
         std::fs::remove_dir_all(&dir)
             .map_err(|e| StoreError::Storage(format!("wipe {}: {e}", dir.display())))
@@ -314,6 +351,7 @@ impl Cluster {
                 addr: addr.clone(),
                 dir,
                 replica: None,
+                disk: self.opts.power_cuts.then(PowerCutDisk::new),
                 joiner: Some(hint),
             },
         );

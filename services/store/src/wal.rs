@@ -1,0 +1,176 @@
+//! The write-ahead log under the raft log: TiKV's `raft-engine`, the only
+//! module that knows it.
+//!
+//! raft-engine is a log made for raft logs: one append-only file sequence,
+//! group commit (concurrent writers share one `fdatasync`), entries indexed
+//! in memory by raft index, and compaction by index. The replica keeps two
+//! raft-engine groups in it:
+//!
+//! - `LOG_GROUP`: the raft entries, nothing else, so installing a snapshot
+//!   can drop them all with one `Clean` command;
+//! - `META_GROUP`: hard state, truncation point, replica id and the
+//!   "fresh" marker (see `keys::wal`).
+//!
+//! A `LogBatch` may touch both groups and is written atomically: after a
+//! crash either all of it is there or none of it.
+//!
+//! Architecture Invariant: a write with `sync = true` returns only after an
+//! `fdatasync` of the log file covering it. The raft driver acknowledges
+//! nothing (to a leader or a client) that a synced write does not cover.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use raft::eraftpb::Entry;
+use raft_engine::env::{DefaultFileSystem, FileSystem};
+use raft_engine::{Config, LogBatch, MessageExt, ReadableSize, RecoveryMode};
+
+use crate::error::StoreError;
+
+/// raft-engine group holding the raft log's entries.
+pub const LOG_GROUP: u64 = 1;
+/// raft-engine group holding the raft metadata (hard state and the rest).
+pub const META_GROUP: u64 = 2;
+
+/// Size at which the WAL starts a new file.
+const TARGET_FILE_BYTES: u64 = 32 << 20;
+/// Size of the live WAL above which raft-engine rewrites and purges old
+/// files when asked to (`Wal::purge`). The driver compacts the log to a
+/// bounded number of entries, so the WAL stays near this size.
+const PURGE_THRESHOLD_BYTES: u64 = 256 << 20;
+
+/// raft-engine's view of a raft-rs entry.
+pub struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
+
+/// What the log store needs of a WAL; object safe so tests can put a file
+/// system shim under raft-engine without making every type generic.
+pub trait Wal: Send + Sync + 'static {
+    /// Writes the batch atomically; with `sync`, returns after fdatasync.
+    fn write(&self, batch: &mut LogBatch, sync: bool) -> Result<(), StoreError>;
+
+    /// A value of the meta group.
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
+
+    /// Entries `[low, high)` appended to `out`, stopping (after at least
+    /// one) once `max_size` bytes are exceeded.
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<usize>,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), StoreError>;
+
+    fn entry(&self, index: u64) -> Result<Option<Entry>, StoreError>;
+
+    /// Index span of the stored entries, if there are any.
+    fn span(&self) -> Option<(u64, u64)>;
+
+    /// Removes files that hold only compacted entries.
+    fn purge(&self) -> Result<(), StoreError>;
+
+    /// Bytes of log files in use.
+    fn size_on_disk(&self) -> u64;
+}
+
+fn wal_error(e: raft_engine::Error) -> StoreError {
+    StoreError::Storage(format!("raft log: {e}"))
+}
+
+/// The WAL on raft-engine, over any file system raft-engine can use.
+pub struct RaftEngineWal<F: FileSystem = DefaultFileSystem> {
+    engine: raft_engine::Engine<F>,
+}
+
+fn config(dir: &Path) -> Config {
+    Config {
+        dir: dir.to_string_lossy().into_owned(),
+        // Entries are small and compressing them costs CPU on every
+        // replica for little gain on a local disk.
+        batch_compression_threshold: ReadableSize(0),
+        target_file_size: ReadableSize(TARGET_FILE_BYTES),
+        purge_threshold: ReadableSize(PURGE_THRESHOLD_BYTES),
+        // A torn tail is what a crash leaves; anything else is damage the
+        // replica must not paper over.
+        recovery_mode: RecoveryMode::TolerateTailCorruption,
+        recovery_threads: 2,
+        enable_log_recycle: false,
+        ..Config::default()
+    }
+}
+
+impl RaftEngineWal<DefaultFileSystem> {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, Arc::new(DefaultFileSystem))
+    }
+}
+
+impl<F: FileSystem + 'static> RaftEngineWal<F> {
+    pub fn open_with(dir: &Path, fs: Arc<F>) -> Result<Self, StoreError> {
+        let engine = raft_engine::Engine::open_with_file_system(config(dir), fs).map_err(|e| {
+            StoreError::Storage(format!(
+                "cannot open the raft log in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        Ok(Self { engine })
+    }
+}
+
+impl<F: FileSystem + 'static> Wal for RaftEngineWal<F> {
+    fn write(&self, batch: &mut LogBatch, sync: bool) -> Result<(), StoreError> {
+        self.engine
+            .write(batch, sync)
+            .map(|_| ())
+            .map_err(wal_error)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.engine.get(META_GROUP, key)
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<usize>,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        self.engine
+            .fetch_entries_to::<EntryExt>(LOG_GROUP, low, high, max_size, out)
+            .map(|_| ())
+            .map_err(wal_error)
+    }
+
+    fn entry(&self, index: u64) -> Result<Option<Entry>, StoreError> {
+        self.engine
+            .get_entry::<EntryExt>(LOG_GROUP, index)
+            .map_err(wal_error)
+    }
+
+    fn span(&self) -> Option<(u64, u64)> {
+        Some((
+            self.engine.first_index(LOG_GROUP)?,
+            self.engine.last_index(LOG_GROUP)?,
+        ))
+    }
+
+    fn purge(&self) -> Result<(), StoreError> {
+        self.engine
+            .purge_expired_files()
+            .map(|_| ())
+            .map_err(wal_error)
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.engine.get_used_size() as u64
+    }
+}
