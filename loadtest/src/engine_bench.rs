@@ -44,23 +44,6 @@ pub struct Args {
     duration_secs: u64,
 }
 
-/// CPU time this process has used (user + system), from /proc.
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
-    let total = ticks(11) + ticks(12);
-    Duration::from_millis(total * 10)
-}
-
 /// Bytes under `dir`, recursively.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -122,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut index = log.last_index_cached();
     let first = index;
     let mut n = 0u64;
-    let cpu0 = process_cpu();
+    let cpu0 = crate::cpu::own_cpu().unwrap_or_default();
     let start = Instant::now();
     let mut sync_time = Duration::ZERO;
     while start.elapsed() < Duration::from_secs(args.duration_secs) {
@@ -163,7 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = process_cpu().saturating_sub(cpu0);
+    let cpu = crate::cpu::own_cpu()
+        .unwrap_or_default()
+        .saturating_sub(cpu0);
     checkpointer.stop();
     let batches = index - first;
     let disk = dir_bytes(dir.path());

@@ -6,6 +6,7 @@
 //! the exit status is 1 when an SLO is missed. Benchmarks (`store-bench`,
 //! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency.
 
+mod cpu;
 mod e2e_bench;
 mod engine_bench;
 mod scenario;

@@ -142,6 +142,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             (i, sent, errors, hist, ack_times, measured_msgs)
         }));
     }
+    // CPU of every replica and of this generator over the measured period,
+    // sampled on a schedule (not used to synchronise anything).
+    let pids: Vec<Option<u32>> = replicas.iter().map(|r| r.pid()).collect();
+    let cpu_sampler = tokio::spawn(async move {
+        let sample = |pids: &[Option<u32>]| {
+            let mut v: Vec<Option<Duration>> = pids
+                .iter()
+                .map(|p| p.and_then(crate::cpu::process_cpu))
+                .collect();
+            v.push(crate::cpu::own_cpu());
+            v
+        };
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = sample(&pids);
+        tokio::time::sleep_until(end.into()).await;
+        let after = sample(&pids);
+        before
+            .into_iter()
+            .zip(after)
+            .map(|(b, a)| Some(a?.saturating_sub(b?)))
+            .collect::<Vec<_>>()
+    });
     let mut killed = None;
     if let Some(at) = args.kill_leader_at {
         // Fault schedule, not synchronisation: the fault happens at a chosen time.
@@ -169,6 +191,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         errors += e;
         acks.extend(times);
     }
+    let cpu = cpu_sampler.await?;
     acks.sort();
     let longest_gap = acks.windows(2).map(|w| (w[1] - w[0], w[0])).max();
     let requests = total.len();
@@ -240,6 +263,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         total.max() as f64 / 1000.0
     );
     println!("errors: {errors}  lost acknowledged appends: {lost}");
+    let per_msg = |d: &Option<Duration>| match d {
+        Some(d) if measured_msgs > 0 => {
+            format!("{:.1}", d.as_secs_f64() * 1e6 / measured_msgs as f64)
+        }
+        _ => "-".to_owned(),
+    };
+    let (generator, stores) = cpu.split_last().context("cpu samples")?;
+    println!(
+        "CPU µs per acked append: replicas {}; all replicas {:.1}; load generator {}",
+        stores.iter().map(per_msg).collect::<Vec<_>>().join(" / "),
+        stores
+            .iter()
+            .flatten()
+            .map(Duration::as_secs_f64)
+            .sum::<f64>()
+            * 1e6
+            / measured_msgs.max(1) as f64,
+        per_msg(generator)
+    );
     if let Some((gap, from)) = longest_gap {
         println!(
             "longest gap between acks: {:.0} ms, starting {:.2} s into the measured period",

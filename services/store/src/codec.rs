@@ -20,6 +20,8 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 /// A decoded raft entry payload.
 pub struct Proposal {
+    /// Written as 0 since waiters are matched by (term, index); older
+    /// entries carry a clock-seeded id. Not used.
     pub id: u64,
     pub ts_ms: i64,
     pub ops: Vec<Op>,
@@ -125,7 +127,18 @@ pub fn decode_proposal(data: &[u8]) -> Result<Proposal, StoreError> {
                 value: Bytes::from(p.value),
                 expected: p.check_revision.then_some(p.expected_revision),
             },
-            Some(log::op::Kind::Noop(_)) | None => Op::Noop,
+            Some(log::op::Kind::Noop(_)) => Op::Noop,
+            // Every op this version writes has a kind: none means a kind
+            // it does not know, written by a newer release. Applying it as
+            // nothing would make this replica's state diverge.
+            None => {
+                return Err(StoreError::Storage(
+                    "a log entry holds an operation this version does not know \
+                     (written by a newer release?): stopping rather than diverging; \
+                     upgrade this replica"
+                        .into(),
+                ));
+            }
         });
     }
     Ok(Proposal {
@@ -326,5 +339,22 @@ mod tests {
             decode_proposal(&[0xff, 0xff, 0xff]),
             Err(StoreError::Storage(_))
         ));
+    }
+
+    #[test]
+    fn an_operation_of_an_unknown_kind_stops_the_replica_instead_of_applying_as_nothing() {
+        // What a newer release's new op looks like to this one: a kind
+        // outside the oneof this version knows decodes as none.
+        let p = log::Proposal {
+            id: 0,
+            ts_ms: 1,
+            ops: vec![log::Op { kind: None }],
+        }
+        .encode_to_vec();
+        match decode_proposal(&p) {
+            Err(StoreError::Storage(msg)) => assert!(msg.contains("does not know"), "{msg}"),
+            Err(e) => panic!("wrong error {e}"),
+            Ok(_) => panic!("an unknown operation was accepted"),
+        }
     }
 }

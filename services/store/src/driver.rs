@@ -85,6 +85,8 @@ pub struct DriverConfig {
 }
 
 type ProposeReply = oneshot::Sender<Result<OpResults, StoreError>>;
+/// A log entry's (term, index).
+type EntryId = (u64, u64);
 type ReadReply = oneshot::Sender<Result<(), StoreError>>;
 type MembershipReply = oneshot::Sender<Result<Vec<ReplicaView>, StoreError>>;
 
@@ -104,16 +106,17 @@ pub(crate) struct Driver {
     status: watch::Sender<NodeStatus>,
     /// Proposals queued during this iteration (proposed together).
     queued: Vec<(Vec<Op>, ProposeReply)>,
-    /// Proposed entries awaiting apply, by proposal id: (op count, reply).
-    waiters: HashMap<u64, Vec<(usize, ProposeReply)>>,
-    membership_waiters: HashMap<u64, MembershipReply>,
+    /// Proposed entries awaiting apply, by the (term, index) raft gave
+    /// them: (op count, reply). An entry is identified by its term and
+    /// index alone (log matching), across restarts and clock steps.
+    waiters: HashMap<EntryId, Vec<(usize, ProposeReply)>>,
+    membership_waiters: HashMap<EntryId, MembershipReply>,
     /// Reads waiting for a ReadIndex to be issued.
     queued_reads: Vec<ReadReply>,
     /// Issued ReadIndex requests, by context.
     read_batches: HashMap<u64, Vec<ReadReply>>,
     /// Confirmed read indexes waiting for apply to reach them.
     confirmed_reads: VecDeque<(u64, Vec<ReadReply>)>,
-    next_proposal: u64,
     next_read: u64,
     applied: u64,
     /// Commit index at start; serving begins once applied reaches it.
@@ -165,14 +168,7 @@ impl Driver {
         let start_commit = log.hard_state().commit;
         let fresh = log.is_fresh();
         let state = log.state().clone();
-        // Proposal ids: replica id in the top 16 bits, then a counter seeded
-        // from the clock so ids of a previous run are not reused.
-        let seed = (SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64))
-            & ((1 << 48) - 1);
         Ok(Self {
-            next_proposal: (cfg.id.0 << 48) | seed,
             cfg,
             raw,
             log,
@@ -367,11 +363,10 @@ impl Driver {
         }
     }
 
-    fn next_proposal_id(&mut self) -> u64 {
-        let id = self.next_proposal;
-        let counter = (id + 1) & ((1 << 48) - 1);
-        self.next_proposal = (self.cfg.id.0 << 48) | counter;
-        id
+    /// Term and index of the entry the leader appended last (right after
+    /// a successful propose: that proposal's).
+    fn last_appended(&self) -> EntryId {
+        (self.raw.raft.term, self.raw.raft.raft_log.last_index())
     }
 
     /// Turns queued proposals into entries of at most `MAX_ENTRY_BYTES`.
@@ -420,13 +415,13 @@ impl Driver {
     }
 
     fn propose_entry(&mut self, ts: i64, ops: Vec<Op>, replies: Vec<(usize, ProposeReply)>) {
-        let id = self.next_proposal_id();
-        let data = codec::encode_proposal(id, ts, &ops);
+        let data = codec::encode_proposal(0, ts, &ops);
         match self.raw.propose(Vec::new(), data) {
             Ok(()) => {
                 self.stats.proposed_entries += 1;
                 self.stats.proposed_ops += ops.len() as u64;
-                self.waiters.insert(id, replies);
+                let at = self.last_appended();
+                self.waiters.insert(at, replies);
             }
             Err(e) => {
                 let err = match e {
@@ -481,7 +476,10 @@ impl Driver {
 
     /// Validates and proposes a membership change; `None` when there is
     /// nothing to do (the change is already in effect).
-    fn membership_entry(&mut self, change: &MembershipChange) -> Result<Option<u64>, StoreError> {
+    fn membership_entry(
+        &mut self,
+        change: &MembershipChange,
+    ) -> Result<Option<EntryId>, StoreError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -540,13 +538,12 @@ impl Driver {
                 (ConfChangeType::RemoveNode, *id, String::new())
             }
         };
-        let pid = self.next_proposal_id();
         let mut cc = ConfChange::default();
         cc.set_change_type(kind);
         cc.node_id = id.0;
-        let ctx = codec::encode_replica_context(pid, id.0, &address);
+        let ctx = codec::encode_replica_context(0, id.0, &address);
         self.raw.propose_conf_change(ctx, cc)?;
-        Ok(Some(pid))
+        Ok(Some(self.last_appended()))
     }
 
     fn transfer_leader(&mut self, target: Option<NodeId>) -> Result<NodeId, StoreError> {
@@ -675,7 +672,7 @@ impl Driver {
                         }
                         outcomes.push(outcome);
                     }
-                    if let Some(waiting) = self.waiters.remove(&p.id) {
+                    if let Some(waiting) = self.waiters.remove(&(e.term, e.index)) {
                         let mut rest = outcomes.into_iter();
                         for (n, reply) in waiting {
                             replies.push((reply, rest.by_ref().take(n).collect()));
@@ -687,7 +684,7 @@ impl Driver {
                         StoreError::Storage(format!("corrupt membership change: {err}"))
                     })?;
                     let cs = self.raw.apply_conf_change(&cc)?;
-                    let (pid, id, address) = codec::decode_replica_context(&e.context)?;
+                    let (_, id, address) = codec::decode_replica_context(&e.context)?;
                     let id = NodeId(id);
                     match cc.get_change_type() {
                         ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {
@@ -706,7 +703,7 @@ impl Driver {
                     info!(replica = %self.cfg.id, change = ?cc.get_change_type(), target = %id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
                     self.log.stage_conf_state(applier.batch_mut(), &cs)?;
                     new_conf = Some(cs);
-                    if let Some(reply) = self.membership_waiters.remove(&pid) {
+                    if let Some(reply) = self.membership_waiters.remove(&(e.term, e.index)) {
                         membership_replies.push(reply);
                     }
                 }
