@@ -282,41 +282,64 @@ async fn a_data_directory_of_another_replica_is_refused() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_data_directory_stops_the_replica_instead_of_serving_empty() -> anyhow::Result<()>
 {
-    let mut g = group(1)?;
-    g.replicas[0].start()?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !g
-        .client
-        .status_of(&g.replicas[0].addr)
-        .await
-        .is_ok_and(|s| s.serving)
-    {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "replica never served"
+    // Either store of the data directory may be the damaged one: the state
+    // machine's file with its head overwritten, as a bad disk would leave
+    // it, or the raft log's files gone.
+    type Damage = fn(&std::path::Path) -> std::io::Result<()>;
+    let damages: [(&str, Damage); 2] = [
+        ("state file head overwritten", |dir| {
+            let db = dir.join("state").join("db");
+            let len = std::fs::metadata(&db)?.len() as usize;
+            std::fs::write(&db, vec![0x5a; len.min(1 << 16)])
+        }),
+        ("raft log files gone", |dir| {
+            for f in std::fs::read_dir(dir.join("wal"))? {
+                let f = f?.path();
+                if f.extension()
+                    .is_some_and(|e| e == "raftlog" || e == "rewrite")
+                {
+                    std::fs::remove_file(f)?;
+                }
+            }
+            Ok(())
+        }),
+    ];
+    for (what, damage) in damages {
+        let mut g = group(1)?;
+        g.replicas[0].start()?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !g
+            .client
+            .status_of(&g.replicas[0].addr)
+            .await
+            .is_ok_and(|s| s.serving)
+        {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "replica never served"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        g.client
+            .create_conversation(api::CreateConversationRequest {
+                conversation_id: "z".into(),
+                members: vec!["a".into()],
+            })
+            .await?;
+        g.client.append(append("z", "a", "1")).await?;
+        g.replicas[0].terminate(WAIT).await?;
+        damage(&g.replicas[0].data_dir)?;
+        g.replicas[0].start()?;
+        let status = g.replicas[0].wait_exit(WAIT).await?;
+        assert!(!status.success(), "{what}: a damaged replica kept running");
+        let log = g.replicas[0].log_text();
+        assert!(
+            log.contains("refusing to start")
+                || log.contains("is damaged")
+                || log.contains("cannot open"),
+            "{what}: {log}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    g.client
-        .create_conversation(api::CreateConversationRequest {
-            conversation_id: "z".into(),
-            members: vec!["a".into()],
-        })
-        .await?;
-    g.client.append(append("z", "a", "1")).await?;
-    g.replicas[0].terminate(WAIT).await?;
-    // Overwrite the head of the engine's file, as a bad disk would.
-    let db = g.replicas[0].data_dir.join("db");
-    let len = std::fs::metadata(&db)?.len() as usize;
-    std::fs::write(&db, vec![0x5a; len.min(1 << 16)])?;
-    g.replicas[0].start()?;
-    let status = g.replicas[0].wait_exit(WAIT).await?;
-    assert!(!status.success(), "a damaged replica kept running");
-    let log = g.replicas[0].log_text();
-    assert!(
-        log.contains("refusing to start") || log.contains("cannot open data directory"),
-        "{log}"
-    );
     Ok(())
 }
 

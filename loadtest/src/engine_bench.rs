@@ -34,6 +34,10 @@ pub struct Args {
     /// fdatasync the WAL after every batch (as `--sync always` does).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync: bool,
+    /// Dedup window in milliseconds (entries are stamped with the time
+    /// since the start, so a short window makes expiry run during the run).
+    #[arg(long, default_value_t = chat_store::config::DEFAULT_DEDUP_WINDOW.as_millis() as u64)]
+    dedup_window_ms: u64,
     /// Background state checkpoint interval.
     #[arg(long, default_value_t = 1000)]
     checkpoint_ms: u64,
@@ -81,7 +85,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|i| ConversationId::parse(&format!("c{i}")))
         .collect::<Result<_, _>>()?;
     let mut seqs = SeqCache::default();
-    let mut a = Applier::new(state.as_ref(), &mut seqs);
+    let window_ms = args.dedup_window_ms as i64;
+    let mut a = Applier::new(state.as_ref(), &mut seqs, window_ms);
     for c in &convs {
         a.apply(
             &Op::CreateConversation {
@@ -91,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             0,
         )?;
     }
-    state.write(a.finish())?;
+    state.write(a.finish()?)?;
     let durable = Durable::new(log.applied()?.0);
     let mut checkpointer = Checkpointer::start(
         log.clone(),
@@ -131,11 +136,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         log.persist(&[e], Some(&hs), args.sync)?;
         sync_time += t.elapsed();
-        let mut a = Applier::new(state.as_ref(), &mut seqs);
+        let ts = start.elapsed().as_millis() as i64;
+        let mut a = Applier::new(state.as_ref(), &mut seqs, window_ms);
         for op in &ops {
-            a.apply(op, 0)?;
+            a.apply(op, ts)?;
         }
-        let mut b: WriteBatch = a.finish();
+        let mut b: WriteBatch = a.finish()?;
         b.put(keys::APPLIED, keys::encode_pair(index, 6));
         state.write(b)?;
         let to = index

@@ -13,6 +13,10 @@ use crate::error::StoreError;
 use crate::replica::ReplicaOptions;
 use crate::types::NodeId;
 
+/// Default dedup window: retries of a send within 10 minutes return the
+/// first attempt's seq.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(600);
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SyncArg {
     /// fdatasync the raft log before acknowledging (durable against power
@@ -57,6 +61,12 @@ pub struct StoreConfig {
     /// Background raft log sync interval with --sync interval.
     #[arg(long, env = "CHAT_STORE_SYNC_INTERVAL_MS", default_value_t = 100)]
     pub sync_interval_ms: u64,
+    /// How long, in seconds, a client message id deduplicates retries: a
+    /// retry later than this after the first attempt is stored as a new
+    /// message. Bounds the dedup records kept (rate × window). Must be the
+    /// same on every replica.
+    #[arg(long, env = "CHAT_STORE_DEDUP_WINDOW_SECS", default_value_t = DEFAULT_DEDUP_WINDOW.as_secs())]
+    pub dedup_window_secs: u64,
     /// How often the state machine is made durable (fsync) in the
     /// background; the raft log is kept back to the last such checkpoint.
     #[arg(long, env = "CHAT_STORE_CHECKPOINT_MS", default_value_t = 1000)]
@@ -172,6 +182,11 @@ impl StoreConfig {
                     .into(),
             ));
         }
+        if self.dedup_window_secs == 0 {
+            return Err(StoreError::InvalidArgument(
+                "--dedup-window-secs must be positive".into(),
+            ));
+        }
         if self.checkpoint_ms == 0 || self.sync_interval_ms == 0 {
             return Err(StoreError::InvalidArgument(
                 "--checkpoint-ms and --sync-interval-ms must be positive".into(),
@@ -200,6 +215,7 @@ impl StoreConfig {
                 compact_keep: self.compact_keep,
                 checkpoint_interval: Duration::from_millis(self.checkpoint_ms),
                 wal_sync_interval: Duration::from_millis(self.sync_interval_ms),
+                dedup_window: Duration::from_secs(self.dedup_window_secs),
             },
             advertise,
             data_dir: Some(self.data_dir.clone()),

@@ -43,9 +43,12 @@ use crate::node::{
 use crate::state_machine::{Applier, SeqCache};
 use crate::transport::{Transport, TransportEvent};
 use crate::types::{NodeId, Op};
+use crate::writer::{LogWriter, WriteTask};
 
 /// Most queued inputs taken per loop iteration, so ticks are never starved.
 const DRAIN_LIMIT: usize = 4096;
+/// Readies handled per loop iteration at most, so inputs are not starved.
+const READY_ROUNDS: usize = 4;
 /// Largest raft entry the driver builds from queued proposals.
 const MAX_ENTRY_BYTES: usize = 1 << 20;
 /// Uncommitted entries the leader keeps in flight. While this many are
@@ -82,6 +85,9 @@ pub struct DriverConfig {
     pub checkpoint_interval: Duration,
     /// With `SyncMode::Interval`, how often the raft log is synced.
     pub wal_sync_interval: Duration,
+    /// How long a client message id deduplicates retries (see
+    /// `state_machine::Applier`). Every replica must use the same value.
+    pub dedup_window: Duration,
 }
 
 type ProposeReply = oneshot::Sender<Result<OpResults, StoreError>>;
@@ -96,6 +102,8 @@ pub(crate) struct Driver {
     log: LogStore,
     /// The state machine's engine.
     state: Arc<dyn Engine>,
+    /// Writes Readies to the WAL off this thread.
+    writer: LogWriter,
     /// Applied index the state engine has made durable; the log is never
     /// compacted past it.
     durable: Durable,
@@ -168,7 +176,9 @@ impl Driver {
         let start_commit = log.hard_state().commit;
         let fresh = log.is_fresh();
         let state = log.state().clone();
+        let writer = LogWriter::start(log.clone(), format!("raft-log-{}", cfg.id))?;
         Ok(Self {
+            writer,
             cfg,
             raw,
             log,
@@ -224,10 +234,12 @@ impl Driver {
     ) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let persisted = self.writer.wake();
         let result = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
+                _ = persisted.notified() => {}
                 _ = tick.tick() => { self.raw.tick(); }
                 Some(m) = self.inbox.recv() => self.step(m),
                 Some(r) = self.requests.recv() => self.accept(r),
@@ -248,6 +260,10 @@ impl Driver {
             while let Ok(e) = self.events.try_recv() {
                 self.on_transport_event(e);
             }
+            if let Err(e) = self.take_persisted() {
+                error!(replica = %self.cfg.id, error = %e, "raft log write failed; stopping the replica");
+                break Err(e);
+            }
             self.propose_queued();
             self.issue_reads();
             if let Err(e) = self.on_ready() {
@@ -257,6 +273,7 @@ impl Driver {
             self.publish_status();
         };
         self.fail_all(StoreError::ShuttingDown);
+        self.writer.stop();
         if !crash.is_cancelled() {
             if let Err(e) = self.log.sync() {
                 warn!(error = %e, "final raft log sync failed");
@@ -575,10 +592,19 @@ impl Driver {
         Ok(NodeId(target))
     }
 
+    /// Handles Readies until raft has none (a Ready handled may make the
+    /// next one: persisting lets a leader commit, applying frees reads).
     fn on_ready(&mut self) -> Result<(), StoreError> {
-        if !self.raw.has_ready() {
-            return Ok(());
+        for _ in 0..READY_ROUNDS {
+            if !self.raw.has_ready() {
+                break;
+            }
+            self.handle_ready()?;
         }
+        Ok(())
+    }
+
+    fn handle_ready(&mut self) -> Result<(), StoreError> {
         let mut ready = self.raw.ready();
         self.stats.readies += 1;
         if !ready.messages().is_empty() {
@@ -592,21 +618,16 @@ impl Driver {
             let before = self.log.hard_state();
             must_sync |= hs.term != before.term || hs.vote != before.vote;
         }
-        if !ready.snapshot().is_empty() {
+        let snapshot = !ready.snapshot().is_empty();
+        if snapshot {
+            // The snapshot replaces the log: every write queued before it
+            // must land first, or it would land on the new log.
+            self.drain_writer()?;
             let snap = ready.snapshot().clone();
             self.install_snapshot(&snap)?;
             must_sync = true;
         }
         self.apply(ready.take_committed_entries())?;
-        let hs = ready.hs().cloned();
-        if !ready.entries().is_empty() || hs.is_some() || must_sync {
-            let t = std::time::Instant::now();
-            self.log.persist(ready.entries(), hs.as_ref(), must_sync)?;
-            if must_sync {
-                self.stats.syncs += 1;
-                self.stats.sync_micros += t.elapsed().as_micros() as u64;
-            }
-        }
         for rs in ready.take_read_states() {
             let ctx = rs
                 .request_ctx
@@ -618,17 +639,67 @@ impl Driver {
                 self.confirmed_reads.push_back((rs.index, waiters));
             }
         }
-        if !ready.persisted_messages().is_empty() {
-            self.transport.send(ready.take_persisted_messages());
+        let number = ready.number();
+        let entries = ready.take_entries();
+        let hs = ready.hs().cloned();
+        let messages = ready.take_persisted_messages();
+        // raft reads the entries from storage from here on; the WAL write
+        // follows on the writer thread (see writer.rs).
+        self.log.stage(&entries, hs.as_ref());
+        self.raw.advance_append_async(ready);
+        let idle = self.writer.in_flight() == 0;
+        if snapshot {
+            // Written here, so raft counts the snapshot persisted before
+            // anything is applied past it (the writer is idle: drained).
+            let t = std::time::Instant::now();
+            self.log.write(&entries, hs.as_ref(), true)?;
+            self.stats.syncs += 1;
+            self.stats.sync_micros += t.elapsed().as_micros() as u64;
+            self.transport.send(messages);
+            self.raw.on_persist_ready(number);
+        } else if entries.is_empty() && hs.is_none() && !must_sync && idle {
+            // Nothing to write and nothing being written: what waits for
+            // persistence may go now.
+            self.transport.send(messages);
+            self.raw.on_persist_ready(number);
+        } else {
+            self.writer.submit(WriteTask {
+                number,
+                entries,
+                hs,
+                sync: must_sync,
+                messages,
+            })?;
         }
-        // The light ready's commit index is not written: it is recovered
-        // from the quorum (and from the applied index) after a restart.
-        let mut light = self.raw.advance(ready);
-        self.transport.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
+        self.raw.advance_apply_to(self.applied);
+        self.log.note_applied(self.applied);
         self.release_reads();
         self.maybe_compact()?;
+        Ok(())
+    }
+
+    /// Takes the writer's reports: sends what waited for persistence and
+    /// tells raft what is durable here.
+    fn take_persisted(&mut self) -> Result<(), StoreError> {
+        while let Some(report) = self.writer.try_done() {
+            self.on_persisted(report?);
+        }
+        Ok(())
+    }
+
+    fn on_persisted(&mut self, p: crate::writer::Persisted) {
+        self.stats.syncs += p.syncs;
+        self.stats.sync_micros += p.sync_micros;
+        self.transport.send(p.messages);
+        self.raw.on_persist_ready(p.number);
+    }
+
+    /// Waits until every queued write is durable.
+    fn drain_writer(&mut self) -> Result<(), StoreError> {
+        while self.writer.in_flight() > 0 {
+            let p = self.writer.wait_done()?;
+            self.on_persisted(p);
+        }
         Ok(())
     }
 
@@ -653,7 +724,8 @@ impl Driver {
         self.stats.applied_entries += entries.len() as u64;
         let (last_index, last_term) = (last.index, last.term);
         let state = self.state.clone();
-        let mut applier = Applier::new(state.as_ref(), &mut self.seqs);
+        let window_ms = self.cfg.dedup_window.as_millis() as i64;
+        let mut applier = Applier::new(state.as_ref(), &mut self.seqs, window_ms);
         let mut replies: Vec<(ProposeReply, OpResults)> = Vec::new();
         let mut membership_replies: Vec<MembershipReply> = Vec::new();
         let mut new_conf: Option<ConfState> = None;
@@ -714,7 +786,7 @@ impl Driver {
                 }
             }
         }
-        let mut batch = applier.finish();
+        let mut batch = applier.finish()?;
         batch.put(keys::APPLIED, keys::encode_pair(last_index, last_term));
         // Not synced: the WAL holds these entries until a checkpoint
         // covers them.

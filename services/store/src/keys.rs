@@ -19,6 +19,8 @@
 //! s/c/<conv>        conversation record
 //! s/m/<len><conv><seq BE>             message record
 //! s/d/<len><conv><len><sender><cmid>  dedup: seq and server ts (u64/i64 BE)
+//! s/x/<ts BE><first dedup key>      dedup records one batch wrote, listed
+//!                                   (ts: the batch's newest entry time)
 //! s/r/<id BE>       raft address of a replica (initial voters included)
 //! s/u/<len><user><conv>               the user is a member of the conversation
 //! s/k/<key>         a setting (SettingRecord)
@@ -42,6 +44,7 @@ pub const APPLIED: &[u8] = b"s/a";
 pub const CONVERSATION_PREFIX: &[u8] = b"s/c/";
 pub const MESSAGE_PREFIX: &[u8] = b"s/m/";
 pub const DEDUP_PREFIX: &[u8] = b"s/d/";
+pub const DEDUP_EXPIRY_PREFIX: &[u8] = b"s/x/";
 pub const REPLICA_ADDR_PREFIX: &[u8] = b"s/r/";
 pub const USER_CONV_PREFIX: &[u8] = b"s/u/";
 pub const SETTING_PREFIX: &[u8] = b"s/k/";
@@ -79,6 +82,44 @@ pub fn dedup(conv: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
     push_len_prefixed(&mut k, sender);
     k.extend_from_slice(client_msg_id.as_bytes());
     k
+}
+
+/// The key of an expiry list: the dedup records one batch wrote, all at or
+/// before `ts_ms`. Sorted by time, so the oldest lists expire first; the
+/// first record's key makes it unique.
+pub fn dedup_expiry(ts_ms: i64, first_dedup_key: &[u8]) -> Vec<u8> {
+    let suffix = first_dedup_key
+        .strip_prefix(DEDUP_PREFIX)
+        .unwrap_or(first_dedup_key);
+    let mut k = Vec::with_capacity(DEDUP_EXPIRY_PREFIX.len() + 8 + suffix.len());
+    k.extend_from_slice(DEDUP_EXPIRY_PREFIX);
+    k.extend_from_slice(&(ts_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(suffix);
+    k
+}
+
+/// An expiry list's value: the listed dedup keys, each behind its length.
+pub fn encode_expiry_list<'a>(dedup_keys: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut v = Vec::new();
+    for k in dedup_keys {
+        let suffix = k.strip_prefix(DEDUP_PREFIX).unwrap_or(k);
+        v.extend_from_slice(&(suffix.len() as u16).to_be_bytes());
+        v.extend_from_slice(suffix);
+    }
+    v
+}
+
+/// The dedup keys an expiry list names (`None`: the value is damaged).
+pub fn decode_expiry_list(v: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut rest = v;
+    while !rest.is_empty() {
+        let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        let suffix = rest.get(2..2 + len)?;
+        out.push([DEDUP_PREFIX, suffix].concat());
+        rest = &rest[2 + len..];
+    }
+    Some(out)
 }
 
 /// Prefix of every conversation a user belongs to.

@@ -29,6 +29,7 @@ pub mod testkit;
 pub mod transport;
 pub mod types;
 pub mod wal;
+pub mod writer;
 
 pub use client::StoreClient;
 pub use error::StoreError;

@@ -49,8 +49,11 @@ struct Cache {
     truncated: (u64, u64),
     last_index: u64,
     /// The newest entries, contiguous, ascending, ending at `last_index`.
+    /// Entries past `applied` are never dropped from it: they may not be in
+    /// the WAL yet, or be replaced by a new leader's.
     recent: VecDeque<Entry>,
     recent_bytes: usize,
+    applied: u64,
 }
 
 impl Cache {
@@ -73,10 +76,14 @@ impl Cache {
             self.recent_bytes += e.data.len();
             self.recent.push_back(e.clone());
         }
-        while self.recent.len() > RECENT_ENTRIES || self.recent_bytes > RECENT_BYTES {
-            let Some(e) = self.recent.pop_front() else {
-                break;
-            };
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while (self.recent.len() > RECENT_ENTRIES || self.recent_bytes > RECENT_BYTES)
+            && self.recent.front().is_some_and(|e| e.index <= self.applied)
+        {
+            let e = self.recent.pop_front().expect("front exists");
             self.recent_bytes -= e.data.len();
         }
     }
@@ -264,6 +271,7 @@ impl LogStore {
             last_index,
             recent: VecDeque::new(),
             recent_bytes: 0,
+            applied: applied.0,
         };
         if last_index > truncated.0 {
             let low = (truncated.0 + 1).max(last_index.saturating_sub(RECENT_ENTRIES as u64 - 1));
@@ -392,8 +400,37 @@ impl LogStore {
 
     /// Appends new entries (replacing any conflicting suffix) and, if
     /// given, the hard state, in one atomic WAL write; with `sync`, returns
-    /// once an fdatasync covers them.
+    /// once an fdatasync covers them. `stage` then `write`, in one call.
     pub fn persist(
+        &self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        self.stage(entries, hs);
+        self.write(entries, hs, sync)
+    }
+
+    /// Makes entries and hard state visible to raft (through
+    /// `raft::Storage`) before they are written: raft-rs reads them from
+    /// storage as soon as a Ready is advanced, while the WAL write may
+    /// still be under way (see `writer`). Staged entries stay in memory
+    /// until they are applied, so they are never read back from the WAL
+    /// before it holds them.
+    pub fn stage(&self, entries: &[Entry], hs: Option<&HardState>) {
+        let mut c = self.write_cache();
+        if let Some(last) = entries.last() {
+            c.push_recent(entries);
+            c.last_index = last.index;
+        }
+        if let Some(hs) = hs {
+            c.hard_state = hs.clone();
+        }
+    }
+
+    /// Writes staged entries and hard state to the WAL in one atomic write;
+    /// with `sync`, returns once an fdatasync covers them.
+    pub fn write(
         &self,
         entries: &[Entry],
         hs: Option<&HardState>,
@@ -411,26 +448,22 @@ impl LogStore {
             .map_err(|e| corrupt("hard state", e))?;
         }
         if b.is_empty() {
-            if sync {
-                self.wal.write(&mut b, true)?;
-            }
-            return Ok(());
+            return if sync { self.wal.sync() } else { Ok(()) };
         }
-        self.wal.write(&mut b, sync)?;
+        self.wal.write(&mut b, sync)
+    }
+
+    /// Entries up to `index` are applied: they are in the WAL for good, and
+    /// the memory cache may let them go.
+    pub fn note_applied(&self, index: u64) {
         let mut c = self.write_cache();
-        if let Some(last) = entries.last() {
-            c.push_recent(entries);
-            c.last_index = last.index;
-        }
-        if let Some(hs) = hs {
-            c.hard_state = hs.clone();
-        }
-        Ok(())
+        c.applied = c.applied.max(index);
+        c.trim();
     }
 
     /// Makes every WAL write so far durable.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.wal.write(&mut LogBatch::default(), true)
+        self.wal.sync()
     }
 
     /// Adds the conf state write to an apply batch; call `note_conf_state`
@@ -495,6 +528,7 @@ impl LogStore {
         c.last_index = meta.index;
         c.recent.clear();
         c.recent_bytes = 0;
+        c.applied = meta.index;
         Ok(())
     }
 

@@ -35,10 +35,28 @@ impl SeqCache {
     }
 }
 
+/// Expiry lists (one per earlier batch that appended) worked off per batch
+/// at most; more than one, so removal catches up after a pause.
+const EXPIRE_LISTS_PER_BATCH: usize = 4;
+
 /// Applies operations, accumulating their writes for one atomic batch.
+///
+/// Dedup window: a retry (same conversation, sender and client message id)
+/// whose entry's timestamp is less than `dedup_window_ms` after the first
+/// one's returns the first one's seq; a later one is stored as a new
+/// message. Whether a record has expired is decided by the two entries'
+/// timestamps alone, so every replica answers alike however its batches
+/// fall; expired records are then removed by later batches (`finish`),
+/// through one time-ordered list of new records per batch (`s/x/`), which
+/// costs one write per batch rather than one per append.
 pub struct Applier<'a> {
     engine: &'a dyn Engine,
     seqs: &'a mut SeqCache,
+    dedup_window_ms: i64,
+    /// Newest entry timestamp seen by this batch.
+    newest_ts: i64,
+    /// Dedup records this batch wrote, in order.
+    new_records: Vec<Vec<u8>>,
     /// Conversations touched by this batch, to be written at `finish`.
     convs: HashMap<ConversationId, Conversation>,
     /// Dedup entries added by this batch (not yet readable from the engine).
@@ -49,13 +67,16 @@ pub struct Applier<'a> {
 }
 
 impl<'a> Applier<'a> {
-    pub fn new(engine: &'a dyn Engine, seqs: &'a mut SeqCache) -> Self {
+    pub fn new(engine: &'a dyn Engine, seqs: &'a mut SeqCache, dedup_window_ms: i64) -> Self {
         if seqs.0.len() > SEQ_CACHE_LIMIT {
             seqs.clear();
         }
         Self {
             engine,
             seqs,
+            dedup_window_ms,
+            newest_ts: i64::MIN,
+            new_records: Vec::new(),
             convs: HashMap::new(),
             dedup: HashMap::new(),
             settings: HashMap::new(),
@@ -80,6 +101,7 @@ impl<'a> Applier<'a> {
     /// Applies one op. An `Err` is the op's outcome (for example the sender
     /// is not a member), not a failure of the replica, except `Storage`.
     pub fn apply(&mut self, op: &Op, ts_ms: i64) -> Result<OpOutcome, StoreError> {
+        self.newest_ts = self.newest_ts.max(ts_ms);
         match op {
             Op::Noop => Ok(OpOutcome::Done),
             Op::CreateConversation {
@@ -180,7 +202,11 @@ impl<'a> Applier<'a> {
     fn append(&mut self, m: &NewMessage, ts_ms: i64) -> Result<Appended, StoreError> {
         let c = self.require(&m.conversation)?;
         let dedup_key = keys::dedup(m.conversation.as_str(), m.sender.as_str(), &m.client_msg_id);
-        if let Some((seq, ts)) = self.dedup_lookup(&dedup_key)? {
+        // A record older than the window is expired: the append is new
+        // and replaces it.
+        if let Some((seq, ts)) = self.dedup_lookup(&dedup_key)?
+            && ts_ms.saturating_sub(ts) < self.dedup_window_ms
+        {
             return Ok(Appended {
                 seq: Seq(seq),
                 server_ts_ms: ts,
@@ -202,7 +228,10 @@ impl<'a> Applier<'a> {
         let mut dv = Vec::with_capacity(16);
         dv.extend_from_slice(&seq.to_be_bytes());
         dv.extend_from_slice(&ts_ms.to_be_bytes());
+        // An expired record replaced here is still named by its old expiry
+        // list, which finds the newer record and leaves it (see `finish`).
         self.batch.put(dedup_key.clone(), dv);
+        self.new_records.push(dedup_key.clone());
         self.dedup.insert(dedup_key, (seq, ts_ms));
         Ok(Appended {
             seq: Seq(seq),
@@ -246,15 +275,49 @@ impl<'a> Applier<'a> {
             .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))
     }
 
-    /// The batch holding every write of the applied ops.
-    pub fn finish(mut self) -> WriteBatch {
+    /// The batch holding every write of the applied ops, and the removal
+    /// of dedup records that expired before this batch's newest entry.
+    pub fn finish(mut self) -> Result<WriteBatch, StoreError> {
         for (id, c) in self.convs.drain() {
             self.batch.put(
                 keys::conversation(id.as_str()),
                 codec::encode_conversation(&c),
             );
         }
-        self.batch
+        if self.newest_ts == i64::MIN {
+            return Ok(self.batch);
+        }
+        if let Some(first) = self.new_records.first() {
+            self.batch.put(
+                keys::dedup_expiry(self.newest_ts, first),
+                keys::encode_expiry_list(self.new_records.iter().map(Vec::as_slice)),
+            );
+        }
+        // Lists whose newest record is older than the window: every record
+        // in them has expired, unless a later append replaced it.
+        let cutoff = self.newest_ts.saturating_sub(self.dedup_window_ms);
+        let end = keys::dedup_expiry(cutoff, keys::DEDUP_PREFIX);
+        for (k, v) in self.engine.scan(
+            keys::DEDUP_EXPIRY_PREFIX,
+            &end,
+            false,
+            EXPIRE_LISTS_PER_BATCH,
+        )? {
+            let records = keys::decode_expiry_list(&v)
+                .ok_or_else(|| StoreError::Storage("corrupt dedup expiry list".into()))?;
+            self.batch.delete(k);
+            for record in records {
+                if self.dedup.contains_key(&record) {
+                    continue;
+                }
+                if let Some((_, ts)) = self.dedup_lookup(&record)?
+                    && ts < cutoff
+                {
+                    self.batch.delete(record);
+                }
+            }
+        }
+        Ok(self.batch)
     }
 }
 
@@ -458,9 +521,9 @@ mod tests {
     fn apply_all(engine: &MemEngine, ops: &[Op]) -> Vec<Result<OpOutcome, StoreError>> {
         // A fresh cache each time: later batches must find seqs on disk.
         let mut seqs = SeqCache::default();
-        let mut a = Applier::new(engine, &mut seqs);
+        let mut a = Applier::new(engine, &mut seqs, 60_000);
         let out = ops.iter().map(|op| a.apply(op, 1000)).collect();
-        engine.write(a.finish()).unwrap();
+        engine.write(a.finish().unwrap()).unwrap();
         out
     }
 
@@ -659,5 +722,81 @@ mod tests {
         assert_eq!(ids("c"), vec![conv("x")]);
         assert!(ids("b").is_empty());
         assert!(ids("mallory").is_empty());
+    }
+
+    /// Applies each `(ts, op)` group as one batch; returns (seq, duplicate)
+    /// of each append.
+    fn apply_batches(
+        engine: &MemEngine,
+        window_ms: i64,
+        batches: &[Vec<(i64, Op)>],
+    ) -> Vec<(u64, bool)> {
+        let mut seqs = SeqCache::default();
+        let mut out = Vec::new();
+        for batch in batches {
+            let mut a = Applier::new(engine, &mut seqs, window_ms);
+            for (ts, op) in batch {
+                if let Ok(OpOutcome::Appended(x)) = a.apply(op, *ts) {
+                    out.push((x.seq.0, x.duplicate));
+                }
+            }
+            engine.write(a.finish().unwrap()).unwrap();
+        }
+        out
+    }
+
+    fn count(engine: &MemEngine, prefix: &[u8]) -> usize {
+        engine
+            .scan(prefix, &prefix_end(prefix), false, usize::MAX)
+            .unwrap()
+            .len()
+    }
+
+    #[test]
+    fn a_retry_inside_the_dedup_window_is_a_duplicate_and_one_after_it_is_stored_alike_on_every_replica()
+     {
+        let create = Op::CreateConversation {
+            conversation: conv("x"),
+            members: vec![user("a")],
+        };
+        // Timeline (ms): first send at 1000, a retry at 1500 (inside a 1 s
+        // window), another at 2500 (outside), then unrelated traffic that
+        // lets the old records expire.
+        let ops: Vec<(i64, Op)> = vec![
+            (0, create),
+            (1000, msg("x", "a", "1")),
+            (1500, msg("x", "a", "1")),
+            (2500, msg("x", "a", "1")),
+            (2600, msg("x", "a", "1")),
+            (4000, msg("x", "a", "2")),
+            (6000, msg("x", "a", "3")),
+        ];
+        // One replica applies every entry alone, another in two big
+        // batches, a third all at once: the outcomes must not differ.
+        let alone: Vec<Vec<(i64, Op)>> = ops.iter().map(|o| vec![o.clone()]).collect();
+        let halves = vec![ops[..3].to_vec(), ops[3..].to_vec()];
+        let whole = vec![ops.clone()];
+        let expected = vec![
+            (1, false),
+            (1, true),
+            (2, false),
+            (2, true),
+            (3, false),
+            (4, false),
+        ];
+        for (name, batches) in [("alone", alone), ("halves", halves), ("whole", whole)] {
+            let e = MemEngine::new();
+            assert_eq!(apply_batches(&e, 1000, &batches), expected, "{name}");
+        }
+        // Expired records are removed: after the last entry only the
+        // records of the last second are left (message "3", at 6000).
+        let e = MemEngine::new();
+        let alone: Vec<Vec<(i64, Op)>> = ops.iter().map(|o| vec![o.clone()]).collect();
+        apply_batches(&e, 1000, &alone);
+        assert_eq!(count(&e, keys::DEDUP_PREFIX), 1);
+        assert_eq!(count(&e, keys::DEDUP_EXPIRY_PREFIX), 1);
+        // Messages are never removed, only the records that deduplicate them.
+        let r = Reader::new(Arc::new(e));
+        assert_eq!(r.messages(&conv("x"), Seq(0), Seq(0), 10).unwrap().len(), 4);
     }
 }

@@ -32,6 +32,9 @@ pub const LOG_GROUP: u64 = 1;
 /// raft-engine group holding the raft metadata (hard state and the rest).
 pub const META_GROUP: u64 = 2;
 
+/// Meta key rewritten by `Wal::sync` (its value is empty).
+const SYNC_MARK: &[u8] = b"sync";
+
 /// Size at which the WAL starts a new file.
 const TARGET_FILE_BYTES: u64 = 32 << 20;
 /// Size of the live WAL above which raft-engine rewrites and purges old
@@ -55,6 +58,9 @@ impl MessageExt for EntryExt {
 pub trait Wal: Send + Sync + 'static {
     /// Writes the batch atomically; with `sync`, returns after fdatasync.
     fn write(&self, batch: &mut LogBatch, sync: bool) -> Result<(), StoreError>;
+
+    /// Makes every write so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
 
     /// A value of the meta group.
     fn get(&self, key: &[u8]) -> Option<Vec<u8>>;
@@ -131,6 +137,15 @@ impl<F: FileSystem + 'static> Wal for RaftEngineWal<F> {
             .write(batch, sync)
             .map(|_| ())
             .map_err(wal_error)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // raft-engine returns at once on an empty batch, sync or not (its
+        // own `Engine::sync` included), so a sync writes a one-key batch.
+        let mut b = LogBatch::default();
+        b.put(META_GROUP, SYNC_MARK.to_vec(), Vec::new())
+            .map_err(wal_error)?;
+        self.write(&mut b, true)
     }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {

@@ -152,6 +152,7 @@ impl Cluster {
                 compact_keep: o.compact_keep,
                 checkpoint_interval: o.checkpoint_interval,
                 wal_sync_interval: o.checkpoint_interval,
+                dedup_window: crate::config::DEFAULT_DEDUP_WINDOW,
             },
             advertise: addr,
             data_dir: Some(self.slots[&id].dir.clone()),
