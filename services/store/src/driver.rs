@@ -136,6 +136,11 @@ pub(crate) struct Driver {
     /// No leader has contacted this replica since its data directory was
     /// created; see `step`.
     fresh: bool,
+    /// The data directory was new when this run started, and no leader's
+    /// heartbeat (which shows the commit index the replica must reach) or
+    /// snapshot has arrived yet: its state may be empty for want of data,
+    /// not for want of messages, so it serves no stale reads.
+    unvouched: bool,
 }
 
 fn now_ms() -> i64 {
@@ -201,6 +206,7 @@ impl Driver {
             caught_up: false,
             was_leader: false,
             stats: DriverStats::default(),
+            unvouched: fresh,
             seqs: SeqCache::default(),
             fresh,
         })
@@ -285,6 +291,7 @@ impl Driver {
         self.status.send_modify(|s| {
             s.stopped = true;
             s.serving = false;
+            s.caught_up = false;
         });
         self.transport.shutdown();
         result
@@ -317,10 +324,32 @@ impl Driver {
             // wiped. raft-rs would panic on it; ignore it (our suffix may
             // not match the leader's), and the leader repairs us (below)
             // when our reply shows the loss.
+            //
+            // Nor does it wait for the next write to find out: it stops
+            // counting itself caught up (no SERVING, no stale reads) until it
+            // has applied that commit index, and answers with a rejection
+            // that shows the leader what it really has.
             MessageType::MsgHeartbeat => {
+                if m.term >= self.raw.raft.term {
+                    self.unvouched = false;
+                }
                 let last = self.raw.raft.raft_log.last_index();
                 if m.commit > last {
                     debug!(replica = %self.cfg.id, commit = m.commit, last, "leader believes we hold entries we lost");
+                    if self.caught_up {
+                        warn!(replica = %self.cfg.id, commit = m.commit, last, "entries this replica acknowledged are gone; not serving until it has caught up");
+                    }
+                    self.caught_up = false;
+                    self.start_commit = self.start_commit.max(m.commit);
+                    let mut reject = Message::default();
+                    reject.set_msg_type(MessageType::MsgAppendResponse);
+                    reject.to = m.from;
+                    reject.from = self.cfg.id.0;
+                    reject.term = self.raw.raft.term.max(m.term);
+                    reject.index = m.commit;
+                    reject.reject = true;
+                    reject.reject_hint = last;
+                    self.transport.send(vec![reject]);
                     m.commit = self.raw.raft.raft_log.committed;
                 }
             }
@@ -708,6 +737,7 @@ impl Driver {
         info!(replica = %self.cfg.id, index = meta.index, term = meta.term, "installing snapshot");
         let data = codec::decode_snapshot_data(&snap.data)?;
         self.log.install_snapshot(snap, data)?;
+        self.unvouched = false;
         self.seqs.clear();
         self.applied = meta.index;
         let reader = crate::state_machine::Reader::new(self.state.clone());
@@ -888,11 +918,19 @@ impl Driver {
             self.fail_pending(err);
         }
         self.was_leader = leader;
+        if leader {
+            // Elected: it holds every committed entry.
+            self.unvouched = false;
+        }
         let lead = self.raw.raft.leader_id;
         if !self.caught_up && lead != 0 && self.applied >= self.start_commit {
             self.caught_up = true;
             info!(replica = %self.cfg.id, applied = self.applied, "caught up; serving");
         }
+        // Learners and removed replicas are not part of the group's quorum
+        // and do not report SERVING (a caught-up learner still serves
+        // stale reads).
+        let voter = self.raw.raft.prs().conf().voters().contains(self.cfg.id.0);
         let next = NodeStatus {
             id: self.cfg.id,
             role: self.raw.raft.state,
@@ -900,7 +938,12 @@ impl Driver {
             leader: (lead != 0).then_some(NodeId(lead)),
             commit: self.raw.raft.raft_log.committed,
             applied: self.applied,
-            serving: self.caught_up && lead != 0,
+            // Stale reads need no leader (degraded mode serves them), but
+            // not from a replica that lost its data: a fresh one that no
+            // leader has reached yet, or one still short of a commit index
+            // a leader showed it (see `unvouched`).
+            caught_up: !self.unvouched && self.applied >= self.start_commit,
+            serving: self.caught_up && lead != 0 && voter,
             stopped: false,
         };
         self.status.send_if_modified(|s| {

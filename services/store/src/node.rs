@@ -66,8 +66,13 @@ pub struct NodeStatus {
     pub leader: Option<NodeId>,
     pub commit: u64,
     pub applied: u64,
-    /// The replica knows a leader and has applied everything that was
-    /// committed when it started.
+    /// The replica has applied everything that was committed when it
+    /// started, or that a leader showed it was committed when it had lost
+    /// entries (a replica whose data directory is new counts only once a
+    /// leader has reached it); stale reads are served only then.
+    pub caught_up: bool,
+    /// Caught up, knows a leader, and is a voter: the replica counts for
+    /// the group (gRPC health SERVING).
     pub serving: bool,
     /// The driver has stopped (shutdown or fatal storage error).
     pub stopped: bool,

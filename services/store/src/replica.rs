@@ -119,6 +119,7 @@ impl Replica {
             leader: None,
             commit: 0,
             applied: 0,
+            caught_up: false,
             serving: false,
             stopped: false,
         });

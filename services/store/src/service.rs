@@ -86,7 +86,16 @@ impl StoreApi {
                 self.within(self.node.read_barrier()).await?;
                 Ok(false)
             }
-            Ok(api::Consistency::Stale) => Ok(true),
+            Ok(api::Consistency::Stale) => {
+                let s = self.node.status();
+                if !s.caught_up {
+                    return Err(StoreError::Unavailable(format!(
+                        "replica {} is catching up (applied {}); read from another replica",
+                        s.id, s.applied
+                    )));
+                }
+                Ok(true)
+            }
             Err(_) => Err(StoreError::InvalidArgument(format!(
                 "unknown consistency {consistency}"
             ))),

@@ -347,6 +347,71 @@ async fn a_wiped_replica_catches_up_by_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_is_repaired_without_a_write_and_serves_only_once_caught_up() {
+    let opts = ClusterOptions {
+        snapshot_entries: 20,
+        compact_keep: 5,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start(3, opts).await.unwrap();
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let client = cluster.client();
+    create(&client, "w", &["a"]).await;
+    for i in 0..100 {
+        client
+            .append(append_req("w", "a", &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let before = cluster.node(leader).unwrap().status();
+    // The victim acknowledged everything, so the leader has nothing left to
+    // send it: only its heartbeats can reveal the loss.
+    let victim = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    cluster
+        .wait_applied(victim, before.applied, WAIT)
+        .await
+        .unwrap();
+    cluster.wipe(victim).await.unwrap();
+    cluster.restart(victim).await.unwrap();
+
+    let mut status = cluster.node(victim).unwrap().watch_status();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = status.borrow_and_update().clone();
+        assert!(
+            !s.serving || s.applied >= before.applied,
+            "the wiped replica reported serving at {s:?}, before applying {}",
+            before.applied
+        );
+        if !s.caught_up {
+            // Nor does it serve stale reads meanwhile.
+            match stale_read(&cluster, victim, "w").await {
+                Err(e) => assert!(matches!(e, StoreError::Unavailable(_)), "{e}"),
+                // Only if it caught up in between.
+                Ok(_) => assert!(cluster.node(victim).unwrap().status().caught_up),
+            }
+        }
+        if s.serving && s.applied >= before.applied {
+            break;
+        }
+        tokio::time::timeout_at(deadline, status.changed())
+            .await
+            .expect("the wiped replica did not catch up without a write")
+            .unwrap();
+    }
+    let r = stale_read(&cluster, victim, "w").await.unwrap();
+    assert_eq!(r.last_seq, 100);
+    // Catching it up cost no election.
+    let after = cluster.node(leader).unwrap().status();
+    assert_eq!(
+        (after.term, after.leader),
+        (before.term, Some(leader)),
+        "an election happened while the wiped replica caught up"
+    );
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_appends_return_the_original_seq_and_store_nothing() {
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
     cluster.wait_leader(WAIT).await.unwrap();
@@ -420,6 +485,9 @@ async fn replicas_are_added_as_learners_promoted_and_removed() {
             .len(),
         10
     );
+    // A learner serves stale reads but does not count for the group.
+    let s = cluster.node(NodeId(4)).unwrap().status();
+    assert!(s.caught_up && !s.serving, "learner status {s:?}");
 
     let promoted = client.promote(4).await.unwrap();
     assert!(
@@ -443,6 +511,18 @@ async fn replicas_are_added_as_learners_promoted_and_removed() {
         .collect();
     assert_eq!(voters.len(), 3);
     assert!(!voters.contains(&follower.0));
+    cluster
+        .node(NodeId(4))
+        .unwrap()
+        .wait_for(WAIT, |s| s.serving)
+        .await
+        .expect("the promoted replica reports serving");
+    cluster
+        .node(follower)
+        .unwrap()
+        .wait_for(WAIT, |s| !s.serving)
+        .await
+        .expect("the removed replica stops reporting serving");
     cluster.kill(follower).await;
     // With the removed replica gone for good, the new voter set commits.
     client.append(append_req("m", "a", "after")).await.unwrap();
