@@ -10,7 +10,7 @@ use chat_proto::chat::v1::chat_server::Chat;
 use chat_proto::router::v1 as rpb;
 use chat_proto::router::v1::gateway_delivery_server::GatewayDelivery;
 use chat_proto::store::v1 as spb;
-use chat_store::types::{ConversationId, validate_client_msg_id};
+use chat_store_client::ids::{ConversationId, validate_client_msg_id};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_proto::router::v1::router_server::RouterServer;
-use chat_store::StoreClient;
+use chat_store_client::StoreClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use chat_proto::status::v1::ReplicaView;
 use std::time::Duration;
 
-use chat_store::StoreClient;
+use chat_store_client::StoreClient;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

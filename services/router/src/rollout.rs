@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chat_proto::status::v1::{Incident, Incidents};
 use chat_rollout::{Histogram, Plan, Report, Window};
-use chat_store::{StoreClient, StoreError};
+use chat_store_client::{StoreClient, StoreError};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 

@@ -11,7 +11,7 @@ use chat_proto::router::v1::router_server::Router;
 use chat_proto::store::v1 as spb;
 use chat_resilience::deadline::{self, Deadline};
 use chat_resilience::with_retry_after;
-use chat_store::{StoreClient, StoreError};
+use chat_store_client::{StoreClient, StoreError};
 use tonic::{Request, Response, Status};
 
 use crate::directory::Directory;

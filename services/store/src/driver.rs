@@ -1,18 +1,24 @@
 //! The raft driver: the one task that owns the `RawNode`.
 //!
-//! It runs on its own OS thread (a current-thread runtime), so the fsync it
-//! does for every Ready never stalls the tokio workers that serve gRPC.
-//! Each loop iteration waits for one input, drains everything else already
-//! queued, turns all queued proposals into as few raft entries as possible
-//! (group commit: what arrives while a batch is being persisted joins the
-//! next one), then handles the Ready in raft-rs's order:
+//! It runs on its own OS thread (a current-thread runtime), and the WAL
+//! writes and fdatasyncs run on another (the log writer, `writer.rs`), so
+//! neither stalls the tokio workers that serve gRPC, and the driver keeps
+//! stepping, ticking and proposing while a sync runs. Each loop iteration
+//! waits for one input, drains everything else already queued, turns all
+//! queued proposals into as few raft entries as possible (group commit:
+//! what arrives while an entry is in flight joins the next one), then
+//! handles the Ready in raft-rs's order:
 //!
 //! 1. send the leader's messages (they need not wait for our disk),
-//! 2. install a received snapshot,
-//! 3. apply committed entries,
-//! 4. append new entries and the hard state, then sync once,
-//! 5. send the messages that must follow persistence (votes, append acks),
-//! 6. advance, and repeat 1/3 for the light ready, then advance_apply.
+//! 2. install a received snapshot (after every queued write has landed),
+//! 3. apply committed entries (to the state engine, without a sync),
+//! 4. stage the new entries and hard state in the log store (raft reads them
+//!    from memory), `advance_append_async`, and queue them for the log
+//!    writer, which writes and fdatasyncs them,
+//! 5. when the writer reports a Ready durable: send the messages that had to
+//!    follow persistence (votes, append acks) and `on_persist_ready`,
+//! 6. `advance_apply_to` the applied index, compact the log below the
+//!    durable checkpoint (`checkpoint.rs`).
 //!
 //! Architecture Invariant: the driver never awaits the network. Outgoing
 //! messages go into bounded per-peer queues and are dropped when those are
@@ -177,7 +183,7 @@ impl Driver {
             .validate()
             .map_err(|e| StoreError::InvalidArgument(format!("raft config: {e}")))?;
         let logger = crate::logging::raft_logger(cfg.id);
-        let raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
+        let raw = RawNode::new(&raft_cfg, log.clone(), &logger).map_err(crate::error::from_raft)?;
         let start_commit = log.hard_state().commit;
         let fresh = log.is_fresh();
         let state = log.state().clone();
@@ -472,7 +478,7 @@ impl Driver {
             Err(e) => {
                 let err = match e {
                     raft::Error::ProposalDropped => self.not_leader(),
-                    other => StoreError::from(other),
+                    other => crate::error::from_raft(other),
                 };
                 for (_, reply) in replies {
                     let _ = reply.send(Err(err.clone()));
@@ -588,7 +594,9 @@ impl Driver {
         cc.set_change_type(kind);
         cc.node_id = id.0;
         let ctx = codec::encode_replica_context(0, id.0, &address);
-        self.raw.propose_conf_change(ctx, cc)?;
+        self.raw
+            .propose_conf_change(ctx, cc)
+            .map_err(crate::error::from_raft)?;
         Ok(Some(self.last_appended()))
     }
 
@@ -785,7 +793,10 @@ impl Driver {
                     let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| {
                         StoreError::Storage(format!("corrupt membership change: {err}"))
                     })?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&cc)
+                        .map_err(crate::error::from_raft)?;
                     let (_, id, address) = codec::decode_replica_context(&e.context)?;
                     let id = NodeId(id);
                     match cc.get_change_type() {

@@ -10,7 +10,10 @@
 
 pub mod admin;
 pub mod checkpoint;
-pub mod client;
+/// The store's client, from `chat-store-client`.
+pub mod client {
+    pub use chat_store_client::client::*;
+}
 pub mod codec;
 pub mod config;
 pub mod data_dir;
@@ -31,7 +34,6 @@ pub mod types;
 pub mod wal;
 pub mod writer;
 
-pub use client::StoreClient;
-pub use error::StoreError;
+pub use chat_store_client::{StoreClient, StoreError};
 pub use replica::{Replica, ReplicaOptions, Storage};
 pub use types::NodeId;

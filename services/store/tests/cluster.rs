@@ -12,47 +12,11 @@ use chat_store::testkit::{Cluster, ClusterOptions};
 use chat_store::{NodeId, StoreClient, StoreError};
 use tonic::Code;
 
+mod common;
+
+use common::{append_n, append_req, create, read_all};
+
 const WAIT: Duration = Duration::from_secs(15);
-
-async fn create(client: &StoreClient, conv: &str, members: &[&str]) {
-    client
-        .create_conversation(api::CreateConversationRequest {
-            conversation_id: conv.into(),
-            members: members.iter().map(|m| m.to_string()).collect(),
-        })
-        .await
-        .expect("create conversation");
-}
-
-fn append_req(conv: &str, sender: &str, id: &str) -> api::AppendRequest {
-    api::AppendRequest {
-        conversation_id: conv.into(),
-        sender: sender.into(),
-        client_msg_id: id.into(),
-        body: format!("body of {id}").into_bytes(),
-    }
-}
-
-/// Every message of a conversation, through linearizable reads.
-async fn read_all(client: &StoreClient, conv: &str) -> Vec<api::StoredMessage> {
-    let mut out = Vec::new();
-    loop {
-        let after = out.last().map_or(0, |m: &api::StoredMessage| m.seq);
-        let page = client
-            .read(api::ReadRequest {
-                conversation_id: conv.into(),
-                after_seq: after,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("read");
-        if page.messages.is_empty() {
-            return out;
-        }
-        out.extend(page.messages);
-    }
-}
 
 async fn stale_read(
     cluster: &Cluster,
@@ -311,12 +275,7 @@ async fn a_wiped_replica_catches_up_by_snapshot() {
     let victim = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
     create(&client, "s", &["a"]).await;
     cluster.wipe(victim).await.unwrap();
-    for i in 0..100 {
-        client
-            .append(append_req("s", "a", &format!("m{i}")))
-            .await
-            .unwrap();
-    }
+    append_n(&client, "s", "a", 100).await;
     let report = cluster.node(leader).unwrap().report().await.unwrap();
     assert!(
         report.first_index > 2,
@@ -357,12 +316,7 @@ async fn a_replica_that_lost_its_disk_is_repaired_without_a_write_and_serves_onl
     let leader = cluster.wait_leader(WAIT).await.unwrap();
     let client = cluster.client();
     create(&client, "w", &["a"]).await;
-    for i in 0..100 {
-        client
-            .append(append_req("w", "a", &format!("m{i}")))
-            .await
-            .unwrap();
-    }
+    append_n(&client, "w", "a", 100).await;
     let before = cluster.node(leader).unwrap().status();
     // The victim acknowledged everything, so the leader has nothing left to
     // send it: only its heartbeats can reveal the loss.

@@ -12,19 +12,13 @@ use chat_store::StoreClient;
 use chat_store::driver::SyncMode;
 use chat_store::testkit::{Cluster, ClusterOptions};
 
+mod common;
+
+use common::{create, read_all};
+
 const WAIT: Duration = Duration::from_secs(20);
 const SENDERS: usize = 8;
 const PER_SENDER: usize = 100;
-
-async fn create(client: &StoreClient, conv: &str) {
-    client
-        .create_conversation(api::CreateConversationRequest {
-            conversation_id: conv.into(),
-            members: vec!["alice".into()],
-        })
-        .await
-        .expect("create conversation");
-}
 
 /// Appends from concurrent senders; returns what was acknowledged, by
 /// client message id.
@@ -58,26 +52,6 @@ async fn send_all(client: &Arc<StoreClient>, conv: &str) -> HashMap<String, u64>
     all
 }
 
-async fn read_all(client: &StoreClient, conv: &str) -> Vec<api::StoredMessage> {
-    let mut out = Vec::new();
-    loop {
-        let after = out.last().map_or(0, |m: &api::StoredMessage| m.seq);
-        let page = client
-            .read(api::ReadRequest {
-                conversation_id: conv.into(),
-                after_seq: after,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("read");
-        if page.messages.is_empty() {
-            return out;
-        }
-        out.extend(page.messages);
-    }
-}
-
 /// Acknowledged appends that are missing, or stored at another seq, or
 /// stored more than once.
 fn lost_or_moved(messages: &[api::StoredMessage], acked: &HashMap<String, u64>) -> Vec<String> {
@@ -95,6 +69,17 @@ fn lost_or_moved(messages: &[api::StoredMessage], acked: &HashMap<String, u64>) 
         .collect();
     bad.sort();
     bad
+}
+
+/// A cluster with `opts`, a conversation "room", and what concurrent
+/// senders got acknowledged in it.
+async fn start_and_send(opts: ClusterOptions) -> (Cluster, Arc<StoreClient>, HashMap<String, u64>) {
+    let cluster = Cluster::start(3, opts).await.unwrap();
+    cluster.wait_leader(WAIT).await.unwrap();
+    let client = Arc::new(cluster.client());
+    create(&client, "room", &["alice"]).await;
+    let acked = send_all(&client, "room").await;
+    (cluster, client, acked)
 }
 
 async fn power_cut_everyone(cluster: &mut Cluster) {
@@ -123,11 +108,7 @@ async fn acknowledged_appends_survive_a_power_cut_on_every_replica() {
         checkpoint_interval: Duration::from_millis(100),
         ..ClusterOptions::default()
     };
-    let mut cluster = Cluster::start(3, opts).await.unwrap();
-    cluster.wait_leader(WAIT).await.unwrap();
-    let client = Arc::new(cluster.client());
-    create(&client, "room").await;
-    let acked = send_all(&client, "room").await;
+    let (mut cluster, client, acked) = start_and_send(opts).await;
     assert_eq!(acked.len(), SENDERS * PER_SENDER);
     let applied: Vec<u64> = cluster
         .ids()
@@ -216,11 +197,7 @@ async fn without_a_sync_on_the_ack_path_a_power_cut_loses_acknowledged_appends()
         checkpoint_interval: Duration::from_secs(3600),
         ..ClusterOptions::default()
     };
-    let mut cluster = Cluster::start(3, opts).await.unwrap();
-    cluster.wait_leader(WAIT).await.unwrap();
-    let client = Arc::new(cluster.client());
-    create(&client, "room").await;
-    let acked = send_all(&client, "room").await;
+    let (mut cluster, client, acked) = start_and_send(opts).await;
     power_cut_everyone(&mut cluster).await;
     restart_everyone(&mut cluster).await;
     // Nothing after the group's start was synced; the conversation itself
