@@ -13,7 +13,7 @@ use chat_store::codec::encode_proposal;
 use chat_store::engine::{BackgroundFlush, Engine, MemEngine, SledEngine, WriteBatch};
 use chat_store::keys;
 use chat_store::log_store::LogStore;
-use chat_store::state_machine::{Applier, SeqCache};
+use chat_store::state_machine::{Applier, Heads};
 use chat_store::types::{ConversationId, NewMessage, NodeId, Op, UserId};
 use chat_store::wal::{RaftEngineWal, Wal};
 use raft::eraftpb::{Entry, HardState};
@@ -84,7 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let convs: Vec<ConversationId> = (0..args.conversations)
         .map(|i| ConversationId::parse(&format!("c{i}")))
         .collect::<Result<_, _>>()?;
-    let mut seqs = SeqCache::default();
+    let mut seqs = Heads::default();
     let window_ms = args.dedup_window_ms as i64;
     let mut a = Applier::new(state.as_ref(), &mut seqs, window_ms);
     for c in &convs {

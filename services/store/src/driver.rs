@@ -46,7 +46,7 @@ use crate::log_store::LogStore;
 use crate::node::{
     DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport,
 };
-use crate::state_machine::{Applier, SeqCache};
+use crate::state_machine::{Applier, Heads};
 use crate::transport::{Transport, TransportEvent};
 use crate::types::{NodeId, Op};
 use crate::writer::{LogWriter, WriteTask};
@@ -138,7 +138,7 @@ pub(crate) struct Driver {
     caught_up: bool,
     was_leader: bool,
     stats: DriverStats,
-    seqs: SeqCache,
+    heads: Heads,
     /// No leader has contacted this replica since its data directory was
     /// created; see `step`.
     fresh: bool,
@@ -213,7 +213,7 @@ impl Driver {
             was_leader: false,
             stats: DriverStats::default(),
             unvouched: fresh,
-            seqs: SeqCache::default(),
+            heads: Heads::default(),
             fresh,
         })
     }
@@ -746,7 +746,7 @@ impl Driver {
         let data = codec::decode_snapshot_data(&snap.data)?;
         self.log.install_snapshot(snap, data)?;
         self.unvouched = false;
-        self.seqs.clear();
+        self.heads.clear();
         self.applied = meta.index;
         let reader = crate::state_machine::Reader::new(self.state.clone());
         for (id, addr) in reader.replica_addresses()? {
@@ -763,7 +763,7 @@ impl Driver {
         let (last_index, last_term) = (last.index, last.term);
         let state = self.state.clone();
         let window_ms = self.cfg.dedup_window.as_millis() as i64;
-        let mut applier = Applier::new(state.as_ref(), &mut self.seqs, window_ms);
+        let mut applier = Applier::new(state.as_ref(), &mut self.heads, window_ms);
         let mut replies: Vec<(ProposeReply, OpResults)> = Vec::new();
         let mut membership_replies: Vec<MembershipReply> = Vec::new();
         let mut new_conf: Option<ConfState> = None;

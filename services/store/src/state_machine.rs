@@ -20,18 +20,23 @@ use crate::types::{
     StoredMessage, UserId,
 };
 
-/// Last seq of recently appended-to conversations, kept by the driver across
-/// batches so an append writes two keys (message, dedup) and reads none for
-/// its seq. Cleared when a snapshot replaces the state.
+/// Heads of recently used conversations: last seq and record (members),
+/// kept by the driver across batches so an append reads neither its seq nor
+/// its conversation's members from the engine (it reads only its dedup
+/// record). Cleared when a snapshot replaces the state.
 #[derive(Default)]
-pub struct SeqCache(HashMap<ConversationId, u64>);
+pub struct Heads {
+    seqs: HashMap<ConversationId, u64>,
+    records: HashMap<ConversationId, Conversation>,
+}
 
-/// Entries kept before the cache starts over.
-const SEQ_CACHE_LIMIT: usize = 100_000;
+/// Conversations kept before the cache starts over.
+const HEADS_LIMIT: usize = 100_000;
 
-impl SeqCache {
+impl Heads {
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.seqs.clear();
+        self.records.clear();
     }
 }
 
@@ -51,7 +56,7 @@ const EXPIRE_LISTS_PER_BATCH: usize = 4;
 /// costs one write per batch rather than one per append.
 pub struct Applier<'a> {
     engine: &'a dyn Engine,
-    seqs: &'a mut SeqCache,
+    heads: &'a mut Heads,
     dedup_window_ms: i64,
     /// Newest entry timestamp seen by this batch.
     newest_ts: i64,
@@ -67,13 +72,13 @@ pub struct Applier<'a> {
 }
 
 impl<'a> Applier<'a> {
-    pub fn new(engine: &'a dyn Engine, seqs: &'a mut SeqCache, dedup_window_ms: i64) -> Self {
-        if seqs.0.len() > SEQ_CACHE_LIMIT {
-            seqs.clear();
+    pub fn new(engine: &'a dyn Engine, heads: &'a mut Heads, dedup_window_ms: i64) -> Self {
+        if heads.seqs.len() > HEADS_LIMIT || heads.records.len() > HEADS_LIMIT {
+            heads.clear();
         }
         Self {
             engine,
-            seqs,
+            heads,
             dedup_window_ms,
             newest_ts: i64::MIN,
             new_records: Vec::new(),
@@ -85,11 +90,11 @@ impl<'a> Applier<'a> {
     }
 
     fn last_seq(&mut self, id: &ConversationId) -> Result<u64, StoreError> {
-        if let Some(&seq) = self.seqs.0.get(id) {
+        if let Some(&seq) = self.heads.seqs.get(id) {
             return Ok(seq);
         }
         let seq = Reader::last_seq_in(self.engine, id)?;
-        self.seqs.0.insert(id.clone(), seq);
+        self.heads.seqs.insert(id.clone(), seq);
         Ok(seq)
     }
 
@@ -200,7 +205,15 @@ impl<'a> Applier<'a> {
     }
 
     fn append(&mut self, m: &NewMessage, ts_ms: i64) -> Result<Appended, StoreError> {
-        let c = self.require(&m.conversation)?;
+        let member = match self.record(&m.conversation)? {
+            Some(c) => c.members.binary_search(&m.sender).is_ok(),
+            None => {
+                return Err(StoreError::NotFound(format!(
+                    "conversation {} does not exist",
+                    m.conversation
+                )));
+            }
+        };
         let dedup_key = keys::dedup(m.conversation.as_str(), m.sender.as_str(), &m.client_msg_id);
         // A record older than the window is expired: the append is new
         // and replaces it.
@@ -213,14 +226,14 @@ impl<'a> Applier<'a> {
                 duplicate: true,
             });
         }
-        if c.members.binary_search(&m.sender).is_err() {
+        if !member {
             return Err(StoreError::PermissionDenied(format!(
                 "{} is not a member of conversation {}",
                 m.sender, m.conversation
             )));
         }
         let seq = self.last_seq(&m.conversation)? + 1;
-        self.seqs.0.insert(m.conversation.clone(), seq);
+        self.heads.seqs.insert(m.conversation.clone(), seq);
         self.batch.put(
             keys::message(m.conversation.as_str(), seq),
             codec::encode_message(m, ts_ms),
@@ -255,12 +268,26 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// The conversation's record as of this batch (its last seq is not
+    /// kept up to date there): from the batch, the heads, or the engine.
+    fn record(&mut self, id: &ConversationId) -> Result<Option<&Conversation>, StoreError> {
+        if self.convs.contains_key(id) {
+            return Ok(self.convs.get(id));
+        }
+        if !self.heads.records.contains_key(id) {
+            match Reader::record_in(self.engine, id, Seq(0))? {
+                Some(c) => {
+                    self.heads.records.insert(id.clone(), c);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.heads.records.get(id))
+    }
+
     /// The conversation as of this batch (last seq included).
     fn conversation(&mut self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
-        let found = match self.convs.get(id) {
-            Some(c) => Some(c.clone()),
-            None => Reader::record_in(self.engine, id, Seq(0))?,
-        };
+        let found = self.record(id)?.cloned();
         match found {
             Some(mut c) => {
                 c.last_seq = Seq(self.last_seq(id)?);
@@ -283,6 +310,7 @@ impl<'a> Applier<'a> {
                 keys::conversation(id.as_str()),
                 codec::encode_conversation(&c),
             );
+            self.heads.records.insert(id, c);
         }
         if self.newest_ts == i64::MIN {
             return Ok(self.batch);
@@ -520,7 +548,7 @@ mod tests {
 
     fn apply_all(engine: &MemEngine, ops: &[Op]) -> Vec<Result<OpOutcome, StoreError>> {
         // A fresh cache each time: later batches must find seqs on disk.
-        let mut seqs = SeqCache::default();
+        let mut seqs = Heads::default();
         let mut a = Applier::new(engine, &mut seqs, 60_000);
         let out = ops.iter().map(|op| a.apply(op, 1000)).collect();
         engine.write(a.finish().unwrap()).unwrap();
@@ -731,7 +759,7 @@ mod tests {
         window_ms: i64,
         batches: &[Vec<(i64, Op)>],
     ) -> Vec<(u64, bool)> {
-        let mut seqs = SeqCache::default();
+        let mut seqs = Heads::default();
         let mut out = Vec::new();
         for batch in batches {
             let mut a = Applier::new(engine, &mut seqs, window_ms);
@@ -798,5 +826,61 @@ mod tests {
         // Messages are never removed, only the records that deduplicate them.
         let r = Reader::new(Arc::new(e));
         assert_eq!(r.messages(&conv("x"), Seq(0), Seq(0), 10).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn conversation_heads_kept_across_batches_follow_membership_changes() {
+        let e = MemEngine::new();
+        // One cache for every batch, as the driver keeps it.
+        let mut heads = Heads::default();
+        let mut batch = |ops: Vec<Op>| {
+            let mut a = Applier::new(&e, &mut heads, 60_000);
+            let out: Vec<_> = ops.iter().map(|op| a.apply(op, 1000)).collect();
+            e.write(a.finish().unwrap()).unwrap();
+            out
+        };
+        let member = |add: bool| {
+            let (conversation, user, by) = (conv("x"), user("b"), None);
+            if add {
+                Op::AddMember {
+                    conversation,
+                    user,
+                    by,
+                }
+            } else {
+                Op::RemoveMember {
+                    conversation,
+                    user,
+                    by,
+                }
+            }
+        };
+        batch(vec![Op::CreateConversation {
+            conversation: conv("x"),
+            members: vec![user("a")],
+        }]);
+        assert!(batch(vec![msg("x", "a", "1")])[0].is_ok());
+        assert!(matches!(
+            batch(vec![msg("x", "b", "1")])[0],
+            Err(StoreError::PermissionDenied(_))
+        ));
+        batch(vec![member(true)]);
+        assert!(batch(vec![msg("x", "b", "2")])[0].is_ok());
+        // Removed and refused within one batch, and in the next.
+        let out = batch(vec![member(false), msg("x", "b", "3")]);
+        assert!(matches!(out[1], Err(StoreError::PermissionDenied(_))));
+        assert!(matches!(
+            batch(vec![msg("x", "b", "4")])[0],
+            Err(StoreError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            batch(vec![msg("nope", "a", "1")])[0],
+            Err(StoreError::NotFound(_))
+        ));
+        let r = Reader::new(Arc::new(e.clone()));
+        assert_eq!(
+            r.conversation(&conv("x")).unwrap().unwrap().last_seq,
+            Seq(2)
+        );
     }
 }
