@@ -134,7 +134,10 @@ fn run(
             if let Err(e) = checkpoint(&log, &durable) {
                 error!(error = %e, "state checkpoint failed; the raft log is kept until one succeeds");
             }
-            if let Err(e) = log.wal().purge() {
+            // Compactions are written without a sync; purging may drop
+            // the files that held the truncation point before them, so
+            // make them durable first.
+            if let Err(e) = log.sync_compaction().and_then(|()| log.wal().purge()) {
                 warn!(error = %e, "raft log purge failed");
             }
             next_checkpoint = now + interval;

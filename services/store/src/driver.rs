@@ -954,7 +954,7 @@ impl Driver {
             // leader has reached yet, or one still short of a commit index
             // a leader showed it (see `unvouched`).
             caught_up: !self.unvouched && self.applied >= self.start_commit,
-            serving: self.caught_up && lead != 0 && voter,
+            serving: self.caught_up && !self.unvouched && lead != 0 && voter,
             stopped: false,
         };
         self.status.send_if_modified(|s| {

@@ -16,6 +16,7 @@
 //! m/id              replica id that owns this state (u64 BE)
 //! m/cs              raft conf state (as of the applied index)
 //! s/a               applied index and its term (u64 BE x2)
+//! s/t               the dedup clock: newest entry timestamp applied (i64 BE)
 //! s/c/<conv>        conversation record
 //! s/m/<len><conv><seq BE>             message record
 //! s/d/<len><conv><len><sender><cmid>  dedup: seq and server ts (u64/i64 BE)
@@ -41,6 +42,7 @@ pub const REPLICA_ID: &[u8] = b"m/id";
 pub const CONF_STATE: &[u8] = b"m/cs";
 pub const STATE_PREFIX: &[u8] = b"s/";
 pub const APPLIED: &[u8] = b"s/a";
+pub const DEDUP_CLOCK: &[u8] = b"s/t";
 pub const CONVERSATION_PREFIX: &[u8] = b"s/c/";
 pub const MESSAGE_PREFIX: &[u8] = b"s/m/";
 pub const DEDUP_PREFIX: &[u8] = b"s/d/";

@@ -108,6 +108,8 @@ pub struct LogStore {
     wal: Arc<dyn Wal>,
     state: Arc<dyn Engine>,
     cache: Arc<RwLock<Cache>>,
+    /// A compaction was written since the last `sync` (see `compact`).
+    compacted_unsynced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -287,6 +289,7 @@ impl LogStore {
             wal,
             state,
             cache: Arc::new(RwLock::new(cache)),
+            compacted_unsynced: Arc::default(),
         })
     }
 
@@ -466,6 +469,20 @@ impl LogStore {
         self.wal.sync()
     }
 
+    /// Makes a compaction written since the last call durable, if any.
+    pub fn sync_compaction(&self) -> Result<(), StoreError> {
+        if self
+            .compacted_unsynced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            && let Err(e) = self.wal.sync()
+        {
+            self.compacted_unsynced
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Adds the conf state write to an apply batch; call `note_conf_state`
     /// once the batch is written.
     pub fn stage_conf_state(
@@ -556,8 +573,12 @@ impl LogStore {
             keys::encode_pair(index, term),
         )
         .map_err(|e| corrupt("truncation marker", e))?;
-        // Not synced: a lost compaction is done again.
+        // Not synced: a lost compaction is done again. But the WAL's purge
+        // may delete the files that held the previous truncation point, so
+        // the checkpointer syncs before it purges (`sync_compaction`).
         self.wal.write(&mut b, false)?;
+        self.compacted_unsynced
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut c = self.write_cache();
         c.truncated = (index, term);
         c.drop_recent_through(index);
@@ -630,29 +651,55 @@ impl raft::Storage for LogStore {
             if high > c.last_index + 1 {
                 return Err(raft::Error::Store(StorageError::Unavailable));
             }
-            if let Some(at) = c.recent_from(low) {
-                let mut out = Vec::with_capacity((high - low) as usize);
-                let mut size = 0u64;
-                for e in c.recent.range(at..at + (high - low) as usize) {
-                    size += u64::from(e.compute_size());
-                    if !out.is_empty() && size > max_size {
-                        break;
+        }
+        // Entries from the memory cache's front on come from memory: the
+        // newest may be staged but not written yet. Older ones come from the
+        // WAL, which holds every entry the cache has let go.
+        let mut out: Vec<Entry> = Vec::new();
+        let mut size = 0u64;
+        let mut next = low;
+        while next < high {
+            let front = {
+                let c = self.read();
+                if let Some(at) = c.recent_from(next) {
+                    for e in c.recent.range(at..) {
+                        if e.index >= high {
+                            break;
+                        }
+                        size += u64::from(e.compute_size());
+                        if !out.is_empty() && size > max_size {
+                            break;
+                        }
+                        out.push(e.clone());
                     }
-                    out.push(e.clone());
+                    return Ok(out);
                 }
+                c.recent.front().map(|e| e.index)
+            };
+            let upto = front.map_or(high, |f| f.min(high));
+            let mut got = Vec::new();
+            let room = usize::try_from(max_size.saturating_sub(size)).unwrap_or(usize::MAX);
+            self.wal
+                .entries(next, upto, Some(room.max(1)), &mut got)
+                .map_err(to_raft)?;
+            if got.first().is_none_or(|e| e.index != next) {
+                return Err(to_raft(corrupt(
+                    "raft log",
+                    format!("entries from {next} are missing"),
+                )));
+            }
+            let complete = got.len() as u64 == upto - next;
+            for e in got {
+                size += u64::from(e.compute_size());
+                if !out.is_empty() && size > max_size {
+                    return Ok(out);
+                }
+                out.push(e);
+            }
+            if !complete {
                 return Ok(out);
             }
-        }
-        let mut out = Vec::new();
-        let limit = usize::try_from(max_size).unwrap_or(usize::MAX);
-        self.wal
-            .entries(low, high, Some(limit), &mut out)
-            .map_err(to_raft)?;
-        if out.first().is_some_and(|e| e.index != low) || (out.is_empty() && low < high) {
-            return Err(to_raft(corrupt(
-                "raft log",
-                format!("entries from {low} are missing"),
-            )));
+            next = upto;
         }
         Ok(out)
     }
@@ -1004,5 +1051,27 @@ mod tests {
             Err(StoreError::Storage(msg)) => assert!(msg.contains("corrupt hard state"), "{msg}"),
             other => panic!("expected corruption error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn a_range_from_before_the_memory_cache_into_unwritten_entries_is_served_from_both() {
+        let disk = Disk::new();
+        let log = disk.open(1, &[]).unwrap();
+        let n = RECENT_ENTRIES as u64 + 100;
+        let ents: Vec<Entry> = (1..=n).map(|i| entry(i, 1)).collect();
+        for chunk in ents.chunks(1000) {
+            log.persist(chunk, None, false).unwrap();
+        }
+        log.note_applied(n);
+        // Staged, as the driver does before the log writer has written them.
+        let staged: Vec<Entry> = (n + 1..=n + 10).map(|i| entry(i, 2)).collect();
+        log.stage(&staged, None);
+        let got = entries(&log, 5, n + 11, None);
+        assert_eq!(got.len() as u64, n + 6);
+        assert_eq!(got.first(), Some(&(5, 1)));
+        assert_eq!(got.last(), Some(&(n + 10, 2)));
+        assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1), "gapless");
+        // A size limit still returns a prefix, at least one entry.
+        assert_eq!(entries(&log, 5, n + 11, Some(1)), vec![(5, 1)]);
     }
 }

@@ -28,6 +28,8 @@ use crate::types::{
 pub struct Heads {
     seqs: HashMap<ConversationId, u64>,
     records: HashMap<ConversationId, Conversation>,
+    /// The dedup clock as last written (see `Applier`).
+    clock: Option<i64>,
 }
 
 /// Conversations kept before the cache starts over.
@@ -37,6 +39,7 @@ impl Heads {
     pub fn clear(&mut self) {
         self.seqs.clear();
         self.records.clear();
+        self.clock = None;
     }
 }
 
@@ -47,19 +50,24 @@ const EXPIRE_LISTS_PER_BATCH: usize = 4;
 /// Applies operations, accumulating their writes for one atomic batch.
 ///
 /// Dedup window: a retry (same conversation, sender and client message id)
-/// whose entry's timestamp is less than `dedup_window_ms` after the first
-/// one's returns the first one's seq; a later one is stored as a new
-/// message. Whether a record has expired is decided by the two entries'
-/// timestamps alone, so every replica answers alike however its batches
-/// fall; expired records are then removed by later batches (`finish`),
+/// applied less than `dedup_window_ms` after the first one, by the dedup
+/// clock, returns the first one's seq; a later one is stored as a new
+/// message. The dedup clock is the newest entry timestamp applied so far
+/// (`s/t`): leaders' clocks differ and can step back, and a clock that
+/// never goes back makes every decision a function of the log alone, so
+/// every replica answers alike however its batches fall (and a record
+/// removed as expired could only ever have been judged expired again).
+/// Expired records are removed by later batches (`finish`),
 /// through one time-ordered list of new records per batch (`s/x/`), which
 /// costs one write per batch rather than one per append.
 pub struct Applier<'a> {
     engine: &'a dyn Engine,
     heads: &'a mut Heads,
     dedup_window_ms: i64,
-    /// Newest entry timestamp seen by this batch.
-    newest_ts: i64,
+    /// The dedup clock as of the op being applied (loaded at first use).
+    clock: Option<i64>,
+    /// Whether this batch moved the clock.
+    clock_moved: bool,
     /// Dedup records this batch wrote, in order.
     new_records: Vec<Vec<u8>>,
     /// Conversations touched by this batch, to be written at `finish`.
@@ -80,7 +88,8 @@ impl<'a> Applier<'a> {
             engine,
             heads,
             dedup_window_ms,
-            newest_ts: i64::MIN,
+            clock: None,
+            clock_moved: false,
             new_records: Vec::new(),
             convs: HashMap::new(),
             dedup: HashMap::new(),
@@ -106,7 +115,7 @@ impl<'a> Applier<'a> {
     /// Applies one op. An `Err` is the op's outcome (for example the sender
     /// is not a member), not a failure of the replica, except `Storage`.
     pub fn apply(&mut self, op: &Op, ts_ms: i64) -> Result<OpOutcome, StoreError> {
-        self.newest_ts = self.newest_ts.max(ts_ms);
+        let now = self.tick(ts_ms)?;
         match op {
             Op::Noop => Ok(OpOutcome::Done),
             Op::CreateConversation {
@@ -173,7 +182,7 @@ impl<'a> Applier<'a> {
                 }
                 Ok(OpOutcome::Conversation(c))
             }
-            Op::Append(m) => self.append(m, ts_ms).map(OpOutcome::Appended),
+            Op::Append(m) => self.append(m, ts_ms, now).map(OpOutcome::Appended),
             Op::PutSetting {
                 key,
                 value,
@@ -204,7 +213,28 @@ impl<'a> Applier<'a> {
         }
     }
 
-    fn append(&mut self, m: &NewMessage, ts_ms: i64) -> Result<Appended, StoreError> {
+    /// Advances the dedup clock to `ts_ms` if that is later; returns it.
+    fn tick(&mut self, ts_ms: i64) -> Result<i64, StoreError> {
+        let clock = match self.clock.or(self.heads.clock) {
+            Some(c) => c,
+            None => match self.engine.get(keys::DEDUP_CLOCK)? {
+                Some(raw) => i64::from_be_bytes(
+                    raw.as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Storage("corrupt dedup clock".into()))?,
+                ),
+                None => i64::MIN,
+            },
+        };
+        let now = clock.max(ts_ms);
+        self.clock_moved |= now != clock;
+        self.clock = Some(now);
+        Ok(now)
+    }
+
+    /// `now` is the dedup clock; `ts_ms` the entry's own timestamp, which
+    /// the message (and its dedup record) keeps.
+    fn append(&mut self, m: &NewMessage, ts_ms: i64, now: i64) -> Result<Appended, StoreError> {
         let member = match self.record(&m.conversation)? {
             Some(c) => c.members.binary_search(&m.sender).is_ok(),
             None => {
@@ -218,7 +248,7 @@ impl<'a> Applier<'a> {
         // A record older than the window is expired: the append is new
         // and replaces it.
         if let Some((seq, ts)) = self.dedup_lookup(&dedup_key)?
-            && ts_ms.saturating_sub(ts) < self.dedup_window_ms
+            && now.saturating_sub(ts) < self.dedup_window_ms
         {
             return Ok(Appended {
                 seq: Seq(seq),
@@ -312,18 +342,23 @@ impl<'a> Applier<'a> {
             );
             self.heads.records.insert(id, c);
         }
-        if self.newest_ts == i64::MIN {
+        let Some(now) = self.clock else {
             return Ok(self.batch);
+        };
+        if self.clock_moved {
+            self.batch
+                .put(keys::DEDUP_CLOCK, now.to_be_bytes().to_vec());
         }
+        self.heads.clock = Some(now);
         if let Some(first) = self.new_records.first() {
             self.batch.put(
-                keys::dedup_expiry(self.newest_ts, first),
+                keys::dedup_expiry(now, first),
                 keys::encode_expiry_list(self.new_records.iter().map(Vec::as_slice)),
             );
         }
         // Lists whose newest record is older than the window: every record
         // in them has expired, unless a later append replaced it.
-        let cutoff = self.newest_ts.saturating_sub(self.dedup_window_ms);
+        let cutoff = now.saturating_sub(self.dedup_window_ms);
         let end = keys::dedup_expiry(cutoff, keys::DEDUP_PREFIX);
         for (k, v) in self.engine.scan(
             keys::DEDUP_EXPIRY_PREFIX,
@@ -882,5 +917,31 @@ mod tests {
             r.conversation(&conv("x")).unwrap().unwrap().last_seq,
             Seq(2)
         );
+    }
+
+    #[test]
+    fn a_leader_clock_that_steps_back_cannot_make_replicas_disagree_about_a_retry() {
+        let create = Op::CreateConversation {
+            conversation: conv("x"),
+            members: vec![user("a")],
+        };
+        // "1" at 1000; another message at 2100 (past the 1 s window); then
+        // a retry of "1" stamped 1900 by a leader whose clock is behind.
+        let ops: Vec<(i64, Op)> = vec![
+            (0, create),
+            (1000, msg("x", "a", "1")),
+            (2100, msg("x", "a", "2")),
+            (1900, msg("x", "a", "1")),
+        ];
+        let alone: Vec<Vec<(i64, Op)>> = ops.iter().map(|o| vec![o.clone()]).collect();
+        let together = vec![ops.clone()];
+        let tail_together = vec![ops[..3].to_vec(), ops[3..].to_vec()];
+        let mut outcomes = Vec::new();
+        for batches in [alone, together, tail_together] {
+            outcomes.push(apply_batches(&MemEngine::new(), 1000, &batches));
+        }
+        // The retry comes 1100 ms after "1" by the dedup clock: a new message.
+        let expected = vec![(1, false), (2, false), (3, false)];
+        assert!(outcomes.iter().all(|o| *o == expected), "{outcomes:?}");
     }
 }
