@@ -34,7 +34,9 @@ pub const STATE_DIR: &str = "state";
 pub fn check_layout(dir: &Path) -> Result<(), StoreError> {
     if dir.join("conf").exists() && dir.join("db").exists() && !dir.join(WAL_DIR).exists() {
         return Err(StoreError::FailedPrecondition(format!(
-            "data directory {} was written by an older store version (raft log and state in one sled database);              this version keeps the raft log in {WAL_DIR}/ and the state in {STATE_DIR}/: delete the directory              and let the replica rejoin by snapshot",
+            "data directory {} was written by an older store version (raft log and state in one sled database); \
+             this version keeps the raft log in {WAL_DIR}/ and the state in {STATE_DIR}/: delete the directory \
+             and let the replica rejoin by snapshot",
             dir.display()
         )));
     }
@@ -144,5 +146,6 @@ mod tests {
         let err = check_layout(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
         assert!(err.to_string().contains("older store version"), "{err}");
+        assert!(!err.to_string().contains("  "), "{err}");
     }
 }
