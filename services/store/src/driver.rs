@@ -133,9 +133,10 @@ pub(crate) struct Driver {
     confirmed_reads: VecDeque<(u64, Vec<ReadReply>)>,
     next_read: u64,
     applied: u64,
-    /// Commit index at start; serving begins once applied reaches it.
+    /// Commit index at start, raised to the one a leader shows when this
+    /// replica finds it lost entries: it is caught up (serves stale reads,
+    /// and SERVING with a leader) once applied reaches it.
     start_commit: u64,
-    caught_up: bool,
     was_leader: bool,
     stats: DriverStats,
     heads: Heads,
@@ -209,7 +210,6 @@ impl Driver {
             next_read: 1,
             applied,
             start_commit,
-            caught_up: false,
             was_leader: false,
             stats: DriverStats::default(),
             unvouched: fresh,
@@ -342,10 +342,9 @@ impl Driver {
                 let last = self.raw.raft.raft_log.last_index();
                 if m.commit > last {
                     debug!(replica = %self.cfg.id, commit = m.commit, last, "leader believes we hold entries we lost");
-                    if self.caught_up {
+                    if self.applied >= self.start_commit {
                         warn!(replica = %self.cfg.id, commit = m.commit, last, "entries this replica acknowledged are gone; not serving until it has caught up");
                     }
-                    self.caught_up = false;
                     self.start_commit = self.start_commit.max(m.commit);
                     let mut reject = Message::default();
                     reject.set_msg_type(MessageType::MsgAppendResponse);
@@ -934,10 +933,11 @@ impl Driver {
             self.unvouched = false;
         }
         let lead = self.raw.raft.leader_id;
-        if !self.caught_up && lead != 0 && self.applied >= self.start_commit {
-            self.caught_up = true;
-            info!(replica = %self.cfg.id, applied = self.applied, "caught up; serving");
-        }
+        // Stale reads need no leader (degraded mode serves them), but not
+        // from a replica that lost its data: a fresh one that no leader has
+        // reached yet, or one still short of a commit index a leader showed
+        // it (see `unvouched` and `start_commit`).
+        let caught_up = !self.unvouched && self.applied >= self.start_commit;
         // Learners and removed replicas are not part of the group's quorum
         // and do not report SERVING (a caught-up learner still serves
         // stale reads).
@@ -949,12 +949,8 @@ impl Driver {
             leader: (lead != 0).then_some(NodeId(lead)),
             commit: self.raw.raft.raft_log.committed,
             applied: self.applied,
-            // Stale reads need no leader (degraded mode serves them), but
-            // not from a replica that lost its data: a fresh one that no
-            // leader has reached yet, or one still short of a commit index
-            // a leader showed it (see `unvouched`).
-            caught_up: !self.unvouched && self.applied >= self.start_commit,
-            serving: self.caught_up && !self.unvouched && lead != 0 && voter,
+            caught_up,
+            serving: caught_up && lead != 0 && voter,
             stopped: false,
         };
         self.status.send_if_modified(|s| {
@@ -963,6 +959,9 @@ impl Driver {
             }
             if s.role != next.role || s.leader != next.leader {
                 info!(replica = %self.cfg.id, role = ?next.role, term = next.term, leader = ?next.leader.map(|l| l.0), "raft role changed");
+            }
+            if s.serving != next.serving {
+                info!(replica = %self.cfg.id, serving = next.serving, applied = next.applied, "serving changed");
             }
             *s = next;
             true
