@@ -243,9 +243,11 @@ impl LogStore {
             hard_state.term = hard_state.term.max(applied.1);
         }
         let last_index = span.map_or(truncated.0, |(_, last)| last);
-        // Applied entries were committed; a commit index behind them (the
-        // light ready's commit is not written) is raised to match.
-        if applied.0 > hard_state.commit {
+        // Applied entries were committed; a commit index behind them (one
+        // written after a Ready's may not have reached the WAL) is raised
+        // to match.
+        let raised = applied.0 > hard_state.commit;
+        if raised {
             hard_state.commit = applied.0;
         }
         if hard_state.commit > last_index {
@@ -257,7 +259,7 @@ impl LogStore {
                 ),
             ));
         }
-        if !fix.is_empty() || wal.get(keys::wal::HARD_STATE).is_some() {
+        if !fix.is_empty() || raised {
             fix.put(
                 META_GROUP,
                 keys::wal::HARD_STATE.to_vec(),
