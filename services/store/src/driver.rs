@@ -49,7 +49,7 @@ use crate::node::{
 use crate::state_machine::{Applier, Heads};
 use crate::transport::{Transport, TransportEvent};
 use crate::types::{NodeId, Op};
-use crate::writer::{LogWriter, WriteTask};
+use crate::writer::{LogWriter, Persisted, WriteTask};
 
 /// Most queued inputs taken per loop iteration, so ticks are never starved.
 const DRAIN_LIMIT: usize = 4096;
@@ -684,27 +684,32 @@ impl Driver {
         self.log.stage(&entries, hs.as_ref());
         self.raw.advance_append_async(ready);
         let idle = self.writer.in_flight() == 0;
+        let mut here = Persisted {
+            number,
+            messages,
+            syncs: 0,
+            sync_micros: 0,
+            tasks: 0,
+        };
         if snapshot {
             // Written here, so raft counts the snapshot persisted before
             // anything is applied past it (the writer is idle: drained).
             let t = std::time::Instant::now();
             self.log.write(&entries, hs.as_ref(), true)?;
-            self.stats.syncs += 1;
-            self.stats.sync_micros += t.elapsed().as_micros() as u64;
-            self.transport.send(messages);
-            self.raw.on_persist_ready(number);
+            here.syncs = 1;
+            here.sync_micros = t.elapsed().as_micros() as u64;
+            self.on_persisted(here);
         } else if entries.is_empty() && hs.is_none() && !must_sync && idle {
             // Nothing to write and nothing being written: what waits for
             // persistence may go now.
-            self.transport.send(messages);
-            self.raw.on_persist_ready(number);
+            self.on_persisted(here);
         } else {
             self.writer.submit(WriteTask {
                 number,
                 entries,
                 hs,
                 sync: must_sync,
-                messages,
+                messages: here.messages,
             })?;
         }
         self.raw.advance_apply_to(self.applied);
@@ -723,7 +728,7 @@ impl Driver {
         Ok(())
     }
 
-    fn on_persisted(&mut self, p: crate::writer::Persisted) {
+    fn on_persisted(&mut self, p: Persisted) {
         self.stats.syncs += p.syncs;
         self.stats.sync_micros += p.sync_micros;
         self.transport.send(p.messages);
