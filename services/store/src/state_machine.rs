@@ -8,7 +8,7 @@
 //! outcome depends on is in the log entry (including the leader's timestamp)
 //! or in state produced by earlier entries; a failed op changes nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::codec;
@@ -20,14 +20,16 @@ use crate::types::{
     StoredMessage, UserId,
 };
 
-/// Heads of recently used conversations: last seq and record (members),
-/// kept by the driver across batches so an append reads neither its seq nor
-/// its conversation's members from the engine (it reads only its dedup
-/// record). Cleared when a snapshot replaces the state.
+/// Heads of recently used conversations: each one's record (members) with
+/// its current last seq, kept by the driver across batches so an append
+/// reads neither its seq nor its conversation's members from the engine (it
+/// reads only its dedup record). Cleared when a snapshot replaces the state.
+///
+/// An applier changes heads as it applies; a batch that is then not written
+/// stops the replica, heads and all.
 #[derive(Default)]
 pub struct Heads {
-    seqs: HashMap<ConversationId, u64>,
-    records: HashMap<ConversationId, Conversation>,
+    convs: HashMap<ConversationId, Conversation>,
     /// The dedup clock as last written (see `Applier`).
     clock: Option<i64>,
 }
@@ -37,8 +39,7 @@ const HEADS_LIMIT: usize = 100_000;
 
 impl Heads {
     pub fn clear(&mut self) {
-        self.seqs.clear();
-        self.records.clear();
+        self.convs.clear();
         self.clock = None;
     }
 }
@@ -70,8 +71,9 @@ pub struct Applier<'a> {
     clock_moved: bool,
     /// Dedup records this batch wrote, in order.
     new_records: Vec<Vec<u8>>,
-    /// Conversations touched by this batch, to be written at `finish`.
-    convs: HashMap<ConversationId, Conversation>,
+    /// Conversations whose records this batch changed, to be written at
+    /// `finish` (from the heads).
+    changed: HashSet<ConversationId>,
     /// Dedup entries added by this batch (not yet readable from the engine).
     dedup: HashMap<Vec<u8>, (u64, i64)>,
     /// Settings written by this batch (not yet readable from the engine).
@@ -81,7 +83,7 @@ pub struct Applier<'a> {
 
 impl<'a> Applier<'a> {
     pub fn new(engine: &'a dyn Engine, heads: &'a mut Heads, dedup_window_ms: i64) -> Self {
-        if heads.seqs.len() > HEADS_LIMIT || heads.records.len() > HEADS_LIMIT {
+        if heads.convs.len() > HEADS_LIMIT {
             heads.clear();
         }
         Self {
@@ -91,20 +93,17 @@ impl<'a> Applier<'a> {
             clock: None,
             clock_moved: false,
             new_records: Vec::new(),
-            convs: HashMap::new(),
+            changed: HashSet::new(),
             dedup: HashMap::new(),
             settings: HashMap::new(),
             batch: WriteBatch::default(),
         }
     }
 
-    fn last_seq(&mut self, id: &ConversationId) -> Result<u64, StoreError> {
-        if let Some(&seq) = self.heads.seqs.get(id) {
-            return Ok(seq);
-        }
-        let seq = Reader::last_seq_in(self.engine, id)?;
-        self.heads.seqs.insert(id.clone(), seq);
-        Ok(seq)
+    /// Records a conversation's new state, to be written at `finish`.
+    fn put_head(&mut self, c: Conversation) {
+        self.changed.insert(c.id.clone());
+        self.heads.convs.insert(c.id.clone(), c);
     }
 
     /// Direct access for writes that ride along (applied index, conf state).
@@ -145,7 +144,7 @@ impl<'a> Applier<'a> {
                         Vec::new(),
                     );
                 }
-                self.convs.insert(conversation.clone(), c.clone());
+                self.put_head(c.clone());
                 Ok(OpOutcome::Conversation(c))
             }
             Op::AddMember {
@@ -161,7 +160,7 @@ impl<'a> Applier<'a> {
                         keys::user_conversation(user.as_str(), conversation.as_str()),
                         Vec::new(),
                     );
-                    self.convs.insert(conversation.clone(), c.clone());
+                    self.put_head(c.clone());
                 }
                 Ok(OpOutcome::Conversation(c))
             }
@@ -178,7 +177,7 @@ impl<'a> Applier<'a> {
                         user.as_str(),
                         conversation.as_str(),
                     ));
-                    self.convs.insert(conversation.clone(), c.clone());
+                    self.put_head(c.clone());
                 }
                 Ok(OpOutcome::Conversation(c))
             }
@@ -235,7 +234,7 @@ impl<'a> Applier<'a> {
     /// `now` is the dedup clock; `ts_ms` the entry's own timestamp, which
     /// the message (and its dedup record) keeps.
     fn append(&mut self, m: &NewMessage, ts_ms: i64, now: i64) -> Result<Appended, StoreError> {
-        let member = match self.record(&m.conversation)? {
+        let member = match self.head(&m.conversation)? {
             Some(c) => c.members.binary_search(&m.sender).is_ok(),
             None => {
                 return Err(StoreError::NotFound(format!(
@@ -262,8 +261,11 @@ impl<'a> Applier<'a> {
                 m.sender, m.conversation
             )));
         }
-        let seq = self.last_seq(&m.conversation)? + 1;
-        self.heads.seqs.insert(m.conversation.clone(), seq);
+        let head = self
+            .head(&m.conversation)?
+            .ok_or_else(|| StoreError::Storage("conversation head vanished".into()))?;
+        let seq = head.last_seq.0 + 1;
+        head.last_seq = Seq(seq);
         self.batch.put(
             keys::message(m.conversation.as_str(), seq),
             codec::encode_message(m, ts_ms),
@@ -298,33 +300,21 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// The conversation's record as of this batch (its last seq is not
-    /// kept up to date there): from the batch, the heads, or the engine.
-    fn record(&mut self, id: &ConversationId) -> Result<Option<&Conversation>, StoreError> {
-        if self.convs.contains_key(id) {
-            return Ok(self.convs.get(id));
+    /// The conversation as of this batch, last seq included: from the
+    /// heads, or read from the engine into them.
+    fn head(&mut self, id: &ConversationId) -> Result<Option<&mut Conversation>, StoreError> {
+        if !self.heads.convs.contains_key(id) {
+            let Some(mut c) = Reader::record_in(self.engine, id, Seq(0))? else {
+                return Ok(None);
+            };
+            c.last_seq = Seq(Reader::last_seq_in(self.engine, id)?);
+            self.heads.convs.insert(id.clone(), c);
         }
-        if !self.heads.records.contains_key(id) {
-            match Reader::record_in(self.engine, id, Seq(0))? {
-                Some(c) => {
-                    self.heads.records.insert(id.clone(), c);
-                }
-                None => return Ok(None),
-            }
-        }
-        Ok(self.heads.records.get(id))
+        Ok(self.heads.convs.get_mut(id))
     }
 
-    /// The conversation as of this batch (last seq included).
     fn conversation(&mut self, id: &ConversationId) -> Result<Option<Conversation>, StoreError> {
-        let found = self.record(id)?.cloned();
-        match found {
-            Some(mut c) => {
-                c.last_seq = Seq(self.last_seq(id)?);
-                Ok(Some(c))
-            }
-            None => Ok(None),
-        }
+        Ok(self.head(id)?.cloned())
     }
 
     fn require(&mut self, id: &ConversationId) -> Result<Conversation, StoreError> {
@@ -335,12 +325,12 @@ impl<'a> Applier<'a> {
     /// The batch holding every write of the applied ops, and the removal
     /// of dedup records that expired before this batch's newest entry.
     pub fn finish(mut self) -> Result<WriteBatch, StoreError> {
-        for (id, c) in self.convs.drain() {
+        for id in self.changed.drain() {
+            let c = &self.heads.convs[&id];
             self.batch.put(
                 keys::conversation(id.as_str()),
-                codec::encode_conversation(&c),
+                codec::encode_conversation(c),
             );
-            self.heads.records.insert(id, c);
         }
         let Some(now) = self.clock else {
             return Ok(self.batch);
