@@ -841,15 +841,22 @@ mod tests {
         assert_eq!(log.term(2).unwrap(), 1);
     }
 
-    #[test]
-    fn entries_older_than_the_memory_cache_come_from_the_wal() {
-        let disk = Disk::new();
-        let log = disk.open(1, &[]).unwrap();
+    /// Writes 100 entries more than the memory cache holds (term 1, from
+    /// index 1); returns the last index.
+    fn fill_past_the_cache(log: &LogStore) -> u64 {
         let n = RECENT_ENTRIES as u64 + 100;
         let ents: Vec<Entry> = (1..=n).map(|i| entry(i, 1)).collect();
         for chunk in ents.chunks(1000) {
             log.persist(chunk, None, false).unwrap();
         }
+        n
+    }
+
+    #[test]
+    fn entries_older_than_the_memory_cache_come_from_the_wal() {
+        let disk = Disk::new();
+        let log = disk.open(1, &[]).unwrap();
+        let n = fill_past_the_cache(&log);
         assert_eq!(entries(&log, 1, 4, None), vec![(1, 1), (2, 1), (3, 1)]);
         assert_eq!(log.term(50).unwrap(), 1);
         assert_eq!(entries(&log, n - 1, n + 1, None), vec![(n - 1, 1), (n, 1)]);
@@ -1059,11 +1066,7 @@ mod tests {
     fn a_range_from_before_the_memory_cache_into_unwritten_entries_is_served_from_both() {
         let disk = Disk::new();
         let log = disk.open(1, &[]).unwrap();
-        let n = RECENT_ENTRIES as u64 + 100;
-        let ents: Vec<Entry> = (1..=n).map(|i| entry(i, 1)).collect();
-        for chunk in ents.chunks(1000) {
-            log.persist(chunk, None, false).unwrap();
-        }
+        let n = fill_past_the_cache(&log);
         log.note_applied(n);
         // Staged, as the driver does before the log writer has written them.
         let staged: Vec<Entry> = (n + 1..=n + 10).map(|i| entry(i, 2)).collect();

@@ -798,6 +798,16 @@ mod tests {
         out
     }
 
+    /// The same entries batched as different replicas may batch them:
+    /// every entry alone, split in two at `split`, and all at once.
+    fn batchings(ops: &[(i64, Op)], split: usize) -> Vec<(&'static str, Vec<Vec<(i64, Op)>>)> {
+        vec![
+            ("alone", ops.iter().map(|o| vec![o.clone()]).collect()),
+            ("split", vec![ops[..split].to_vec(), ops[split..].to_vec()]),
+            ("together", vec![ops.to_vec()]),
+        ]
+    }
+
     fn count(engine: &MemEngine, prefix: &[u8]) -> usize {
         engine
             .scan(prefix, &prefix_end(prefix), false, usize::MAX)
@@ -824,11 +834,6 @@ mod tests {
             (4000, msg("x", "a", "2")),
             (6000, msg("x", "a", "3")),
         ];
-        // One replica applies every entry alone, another in two big
-        // batches, a third all at once: the outcomes must not differ.
-        let alone: Vec<Vec<(i64, Op)>> = ops.iter().map(|o| vec![o.clone()]).collect();
-        let halves = vec![ops[..3].to_vec(), ops[3..].to_vec()];
-        let whole = vec![ops.clone()];
         let expected = vec![
             (1, false),
             (1, true),
@@ -837,14 +842,14 @@ mod tests {
             (3, false),
             (4, false),
         ];
-        for (name, batches) in [("alone", alone), ("halves", halves), ("whole", whole)] {
+        for (name, batches) in batchings(&ops, 3) {
             let e = MemEngine::new();
             assert_eq!(apply_batches(&e, 1000, &batches), expected, "{name}");
         }
         // Expired records are removed: after the last entry only the
         // records of the last second are left (message "3", at 6000).
         let e = MemEngine::new();
-        let alone: Vec<Vec<(i64, Op)>> = ops.iter().map(|o| vec![o.clone()]).collect();
+        let (_, alone) = batchings(&ops, 3).swap_remove(0);
         apply_batches(&e, 1000, &alone);
         assert_eq!(count(&e, keys::DEDUP_PREFIX), 1);
         assert_eq!(count(&e, keys::DEDUP_EXPIRY_PREFIX), 1);
@@ -923,11 +928,8 @@ mod tests {
             (2100, msg("x", "a", "2")),
             (1900, msg("x", "a", "1")),
         ];
-        let alone: Vec<Vec<(i64, Op)>> = ops.iter().map(|o| vec![o.clone()]).collect();
-        let together = vec![ops.clone()];
-        let tail_together = vec![ops[..3].to_vec(), ops[3..].to_vec()];
         let mut outcomes = Vec::new();
-        for batches in [alone, together, tail_together] {
+        for (_, batches) in batchings(&ops, 3) {
             outcomes.push(apply_batches(&MemEngine::new(), 1000, &batches));
         }
         // The retry comes 1100 ms after "1" by the dedup clock: a new message.
