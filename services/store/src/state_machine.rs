@@ -798,9 +798,12 @@ mod tests {
         out
     }
 
+    /// Timestamped ops applied as one batch.
+    type Batch = Vec<(i64, Op)>;
+
     /// The same entries batched as different replicas may batch them:
     /// every entry alone, split in two at `split`, and all at once.
-    fn batchings(ops: &[(i64, Op)], split: usize) -> Vec<(&'static str, Vec<Vec<(i64, Op)>>)> {
+    fn batchings(ops: &[(i64, Op)], split: usize) -> Vec<(&'static str, Vec<Batch>)> {
         vec![
             ("alone", ops.iter().map(|o| vec![o.clone()]).collect()),
             ("split", vec![ops[..split].to_vec(), ops[split..].to_vec()]),
