@@ -34,7 +34,9 @@ pub struct TrackingFs {
     inner: DefaultFileSystem,
     files: Mutex<HashMap<PathBuf, Arc<FileState>>>,
     /// Power is going: syncs from now on do not count.
-    frozen: Arc<AtomicBool>,
+    frozen: AtomicBool,
+    /// fdatasyncs so far.
+    syncs: AtomicU64,
 }
 
 impl Default for TrackingFs {
@@ -42,7 +44,8 @@ impl Default for TrackingFs {
         Self {
             inner: DefaultFileSystem,
             files: Mutex::default(),
-            frozen: Arc::default(),
+            frozen: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
         }
     }
 }
@@ -83,8 +86,7 @@ impl TrackingFs {
 pub struct TrackedHandle {
     inner: Arc<<DefaultFileSystem as FileSystem>::Handle>,
     state: Arc<FileState>,
-    fs_syncs: Arc<AtomicU64>,
-    frozen: Arc<AtomicBool>,
+    fs: Arc<TrackingFs>,
 }
 
 impl Handle for TrackedHandle {
@@ -103,11 +105,11 @@ impl Handle for TrackedHandle {
     fn sync(&self) -> IoResult<()> {
         let written = self.state.written.load(Ordering::Acquire);
         self.inner.sync()?;
-        if self.frozen.load(Ordering::Acquire) {
+        if self.fs.frozen.load(Ordering::Acquire) {
             return Ok(());
         }
         self.state.synced.fetch_max(written, Ordering::AcqRel);
-        self.fs_syncs.fetch_add(1, Ordering::Relaxed);
+        self.fs.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -152,10 +154,9 @@ impl WriteExt for TrackedWriter {
     }
 }
 
-/// raft-engine's view of a `TrackingFs`, counting fdatasyncs.
+/// raft-engine's view of a `TrackingFs`.
 pub struct TrackingFileSystem {
     fs: Arc<TrackingFs>,
-    syncs: Arc<AtomicU64>,
 }
 
 impl FileSystem for TrackingFileSystem {
@@ -171,8 +172,7 @@ impl FileSystem for TrackingFileSystem {
         Ok(TrackedHandle {
             inner,
             state,
-            fs_syncs: self.syncs.clone(),
-            frozen: self.fs.frozen.clone(),
+            fs: self.fs.clone(),
         })
     }
 
@@ -186,8 +186,7 @@ impl FileSystem for TrackingFileSystem {
         Ok(TrackedHandle {
             inner: Arc::new(inner),
             state,
-            fs_syncs: self.syncs.clone(),
-            frozen: self.fs.frozen.clone(),
+            fs: self.fs.clone(),
         })
     }
 
@@ -227,7 +226,6 @@ impl FileSystem for TrackingFileSystem {
 #[derive(Clone)]
 pub struct PowerCutDisk {
     fs: Arc<TrackingFs>,
-    syncs: Arc<AtomicU64>,
     state: MemEngine,
 }
 
@@ -241,7 +239,6 @@ impl PowerCutDisk {
     pub fn new() -> Self {
         Self {
             fs: Arc::new(TrackingFs::default()),
-            syncs: Arc::new(AtomicU64::new(0)),
             state: MemEngine::new(),
         }
     }
@@ -250,7 +247,6 @@ impl PowerCutDisk {
     pub fn open(&self, wal_dir: &Path) -> Result<Storage, StoreError> {
         let fs = TrackingFileSystem {
             fs: self.fs.clone(),
-            syncs: self.syncs.clone(),
         };
         let wal = RaftEngineWal::open_with(wal_dir, Arc::new(fs))?;
         Ok(Storage {
@@ -268,7 +264,7 @@ impl PowerCutDisk {
 
     /// fdatasyncs of WAL files so far.
     pub fn wal_syncs(&self) -> u64 {
-        self.syncs.load(Ordering::Relaxed)
+        self.fs.syncs.load(Ordering::Relaxed)
     }
 
     /// The moment power goes: syncs after this (by a replica being torn
