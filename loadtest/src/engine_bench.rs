@@ -13,6 +13,7 @@ use chat_store::codec::encode_proposal;
 use chat_store::engine::{BackgroundFlush, Engine, MemEngine, SledEngine, WriteBatch};
 use chat_store::keys;
 use chat_store::log_store::LogStore;
+use chat_store::snapshot::Snapshots;
 use chat_store::state_machine::{Applier, Heads};
 use chat_store::types::{ConversationId, NewMessage, NodeId, Op, UserId};
 use chat_store::wal::{RaftEngineWal, Wal};
@@ -74,9 +75,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown engine {other:?}"),
     };
     let wal: Arc<dyn Wal> = Arc::new(RaftEngineWal::open(&wal_dir)?);
+    let snapshots = Snapshots::open(&dir.path().join("snap"), state.clone())?;
     let log = LogStore::open(
         wal,
         state.clone(),
+        snapshots,
         NodeId(1),
         &[(NodeId(1), "127.0.0.1:1".to_owned())],
     )?;

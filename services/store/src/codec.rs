@@ -7,7 +7,6 @@ use chat_proto::store::log::v1 as log;
 use chat_proto::store::v1 as api;
 use prost::Message as _;
 
-use crate::engine::Pair;
 use crate::error::StoreError;
 use crate::types::{
     Appended, Conversation, ConversationId, NewMessage, Op, Seq, Setting, SettingKey,
@@ -220,34 +219,20 @@ pub fn decode_setting(key: &SettingKey, raw: &[u8]) -> Result<Setting, StoreErro
     })
 }
 
-pub fn encode_snapshot_data(pairs: Vec<Pair>) -> Vec<u8> {
-    log::SnapshotData {
-        entries: pairs
-            .into_iter()
-            .map(|(key, value)| log::KeyValue { key, value })
-            .collect(),
-    }
-    .encode_to_vec()
-}
-
-pub fn decode_snapshot_data(data: &[u8]) -> Result<Vec<Pair>, StoreError> {
-    let d = log::SnapshotData::decode(data).map_err(|e| corrupt("snapshot", e))?;
-    Ok(d.entries.into_iter().map(|kv| (kv.key, kv.value)).collect())
-}
-
-/// Context carried by a membership-change entry.
-pub fn encode_replica_context(proposal_id: u64, id: u64, address: &str) -> Vec<u8> {
+/// Context carried by a membership-change entry: the replica and its
+/// address. (Waiters are matched by the entry's term and index.)
+pub fn encode_replica_context(id: u64, address: &str) -> Vec<u8> {
     log::ReplicaAddress {
         id,
         address: address.to_owned(),
-        proposal_id,
+        proposal_id: 0,
     }
     .encode_to_vec()
 }
 
-pub fn decode_replica_context(data: &[u8]) -> Result<(u64, u64, String), StoreError> {
+pub fn decode_replica_context(data: &[u8]) -> Result<(u64, String), StoreError> {
     let r = log::ReplicaAddress::decode(data).map_err(|e| corrupt("membership change", e))?;
-    Ok((r.proposal_id, r.id, r.address))
+    Ok((r.id, r.address))
 }
 
 impl From<Conversation> for api::ConversationInfo {

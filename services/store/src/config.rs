@@ -86,6 +86,9 @@ pub struct StoreConfig {
     /// Applied entries kept after compaction.
     #[arg(long, env = "CHAT_STORE_COMPACT_KEEP", default_value_t = 2_000)]
     pub compact_keep: u64,
+    /// Snapshot files go to a rejoining replica in chunks of this size.
+    #[arg(long, env = "CHAT_STORE_SNAPSHOT_CHUNK_BYTES", default_value_t = crate::transport::SNAPSHOT_CHUNK_BYTES)]
+    pub snapshot_chunk_bytes: usize,
     /// Largest accepted message body.
     #[arg(long, env = "CHAT_STORE_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -192,6 +195,14 @@ impl StoreConfig {
                 "--checkpoint-ms and --sync-interval-ms must be positive".into(),
             ));
         }
+        if self.snapshot_chunk_bytes < 1024
+            || self.snapshot_chunk_bytes > crate::transport::MAX_MESSAGE_BYTES / 2
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "--snapshot-chunk-bytes must be in 1 KiB..={} MiB",
+                crate::transport::MAX_MESSAGE_BYTES / 2 / (1 << 20)
+            )));
+        }
         if self.max_body_bytes == 0 || self.max_body_bytes > 16 << 20 {
             return Err(StoreError::InvalidArgument(
                 "--max-body-bytes must be in 1..=16 MiB".into(),
@@ -223,6 +234,7 @@ impl StoreConfig {
             peers,
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes,
         })
     }
 }

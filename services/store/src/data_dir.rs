@@ -10,7 +10,8 @@
 //! if it had never held data.
 //!
 //! Layout: `<dir>/REPLICA_ID`, `<dir>/wal/` (the raft log, raft-engine),
-//! `<dir>/state/` (the state machine, sled).
+//! `<dir>/state/` (the state machine, sled), `<dir>/snap/` (snapshot files
+//! built to send, and received in `snap/incoming/`).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -55,6 +56,7 @@ pub fn open_storage(dir: &Path) -> Result<crate::replica::Storage, StoreError> {
     Ok(crate::replica::Storage {
         wal: std::sync::Arc::new(wal),
         state: std::sync::Arc::new(state),
+        snapshot_dir: dir.join(crate::snapshot::SNAP_DIR),
     })
 }
 

@@ -42,7 +42,7 @@ use crate::codec;
 use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::keys;
-use crate::log_store::LogStore;
+use crate::log_store::{Freshness, LogStore};
 use crate::node::{
     DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport,
 };
@@ -140,15 +140,25 @@ pub(crate) struct Driver {
     was_leader: bool,
     stats: DriverStats,
     heads: Heads,
-    /// No leader has contacted this replica since its data directory was
-    /// created; see `step`.
-    fresh: bool,
-    /// The data directory was new when this run started, and no leader's
-    /// heartbeat (which shows the commit index the replica must reach) or
-    /// snapshot has arrived yet: its state may be empty for want of data,
-    /// not for want of messages, so it serves no stale reads.
-    unvouched: bool,
+    /// Whether this replica's data directory was new and it has not yet
+    /// caught up with the first leader that reached it: until then it
+    /// votes only in a group's first election and serves no reads (its
+    /// state may be empty for want of data, not for want of messages).
+    freshness: Freshness,
+    /// Sent with the rejection that tells a leader this replica lost
+    /// entries, so the leader acts on each loss once: a delayed duplicate
+    /// of that rejection must not reset the replica's progress again.
+    incarnation: u64,
+    /// As leader: the incarnation whose lost log was last handled, by
+    /// replica.
+    lost_logs: HashMap<u64, u64>,
+    /// Last time a snapshot was being built or sent.
+    snapshot_needed: std::time::Instant,
 }
+
+/// How long a built snapshot is kept after no follower needs it, so that an
+/// interrupted transfer resumes rather than starting over with a new build.
+const SNAPSHOT_KEPT: Duration = Duration::from_secs(60);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -186,7 +196,7 @@ impl Driver {
         let logger = crate::logging::raft_logger(cfg.id);
         let raw = RawNode::new(&raft_cfg, log.clone(), &logger).map_err(crate::error::from_raft)?;
         let start_commit = log.hard_state().commit;
-        let fresh = log.is_fresh();
+        let freshness = log.freshness()?;
         let state = log.state().clone();
         let writer = LogWriter::start(log.clone(), format!("raft-log-{}", cfg.id))?;
         Ok(Self {
@@ -212,9 +222,11 @@ impl Driver {
             start_commit,
             was_leader: false,
             stats: DriverStats::default(),
-            unvouched: fresh,
             heads: Heads::default(),
-            fresh,
+            freshness,
+            incarnation: rand::random(),
+            lost_logs: HashMap::new(),
+            snapshot_needed: std::time::Instant::now(),
         })
     }
 
@@ -305,22 +317,34 @@ impl Driver {
 
     fn step(&mut self, mut m: Message) {
         let kind = m.get_msg_type();
-        if self.fresh && m.term >= self.raw.raft.term && is_from_leader(kind) {
-            // A leader has reached us: from now on we hold only what it
-            // gave us, and vote like any replica.
-            self.fresh = false;
-            if let Err(e) = self.log.clear_fresh() {
-                warn!(error = %e, "cannot record leader contact");
+        if self.freshness == Freshness::AwaitingLeader && m.term >= self.raw.raft.term {
+            // The first leader's log to reach a fresh replica shows how far
+            // the group had committed: the replica settles (votes, serves)
+            // once it has applied that far. A heartbeat's commit index is
+            // capped by what the leader thinks we hold, so it does not count.
+            let shown = match kind {
+                MessageType::MsgAppend => Some(m.commit),
+                MessageType::MsgSnapshot => Some(m.get_snapshot().get_metadata().index),
+                _ => None,
+            };
+            if let Some(commit) = shown {
+                debug!(replica = %self.cfg.id, commit, "fresh replica catching up");
+                self.freshness = Freshness::CatchingUp(commit);
+                self.start_commit = self.start_commit.max(commit);
+                if let Err(e) = self.log.set_catch_up_target(commit) {
+                    warn!(error = %e, "cannot record the commit index to catch up with");
+                }
             }
         }
         match kind {
             // A replica whose data directory is new knows nothing the group
             // has committed. Were it a voter that lost its disk, its vote
             // could elect a candidate missing acknowledged entries. So until
-            // a leader contacts it, it votes only for candidates that have
-            // no history either: those of a group being created.
+            // it has caught up with a leader, it votes only for candidates
+            // that have no history either: those of a group being created.
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-                if self.fresh && m.index > crate::log_store::BOOTSTRAP_INDEX =>
+                if self.freshness != Freshness::Settled
+                    && m.index > crate::log_store::BOOTSTRAP_INDEX =>
             {
                 debug!(replica = %self.cfg.id, candidate = m.from, "fresh replica withholds its vote");
                 return;
@@ -336,9 +360,6 @@ impl Driver {
             // has applied that commit index, and answers with a rejection
             // that shows the leader what it really has.
             MessageType::MsgHeartbeat => {
-                if m.term >= self.raw.raft.term {
-                    self.unvouched = false;
-                }
                 let last = self.raw.raft.raft_log.last_index();
                 if m.commit > last {
                     debug!(replica = %self.cfg.id, commit = m.commit, last, "leader believes we hold entries we lost");
@@ -354,22 +375,35 @@ impl Driver {
                     reject.index = m.commit;
                     reject.reject = true;
                     reject.reject_hint = last;
+                    reject.context = self.incarnation.to_be_bytes().to_vec().into();
                     self.transport.send(vec![reject]);
                     m.commit = self.raw.raft.raft_log.committed;
                 }
             }
-            // A rejection below what the replica once acknowledged can only
-            // come from a replica that lost its log. raft-rs would treat it
-            // as stale forever; probe it again from what it really has,
-            // which ends in a snapshot once the log is compacted.
+            // The rejection above, below what the replica once acknowledged,
+            // means it lost its log. raft-rs would treat it as stale
+            // forever; probe the replica again from what it really has,
+            // which ends in a snapshot once the log is compacted. Each loss
+            // (incarnation) is handled once: a delayed duplicate would
+            // throw away the progress made since.
             MessageType::MsgAppendResponse
-                if m.reject && self.is_leader() && m.term == self.raw.raft.term =>
+                if m.reject
+                    && self.is_leader()
+                    && m.term == self.raw.raft.term
+                    && m.context.len() == 8 =>
             {
-                if let Some(pr) = self.raw.raft.mut_prs().get_mut(m.from)
+                let incarnation = u64::from_be_bytes(m.context[..].try_into().expect("8 bytes"));
+                let from = m.from;
+                let handled = self.lost_logs.get(&from) == Some(&incarnation);
+                if let Some(pr) = self.raw.raft.mut_prs().get_mut(from)
                     && m.reject_hint < pr.matched
                 {
+                    if handled {
+                        debug!(replica = from, "stale lost-log rejection ignored");
+                        return;
+                    }
                     warn!(
-                        replica = m.from,
+                        replica = from,
                         had = pr.matched,
                         has = m.reject_hint,
                         "replica lost its log; resending from what it has"
@@ -377,14 +411,32 @@ impl Driver {
                     pr.matched = m.reject_hint;
                     pr.become_probe();
                     pr.next_idx = m.reject_hint + 1;
-                    self.raw.raft.send_append(m.from);
-                    return;
+                    self.lost_logs.insert(from, incarnation);
+                    self.stats.lost_logs_repaired += 1;
+                    self.raw.raft.send_append(from);
                 }
+                // Not a rejection raft-rs could act on (its index is a
+                // commit index, not a probe's).
+                return;
             }
             _ => {}
         }
         if let Err(e) = self.raw.step(m) {
             debug!(error = %e, "dropped raft message");
+        }
+    }
+
+    /// The replica holds what the group had committed when a leader first
+    /// reached it (or it was elected, which needs no less): it votes and
+    /// serves from now on.
+    fn settle(&mut self) {
+        if self.freshness == Freshness::Settled {
+            return;
+        }
+        info!(replica = %self.cfg.id, applied = self.applied, "caught up with the group since the data directory was created");
+        self.freshness = Freshness::Settled;
+        if let Err(e) = self.log.clear_fresh() {
+            warn!(error = %e, "cannot record that the replica caught up");
         }
     }
 
@@ -592,7 +644,7 @@ impl Driver {
         let mut cc = ConfChange::default();
         cc.set_change_type(kind);
         cc.node_id = id.0;
-        let ctx = codec::encode_replica_context(0, id.0, &address);
+        let ctx = codec::encode_replica_context(id.0, &address);
         self.raw
             .propose_conf_change(ctx, cc)
             .map_err(crate::error::from_raft)?;
@@ -747,9 +799,7 @@ impl Driver {
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
         info!(replica = %self.cfg.id, index = meta.index, term = meta.term, "installing snapshot");
-        let data = codec::decode_snapshot_data(&snap.data)?;
-        self.log.install_snapshot(snap, data)?;
-        self.unvouched = false;
+        self.log.install_snapshot(snap)?;
         self.heads.clear();
         self.applied = meta.index;
         let reader = crate::state_machine::Reader::new(self.state.clone());
@@ -801,7 +851,7 @@ impl Driver {
                         .raw
                         .apply_conf_change(&cc)
                         .map_err(crate::error::from_raft)?;
-                    let (_, id, address) = codec::decode_replica_context(&e.context)?;
+                    let (id, address) = codec::decode_replica_context(&e.context)?;
                     let id = NodeId(id);
                     match cc.get_change_type() {
                         ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {
@@ -835,7 +885,7 @@ impl Driver {
         batch.put(keys::APPLIED, keys::encode_pair(last_index, last_term));
         // Not synced: the WAL holds these entries until a checkpoint
         // covers them.
-        self.state.write(batch)?;
+        self.log.write_state(batch)?;
         self.applied = last_index;
         // Published before anyone is answered, so the status never lags an
         // acknowledgement.
@@ -872,6 +922,26 @@ impl Driver {
     }
 
     fn maybe_compact(&mut self) -> Result<(), StoreError> {
+        // A snapshot being built or sent pins the log after it: the
+        // follower goes on from the log. One no follower has needed for a
+        // while is dropped (it is rebuilt when one does).
+        let snapshots = self.log.snapshots().clone();
+        let sending = self.is_leader()
+            && self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .any(|(_, p)| p.state == raft::ProgressState::Snapshot);
+        let pinned = if sending || snapshots.building() {
+            self.snapshot_needed = std::time::Instant::now();
+            snapshots.pinned()
+        } else {
+            if self.snapshot_needed.elapsed() > SNAPSHOT_KEPT {
+                snapshots.release();
+            }
+            None
+        };
         let truncated = self.log.truncated_index();
         if self.applied.saturating_sub(truncated) < self.cfg.snapshot_entries {
             return Ok(());
@@ -881,7 +951,8 @@ impl Driver {
         let to = self
             .applied
             .saturating_sub(self.cfg.compact_keep)
-            .min(self.durable.get());
+            .min(self.durable.get())
+            .min(pinned.unwrap_or(u64::MAX));
         if to > truncated {
             debug!(replica = %self.cfg.id, to, "compacting log");
             self.log.compact(to)?;
@@ -933,16 +1004,18 @@ impl Driver {
             self.fail_pending(err);
         }
         self.was_leader = leader;
-        if leader {
+        match self.freshness {
             // Elected: it holds every committed entry.
-            self.unvouched = false;
+            Freshness::AwaitingLeader | Freshness::CatchingUp(_) if leader => self.settle(),
+            Freshness::CatchingUp(commit) if self.applied >= commit => self.settle(),
+            _ => {}
         }
         let lead = self.raw.raft.leader_id;
         // Stale reads need no leader (degraded mode serves them), but not
-        // from a replica that lost its data: a fresh one that no leader has
-        // reached yet, or one still short of a commit index a leader showed
-        // it (see `unvouched` and `start_commit`).
-        let caught_up = !self.unvouched && self.applied >= self.start_commit;
+        // from a replica that lost its data: a fresh one not yet caught up
+        // with a leader, or one still short of a commit index a leader
+        // showed it (see `freshness` and `start_commit`).
+        let caught_up = self.freshness == Freshness::Settled && self.applied >= self.start_commit;
         // Learners and removed replicas are not part of the group's quorum
         // and do not report SERVING (a caught-up learner still serves
         // stale reads).
@@ -1015,13 +1088,6 @@ impl Driver {
 }
 
 /// Messages only a leader (of the message's term) sends.
-fn is_from_leader(kind: MessageType) -> bool {
-    matches!(
-        kind,
-        MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
-    )
-}
-
 fn op_size(op: &Op) -> usize {
     match op {
         Op::Append(m) => 64 + m.body.len() + m.client_msg_id.len(),

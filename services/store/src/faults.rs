@@ -6,6 +6,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use raft::eraftpb::MessageType;
+
 use crate::types::NodeId;
 
 #[derive(Default)]
@@ -14,6 +16,9 @@ struct State {
     cut: HashSet<(NodeId, NodeId)>,
     /// Nodes cut off from every other node.
     isolated: HashSet<NodeId>,
+    /// Directed links that carry no log entries nor snapshots (heartbeats
+    /// and votes still pass).
+    log_held: HashSet<(NodeId, NodeId)>,
     /// Probability in [0, 1] that a message is dropped.
     drop_rate: f64,
     /// Added to every batch a peer sends.
@@ -45,6 +50,16 @@ impl Faults {
             .insert(node);
     }
 
+    /// Drops the log entries and snapshots `from` sends to `to`, and only
+    /// those: `to` hears `from`'s heartbeats but cannot catch up from it.
+    pub fn hold_log(&self, from: NodeId, to: NodeId) {
+        self.0
+            .write()
+            .expect("faults lock poisoned")
+            .log_held
+            .insert((from, to));
+    }
+
     /// Removes every partition, loss and delay.
     pub fn heal(&self) {
         *self.0.write().expect("faults lock poisoned") = State::default();
@@ -65,6 +80,21 @@ impl Faults {
             return false;
         }
         s.drop_rate == 0.0 || rand::random::<f64>() >= s.drop_rate
+    }
+
+    /// Whether a message of `kind` from `from` to `to` gets through.
+    pub fn carries(&self, from: NodeId, to: NodeId, kind: MessageType) -> bool {
+        if matches!(kind, MessageType::MsgAppend | MessageType::MsgSnapshot)
+            && self
+                .0
+                .read()
+                .expect("faults lock poisoned")
+                .log_held
+                .contains(&(from, to))
+        {
+            return false;
+        }
+        self.passes(from, to)
     }
 
     pub fn delay(&self) -> Duration {

@@ -7,7 +7,9 @@
 //! id                replica id that owns this WAL (u64 BE)
 //! hs                raft hard state
 //! tr                index and term of the last compacted entry (u64 BE x2)
-//! fresh             present until a leader has contacted this replica
+//! fresh             present while the data directory is new: empty until a
+//!                   leader's log reaches the replica, then the commit index
+//!                   (u64 BE) that leader showed; removed once applied
 //! ```
 //!
 //! The state machine lives in the ordered key-value engine (sled):
@@ -15,6 +17,7 @@
 //! ```text
 //! m/id              replica id that owns this state (u64 BE)
 //! m/cs              raft conf state (as of the applied index)
+//! m/in              snapshot install in progress (descriptor, metadata)
 //! s/a               applied index and its term (u64 BE x2)
 //! s/t               the dedup clock: newest entry timestamp applied (i64 BE)
 //! s/c/<conv>        conversation record
@@ -34,12 +37,16 @@ pub mod wal {
     pub const REPLICA_ID: &[u8] = b"id";
     pub const HARD_STATE: &[u8] = b"hs";
     pub const TRUNCATED: &[u8] = b"tr";
-    /// Present while the replica has never heard from a leader.
+    /// Present until the replica of a new data directory has applied the
+    /// commit index the first leader to reach it showed.
     pub const FRESH: &[u8] = b"fresh";
 }
 
 pub const REPLICA_ID: &[u8] = b"m/id";
 pub const CONF_STATE: &[u8] = b"m/cs";
+/// Present while a snapshot is being installed: its descriptor and
+/// metadata, to finish the install after a crash.
+pub const INSTALLING: &[u8] = b"m/in";
 pub const STATE_PREFIX: &[u8] = b"s/";
 pub const APPLIED: &[u8] = b"s/a";
 pub const DEDUP_CLOCK: &[u8] = b"s/t";

@@ -27,6 +27,7 @@ pub mod logging;
 pub mod node;
 pub mod replica;
 pub mod service;
+pub mod snapshot;
 pub mod state_machine;
 pub mod testkit;
 pub mod transport;

@@ -26,9 +26,10 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Command, LogBatch};
 
-use crate::engine::{Engine, Pair, WriteBatch, prefix_end};
+use crate::engine::{Engine, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
+use crate::snapshot::{Descriptor, FileReader, Snapshots};
 use crate::types::NodeId;
 use crate::wal::{EntryExt, LOG_GROUP, META_GROUP, Wal};
 
@@ -101,6 +102,22 @@ impl Cache {
     }
 }
 
+/// Where a replica whose data directory was new stands. Such a replica
+/// knows nothing the group committed: were it a voter that lost its disk,
+/// its vote could elect a candidate missing acknowledged entries. So it
+/// withholds its vote from candidates with history (see `Driver::step`),
+/// and serves no reads, until it holds what the group had committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Its log and state were written by this group; it votes and serves.
+    Settled,
+    /// No leader's log (an append or a snapshot) has reached it yet.
+    AwaitingLeader,
+    /// The first leader to reach it showed this commit index; it settles
+    /// once it has applied that far.
+    CatchingUp(u64),
+}
+
 /// Raft log storage over a WAL and the state engine. Cheap to clone; clones
 /// share state.
 #[derive(Clone)]
@@ -110,7 +127,11 @@ pub struct LogStore {
     cache: Arc<RwLock<Cache>>,
     /// A compaction was written since the last `sync` (see `compact`).
     compacted_unsynced: Arc<std::sync::atomic::AtomicBool>,
+    snapshots: Arc<Snapshots>,
 }
+
+/// Bytes of records per batch when a snapshot file is installed.
+const INSTALL_BATCH_BYTES: usize = 8 << 20;
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(format!("corrupt {what} in data directory: {e}"))
@@ -140,11 +161,13 @@ impl LogStore {
     /// replica is refused. A fresh one is initialised with `initial_voters`
     /// (empty for a replica that will join an existing group).
     ///
-    /// Reconciles the two stores after a crash: a snapshot the state
-    /// engine installed but the WAL did not record is recorded now.
+    /// Reconciles the two stores after a crash: a snapshot install the
+    /// crash interrupted is finished from its file, and a snapshot the
+    /// state engine installed but the WAL did not record is recorded now.
     pub fn open(
         wal: Arc<dyn Wal>,
         state: Arc<dyn Engine>,
+        snapshots: Arc<Snapshots>,
         id: NodeId,
         initial_voters: &[(NodeId, String)],
     ) -> Result<Self, StoreError> {
@@ -179,6 +202,23 @@ impl LogStore {
         }
         if state_owner.is_none() {
             Self::init_state(state.as_ref(), id, initial_voters)?;
+        }
+        if let Some(marker) = state.get(keys::INSTALLING)? {
+            let (d, meta) = decode_install_marker(&marker)?;
+            let file = snapshots.received(&d);
+            if !file.exists() {
+                return Err(StoreError::Storage(format!(
+                    "data directory is damaged: a snapshot install was interrupted and its file {} is gone; \
+                     delete the directory to rejoin by snapshot",
+                    file.display()
+                )));
+            }
+            tracing::info!(
+                index = d.index,
+                "finishing a snapshot install a crash interrupted"
+            );
+            install_state(state.as_ref(), &file, &d, &meta)?;
+            snapshots.clear_incoming();
         }
 
         let mut hard_state = match wal.get(keys::wal::HARD_STATE) {
@@ -292,6 +332,7 @@ impl LogStore {
             state,
             cache: Arc::new(RwLock::new(cache)),
             compacted_unsynced: Arc::default(),
+            snapshots,
         })
     }
 
@@ -308,9 +349,9 @@ impl LogStore {
                 .map_err(|e| corrupt("raft metadata", e))
         };
         put(&mut b, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
-        // Until a leader contacts it, this replica knows nothing the group
-        // has committed, and must not help elect anyone who has history
-        // (see Driver::step).
+        // Until it has caught up with a leader, this replica knows nothing
+        // the group has committed, and must not help elect anyone who has
+        // history (see `Freshness`).
         put(&mut b, keys::wal::FRESH, Vec::new())?;
         if !initial_voters.is_empty() {
             // A new group starts as if a snapshot at BOOTSTRAP_INDEX held
@@ -356,14 +397,38 @@ impl LogStore {
         state.sync()
     }
 
-    /// Whether this replica has never heard from a leader since its data
-    /// directory was created.
-    pub fn is_fresh(&self) -> bool {
-        self.wal.get(keys::wal::FRESH).is_some()
+    /// Where this replica stands if its data directory was new.
+    pub fn freshness(&self) -> Result<Freshness, StoreError> {
+        Ok(match self.wal.get(keys::wal::FRESH) {
+            None => Freshness::Settled,
+            Some(raw) if raw.is_empty() => Freshness::AwaitingLeader,
+            Some(raw) => {
+                let raw: [u8; 8] = raw
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("fresh marker", "wrong length"))?;
+                Freshness::CatchingUp(u64::from_be_bytes(raw))
+            }
+        })
     }
 
-    /// Records that a leader has contacted this replica (durable with the
-    /// next synced write; losing it only keeps the replica cautious longer).
+    /// Records the commit index the first leader to reach this fresh
+    /// replica showed (durable with the next synced write; losing it only
+    /// keeps the replica cautious until a leader shows one again).
+    pub fn set_catch_up_target(&self, commit: u64) -> Result<(), StoreError> {
+        let mut b = LogBatch::default();
+        b.put(
+            META_GROUP,
+            keys::wal::FRESH.to_vec(),
+            commit.to_be_bytes().to_vec(),
+        )
+        .map_err(|e| corrupt("fresh marker", e))?;
+        self.wal.write(&mut b, false)
+    }
+
+    /// Records that this replica holds what the group had committed when a
+    /// leader first reached it (durable with the next synced write; losing
+    /// it only keeps the replica cautious longer).
     pub fn clear_fresh(&self) -> Result<(), StoreError> {
         let mut b = LogBatch::default();
         b.delete(META_GROUP, keys::wal::FRESH.to_vec());
@@ -501,30 +566,25 @@ impl LogStore {
     }
 
     /// Replaces log and state machine with a snapshot received from the
-    /// leader: first the state (synced), then the log (synced). A crash in
+    /// leader, whose file the transport has received and checked: first
+    /// the state (in batches, synced), then the log (synced). A crash in
     /// between is repaired by `open`.
-    pub fn install_snapshot(&self, snap: &Snapshot, data: Vec<Pair>) -> Result<(), StoreError> {
+    pub fn install_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
+        let d = Descriptor::decode(&snap.data)?;
+        if (d.index, d.term) != (meta.index, meta.term) {
+            return Err(StoreError::InvalidArgument(format!(
+                "snapshot at {}/{} describes a file of {}/{}",
+                meta.index, meta.term, d.index, d.term
+            )));
+        }
         let mut hs = self.hard_state();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
-        let mut b = WriteBatch::default();
-        b.delete_range(keys::STATE_PREFIX, prefix_end(keys::STATE_PREFIX));
-        for (k, v) in data {
-            if !k.starts_with(keys::STATE_PREFIX) {
-                return Err(StoreError::Storage(format!(
-                    "snapshot carries a key outside the state machine: {k:?}"
-                )));
-            }
-            b.put(k, v);
-        }
-        b.put(keys::APPLIED, keys::encode_pair(meta.index, meta.term));
-        b.put(
-            keys::CONF_STATE,
-            encode("conf state", meta.get_conf_state())?,
-        );
-        self.state.write(b)?;
-        self.state.sync()?;
+        // Whatever this replica was building to send is obsolete.
+        self.snapshots.abandon();
+        install_state(self.state.as_ref(), &self.snapshots.received(&d), &d, meta)?;
+        self.snapshots.clear_incoming();
         let mut lb = LogBatch::default();
         lb.add_command(LOG_GROUP, Command::Clean);
         lb.put(
@@ -604,19 +664,79 @@ impl LogStore {
     }
 
     /// The state machine as of the applied index, as snapshot payload pairs.
-    pub fn export_state(&self) -> Result<Vec<Pair>, StoreError> {
-        self.state.scan(
-            keys::STATE_PREFIX,
-            &prefix_end(keys::STATE_PREFIX),
-            false,
-            usize::MAX,
-        )
+    /// Writes a batch of the state machine (the apply path), first letting
+    /// a snapshot being built keep what the batch overwrites.
+    pub fn write_state(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.snapshots.capture(&batch)?;
+        self.state.write(batch)
+    }
+
+    /// The replica's snapshot files.
+    pub fn snapshots(&self) -> &Arc<Snapshots> {
+        &self.snapshots
     }
 
     /// Applied index and its term, as last written by the state machine.
     pub fn applied(&self) -> Result<(u64, u64), StoreError> {
         read_applied(self.state.as_ref())
     }
+}
+
+/// Replaces the state machine with the records of a snapshot file, in
+/// batches of bounded size. The first batch clears the state and sets a
+/// marker, the last sets the applied index and removes the marker; a
+/// replica that finds the marker at start runs this again from the same
+/// file (see `LogStore::open`).
+fn install_state(
+    state: &dyn Engine,
+    path: &std::path::Path,
+    d: &Descriptor,
+    meta: &SnapshotMetadata,
+) -> Result<(), StoreError> {
+    let mut reader = FileReader::open(path)?;
+    let mut b = WriteBatch::default();
+    b.delete_range(keys::STATE_PREFIX, prefix_end(keys::STATE_PREFIX));
+    b.put(keys::INSTALLING, encode_install_marker(d, meta)?);
+    state.write(b)?;
+    let mut b = WriteBatch::default();
+    let mut bytes = 0;
+    while let Some((k, v)) = reader.next_record()? {
+        if !k.starts_with(keys::STATE_PREFIX) {
+            return Err(StoreError::Storage(format!(
+                "snapshot carries a key outside the state machine: {k:?}"
+            )));
+        }
+        bytes += k.len() + v.len();
+        b.put(k, v);
+        if bytes >= INSTALL_BATCH_BYTES {
+            state.write(std::mem::take(&mut b))?;
+            bytes = 0;
+        }
+    }
+    b.put(keys::APPLIED, keys::encode_pair(meta.index, meta.term));
+    b.put(
+        keys::CONF_STATE,
+        encode("conf state", meta.get_conf_state())?,
+    );
+    b.delete(keys::INSTALLING);
+    state.write(b)?;
+    state.sync()
+}
+
+fn encode_install_marker(d: &Descriptor, meta: &SnapshotMetadata) -> Result<Vec<u8>, StoreError> {
+    let mut out = d.encode();
+    out.extend_from_slice(&encode("snapshot metadata", meta)?);
+    Ok(out)
+}
+
+fn decode_install_marker(raw: &[u8]) -> Result<(Descriptor, SnapshotMetadata), StoreError> {
+    if raw.len() < 32 {
+        return Err(corrupt("snapshot install marker", "too short"));
+    }
+    let d = Descriptor::decode(&raw[..32]).map_err(|e| corrupt("snapshot install marker", e))?;
+    let meta = SnapshotMetadata::parse_from_bytes(&raw[32..])
+        .map_err(|e| corrupt("snapshot install marker", e))?;
+    Ok((d, meta))
 }
 
 fn read_applied(state: &dyn Engine) -> Result<(u64, u64), StoreError> {
@@ -728,22 +848,28 @@ impl raft::Storage for LogStore {
         Ok(self.read().last_index)
     }
 
+    /// Called by raft on the raft thread, between applies. A snapshot is
+    /// built in the background (see `snapshot`); until it is ready raft
+    /// hears "temporarily unavailable" and asks again later. It must reach
+    /// the compacted log, so that the follower goes on from the log.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let (index, term) = self.applied().map_err(to_raft)?;
-        if index < request_index {
+        let applied = self.applied().map_err(to_raft)?;
+        let min = request_index.max(self.truncated_index());
+        if applied.0 < min {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
-        let data = self.export_state().map_err(to_raft)?;
-        let mut snap = Snapshot::default();
-        snap.data = crate::codec::encode_snapshot_data(data).into();
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(self.conf_state());
-        snap.set_metadata(meta);
-        Ok(snap)
+        match self
+            .snapshots
+            .get_or_build(min, applied, &self.conf_state())
+            .map_err(to_raft)?
+        {
+            Some(snap) => Ok(snap),
+            None => Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
     }
 }
 
@@ -752,12 +878,13 @@ mod tests {
     use raft::Storage as _;
 
     use super::*;
-    use crate::engine::MemEngine;
+    use crate::engine::{MemEngine, Pair};
     use crate::wal::RaftEngineWal;
 
     /// A WAL in a temporary directory and an in-memory state engine.
     struct Disk {
         dir: tempfile::TempDir,
+        snaps: tempfile::TempDir,
         state: MemEngine,
     }
 
@@ -765,6 +892,7 @@ mod tests {
         fn new() -> Self {
             Self {
                 dir: tempfile::tempdir().unwrap(),
+                snaps: tempfile::tempdir().unwrap(),
                 state: MemEngine::new(),
             }
         }
@@ -774,7 +902,9 @@ mod tests {
         }
 
         fn open(&self, id: u64, voters: &[(NodeId, String)]) -> Result<LogStore, StoreError> {
-            LogStore::open(self.wal(), Arc::new(self.state.clone()), NodeId(id), voters)
+            let state: Arc<dyn Engine> = Arc::new(self.state.clone());
+            let snaps = Snapshots::open(self.snaps.path(), state.clone())?;
+            LogStore::open(self.wal(), state, snaps, NodeId(id), voters)
         }
     }
 
@@ -877,14 +1007,28 @@ mod tests {
             (BOOTSTRAP_INDEX + 1, BOOTSTRAP_INDEX)
         );
         assert_eq!(log.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM);
-        let snap = log.snapshot(0, 4).unwrap();
+        let snap = built_snapshot(&log);
         assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
         // The voters' addresses travel with it, for replicas that join later.
-        let data = crate::codec::decode_snapshot_data(&snap.data).unwrap();
+        let data = snapshot_records(&log, &snap);
         assert!(data.contains(&(keys::replica_addr(2), b"127.0.0.1:7002".to_vec())));
-        assert!(log.is_fresh());
+    }
+
+    #[test]
+    fn a_new_directory_stays_fresh_across_restarts_until_it_has_caught_up() {
+        let disk = Disk::new();
+        let log = disk.open(1, &voters()).unwrap();
+        assert_eq!(log.freshness().unwrap(), Freshness::AwaitingLeader);
+        log.set_catch_up_target(42).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = disk.open(1, &[]).unwrap();
+        assert_eq!(log.freshness().unwrap(), Freshness::CatchingUp(42));
         log.clear_fresh().unwrap();
-        assert!(!log.is_fresh());
+        log.sync().unwrap();
+        drop(log);
+        let log = disk.open(1, &[]).unwrap();
+        assert_eq!(log.freshness().unwrap(), Freshness::Settled);
     }
 
     #[test]
@@ -916,8 +1060,45 @@ mod tests {
         }
     }
 
-    fn snapshot_at(index: u64, term: u64) -> Snapshot {
+    /// Asks for a snapshot until the background build has made one.
+    fn built_snapshot(log: &LogStore) -> Snapshot {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match log.snapshot(0, 1) {
+                Ok(snap) => return snap,
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) => {
+                    assert!(std::time::Instant::now() < deadline, "snapshot never built");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("snapshot failed: {e}"),
+            }
+        }
+    }
+
+    fn snapshot_records(log: &LogStore, snap: &Snapshot) -> Vec<Pair> {
+        let d = Descriptor::decode(&snap.data).unwrap();
+        crate::snapshot::read_all(&log.snapshots().outgoing(&d)).unwrap()
+    }
+
+    /// A snapshot at `index`/`term` holding `pairs`, as if received from a
+    /// leader: its file is in place.
+    fn received_snapshot(log: &LogStore, index: u64, term: u64, pairs: &[Pair]) -> Snapshot {
+        let tmp = log.snapshots().partial(&Descriptor {
+            index,
+            term,
+            size: 0,
+            crc: 0,
+        });
+        let (size, crc) = crate::snapshot::write_records(&tmp, pairs).unwrap();
+        let d = Descriptor {
+            index,
+            term,
+            size,
+            crc,
+        };
+        std::fs::rename(&tmp, log.snapshots().received(&d)).unwrap();
         let mut snap = Snapshot::default();
+        snap.data = d.encode().into();
         snap.mut_metadata().index = index;
         snap.mut_metadata().term = term;
         let mut cs = ConfState::default();
@@ -935,9 +1116,8 @@ mod tests {
         let mut b = WriteBatch::default();
         b.put(b"s/c/old".to_vec(), b"old".to_vec());
         disk.state.write(b).unwrap();
-        let snap = snapshot_at(50, 4);
-        log.install_snapshot(&snap, vec![kv("s/c/new", "new")])
-            .unwrap();
+        let snap = received_snapshot(&log, 50, 4, &[kv("s/c/new", "new")]);
+        log.install_snapshot(&snap).unwrap();
         assert_eq!(
             disk.state.get(b"s/c/old").unwrap(),
             None,
@@ -952,13 +1132,9 @@ mod tests {
         assert_eq!(log.applied().unwrap(), (50, 4));
         assert_eq!(log.initial_state().unwrap().hard_state.commit, 50);
         // What this replica would now send to others is that same state.
-        let out = log.snapshot(0, 1).unwrap();
+        let out = built_snapshot(&log);
         assert_eq!(out.get_metadata().index, 50);
-        let data = crate::codec::decode_snapshot_data(&out.data).unwrap();
-        assert!(data.contains(&kv("s/c/new", "new")));
-        // Keys outside the state machine are refused.
-        let bad = log.install_snapshot(&snap, vec![kv("m/hs", "x")]);
-        assert!(matches!(bad, Err(StoreError::Storage(_))));
+        assert!(snapshot_records(&log, &out).contains(&kv("s/c/new", "new")));
         // The log continues after the snapshot, across a restart.
         log.persist(&[entry(51, 4)], None, true).unwrap();
         drop(log);
@@ -968,6 +1144,58 @@ mod tests {
             (51, 51)
         );
         assert_eq!(log.term(50).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_snapshot_with_keys_outside_the_state_machine_is_refused() {
+        let disk = Disk::new();
+        let log = disk.open(3, &[]).unwrap();
+        let snap = received_snapshot(&log, 50, 4, &[kv("m/hs", "x")]);
+        let bad = log.install_snapshot(&snap);
+        assert!(matches!(bad, Err(StoreError::Storage(_))), "{bad:?}");
+        // Nor is a snapshot whose file is not here.
+        let mut missing = snap.clone();
+        missing.mut_metadata().index = 60;
+        assert!(log.install_snapshot(&missing).is_err());
+    }
+
+    #[test]
+    fn an_install_a_crash_interrupted_is_finished_from_its_file_at_restart() {
+        let disk = Disk::new();
+        let log = disk.open(3, &[]).unwrap();
+        log.persist(&[entry(1, 1), entry(2, 1)], None, true)
+            .unwrap();
+        let pairs: Vec<Pair> = (0..100)
+            .map(|i| kv(&format!("s/m/{i:03}"), &format!("message {i}")))
+            .collect();
+        let snap = received_snapshot(&log, 70, 5, &pairs);
+        // The crash came right after the install's first batch: the old
+        // state is gone and the new one not there yet.
+        let d = Descriptor::decode(&snap.data).unwrap();
+        let mut b = WriteBatch::default();
+        b.delete_range(keys::STATE_PREFIX, prefix_end(keys::STATE_PREFIX));
+        b.put(
+            keys::INSTALLING,
+            encode_install_marker(&d, snap.get_metadata()).unwrap(),
+        );
+        disk.state.write(b).unwrap();
+        drop(log);
+        let log = disk.open(3, &[]).unwrap();
+        assert_eq!(log.applied().unwrap(), (70, 5));
+        assert_eq!(disk.state.get(keys::INSTALLING).unwrap(), None);
+        let state = disk
+            .state
+            .scan(b"s/m/", &prefix_end(b"s/m/"), false, usize::MAX)
+            .unwrap();
+        assert_eq!(state, pairs);
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (71, 70)
+        );
+        assert!(
+            !log.snapshots().received(&d).exists(),
+            "the received file is removed once installed"
+        );
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub struct DriverStats {
     pub syncs: u64,
     pub sync_micros: u64,
     pub applied_entries: u64,
+    /// As leader: losses of a replica's log found and repaired (each loss
+    /// once, however often the replica's rejection arrives).
+    pub lost_logs_repaired: u64,
 }
 
 /// A detailed status report, computed by the driver on request.

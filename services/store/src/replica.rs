@@ -25,8 +25,9 @@ use crate::faults::Faults;
 use crate::log_store::LogStore;
 use crate::node::{Addresses, NodeHandle, NodeStatus, REQUEST_QUEUE};
 use crate::service::StoreApi;
+use crate::snapshot::Snapshots;
 use crate::state_machine::Reader;
-use crate::transport::{INBOX, MAX_MESSAGE_BYTES, RaftService, Transport};
+use crate::transport::{INBOX, MAX_MESSAGE_BYTES, RaftService, SnapshotLink, Transport};
 use crate::types::NodeId;
 use crate::wal::Wal;
 
@@ -47,6 +48,8 @@ pub struct ReplicaOptions {
     pub peers: Vec<(NodeId, String)>,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// Size of the chunks snapshot files travel in.
+    pub snapshot_chunk_bytes: usize,
 }
 
 /// A running replica.
@@ -69,6 +72,8 @@ pub struct Replica {
 pub struct Storage {
     pub wal: Arc<dyn Wal>,
     pub state: Arc<dyn Engine>,
+    /// Where snapshot files are built and received.
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 impl Replica {
@@ -80,11 +85,22 @@ impl Replica {
         faults: Faults,
     ) -> Result<Self, StoreError> {
         let id = opts.driver.id;
-        let Storage { wal, state } = storage;
+        let Storage {
+            wal,
+            state,
+            snapshot_dir,
+        } = storage;
+        let snapshots = Snapshots::open(&snapshot_dir, state.clone())?;
         if let Some(dir) = &opts.data_dir {
             crate::data_dir::check(dir, wal.as_ref(), state.as_ref())?;
         }
-        let log = LogStore::open(wal, state.clone(), id, &opts.initial_voters)?;
+        let log = LogStore::open(
+            wal,
+            state.clone(),
+            snapshots.clone(),
+            id,
+            &opts.initial_voters,
+        )?;
         if let Some(dir) = &opts.data_dir {
             crate::data_dir::mark(dir, id)?;
         }
@@ -129,6 +145,10 @@ impl Replica {
             event_tx,
             faults.clone(),
             tokio::runtime::Handle::current(),
+            SnapshotLink {
+                files: snapshots.clone(),
+                chunk_bytes: opts.snapshot_chunk_bytes,
+            },
         );
         let driver = Driver::new(
             opts.driver.clone(),
@@ -174,6 +194,7 @@ impl Replica {
             addresses: handle.addresses().clone(),
             faults,
             shutdown: shutdown.clone(),
+            snapshots,
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -189,7 +210,7 @@ impl Replica {
         ));
 
         // Request bodies are bounded by --max-body-bytes times the batch
-        // limit; snapshots by MAX_MESSAGE_BYTES.
+        // limit; raft batches and snapshot chunks by MAX_MESSAGE_BYTES.
         let api_limit =
             (opts.max_body_bytes + 1024) * crate::service::MAX_BATCH_ITEMS.min(256) + (1 << 20);
         let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(

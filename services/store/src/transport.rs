@@ -4,16 +4,19 @@
 //! Each peer has a bounded queue drained by its own task, which keeps one
 //! client stream open and sends whatever is queued as one batch. A full
 //! queue drops messages: raft retransmits, and an unbounded buffer would
-//! only grow while a peer is down. Snapshots go by a unary call so that the
-//! outcome can be reported back to raft. Connection failures are retried
-//! with exponential backoff and full jitter.
+//! only grow while a peer is down. A snapshot's file goes first, in chunks
+//! on a stream of its own, resuming from what the receiver already holds;
+//! then raft's snapshot message, by a unary call so that the outcome can be
+//! reported back to raft. Connection failures are retried with exponential
+//! backoff and full jitter.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chat_proto::raft::v1::raft_transport_client::RaftTransportClient;
 use chat_proto::raft::v1::raft_transport_server::RaftTransport;
-use chat_proto::raft::v1::{Ack, RaftBatch};
+use chat_proto::raft::v1::{Ack, RaftBatch, SnapshotChunk, SnapshotFile, SnapshotReceived};
+use futures::StreamExt as _;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::runtime::Handle;
@@ -26,6 +29,7 @@ use tracing::{debug, warn};
 
 use crate::faults::Faults;
 use crate::node::Addresses;
+use crate::snapshot::{Descriptor, Snapshots};
 use crate::types::NodeId;
 
 /// Messages queued per peer before new ones are dropped.
@@ -37,12 +41,17 @@ const MAX_BATCH: usize = 512;
 /// Capacity of the driver's inbox of received raft messages; when full,
 /// received messages are dropped.
 pub const INBOX: usize = 8192;
-/// Largest transport message (snapshots carry the whole state machine).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// Largest transport message: a batch of raft messages or a snapshot chunk.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Default size of a snapshot file's chunks.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A snapshot transfer fails when no chunk got through for this long.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
+/// Chunks read ahead of the network.
+const SNAPSHOT_READ_AHEAD: usize = 2;
 
 /// Feedback from the transport to the driver.
 #[derive(Debug)]
@@ -66,6 +75,14 @@ pub struct Transport {
     faults: Faults,
     runtime: Handle,
     shutdown: CancellationToken,
+    snapshots: SnapshotLink,
+}
+
+/// Where snapshot files come from, and in what chunks they go.
+#[derive(Clone)]
+pub struct SnapshotLink {
+    pub files: std::sync::Arc<Snapshots>,
+    pub chunk_bytes: usize,
 }
 
 impl Transport {
@@ -75,6 +92,7 @@ impl Transport {
         events: mpsc::Sender<TransportEvent>,
         faults: Faults,
         runtime: Handle,
+        snapshots: SnapshotLink,
     ) -> Self {
         Self {
             id,
@@ -84,6 +102,7 @@ impl Transport {
             faults,
             runtime,
             shutdown: CancellationToken::new(),
+            snapshots,
         }
     }
 
@@ -114,7 +133,7 @@ impl Transport {
         for m in msgs {
             let to = NodeId(m.to);
             let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            if !self.faults.passes(self.id, to) {
+            if !self.faults.carries(self.id, to, m.get_msg_type()) {
                 if is_snapshot {
                     self.report(TransportEvent::Snapshot(to, false));
                 }
@@ -154,6 +173,7 @@ impl Transport {
             events: self.events.clone(),
             faults: self.faults.clone(),
             shutdown: self.shutdown.clone(),
+            snapshots: self.snapshots.clone(),
         };
         self.runtime.spawn(link.run(rx));
         tx
@@ -172,6 +192,7 @@ struct PeerLink {
     events: mpsc::Sender<TransportEvent>,
     faults: Faults,
     shutdown: CancellationToken,
+    snapshots: SnapshotLink,
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
@@ -289,24 +310,118 @@ impl PeerLink {
         let mut client = client.clone();
         let events = self.events.clone();
         let (from, to, from_address) = (self.from, self.to, self.from_address.clone());
+        let snapshots = self.snapshots.clone();
         tokio::spawn(async move {
-            let ok = match m.write_to_bytes() {
-                Ok(raw) => {
-                    let call = client.install_snapshot(RaftBatch {
-                        from: from.0,
-                        messages: vec![raw],
-                        from_address,
-                    });
-                    matches!(
-                        tokio::time::timeout(SNAPSHOT_TIMEOUT, call).await,
-                        Ok(Ok(_))
-                    )
+            let result = async {
+                send_snapshot_file(&mut client, from, &snapshots, &m).await?;
+                let raw = m.write_to_bytes().map_err(|e| e.to_string())?;
+                let call = client.install_snapshot(RaftBatch {
+                    from: from.0,
+                    messages: vec![raw],
+                    from_address,
+                });
+                match tokio::time::timeout(SNAPSHOT_STALL, call).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(status.message().to_owned()),
+                    Err(_) => Err("the snapshot message timed out".to_owned()),
                 }
-                Err(_) => false,
-            };
-            debug!(to = %to, ok, "snapshot sent");
-            let _ = events.send(TransportEvent::Snapshot(to, ok)).await;
+            }
+            .await;
+            match &result {
+                Ok(()) => debug!(to = %to, "snapshot sent"),
+                Err(e) => warn!(to = %to, error = %e, "snapshot not delivered; raft will retry"),
+            }
+            let _ = events
+                .send(TransportEvent::Snapshot(to, result.is_ok()))
+                .await;
         });
+    }
+}
+
+/// Sends the file a snapshot message describes, from where the receiver's
+/// copy ends, in chunks read ahead by at most `SNAPSHOT_READ_AHEAD`.
+async fn send_snapshot_file(
+    client: &mut RaftTransportClient<Channel>,
+    from: NodeId,
+    link: &SnapshotLink,
+    m: &Message,
+) -> Result<(), String> {
+    let d = Descriptor::decode(m.get_snapshot().get_data()).map_err(|e| e.to_string())?;
+    let descriptor = d.encode();
+    let held = tokio::time::timeout(
+        SNAPSHOT_STALL,
+        client.snapshot_progress(SnapshotFile {
+            from: from.0,
+            descriptor: descriptor.clone(),
+        }),
+    )
+    .await
+    .map_err(|_| "asking for the snapshot's progress timed out".to_owned())?
+    .map_err(|s| s.message().to_owned())?
+    .into_inner();
+    if held.complete {
+        return Ok(());
+    }
+    let path = link.files.outgoing(&d);
+    let chunk_bytes = link.chunk_bytes.max(1);
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(SNAPSHOT_READ_AHEAD);
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| format!("snapshot file {}: {e}", path.display()))?;
+        let mut offset = held.received;
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| format!("snapshot file {}: {e}", path.display()))?;
+        let mut first = true;
+        while offset < d.size {
+            let want = chunk_bytes.min((d.size - offset) as usize);
+            let mut data = vec![0u8; want];
+            file.read_exact(&mut data)
+                .map_err(|e| format!("snapshot file {}: {e}", path.display()))?;
+            let chunk = SnapshotChunk {
+                from: from.0,
+                descriptor: if first {
+                    descriptor.clone()
+                } else {
+                    Vec::new()
+                },
+                offset,
+                data,
+            };
+            first = false;
+            offset += want as u64;
+            if tx.blocking_send(chunk).is_err() {
+                // The call ended early; its status says why.
+                return Ok(());
+            }
+        }
+        Ok(())
+    });
+    // The stall timer restarts with every chunk the stream takes.
+    let progress = std::sync::Arc::new(tokio::sync::Notify::new());
+    let seen = progress.clone();
+    let chunks = ReceiverStream::new(rx).inspect(move |_| seen.notify_one());
+    let mut call = std::pin::pin!(client.send_snapshot_file(chunks));
+    let reply = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            _ = progress.notified() => {}
+            _ = tokio::time::sleep(SNAPSHOT_STALL) => {
+                return Err("the snapshot transfer stalled".to_owned());
+            }
+        }
+    };
+    reader
+        .await
+        .map_err(|e| format!("snapshot reader: {e}"))??;
+    let reply = reply.map_err(|s| s.message().to_owned())?.into_inner();
+    if reply.complete {
+        Ok(())
+    } else {
+        Err(format!(
+            "the receiver holds {} of {} bytes",
+            reply.received, d.size
+        ))
     }
 }
 
@@ -317,6 +432,7 @@ pub struct RaftService {
     pub addresses: Addresses,
     pub faults: Faults,
     pub shutdown: CancellationToken,
+    pub snapshots: std::sync::Arc<Snapshots>,
 }
 
 impl RaftService {
@@ -379,11 +495,69 @@ impl RaftTransport for RaftService {
                     m.to, self.id
                 )));
             }
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let d = Descriptor::decode(m.get_snapshot().get_data())
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if !self.snapshots.received(&d).exists() {
+                    return Err(Status::failed_precondition(format!(
+                        "snapshot file {}/{} has not been received; send it first",
+                        d.index, d.term
+                    )));
+                }
+            }
             self.inbox
                 .send(m)
                 .await
                 .map_err(|_| Status::unavailable("replica is shutting down"))?;
         }
         Ok(Response::new(Ack {}))
+    }
+
+    async fn snapshot_progress(
+        &self,
+        request: Request<SnapshotFile>,
+    ) -> Result<Response<SnapshotReceived>, Status> {
+        let req = request.into_inner();
+        if !self.faults.passes(NodeId(req.from), self.id) {
+            return Err(Status::unavailable("link is cut"));
+        }
+        let d = Descriptor::decode(&req.descriptor)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let files = self.snapshots.clone();
+        let (received, complete) = tokio::task::spawn_blocking(move || files.progress(&d))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(SnapshotReceived { received, complete }))
+    }
+
+    async fn send_snapshot_file(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotReceived>, Status> {
+        let mut chunks = request.into_inner();
+        let mut descriptor = None;
+        let mut held = SnapshotReceived::default();
+        while let Some(chunk) = chunks.message().await? {
+            if !self.faults.passes(NodeId(chunk.from), self.id) {
+                return Err(Status::unavailable("link is cut"));
+            }
+            let d = match descriptor {
+                Some(d) => d,
+                None => {
+                    let d = Descriptor::decode(&chunk.descriptor)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    descriptor = Some(d);
+                    d
+                }
+            };
+            let files = self.snapshots.clone();
+            let (received, complete) = tokio::task::spawn_blocking(move || {
+                files.receive_chunk(&d, chunk.offset, &chunk.data)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+            held = SnapshotReceived { received, complete };
+        }
+        Ok(Response::new(held))
     }
 }

@@ -263,10 +263,12 @@ async fn a_full_restart_recovers_everything_from_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wiped_replica_catches_up_by_snapshot() {
+async fn a_wiped_replica_catches_up_by_snapshot_in_chunks_without_an_election() {
+    // Chunks far smaller than the state: the file goes in dozens of them.
     let opts = ClusterOptions {
         snapshot_entries: 20,
         compact_keep: 5,
+        snapshot_chunk_bytes: 1024,
         ..Default::default()
     };
     let mut cluster = Cluster::start(3, opts).await.unwrap();
@@ -282,6 +284,7 @@ async fn a_wiped_replica_catches_up_by_snapshot() {
         "leader did not compact its log: {report:?}"
     );
 
+    let before = cluster.node(leader).unwrap().status();
     cluster.restart(victim).await.unwrap();
     let applied = cluster.node(leader).unwrap().status().applied;
     cluster.wait_applied(victim, applied, WAIT).await.unwrap();
@@ -289,6 +292,12 @@ async fn a_wiped_replica_catches_up_by_snapshot() {
     assert!(
         caught_up.snapshot_index > 0,
         "victim replayed the log instead of installing a snapshot"
+    );
+    let after = cluster.node(leader).unwrap().status();
+    assert_eq!(
+        (after.term, after.leader),
+        (before.term, Some(leader)),
+        "an election happened while the wiped replica caught up"
     );
     let r = stale_read(&cluster, victim, "s").await.unwrap();
     assert_eq!(r.messages.len(), 100);
@@ -660,24 +669,26 @@ async fn a_lossy_network_slows_replication_but_loses_nothing() {
     cluster.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_voter_that_lost_its_disk_cannot_elect_a_leader_missing_acknowledged_writes() {
+/// The wiped-voter sequence: A leads; X is committed on A and B while C
+/// lags; then B loses its disk (`then` runs from there and leaves A unable
+/// to lead). B and C are a majority by count, but only C has history and it
+/// lacks X: electing it would lose X, so no leader may emerge. Once A is
+/// back, the group recovers with X intact.
+async fn wiped_voter_sequence<F, Fut>(conv: &str, then: F)
+where
+    F: FnOnce(Cluster, NodeId, NodeId) -> Fut,
+    Fut: std::future::Future<Output = Cluster>,
+{
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
     let a = cluster.wait_leader(WAIT).await.unwrap();
     let client = cluster.client();
     let others: Vec<NodeId> = cluster.ids().into_iter().filter(|&i| i != a).collect();
     let (b, c) = (others[0], others[1]);
-    create(&client, "d", &["u"]).await;
-    // C falls behind: X is committed on A and B only.
+    create(&client, conv, &["u"]).await;
     cluster.faults().partition(&[c], &[a, b]);
-    let x = client.append(append_req("d", "u", "x")).await.unwrap();
-    // B loses its disk and comes back empty; A becomes unreachable; C returns.
+    let x = client.append(append_req(conv, "u", "x")).await.unwrap();
     cluster.wipe(b).await.unwrap();
-    cluster.faults().heal();
-    cluster.faults().partition(&[a], &[b, c]);
-    cluster.restart(b).await.unwrap();
-    // B and C are a majority by count, but only C has history and it lacks
-    // X: electing it would lose X. No leader may emerge.
+    let mut cluster = then(cluster, a, b).await;
     let stuck = cluster
         .wait_leader_among(&[b, c], Duration::from_secs(3))
         .await;
@@ -685,15 +696,139 @@ async fn a_voter_that_lost_its_disk_cannot_elect_a_leader_missing_acknowledged_w
         stuck.is_err(),
         "{b} and {c} elected {stuck:?} without the acknowledged write"
     );
-    // Once A is back, the group recovers with X intact.
+    if cluster.node(a).is_none() {
+        cluster.restart(a).await.unwrap();
+    }
     cluster.faults().heal();
     cluster.wait_leader(WAIT).await.unwrap();
-    let all = read_all(&client, "d").await;
+    let all = read_all(&client, conv).await;
     assert_eq!(
         all.iter()
             .map(|m| (m.seq, m.client_msg_id.as_str()))
             .collect::<Vec<_>>(),
         vec![(x.seq, "x")]
     );
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_that_lost_its_disk_cannot_elect_a_leader_missing_acknowledged_writes() {
+    // B comes back empty, A is cut off, C returns.
+    wiped_voter_sequence("d", |mut cluster, a, b| async move {
+        cluster.faults().heal();
+        cluster.faults().partition(&[a], &cluster.ids());
+        cluster.restart(b).await.unwrap();
+        cluster
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_voter_that_heard_the_leader_withholds_its_vote_until_caught_up() {
+    // B comes back empty and hears A's heartbeats, but A's log cannot reach
+    // it, so it cannot catch up. Then A dies and C returns.
+    wiped_voter_sequence("h", |mut cluster, a, b| async move {
+        cluster.faults().hold_log(a, b);
+        cluster.restart(b).await.unwrap();
+        let mut status = cluster.node(b).unwrap().watch_status();
+        tokio::time::timeout(WAIT, status.wait_for(|s| s.leader == Some(a)))
+            .await
+            .expect("the wiped replica never heard the leader")
+            .unwrap();
+        assert!(!cluster.node(b).unwrap().status().caught_up);
+        cluster.kill(a).await;
+        cluster.faults().heal();
+        cluster
+    })
+    .await;
+}
+
+/// Sends raft messages to `to` as if `from` had sent them, over the raft
+/// transport, and returns once `to` has taken them in.
+async fn forge(cluster: &Cluster, from: NodeId, to: NodeId, msgs: Vec<raft::eraftpb::Message>) {
+    use chat_proto::raft::v1::{RaftBatch, raft_transport_client::RaftTransportClient};
+    use protobuf::Message as _;
+    let mut raw = RaftTransportClient::connect(format!("http://{}", cluster.addr(to)))
+        .await
+        .unwrap();
+    let batch = RaftBatch {
+        from: from.0,
+        messages: msgs.iter().map(|m| m.write_to_bytes().unwrap()).collect(),
+        from_address: String::new(),
+    };
+    raw.stream(futures::stream::iter([batch])).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_rejection_does_not_set_a_follower_back() {
+    use raft::eraftpb::{Message, MessageType};
+    let cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let client = cluster.client();
+    let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    create(&client, "r", &["u"]).await;
+    append_n(&client, "r", "u", 20).await;
+    let applied = cluster.node(leader).unwrap().status().applied;
+    cluster.wait_applied(follower, applied, WAIT).await.unwrap();
+    let term = cluster.node(leader).unwrap().status().term;
+    let matched = |report: &chat_store::node::StatusReport| {
+        report
+            .replicas
+            .iter()
+            .find(|r| r.id == follower)
+            .map(|r| r.matched)
+            .unwrap()
+    };
+    let before = cluster.node(leader).unwrap().report().await.unwrap();
+    assert!(matched(&before) >= applied);
+    let rejection = |context: Vec<u8>| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppendResponse);
+        m.from = follower.0;
+        m.to = leader.0;
+        m.term = term;
+        m.index = applied - 1;
+        m.reject = true;
+        m.reject_hint = applied - 1;
+        m.context = context.into();
+        m
+    };
+    // A rejection from before the follower caught up, delivered late; then
+    // the follower reporting a lost log, and a duplicate of that report.
+    forge(&cluster, follower, leader, vec![rejection(Vec::new())]).await;
+    let loss = rejection(7u64.to_be_bytes().to_vec());
+    forge(&cluster, follower, leader, vec![loss.clone()]).await;
+    // Nothing else changes on the leader meanwhile: poll its counters.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    while cluster
+        .node(leader)
+        .unwrap()
+        .report()
+        .await
+        .unwrap()
+        .stats
+        .lost_logs_repaired
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never acted on the lost-log report"
+        );
+        poll.tick().await;
+    }
+    forge(&cluster, follower, leader, vec![loss]).await;
+    // Everything the leader took in before this write is handled by the
+    // time the write is acknowledged.
+    client.append(append_req("r", "u", "after")).await.unwrap();
+    let applied = cluster.node(leader).unwrap().status().applied;
+    cluster.wait_applied(follower, applied, WAIT).await.unwrap();
+    let after = cluster.node(leader).unwrap().report().await.unwrap();
+    assert_eq!(
+        after.stats.lost_logs_repaired, 1,
+        "the late rejection or the duplicate report set the follower back again"
+    );
+    assert_eq!(after.status.term, term, "an election happened");
+    let mut cluster = cluster;
     cluster.stop_all().await;
 }

@@ -38,6 +38,8 @@ pub struct ClusterOptions {
     /// Replicas' disks can lose power (`Cluster::power_cut`): the WAL sits
     /// on a file system that tracks syncs, the state in memory.
     pub power_cuts: bool,
+    /// Size of the chunks snapshot files travel in.
+    pub snapshot_chunk_bytes: usize,
 }
 
 impl Default for ClusterOptions {
@@ -52,6 +54,7 @@ impl Default for ClusterOptions {
             request_timeout: Duration::from_secs(3),
             checkpoint_interval: Duration::from_millis(200),
             power_cuts: false,
+            snapshot_chunk_bytes: crate::transport::SNAPSHOT_CHUNK_BYTES,
         }
     }
 }
@@ -174,6 +177,7 @@ impl Cluster {
             },
             max_body_bytes: 64 * 1024,
             request_timeout: o.request_timeout,
+            snapshot_chunk_bytes: o.snapshot_chunk_bytes,
         }
     }
 

@@ -252,6 +252,7 @@ impl PowerCutDisk {
         Ok(Storage {
             wal: Arc::new(wal),
             state: Arc::new(self.state.clone()),
+            snapshot_dir: wal_dir.with_file_name(crate::snapshot::SNAP_DIR),
         })
     }
 
