@@ -4,11 +4,13 @@
 //! `reconnect-storm`, `canary-bad-release`, `canary-good-release`) drive chat traffic through the gateways, inject
 //! faults, read everything back and write a report (JSON, Markdown, SVG);
 //! the exit status is 1 when an SLO is missed. Benchmarks (`store-bench`,
-//! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency.
+//! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency;
+//! `rejoin-bench` a wiped replica rejoining a large store.
 
 mod cpu;
 mod e2e_bench;
 mod engine_bench;
+mod rejoin_bench;
 mod scenario;
 mod store_bench;
 
@@ -52,6 +54,8 @@ enum Cmd {
     EngineBench(engine_bench::Args),
     /// Sends and deliveries through the whole cluster (`chatctl local up`).
     E2eBench(e2e_bench::Args),
+    /// A replica whose disk was wiped rejoining a store of --gib GiB.
+    RejoinBench(rejoin_bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)).map(|()| true),
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
         Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),
+        Cmd::RejoinBench(args) => rt.block_on(rejoin_bench::run(args)).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

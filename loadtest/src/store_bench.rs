@@ -305,7 +305,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_leader(client: &StoreClient, addrs: &[String]) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_leader(client: &StoreClient, addrs: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         for a in addrs {

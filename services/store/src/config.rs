@@ -86,6 +86,11 @@ pub struct StoreConfig {
     /// Applied entries kept after compaction.
     #[arg(long, env = "CHAT_STORE_COMPACT_KEEP", default_value_t = 2_000)]
     pub compact_keep: u64,
+    /// The state machine's page cache (sled), in MiB: with the raft log's
+    /// recent-entry cache (32 MiB), what bounds a replica's memory as its
+    /// data grows.
+    #[arg(long, env = "CHAT_STORE_STATE_CACHE_MIB", default_value_t = 1024)]
+    pub state_cache_mib: u64,
     /// Snapshot files go to a rejoining replica in chunks of this size.
     #[arg(long, env = "CHAT_STORE_SNAPSHOT_CHUNK_BYTES", default_value_t = crate::transport::SNAPSHOT_CHUNK_BYTES)]
     pub snapshot_chunk_bytes: usize,
@@ -193,6 +198,11 @@ impl StoreConfig {
         if self.checkpoint_ms == 0 || self.sync_interval_ms == 0 {
             return Err(StoreError::InvalidArgument(
                 "--checkpoint-ms and --sync-interval-ms must be positive".into(),
+            ));
+        }
+        if !(8..=1 << 20).contains(&self.state_cache_mib) {
+            return Err(StoreError::InvalidArgument(
+                "--state-cache-mib must be in 8..=1048576".into(),
             ));
         }
         if self.snapshot_chunk_bytes < 1024

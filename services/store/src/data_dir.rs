@@ -45,14 +45,19 @@ pub fn check_layout(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Opens the stores of a data directory, creating it if needed.
-pub fn open_storage(dir: &Path) -> Result<crate::replica::Storage, StoreError> {
+/// `cache_bytes` is the state engine's page cache.
+pub fn open_storage(dir: &Path, cache_bytes: u64) -> Result<crate::replica::Storage, StoreError> {
     check_layout(dir)?;
     let state_dir = dir.join(STATE_DIR);
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", state_dir.display())))?;
     let wal = crate::wal::RaftEngineWal::open(&dir.join(WAL_DIR))?;
     // sled flushes only when the checkpointer syncs it.
-    let state = crate::engine::SledEngine::open(&state_dir, crate::engine::BackgroundFlush::Off)?;
+    let state = crate::engine::SledEngine::open_with_cache(
+        &state_dir,
+        crate::engine::BackgroundFlush::Off,
+        cache_bytes,
+    )?;
     Ok(crate::replica::Storage {
         wal: std::sync::Arc::new(wal),
         state: std::sync::Arc::new(state),

@@ -47,7 +47,7 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
             cfg.data_dir.display()
         )
     })?;
-    let storage = chat_store::data_dir::open_storage(&cfg.data_dir)?;
+    let storage = chat_store::data_dir::open_storage(&cfg.data_dir, cfg.state_cache_mib << 20)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;

@@ -46,7 +46,7 @@ const INCOMING: &str = "incoming";
 const MAGIC: &[u8; 8] = b"CHATSNP1";
 const DESCRIPTOR_TAG: &[u8; 4] = b"SNF1";
 /// Keys read from the engine per step of a build.
-const PAGE: usize = 1024;
+const PAGE: usize = 256;
 /// Largest key or value a snapshot record may carry.
 const MAX_RECORD: u32 = 256 << 20;
 

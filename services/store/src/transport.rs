@@ -38,6 +38,9 @@ pub const PEER_QUEUE: usize = 4096;
 const STREAM_QUEUE: usize = 64;
 /// Most messages in one batch.
 const MAX_BATCH: usize = 512;
+/// A batch stops growing past this many bytes (appends to a lagging
+/// follower carry up to 1 MiB each), well below `MAX_MESSAGE_BYTES`.
+const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Capacity of the driver's inbox of received raft messages; when full,
 /// received messages are dropped.
 pub const INBOX: usize = 8192;
@@ -279,14 +282,16 @@ impl PeerLink {
                         return true;
                     };
                     let mut messages = Vec::with_capacity(16);
+                    let mut bytes = 0;
                     let mut pending = Some(first);
                     while let Some(m) = pending.take().or_else(|| rx.try_recv().ok()) {
                         if m.get_msg_type() == MessageType::MsgSnapshot {
                             self.send_snapshot(&mut client, m);
                         } else if let Ok(raw) = m.write_to_bytes() {
+                            bytes += raw.len();
                             messages.push(raw);
                         }
-                        if messages.len() >= MAX_BATCH {
+                        if messages.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
                             break;
                         }
                     }

@@ -16,7 +16,7 @@ mod sled_engine;
 mod conformance;
 
 pub use self::mem::MemEngine;
-pub use self::sled_engine::{BackgroundFlush, SledEngine};
+pub use self::sled_engine::{BackgroundFlush, DEFAULT_CACHE_BYTES, SledEngine};
 
 use crate::error::StoreError;
 

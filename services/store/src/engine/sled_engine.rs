@@ -27,8 +27,22 @@ pub enum BackgroundFlush {
     EveryMs(u64),
 }
 
+/// sled's page cache unless told otherwise (sled's own default). A smaller
+/// one bounds memory lower but costs CPU: sled's accounting overstates
+/// what it caches, and with 256 MiB its write path measured 1.4× slower.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
 impl SledEngine {
     pub fn open(dir: &Path, flush: BackgroundFlush) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, flush, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens with a page cache of `cache_bytes`.
+    pub fn open_with_cache(
+        dir: &Path,
+        flush: BackgroundFlush,
+        cache_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let flush_every_ms = match flush {
             BackgroundFlush::Off => None,
             BackgroundFlush::EveryMs(ms) => Some(ms),
@@ -36,6 +50,7 @@ impl SledEngine {
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(flush_every_ms)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| {

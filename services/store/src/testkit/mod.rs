@@ -201,7 +201,9 @@ impl Cluster {
         let storage = loop {
             let opened = match &slot.disk {
                 Some(disk) => disk.open(&slot.dir.join(crate::data_dir::WAL_DIR)),
-                None => crate::data_dir::open_storage(&slot.dir),
+                None => {
+                    crate::data_dir::open_storage(&slot.dir, crate::engine::DEFAULT_CACHE_BYTES)
+                }
             };
             match opened {
                 Ok(e) => break e,

@@ -1,0 +1,306 @@
+//! A replica that lost its disk rejoining a large store: fills a local
+//! group of three with messages, wipes a follower's data directory while it
+//! is down, starts it again, and reports how long it takes to serve, the
+//! memory of the leader and of the joiner meanwhile, the disk each replica
+//! uses per byte of stored bodies, and whether an election happened.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chat_proto::store::v1 as api;
+use chat_store::StoreClient;
+use chat_store::testkit::process::local_group;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Bodies to store before the rejoin, in GiB.
+    #[arg(long, default_value_t = 2.0)]
+    gib: f64,
+    /// Message body size.
+    #[arg(long, default_value_t = 60_000)]
+    body_bytes: usize,
+    /// Messages per AppendBatch while filling.
+    #[arg(long, default_value_t = 16)]
+    per_request: usize,
+    /// Concurrent writers while filling.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// The replicas' --snapshot-chunk-bytes (default: theirs).
+    #[arg(long)]
+    chunk_bytes: Option<usize>,
+    /// The replicas' --state-cache-mib (default: theirs).
+    #[arg(long)]
+    state_cache_mib: Option<u64>,
+    /// The replicas' --snapshot-entries: low, so that the log is compacted
+    /// and the rejoin needs a snapshot, as it would on a store that has run
+    /// for a while.
+    #[arg(long, default_value_t = 500)]
+    snapshot_entries: u64,
+    /// Give up on the rejoin after this long.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Where the replicas' data goes (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The chat-store binary (default: next to this one).
+    #[arg(long)]
+    store_bin: Option<PathBuf>,
+}
+
+/// Resident set size of a process now (`VmRSS`), in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes of the files under `dir`.
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.gib > 0.0 && args.body_bytes > 0 && args.per_request > 0 && args.writers > 0,
+        "sizes and counts must be positive"
+    );
+    let store_bin = match args.store_bin.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .context("no binary directory")?
+            .join("chat-store"),
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
+    std::fs::create_dir_all(&root)?;
+    let chunk = args.chunk_bytes.map(|c| c.to_string());
+    let snapshot_entries = args.snapshot_entries.to_string();
+    let keep = (args.snapshot_entries / 5).to_string();
+    let mut extra: Vec<&str> = vec![
+        "--snapshot-entries",
+        &snapshot_entries,
+        "--compact-keep",
+        &keep,
+    ];
+    if let Some(c) = &chunk {
+        extra.extend(["--snapshot-chunk-bytes", c]);
+    }
+    let cache = args.state_cache_mib.map(|c| c.to_string());
+    if let Some(c) = &cache {
+        extra.extend(["--state-cache-mib", c]);
+    }
+    let mut replicas = local_group(&store_bin, 3, &root, &extra)?;
+    for r in &mut replicas {
+        r.start()?;
+    }
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+    let admin = StoreClient::new(addrs.clone(), Duration::from_secs(30))?;
+    crate::store_bench::wait_for_leader(&admin, &addrs).await?;
+
+    // Fill.
+    let target = (args.gib * (1u64 << 30) as f64) as u64;
+    let per_msg = args.body_bytes as u64;
+    let batches = target.div_ceil(per_msg * args.per_request as u64);
+    let next = Arc::new(AtomicU64::new(0));
+    for w in 0..args.writers {
+        admin
+            .create_conversation(api::CreateConversationRequest {
+                conversation_id: format!("rejoin-{w}"),
+                members: vec![format!("u{w}")],
+            })
+            .await?;
+    }
+    let filling = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..args.writers {
+        let client = StoreClient::new(addrs.clone(), Duration::from_secs(30))?;
+        let next = next.clone();
+        let body = vec![b'r'; args.body_bytes];
+        let per_request = args.per_request;
+        tasks.push(tokio::spawn(async move {
+            let mut stored = 0u64;
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    return anyhow::Ok(stored);
+                }
+                let items = (0..per_request)
+                    .map(|k| api::AppendRequest {
+                        conversation_id: format!("rejoin-{w}"),
+                        sender: format!("u{w}"),
+                        client_msg_id: format!("{b}-{k}"),
+                        body: body.clone(),
+                    })
+                    .collect();
+                let r = client
+                    .append_batch(api::AppendBatchRequest { items })
+                    .await?;
+                stored += r
+                    .items
+                    .iter()
+                    .filter(|o| matches!(o.outcome, Some(api::append_outcome::Outcome::Ok(_))))
+                    .count() as u64;
+            }
+        }));
+    }
+    let mut messages = 0u64;
+    for t in tasks {
+        messages += t.await??;
+    }
+    let fill_secs = filling.elapsed().as_secs_f64();
+    let bodies = messages * per_msg;
+    println!(
+        "rejoin-bench: filled {:.2} GiB of bodies ({messages} messages of {} bytes) in {fill_secs:.0} s ({:.0} MiB/s)",
+        gib(bodies),
+        args.body_bytes,
+        mib(bodies) / fill_secs
+    );
+
+    // The state everyone holds now.
+    let mut leader_at = None;
+    for (i, a) in addrs.iter().enumerate() {
+        if admin.status_of(a).await.is_ok_and(|s| s.role == "leader") {
+            leader_at = Some(i);
+        }
+    }
+    let leader = leader_at.context("no leader after filling")?;
+    let before = admin.status_of(&addrs[leader]).await?;
+    let victim = (0..3).find(|&i| i != leader).expect("three replicas");
+    for (i, r) in replicas.iter().enumerate() {
+        println!(
+            "  replica {} ({}): {:.2} GiB on disk, {:.2} bytes per byte of bodies, RSS {:.0} MiB",
+            r.id,
+            if i == leader { "leader" } else { "follower" },
+            gib(disk_usage(&r.data_dir)),
+            disk_usage(&r.data_dir) as f64 / bodies.max(1) as f64,
+            r.pid().and_then(rss).map_or(0.0, mib)
+        );
+    }
+
+    // Wipe the victim and start it again.
+    replicas[victim].kill().await?;
+    std::fs::remove_dir_all(&replicas[victim].data_dir)?;
+    let started = Instant::now();
+    replicas[victim].start()?;
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    let (mut peak_leader, mut peak_joiner) = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_line = Instant::now();
+    println!(
+        "  (every second: seconds since restart, RSS of leader and joiner, joiner's applied index)"
+    );
+    let serving_after = loop {
+        tick.tick().await;
+        let (l, j) = (
+            replicas[leader].pid().and_then(rss).unwrap_or(0),
+            replicas[victim].pid().and_then(rss).unwrap_or(0),
+        );
+        peak_leader = peak_leader.max(l);
+        peak_joiner = peak_joiner.max(j);
+        let status = admin.status_of(&addrs[victim]).await;
+        if last_line.elapsed() >= Duration::from_secs(1) {
+            last_line = Instant::now();
+            println!(
+                "  {:>5.1} s  leader {:>5.0} MiB  joiner {:>5.0} MiB  applied {}",
+                started.elapsed().as_secs_f64(),
+                mib(l),
+                mib(j),
+                status.as_ref().map_or(0, |s| s.applied_index)
+            );
+        }
+        if let Ok(s) = status
+            && s.serving
+            && s.applied_index >= before.commit_index
+        {
+            break started.elapsed();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the wiped replica did not serve within {} s",
+            args.timeout_secs
+        );
+    };
+    let after = admin.status_of(&addrs[leader]).await?;
+    let joined = admin.status_of(&addrs[victim]).await?;
+    let read = admin
+        .read_from(
+            &addrs[victim],
+            api::ReadRequest {
+                conversation_id: "rejoin-0".into(),
+                after_seq: 0,
+                limit: 1,
+                consistency: api::Consistency::Stale as i32,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let expected = admin
+        .get_conversation(api::GetConversationRequest {
+            conversation_id: "rejoin-0".into(),
+            ..Default::default()
+        })
+        .await?
+        .last_seq;
+    println!(
+        "wiped replica {} serving after {:.1} s ({:.0} MiB/s of bodies); it started from a snapshot at index {}",
+        replicas[victim].id,
+        serving_after.as_secs_f64(),
+        mib(bodies) / serving_after.as_secs_f64(),
+        joined.snapshot_index
+    );
+    println!(
+        "peak RSS during the rejoin: leader {:.0} MiB, joiner {:.0} MiB",
+        mib(peak_leader),
+        mib(peak_joiner)
+    );
+    println!(
+        "  joiner: {:.2} GiB on disk, {:.2} bytes per byte of bodies; rejoin-0 last seq {} (leader: {expected})",
+        gib(disk_usage(&replicas[victim].data_dir)),
+        disk_usage(&replicas[victim].data_dir) as f64 / bodies.max(1) as f64,
+        read.last_seq
+    );
+    let election = after.term != before.term || after.leader_id != before.leader_id;
+    println!(
+        "leader term {} -> {}: {}",
+        before.term,
+        after.term,
+        if election {
+            "an election happened"
+        } else {
+            "no election"
+        }
+    );
+    for r in &mut replicas {
+        r.kill().await?;
+    }
+    anyhow::ensure!(!election, "an election happened during the rejoin");
+    anyhow::ensure!(
+        read.last_seq == expected,
+        "the joiner holds {} messages of rejoin-0, the group {expected}",
+        read.last_seq
+    );
+    Ok(())
+}
