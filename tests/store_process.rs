@@ -19,8 +19,12 @@ struct Group {
 }
 
 fn group(n: u64) -> anyhow::Result<Group> {
+    group_with(n, &[])
+}
+
+fn group_with(n: u64, extra: &[&str]) -> anyhow::Result<Group> {
     let dir = tempfile::tempdir()?;
-    let replicas = local_group(&binary("chat-store")?, n, dir.path(), &[])?;
+    let replicas = local_group(&binary("chat-store")?, n, dir.path(), extra)?;
     let client = StoreClient::new(replicas.iter().map(|r| r.addr.clone()).collect(), WAIT)?;
     Ok(Group {
         _dir: dir,
@@ -394,5 +398,101 @@ async fn grpc_health_reports_serving_only_with_a_leader() -> anyhow::Result<()> 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Ok(())
+}
+
+fn signal(p: &StoreProcess, sig: &str) -> anyhow::Result<()> {
+    let pid = p
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("replica {} not running", p.id))?;
+    anyhow::ensure!(
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?
+            .success(),
+        "kill {sig} {pid} failed"
+    );
+    Ok(())
+}
+
+/// The wiped-voter sequence with real processes: X is committed on A and B
+/// while C is cut off; B's disk is wiped; B comes back and hears A (but A's
+/// log cannot reach it); A dies and C returns. Electing C would lose X, so
+/// no leader may emerge until A is back, and then X is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_voter_that_heard_the_leader_cannot_help_lose_an_acknowledged_write()
+-> anyhow::Result<()> {
+    let mut g = group_with(3, &["--fault-signals"])?;
+    for r in &mut g.replicas {
+        r.start()?;
+    }
+    let a = g.leader().await?;
+    let (b, c) = match a {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let a_id = g.replicas[a].id.to_string();
+    g.client
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "v".into(),
+            members: vec!["u".into()],
+        })
+        .await?;
+    signal(&g.replicas[c], "-USR1")?;
+    let x = g.client.append(append("v", "u", "x")).await?;
+
+    g.replicas[b].kill().await?;
+    std::fs::remove_dir_all(&g.replicas[b].data_dir)?;
+    g.replicas[b].add_args(&["--fault-hold-log-from", &a_id]);
+    g.replicas[b].start()?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(s) = g.client.status_of(&g.replicas[b].addr).await
+            && s.leader_id == g.replicas[a].id
+        {
+            anyhow::ensure!(!s.serving, "the wiped replica serves before catching up");
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the wiped replica never heard the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    g.replicas[a].kill().await?;
+    signal(&g.replicas[c], "-USR2")?;
+    // Three seconds is several election timeouts.
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < watch_until {
+        for i in [b, c] {
+            if let Ok(s) = g.client.status_of(&g.replicas[i].addr).await {
+                anyhow::ensure!(
+                    s.role != "leader",
+                    "replica {} became leader without the acknowledged write",
+                    s.id
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    g.replicas[a].start()?;
+    g.leader().await?;
+    let read = g
+        .client
+        .read(api::ReadRequest {
+            conversation_id: "v".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await?;
+    let got: Vec<(u64, &str)> = read
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.client_msg_id.as_str()))
+        .collect();
+    assert_eq!(got, vec![(x.seq, "x")]);
     Ok(())
 }

@@ -107,6 +107,11 @@ pub struct StoreConfig {
     /// traffic both ways; clients still reach it), SIGUSR2 reconnects it.
     #[arg(long, env = "CHAT_STORE_FAULT_SIGNALS")]
     pub fault_signals: bool,
+    /// Drills only: drop the log entries and snapshots replica ID sends to
+    /// this one (its heartbeats and votes still arrive): this replica hears
+    /// that leader but cannot catch up from it. SIGUSR2 lifts it.
+    #[arg(long, env = "CHAT_STORE_FAULT_HOLD_LOG_FROM", value_name = "ID")]
+    pub fault_hold_log_from: Option<u64>,
     /// Release label of this replica (reported in metrics).
     #[arg(long, env = "CHAT_RELEASE", default_value = "stable")]
     pub release: String,

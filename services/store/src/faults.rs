@@ -84,17 +84,18 @@ impl Faults {
 
     /// Whether a message of `kind` from `from` to `to` gets through.
     pub fn carries(&self, from: NodeId, to: NodeId, kind: MessageType) -> bool {
-        if matches!(kind, MessageType::MsgAppend | MessageType::MsgSnapshot)
+        !self.holds(from, to, kind) && self.passes(from, to)
+    }
+
+    /// Whether `hold_log` stops a message of `kind` from `from` to `to`.
+    pub fn holds(&self, from: NodeId, to: NodeId, kind: MessageType) -> bool {
+        matches!(kind, MessageType::MsgAppend | MessageType::MsgSnapshot)
             && self
                 .0
                 .read()
                 .expect("faults lock poisoned")
                 .log_held
                 .contains(&(from, to))
-        {
-            return false;
-        }
-        self.passes(from, to)
     }
 
     pub fn delay(&self) -> Duration {

@@ -56,6 +56,13 @@ async fn run(cfg: StoreConfig, opts: chat_store::ReplicaOptions) -> anyhow::Resu
         .map_err(anyhow::Error::msg)?;
     let faults = Faults::default();
     let id = opts.driver.id;
+    if let Some(from) = cfg.fault_hold_log_from {
+        tracing::warn!(
+            from,
+            "fault drill: log entries and snapshots from this replica are dropped"
+        );
+        faults.hold_log(chat_store::NodeId(from), id);
+    }
     let replica = Replica::start(opts, storage, listener, faults.clone()).await?;
     let stop_admin = tokio_util::sync::CancellationToken::new();
     if let Some(l) = admin {

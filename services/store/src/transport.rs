@@ -450,14 +450,15 @@ impl RaftService {
             debug!(peer = %from, address = %batch.from_address, "learned a peer's address");
             self.addresses.set(from, batch.from_address.clone());
         }
-        batch
-            .messages
-            .iter()
-            .map(|raw| {
-                Message::parse_from_bytes(raw)
-                    .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(batch.messages.len());
+        for raw in &batch.messages {
+            let m = Message::parse_from_bytes(raw)
+                .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+            if !self.faults.holds(from, self.id, m.get_msg_type()) {
+                out.push(m);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -523,7 +524,10 @@ impl RaftTransport for RaftService {
         request: Request<SnapshotFile>,
     ) -> Result<Response<SnapshotReceived>, Status> {
         let req = request.into_inner();
-        if !self.faults.passes(NodeId(req.from), self.id) {
+        if !self
+            .faults
+            .carries(NodeId(req.from), self.id, MessageType::MsgSnapshot)
+        {
             return Err(Status::unavailable("link is cut"));
         }
         let d = Descriptor::decode(&req.descriptor)
@@ -543,7 +547,10 @@ impl RaftTransport for RaftService {
         let mut descriptor = None;
         let mut held = SnapshotReceived::default();
         while let Some(chunk) = chunks.message().await? {
-            if !self.faults.passes(NodeId(chunk.from), self.id) {
+            if !self
+                .faults
+                .carries(NodeId(chunk.from), self.id, MessageType::MsgSnapshot)
+            {
                 return Err(Status::unavailable("link is cut"));
             }
             let d = match descriptor {

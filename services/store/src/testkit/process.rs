@@ -78,8 +78,13 @@ impl StoreProcess {
 
     /// Extra flags for every later start.
     pub fn with_args(mut self, extra: &[&str]) -> Self {
-        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.add_args(extra);
         self
+    }
+
+    /// Extra flags for every later start.
+    pub fn add_args(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
