@@ -11,7 +11,10 @@
 //!
 //! 1. send the leader's messages (they need not wait for our disk),
 //! 2. install a received snapshot (after every queued write has landed),
-//! 3. apply committed entries (to the state engine, without a sync),
+//! 3. apply committed entries (to the state engine, without a sync): at
+//!    once on the leader, whose acknowledgements wait for it; a follower
+//!    gathers them for up to `FOLLOWER_APPLY_DELAY` and applies them as one
+//!    batch (only its stale reads wait for it),
 //! 4. stage the new entries and hard state in the log store (raft reads them
 //!    from memory), `advance_append_async`, and queue them for the log
 //!    writer, which writes and fdatasyncs them,
@@ -154,7 +157,17 @@ pub(crate) struct Driver {
     lost_logs: HashMap<u64, u64>,
     /// Last time a snapshot was being built or sent.
     snapshot_needed: std::time::Instant,
+    /// Committed entries a follower has not applied yet, and when it will.
+    pending_apply: Vec<Entry>,
+    apply_due: Option<tokio::time::Instant>,
 }
+
+/// A follower applies committed entries in batches gathered over this long
+/// (or of `FOLLOWER_APPLY_ENTRIES`): only its reads wait for its apply, and
+/// every state batch costs sled a fixed amount. The leader applies at once:
+/// its acknowledgements wait for it.
+const FOLLOWER_APPLY_DELAY: Duration = Duration::from_millis(20);
+const FOLLOWER_APPLY_ENTRIES: usize = 1024;
 
 /// How long a built snapshot is kept after no follower needs it, so that an
 /// interrupted transfer resumes rather than starting over with a new build.
@@ -227,6 +240,8 @@ impl Driver {
             incarnation: rand::random(),
             lost_logs: HashMap::new(),
             snapshot_needed: std::time::Instant::now(),
+            pending_apply: Vec::new(),
+            apply_due: None,
         })
     }
 
@@ -260,11 +275,18 @@ impl Driver {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let persisted = self.writer.wake();
         let result = loop {
+            let apply_due = self.apply_due;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = persisted.notified() => {}
                 _ = tick.tick() => { self.raw.tick(); }
+                _ = sleep_until_some(apply_due), if apply_due.is_some() => {
+                    if let Err(e) = self.apply_pending() {
+                        error!(replica = %self.cfg.id, error = %e, "storage failed; stopping the replica");
+                        break Err(e);
+                    }
+                }
                 Some(m) = self.inbox.recv() => self.step(m),
                 Some(r) = self.requests.recv() => self.accept(r),
                 Some(e) = self.events.recv() => self.on_transport_event(e),
@@ -711,11 +733,14 @@ impl Driver {
             // The snapshot replaces the log: every write queued before it
             // must land first, or it would land on the new log.
             self.drain_writer()?;
+            // Entries committed before it are applied first: after it they
+            // would land on the new state.
+            self.apply_pending()?;
             let snap = ready.snapshot().clone();
             self.install_snapshot(&snap)?;
             must_sync = true;
         }
-        self.apply(ready.take_committed_entries())?;
+        self.queue_apply(ready.take_committed_entries())?;
         for rs in ready.take_read_states() {
             let ctx = rs
                 .request_ctx
@@ -768,6 +793,43 @@ impl Driver {
         self.log.note_applied(self.applied);
         self.release_reads();
         self.maybe_compact()?;
+        Ok(())
+    }
+
+    /// Applies committed entries: at once on the leader, in batches on a
+    /// follower (see `FOLLOWER_APPLY_DELAY`).
+    fn queue_apply(&mut self, committed: Vec<Entry>) -> Result<(), StoreError> {
+        if committed.is_empty() && self.pending_apply.is_empty() {
+            return Ok(());
+        }
+        if self.pending_apply.is_empty() {
+            self.apply_due = Some(tokio::time::Instant::now() + FOLLOWER_APPLY_DELAY);
+        }
+        self.pending_apply.extend(committed);
+        if self.is_leader()
+            || self.pending_apply.len() >= FOLLOWER_APPLY_ENTRIES
+            || self
+                .apply_due
+                .is_some_and(|due| due <= tokio::time::Instant::now())
+        {
+            let entries = std::mem::take(&mut self.pending_apply);
+            self.apply_due = None;
+            self.apply(entries)?;
+        }
+        Ok(())
+    }
+
+    /// Applies what a follower has gathered, outside a Ready.
+    fn apply_pending(&mut self) -> Result<(), StoreError> {
+        self.apply_due = None;
+        if self.pending_apply.is_empty() {
+            return Ok(());
+        }
+        let entries = std::mem::take(&mut self.pending_apply);
+        self.apply(entries)?;
+        self.raw.advance_apply_to(self.applied);
+        self.log.note_applied(self.applied);
+        self.release_reads();
         Ok(())
     }
 
@@ -1094,5 +1156,11 @@ fn op_size(op: &Op) -> usize {
         Op::CreateConversation { members, .. } => 64 + members.len() * 16,
         Op::PutSetting { key, value, .. } => 64 + key.as_str().len() + value.len(),
         _ => 64,
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
