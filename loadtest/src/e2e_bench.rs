@@ -39,13 +39,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.clients > 0 && args.body_bytes >= 8,
         "need clients and bodies of 8+ bytes"
     );
-    let chatctl = match args.chatctl.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no binary directory")?
-            .join("chatctl"),
-    };
+    let chatctl = crate::sibling_binary(args.chatctl.clone(), "chatctl")?;
     let dir = tempfile::tempdir()?;
     let mut up = Command::new(&chatctl)
         .args(["local", "up", "--base-port", "0", "--dir"])

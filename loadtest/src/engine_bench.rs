@@ -49,21 +49,6 @@ pub struct Args {
     duration_secs: u64,
 }
 
-/// Bytes under `dir`, recursively.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let state_dir = dir.path().join("state");
@@ -160,7 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .saturating_sub(cpu0);
     checkpointer.stop();
     let batches = index - first;
-    let disk = dir_bytes(dir.path());
+    let disk = crate::dir_bytes(dir.path());
     println!(
         "engine-bench: state={} batch={} conversations={} body={}B sync={} checkpoint={}ms",
         args.engine, args.batch, args.conversations, args.body_bytes, args.sync, args.checkpoint_ms

@@ -58,6 +58,35 @@ enum Cmd {
     RejoinBench(rejoin_bench::Args),
 }
 
+/// `given`, or the binary `name` next to this one (where cargo builds it).
+pub(crate) fn sibling_binary(
+    given: Option<std::path::PathBuf>,
+    name: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    match given {
+        Some(p) => Ok(p),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("no binary directory"))?
+            .join(name)),
+    }
+}
+
+/// Bytes of the files under `dir`, recursively.
+pub(crate) fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

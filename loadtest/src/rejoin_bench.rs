@@ -4,7 +4,7 @@
 //! memory of the leader and of the joiner meanwhile, the disk each replica
 //! uses per byte of stored bodies, and whether an election happened.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chat_proto::store::v1 as api;
 use chat_store::StoreClient;
-use chat_store::testkit::process::local_group;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,21 +57,6 @@ fn rss(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Bytes of the files under `dir`.
-fn disk_usage(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_usage(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
@@ -86,13 +70,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.gib > 0.0 && args.body_bytes > 0 && args.per_request > 0 && args.writers > 0,
         "sizes and counts must be positive"
     );
-    let store_bin = match args.store_bin.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no binary directory")?
-            .join("chat-store"),
-    };
+    let store_bin = crate::sibling_binary(args.store_bin.clone(), "chat-store")?;
     let tmp = tempfile::tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
     std::fs::create_dir_all(&root)?;
@@ -112,13 +90,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(c) = &cache {
         extra.extend(["--state-cache-mib", c]);
     }
-    let mut replicas = local_group(&store_bin, 3, &root, &extra)?;
-    for r in &mut replicas {
-        r.start()?;
-    }
-    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
-    let admin = StoreClient::new(addrs.clone(), Duration::from_secs(30))?;
-    crate::store_bench::wait_for_leader(&admin, &addrs).await?;
+    let (mut replicas, addrs, admin) =
+        crate::store_bench::start_group(&store_bin, 3, &root, &extra, Duration::from_secs(30))
+            .await?;
 
     // Fill.
     let target = (args.gib * (1u64 << 30) as f64) as u64;
@@ -180,13 +154,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // The state everyone holds now.
-    let mut leader_at = None;
-    for (i, a) in addrs.iter().enumerate() {
-        if admin.status_of(a).await.is_ok_and(|s| s.role == "leader") {
-            leader_at = Some(i);
-        }
-    }
-    let leader = leader_at.context("no leader after filling")?;
+    let leader = crate::store_bench::leader_index(&admin, &addrs)
+        .await
+        .context("no leader after filling")?;
     let before = admin.status_of(&addrs[leader]).await?;
     let victim = (0..3).find(|&i| i != leader).expect("three replicas");
     for (i, r) in replicas.iter().enumerate() {
@@ -194,8 +164,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "  replica {} ({}): {:.2} GiB on disk, {:.2} bytes per byte of bodies, RSS {:.0} MiB",
             r.id,
             if i == leader { "leader" } else { "follower" },
-            gib(disk_usage(&r.data_dir)),
-            disk_usage(&r.data_dir) as f64 / bodies.max(1) as f64,
+            gib(crate::dir_bytes(&r.data_dir)),
+            crate::dir_bytes(&r.data_dir) as f64 / bodies.max(1) as f64,
             r.pid().and_then(rss).map_or(0.0, mib)
         );
     }
@@ -278,8 +248,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "  joiner: {:.2} GiB on disk, {:.2} bytes per byte of bodies; rejoin-0 last seq {} (leader: {expected})",
-        gib(disk_usage(&replicas[victim].data_dir)),
-        disk_usage(&replicas[victim].data_dir) as f64 / bodies.max(1) as f64,
+        gib(crate::dir_bytes(&replicas[victim].data_dir)),
+        crate::dir_bytes(&replicas[victim].data_dir) as f64 / bodies.max(1) as f64,
         read.last_seq
     );
     let election = after.term != before.term || after.leader_id != before.leader_id;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chat_proto::store::v1 as api;
 use chat_store::StoreClient;
-use chat_store::testkit::process::local_group;
+use chat_store::testkit::process::{StoreProcess, local_group};
 use hdrhistogram::Histogram;
 
 #[derive(clap::Args)]
@@ -51,26 +51,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.clients > 0 && args.connections > 0 && args.replicas > 0,
         "counts must be positive"
     );
-    let store_bin = match args.store_bin.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no binary directory")?
-            .join("chat-store"),
-    };
+    let store_bin = crate::sibling_binary(args.store_bin.clone(), "chat-store")?;
     let dir = tempfile::tempdir()?;
-    let mut replicas = local_group(
+    let (mut replicas, addrs, admin) = start_group(
         &store_bin,
         args.replicas,
         dir.path(),
         &["--sync", &args.sync],
-    )?;
-    for r in &mut replicas {
-        r.start()?;
-    }
-    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
-    let admin = StoreClient::new(addrs.clone(), Duration::from_secs(20))?;
-    wait_for_leader(&admin, &addrs).await?;
+        Duration::from_secs(20),
+    )
+    .await?;
 
     let clients: Vec<Arc<StoreClient>> = (0..args.connections)
         .map(|_| StoreClient::new(addrs.clone(), Duration::from_secs(20)).map(Arc::new))
@@ -168,13 +158,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(at) = args.kill_leader_at {
         // Fault schedule, not synchronisation: the fault happens at a chosen time.
         tokio::time::sleep_until((measure_from + Duration::from_secs_f64(at)).into()).await;
-        let mut victim = None;
-        for (i, a) in addrs.iter().enumerate() {
-            if admin.status_of(a).await.is_ok_and(|s| s.role == "leader") {
-                victim = Some(i);
-            }
-        }
-        let i = victim.context("no leader to kill")?;
+        let i = leader_index(&admin, &addrs)
+            .await
+            .context("no leader to kill")?;
         replicas[i].kill().await?;
         killed = Some((i, Instant::now()));
     }
@@ -305,7 +291,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn wait_for_leader(client: &StoreClient, addrs: &[String]) -> anyhow::Result<()> {
+/// Starts a new local group of `n` replicas under `dir` (`extra` flags to
+/// each) and waits for a serving leader; returns the processes, their
+/// addresses and a client of the group (`timeout` per call).
+pub(crate) async fn start_group(
+    store_bin: &std::path::Path,
+    n: u64,
+    dir: &std::path::Path,
+    extra: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<(Vec<StoreProcess>, Vec<String>, StoreClient)> {
+    let mut replicas = local_group(store_bin, n, dir, extra)?;
+    for r in &mut replicas {
+        r.start()?;
+    }
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+    let admin = StoreClient::new(addrs.clone(), timeout)?;
+    wait_for_leader(&admin, &addrs).await?;
+    Ok((replicas, addrs, admin))
+}
+
+/// The index in `addrs` of the replica that reports itself leader.
+pub(crate) async fn leader_index(client: &StoreClient, addrs: &[String]) -> Option<usize> {
+    for (i, a) in addrs.iter().enumerate() {
+        if client.status_of(a).await.is_ok_and(|s| s.role == "leader") {
+            return Some(i);
+        }
+    }
+    None
+}
+
+async fn wait_for_leader(client: &StoreClient, addrs: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         for a in addrs {

@@ -812,21 +812,25 @@ impl Driver {
                 .apply_due
                 .is_some_and(|due| due <= tokio::time::Instant::now())
         {
-            let entries = std::mem::take(&mut self.pending_apply);
-            self.apply_due = None;
-            self.apply(entries)?;
+            self.apply_gathered()?;
         }
         Ok(())
     }
 
+    /// Applies every gathered entry.
+    fn apply_gathered(&mut self) -> Result<(), StoreError> {
+        self.apply_due = None;
+        let entries = std::mem::take(&mut self.pending_apply);
+        self.apply(entries)
+    }
+
     /// Applies what a follower has gathered, outside a Ready.
     fn apply_pending(&mut self) -> Result<(), StoreError> {
-        self.apply_due = None;
         if self.pending_apply.is_empty() {
+            self.apply_due = None;
             return Ok(());
         }
-        let entries = std::mem::take(&mut self.pending_apply);
-        self.apply(entries)?;
+        self.apply_gathered()?;
         self.raw.advance_apply_to(self.applied);
         self.log.note_applied(self.applied);
         self.release_reads();

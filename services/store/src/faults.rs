@@ -25,6 +25,11 @@ struct State {
     delay: Duration,
 }
 
+/// Whether a message of `kind` carries log entries or a snapshot.
+pub fn carries_log(kind: MessageType) -> bool {
+    matches!(kind, MessageType::MsgAppend | MessageType::MsgSnapshot)
+}
+
 /// Shared fault settings; clones see the same settings.
 #[derive(Clone, Default)]
 pub struct Faults(Arc<RwLock<State>>);
@@ -84,18 +89,16 @@ impl Faults {
 
     /// Whether a message of `kind` from `from` to `to` gets through.
     pub fn carries(&self, from: NodeId, to: NodeId, kind: MessageType) -> bool {
-        !self.holds(from, to, kind) && self.passes(from, to)
+        !(carries_log(kind) && self.log_held(from, to)) && self.passes(from, to)
     }
 
-    /// Whether `hold_log` stops a message of `kind` from `from` to `to`.
-    pub fn holds(&self, from: NodeId, to: NodeId, kind: MessageType) -> bool {
-        matches!(kind, MessageType::MsgAppend | MessageType::MsgSnapshot)
-            && self
-                .0
-                .read()
-                .expect("faults lock poisoned")
-                .log_held
-                .contains(&(from, to))
+    /// Whether `hold_log(from, to)` is in force.
+    pub fn log_held(&self, from: NodeId, to: NodeId) -> bool {
+        self.0
+            .read()
+            .expect("faults lock poisoned")
+            .log_held
+            .contains(&(from, to))
     }
 
     pub fn delay(&self) -> Duration {

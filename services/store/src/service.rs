@@ -107,19 +107,7 @@ fn member_op(r: api::MemberRequest, add: bool) -> Result<Op, StoreError> {
     let conversation = ConversationId::parse(&r.conversation_id)?;
     let user = UserId::parse(&r.user_id)?;
     let by = requester(&r.requester)?;
-    Ok(if add {
-        Op::AddMember {
-            conversation,
-            user,
-            by,
-        }
-    } else {
-        Op::RemoveMember {
-            conversation,
-            user,
-            by,
-        }
-    })
+    Ok(Op::membership(add, conversation, user, by))
 }
 
 fn requester(raw: &str) -> Result<Option<UserId>, StoreError> {

@@ -234,8 +234,17 @@ struct Inner {
     building: Option<u64>,
     /// The newest complete snapshot, ready to send.
     ready: Option<(Descriptor, SnapshotMetadata)>,
-    /// Builds finished since start (for reports and tests).
-    built: u64,
+}
+
+impl Inner {
+    /// Starts a build at `index`: from now on writes keep before-images.
+    /// Returns the build's generation.
+    fn open_overlay(&mut self, index: u64) -> u64 {
+        self.generation += 1;
+        self.overlay = Some(Overlay::new());
+        self.building = Some(index);
+        self.generation
+    }
 }
 
 /// A replica's snapshot files: the one it sends, those it receives.
@@ -306,10 +315,7 @@ impl Snapshots {
         if inner.building.is_some() {
             return Ok(None);
         }
-        inner.generation += 1;
-        inner.overlay = Some(Overlay::new());
-        inner.building = Some(applied.0);
-        let generation = inner.generation;
+        let generation = inner.open_overlay(applied.0);
         drop(inner);
         let mut meta = SnapshotMetadata::default();
         meta.index = applied.0;
@@ -352,16 +358,16 @@ impl Snapshots {
     /// Stops a build and drops the snapshot ready to send: the state is
     /// about to be replaced.
     pub fn abandon(&self) {
-        let mut inner = self.lock();
-        if inner.building.is_some() {
-            warn!("state replaced while a snapshot was being built; build abandoned");
+        {
+            let mut inner = self.lock();
+            if inner.building.is_some() {
+                warn!("state replaced while a snapshot was being built; build abandoned");
+            }
+            inner.overlay = None;
+            inner.building = None;
+            inner.generation += 1;
         }
-        inner.overlay = None;
-        inner.building = None;
-        inner.generation += 1;
-        if let Some((d, _)) = inner.ready.take() {
-            let _ = std::fs::remove_file(self.outgoing(&d));
-        }
+        self.release();
     }
 
     /// Whether a build is running.
@@ -384,11 +390,6 @@ impl Snapshots {
         if let Some((d, _)) = inner.ready.take() {
             let _ = std::fs::remove_file(self.outgoing(&d));
         }
-    }
-
-    /// Builds finished since start.
-    pub fn built(&self) -> u64 {
-        self.lock().built
     }
 
     fn build(self: Arc<Self>, generation: u64, meta: SnapshotMetadata) {
@@ -418,7 +419,6 @@ impl Snapshots {
                         if let Some((old, _)) = inner.ready.replace((d, meta)) {
                             let _ = std::fs::remove_file(self.outgoing(&old));
                         }
-                        inner.built += 1;
                     }
                     Err(e) => warn!(error = %e, "snapshot build failed"),
                 }
@@ -585,6 +585,7 @@ impl Snapshots {
 }
 
 /// Writes `pairs` as a snapshot file (tests); returns size and checksum.
+#[cfg(test)]
 pub fn write_records(path: &Path, pairs: &[Pair]) -> Result<(u64, u32), StoreError> {
     let mut out = FileWriter::create(path)?;
     for (k, v) in pairs {
@@ -594,6 +595,7 @@ pub fn write_records(path: &Path, pairs: &[Pair]) -> Result<(u64, u32), StoreErr
 }
 
 /// Reads every record of a snapshot file (tests).
+#[cfg(test)]
 pub fn read_all(path: &Path) -> Result<Vec<Pair>, StoreError> {
     let mut r = FileReader::open(path)?;
     let mut out = Vec::new();
@@ -657,13 +659,7 @@ mod tests {
         let snaps = Snapshots::open(dir.path(), state.clone()).unwrap();
         // Open the overlay as `get_or_build` does, write through `capture`
         // as the apply path does, then run the build.
-        let generation = {
-            let mut inner = snaps.lock();
-            inner.generation += 1;
-            inner.overlay = Some(Overlay::new());
-            inner.building = Some(5);
-            inner.generation
-        };
+        let generation = snaps.lock().open_overlay(5);
         let mut b = WriteBatch::default();
         b.put(b"s/a".to_vec(), b"changed".to_vec());
         b.delete(b"s/b".to_vec());

@@ -872,22 +872,7 @@ mod tests {
             e.write(a.finish().unwrap()).unwrap();
             out
         };
-        let member = |add: bool| {
-            let (conversation, user, by) = (conv("x"), user("b"), None);
-            if add {
-                Op::AddMember {
-                    conversation,
-                    user,
-                    by,
-                }
-            } else {
-                Op::RemoveMember {
-                    conversation,
-                    user,
-                    by,
-                }
-            }
-        };
+        let member = |add: bool| Op::membership(add, conv("x"), user("b"), None);
         batch(vec![Op::CreateConversation {
             conversation: conv("x"),
             members: vec![user("a")],

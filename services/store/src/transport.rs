@@ -450,11 +450,12 @@ impl RaftService {
             debug!(peer = %from, address = %batch.from_address, "learned a peer's address");
             self.addresses.set(from, batch.from_address.clone());
         }
+        let log_held = self.faults.log_held(from, self.id);
         let mut out = Vec::with_capacity(batch.messages.len());
         for raw in &batch.messages {
             let m = Message::parse_from_bytes(raw)
                 .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
-            if !self.faults.holds(from, self.id, m.get_msg_type()) {
+            if !(log_held && crate::faults::carries_log(m.get_msg_type())) {
                 out.push(m);
             }
         }

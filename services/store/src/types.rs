@@ -37,6 +37,30 @@ pub enum Op {
     Noop,
 }
 
+impl Op {
+    /// `AddMember` (`add`) or `RemoveMember`.
+    pub fn membership(
+        add: bool,
+        conversation: ConversationId,
+        user: UserId,
+        by: Option<UserId>,
+    ) -> Self {
+        if add {
+            Op::AddMember {
+                conversation,
+                user,
+                by,
+            }
+        } else {
+            Op::RemoveMember {
+                conversation,
+                user,
+                by,
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewMessage {
     pub conversation: ConversationId,
