@@ -71,15 +71,13 @@ impl Project {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Store status rows (id, role, applied) as seen from inside store-1's
-    /// network, through chatctl in the image.
-    fn store_status(&self, from: &str) -> anyhow::Result<Vec<(u64, String, u64)>> {
+    /// Store status rows (id, role, applied) as the operator toolbox
+    /// container sees them (chatctl in the image, the operator identity).
+    fn store_status(&self) -> anyhow::Result<Vec<(u64, String, u64)>> {
         let out = self.docker(&[
             "exec",
-            &self.container(from),
+            &self.container("operator"),
             "chatctl",
-            "--store",
-            "store-1:7001,store-2:7001,store-3:7001",
             "--timeout-secs",
             "2",
             "store",
@@ -229,7 +227,9 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
             "{s} runs in the default profile"
         );
     }
-    assert_eq!(running.lines().count(), 7, "{running}");
+    // 3 stores, 2 routers, 2 gateways, the one-shot certs maker and the
+    // operator toolbox.
+    assert_eq!(running.lines().count(), 9, "{running}");
     // The status page of gateway 1 is published on 127.0.0.1.
     let status_addr = format!("127.0.0.1:{}", ports[5]);
     wait_until("the status page to show every part up", || async {
@@ -252,7 +252,7 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
 
     // 2. Kill the store leader's container while a client writes.
     let leader = project
-        .store_status("store-1")?
+        .store_status()?
         .into_iter()
         .find(|(_, role, _)| role == "leader")
         .map(|(id, _, _)| id)
@@ -290,9 +290,8 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
     }
     // The killed replica comes back and catches up.
     project.docker(&["start", &project.container(&victim)])?;
-    let other = if leader == 1 { "store-2" } else { "store-1" };
     wait_until("the killed replica to catch up", || async {
-        let Ok(rows) = project.store_status(other) else {
+        let Ok(rows) = project.store_status() else {
             return false;
         };
         let max = rows.iter().map(|r| r.2).max().unwrap_or(0);
@@ -322,13 +321,40 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
         "127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
         ports[2], ports[3], ports[4]
     );
+    // The operator identity, as deploy/up.sh copies it out.
+    let certs = tempfile::tempdir()?;
+    let operator = certs.path().join("operator");
+    project.docker(&[
+        "cp",
+        &format!("{}:/tls", project.container("operator")),
+        &operator.display().to_string(),
+    ])?;
     let chatctl = |args: &[&str]| {
         let mut c = Command::new(chat_tests::binary("chatctl")?);
         c.args(["--store", &stores])
+            .arg("--tls-dir")
+            .arg(&operator)
             .args(args)
             .args(["--compose-project", &project.name]);
         anyhow::Ok(c.output()?)
     };
+    // Without the operator identity the published store ports refuse.
+    let anonymous = Command::new(chat_tests::binary("chatctl")?)
+        .args([
+            "--store",
+            &stores,
+            "--timeout-secs",
+            "2",
+            "incident",
+            "list",
+        ])
+        .env_remove("CHAT_TLS_DIR")
+        .output()?;
+    assert!(
+        !anonymous.status.success(),
+        "the store answered a caller without a certificate: {}",
+        String::from_utf8_lossy(&anonymous.stdout)
+    );
     let refused = chatctl(&["rollout", "restart", "store", "--batch", "2"])?;
     assert!(!refused.status.success());
     assert!(

@@ -40,6 +40,8 @@ pub mod stack {
     use chat_client::ChatClient;
     use chat_gateway::{GatewayOptions, RunningGateway};
     use chat_router::{RouterOptions, RunningRouter};
+    use chat_security::Role;
+    use chat_security::certs::CertSet;
     use chat_store::testkit::{Cluster, ClusterOptions};
     use tokio::net::TcpListener;
 
@@ -50,6 +52,10 @@ pub mod stack {
         pub gateways: Vec<Option<RunningGateway>>,
         pub gateway_addrs: Vec<String>,
         pub key: TokenKey,
+        /// The cluster's CA and every role's identity.
+        pub certs: std::sync::Arc<CertSet>,
+        /// Gateways' internal (delivery) addresses.
+        pub gateway_internal_addrs: Vec<String>,
         /// Extra routers not started yet.
         pending: Vec<(TcpListener, RouterOptions)>,
     }
@@ -71,7 +77,16 @@ pub mod stack {
         pub async fn start_with(
             extra_routers: Vec<(String, chat_router::rollout::Faults)>,
         ) -> anyhow::Result<Self> {
-            let store = Cluster::start(3, ClusterOptions::default()).await?;
+            // Every internal hop runs mutual TLS, as in production.
+            let certs = std::sync::Arc::new(chat_security::certs::generate()?);
+            let store = Cluster::start(
+                3,
+                ClusterOptions {
+                    certs: Some(certs.clone()),
+                    ..ClusterOptions::default()
+                },
+            )
+            .await?;
             store.wait_leader(Duration::from_secs(15)).await?;
             let store_addrs: Vec<String> =
                 store.ids().into_iter().map(|id| store.addr(id)).collect();
@@ -83,6 +98,7 @@ pub mod stack {
                     store: store_addrs.clone(),
                     store_timeout: Duration::from_secs(10),
                     drain: Duration::ZERO,
+                    tls: Some(certs.tls(Role::Router)),
                     ..RouterOptions::default()
                 };
                 routers.push(Some(RunningRouter::start(opts, l).await?));
@@ -97,6 +113,7 @@ pub mod stack {
                     drain: Duration::ZERO,
                     release,
                     faults,
+                    tls: Some(certs.tls(Role::Router)),
                     ..RouterOptions::default()
                 };
                 pending.push((l, opts));
@@ -105,13 +122,14 @@ pub mod stack {
             let key = TokenKey::new(b"end-to-end test signing key".to_vec())?;
             let mut gateways = Vec::new();
             let mut gateway_addrs = Vec::new();
+            let mut gateway_internal_addrs = Vec::new();
             for _ in 0..2 {
                 let (public, a) = listener().await?;
                 let (internal, ia) = listener().await?;
                 let opts = GatewayOptions {
                     routers: router_addrs.clone(),
                     token_key: key.clone(),
-                    internal_advertise: ia,
+                    internal_advertise: ia.clone(),
                     max_body_bytes: 64 * 1024,
                     lease: Duration::from_secs(3),
                     sweep: Duration::from_millis(500),
@@ -119,9 +137,11 @@ pub mod stack {
                     admission: Default::default(),
                     limits: Default::default(),
                     release: "stable".into(),
+                    tls: Some(certs.tls(Role::Gateway)),
                 };
                 gateways.push(Some(RunningGateway::start(opts, public, internal).await?));
                 gateway_addrs.push(a);
+                gateway_internal_addrs.push(ia);
             }
             Ok(Self {
                 store,
@@ -130,6 +150,8 @@ pub mod stack {
                 gateways,
                 gateway_addrs,
                 key,
+                certs,
+                gateway_internal_addrs,
                 pending,
             })
         }

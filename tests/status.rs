@@ -167,7 +167,8 @@ async fn metrics_incidents_and_the_status_page_show_what_is_wrong() -> anyhow::R
     );
 
     // An incident reaches subscribers and the page, and so does its end.
-    let store = chat_store::StoreClient::new(cluster.stores.clone(), Duration::from_secs(10))?;
+    let store = chat_store::StoreClient::new(cluster.stores.clone(), Duration::from_secs(10))?
+        .with_tls(cluster.operator_tls());
     let bob = client("bob")?;
     let mut sub = bob.subscribe(HashMap::new());
     // The subscription is live once it delivers the first message.

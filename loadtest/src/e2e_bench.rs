@@ -28,6 +28,9 @@ pub struct Args {
     /// The chatctl binary (default: next to this one).
     #[arg(long)]
     chatctl: Option<PathBuf>,
+    /// Internal hops in plaintext instead of mutual TLS (for comparison).
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 fn hist() -> Histogram<u64> {
@@ -41,9 +44,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let chatctl = crate::sibling_binary(args.chatctl.clone(), "chatctl")?;
     let dir = tempfile::tempdir()?;
-    let mut up = Command::new(&chatctl)
-        .args(["local", "up", "--base-port", "0", "--dir"])
-        .arg(dir.path())
+    let mut up = Command::new(&chatctl);
+    up.args(["local", "up", "--base-port", "0", "--dir"])
+        .arg(dir.path());
+    if args.insecure_plaintext {
+        up.arg("--insecure-plaintext");
+    }
+    let mut up = up
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

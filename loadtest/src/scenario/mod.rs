@@ -664,7 +664,7 @@ async fn setup(
     let gateways = target.gateways();
     for g in &gateways {
         anyhow::ensure!(
-            chatctl::local::healthy(g, "chat.v1.Chat").await,
+            chatctl::local::healthy(g, "chat.v1.Chat", None).await,
             "gateway {g} is unreachable or not serving (no SERVING answer on gRPC health within 3 s)"
         );
     }

@@ -184,6 +184,7 @@ impl Target {
                 let mut p = chatctl::compose::Compose {
                     project: c.project.clone(),
                     stores: c.store_addrs()?,
+                    tls: c.operator_tls()?,
                 };
                 rolling_restart(&mut p, tier, 1, true).await
             }
@@ -193,15 +194,12 @@ impl Target {
 
     /// A client of the store replicas (for rollout plans).
     pub fn store_client(&self) -> anyhow::Result<chat_store::StoreClient> {
-        let addrs = match self {
-            Target::Local(c) => c.stores.clone(),
-            Target::Compose(c) => c.store_addrs()?,
+        let (addrs, tls) = match self {
+            Target::Local(c) => (c.stores.clone(), c.operator_tls()),
+            Target::Compose(c) => (c.store_addrs()?, c.operator_tls()?),
             Target::Gateways { .. } => bail!("the store of a running cluster is not known here"),
         };
-        Ok(chat_store::StoreClient::new(
-            addrs,
-            Duration::from_secs(10),
-        )?)
+        Ok(chat_store::StoreClient::new(addrs, Duration::from_secs(10))?.with_tls(tls))
     }
 
     /// Starts a router with `args` on the local cluster's spare address.
@@ -303,6 +301,11 @@ impl Compose {
             c.gateways.push(addr);
         }
         Ok(c)
+    }
+
+    /// The operator identity deploy/up.sh made next to the compose file.
+    fn operator_tls(&self) -> anyhow::Result<Option<std::sync::Arc<chat_security::Tls>>> {
+        chatctl::local::operator_tls(&self.file.with_file_name(".certs"))
     }
 
     /// The store replicas' ports published on this host.

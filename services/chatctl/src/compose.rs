@@ -16,6 +16,8 @@ pub struct Compose {
     pub project: String,
     /// Store replica addresses as published on this host.
     pub stores: Vec<String>,
+    /// The operator identity for them (None: plaintext).
+    pub tls: Option<std::sync::Arc<chat_security::Tls>>,
 }
 
 fn docker(args: &[&str]) -> anyhow::Result<String> {
@@ -75,6 +77,10 @@ impl Platform for Compose {
 
     fn store_addrs(&self) -> Vec<String> {
         self.stores.clone()
+    }
+
+    fn operator_tls(&self) -> Option<std::sync::Arc<chat_security::Tls>> {
+        self.tls.clone()
     }
 
     async fn healthy(&self, _tier: Tier, name: &str) -> bool {

@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use chat_security::{Role, Tls};
 use chat_store::StoreClient;
+use std::sync::Arc;
 
 use crate::restart::{Platform, Tier};
 use tokio::process::{Child, Command};
@@ -26,6 +28,11 @@ pub struct UpArgs {
     /// free ports.
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
+    /// Internal traffic in plaintext, every internal caller trusted (for
+    /// comparison runs); by default every internal hop is mutual TLS with
+    /// certificates made in DIR/tls.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// What to start, and where.
@@ -46,6 +53,38 @@ pub struct LocalOptions {
     pub bin_dir: Option<PathBuf>,
     /// Environment of every process (for example OTEL_EXPORTER_OTLP_ENDPOINT).
     pub env: Vec<(String, String)>,
+    /// Internal traffic in plaintext instead of mutual TLS.
+    pub plaintext: bool,
+}
+
+/// Makes the cluster's CA and identities in `dir` unless they are there.
+pub fn ensure_certs(dir: &Path) -> anyhow::Result<()> {
+    if !chat_security::certs::complete(dir) {
+        chat_security::certs::generate()?.write(dir)?;
+    }
+    Ok(())
+}
+
+/// The operator identity of the cluster whose certificates are in `dir`
+/// (DIR/tls of `local up`), if it has any.
+pub fn operator_tls(tls_dir: &Path) -> anyhow::Result<Option<Arc<Tls>>> {
+    let d = tls_dir.join(Role::Operator.name());
+    if !d.is_dir() {
+        return Ok(None);
+    }
+    Ok(Some(Tls::load(&d, Role::Operator)?))
+}
+
+/// The flags that give a service of `role` its identity under `tls_dir`,
+/// or run it in plaintext.
+fn tls_args(tls_dir: Option<&Path>, role: Role) -> Vec<String> {
+    match tls_dir {
+        Some(d) => vec![
+            "--tls-dir".into(),
+            d.join(role.name()).display().to_string(),
+        ],
+        None => vec!["--insecure-plaintext".into()],
+    }
 }
 
 /// One service process.
@@ -200,11 +239,36 @@ fn token_key(dir: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
-/// Whether `addr` answers SERVING for `service` on gRPC health.
-pub async fn healthy(addr: &str, service: &str) -> bool {
+/// The kind of server that serves `service` on its port: store replicas
+/// and routers are internal (TLS when the cluster has it); gateways' public
+/// port is not.
+fn server_role(service: &str) -> Option<Role> {
+    if service.starts_with("chat.store.") || service.starts_with("chat.raft.") {
+        Some(Role::Store)
+    } else if service.starts_with("chat.router.") {
+        Some(Role::Router)
+    } else {
+        None
+    }
+}
+
+/// Whether `addr` answers SERVING for `service` on gRPC health. `tls`:
+/// the identity to dial internal servers with (health needs none, but the
+/// server must be the cluster's).
+pub async fn healthy(addr: &str, service: &str, tls: Option<&Tls>) -> bool {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+    // The server's kind follows from the service; for the server as a
+    // whole ("") it is taken to be the identity's own kind (a service's
+    // container checking itself).
+    let role = match (server_role(service), tls) {
+        (Some(r), _) => Some(r),
+        (None, Some(t)) if service.is_empty() && t.role() != Role::Operator => Some(t.role()),
+        (None, _) => None,
+    };
+    let tls = tls.filter(|_| role.is_some());
+    let role = role.unwrap_or(Role::Gateway);
+    let Ok(ep) = chat_security::endpoint(tls, addr, role) else {
         return false;
     };
     let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await else {
@@ -228,11 +292,16 @@ pub fn tier_of(name: &str) -> Option<Tier> {
 /// Whether the instance of `tier` at `addr` serves: a store replica that
 /// says so in its status, a router or gateway that answers SERVING on gRPC
 /// health.
-pub async fn instance_healthy(admin: &StoreClient, tier: Tier, addr: &str) -> bool {
+pub async fn instance_healthy(
+    admin: &StoreClient,
+    tls: Option<&Tls>,
+    tier: Tier,
+    addr: &str,
+) -> bool {
     match tier {
         Tier::Store => admin.status_of(addr).await.is_ok_and(|st| st.serving),
-        Tier::Router => healthy(addr, "chat.router.v1.Router").await,
-        Tier::Gateway => healthy(addr, "chat.v1.Chat").await,
+        Tier::Router => healthy(addr, "chat.router.v1.Router", tls).await,
+        Tier::Gateway => healthy(addr, "chat.v1.Chat", None).await,
     }
 }
 
@@ -245,9 +314,13 @@ impl Platform for LocalCluster {
         self.stores.clone()
     }
 
+    fn operator_tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
+    }
+
     async fn healthy(&self, tier: Tier, name: &str) -> bool {
         match self.addr(name) {
-            Some(addr) => instance_healthy(&self.admin, tier, &addr).await,
+            Some(addr) => instance_healthy(&self.admin, self.tls.as_deref(), tier, &addr).await,
             None => false,
         }
     }
@@ -268,13 +341,16 @@ pub const STOP_GRACE: Duration = Duration::from_secs(15);
 pub struct RunDir {
     dir: PathBuf,
     admin: StoreClient,
+    tls: Option<Arc<Tls>>,
 }
 
 impl RunDir {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let tls = operator_tls(&dir.join("tls"))?;
         let me = Self {
             dir: dir.join("run"),
             admin: StoreClient::new(vec!["127.0.0.1:1".into()], Duration::from_secs(2))?,
+            tls,
         };
         let stores = me.store_addrs();
         anyhow::ensure!(
@@ -284,7 +360,7 @@ impl RunDir {
             dir.display()
         );
         Ok(Self {
-            admin: StoreClient::new(stores, Duration::from_secs(2))?,
+            admin: StoreClient::new(stores, Duration::from_secs(2))?.with_tls(me.tls.clone()),
             ..me
         })
     }
@@ -339,9 +415,15 @@ impl Platform for RunDir {
             .collect()
     }
 
+    fn operator_tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
+    }
+
     async fn healthy(&self, tier: Tier, name: &str) -> bool {
         match self.entry(name) {
-            Some((pid, addr)) => alive(pid) && instance_healthy(&self.admin, tier, &addr).await,
+            Some((pid, addr)) => {
+                alive(pid) && instance_healthy(&self.admin, self.tls.as_deref(), tier, &addr).await
+            }
             None => false,
         }
     }
@@ -394,6 +476,9 @@ pub struct LocalCluster {
     admin: StoreClient,
     router_bin: PathBuf,
     router_args: Vec<String>,
+    /// Where the identities are (None: plaintext), and the operator's.
+    tls_dir: Option<PathBuf>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl LocalCluster {
@@ -404,6 +489,14 @@ impl LocalCluster {
         std::fs::create_dir_all(&logs)
             .with_context(|| format!("cannot create {}", logs.display()))?;
         let key = token_key(&dir)?;
+        let tls_dir = (!opts.plaintext).then(|| dir.join("tls"));
+        if let Some(d) = &tls_dir {
+            ensure_certs(d)?;
+        }
+        let tls = match &tls_dir {
+            Some(d) => operator_tls(d)?,
+            None => None,
+        };
         let bin = |name: &str| match &opts.bin_dir {
             Some(dir) => {
                 let p = dir.join(name);
@@ -456,6 +549,7 @@ impl LocalCluster {
             args.push(dir.join(format!("store-{id}")).display().to_string());
             args.push("--admin-listen".into());
             args.push(store_admin[i].clone());
+            args.extend(tls_args(tls_dir.as_deref(), Role::Store));
             args.extend(opts.store_args.iter().cloned());
             let name = format!("store-{id}");
             procs.push(Proc::spawn(
@@ -476,6 +570,7 @@ impl LocalCluster {
                 "--admin-listen".into(),
                 router_admin[i].clone(),
             ];
+            args.extend(tls_args(tls_dir.as_deref(), Role::Router));
             args.extend(opts.router_args.iter().cloned());
             let name = format!("router-{}", i + 1);
             procs.push(Proc::spawn(
@@ -503,13 +598,14 @@ impl LocalCluster {
                 "--admin-listen".into(),
                 gateway_admin[i].clone(),
             ];
+            args.extend(tls_args(tls_dir.as_deref(), Role::Gateway));
             args.extend(opts.gateway_args.iter().cloned());
             let mut env = opts.env.clone();
             env.push(("CHAT_TOKEN_KEY".to_owned(), key.clone()));
             let name = format!("gateway-{}", i + 1);
             procs.push(Proc::spawn(&name, addr, &gateway_bin, args, env, &dir)?);
         }
-        let admin = StoreClient::new(stores.clone(), Duration::from_secs(2))?;
+        let admin = StoreClient::new(stores.clone(), Duration::from_secs(2))?.with_tls(tls.clone());
         let admins = (1..=3)
             .map(|i| format!("store-{i}"))
             .zip(store_admin)
@@ -529,6 +625,8 @@ impl LocalCluster {
             admin,
             router_bin,
             router_args: opts.router_args.clone(),
+            tls_dir,
+            tls,
         })
     }
 
@@ -554,6 +652,7 @@ impl LocalCluster {
             all.extend(["--admin-listen".to_owned(), a.clone()]);
             self.admins.insert(name.to_owned(), a.clone());
         }
+        all.extend(tls_args(self.tls_dir.as_deref(), Role::Router));
         all.extend(self.router_args.iter().cloned());
         all.extend(args.iter().cloned());
         let p = Proc::spawn(name, &addr, &self.router_bin, all, vec![], &self.dir)?;
@@ -577,6 +676,11 @@ impl LocalCluster {
     }
 
     /// The gateways' admin addresses (status page, metrics), in order.
+    /// The operator identity (None: the cluster runs in plaintext).
+    pub fn operator_tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
+    }
+
     pub fn gateway_admins(&self) -> Vec<String> {
         self.names(Tier::Gateway)
             .iter()
@@ -695,7 +799,7 @@ impl LocalCluster {
             let Some(tier) = tier_of(&p.name) else {
                 continue;
             };
-            if !instance_healthy(&self.admin, tier, &p.addr).await {
+            if !instance_healthy(&self.admin, self.tls.as_deref(), tier, &p.addr).await {
                 waiting.push(format!("{} ({})", p.name, p.addr));
             }
         }
@@ -758,6 +862,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let opts = LocalOptions {
         dir: args.dir,
         base_port: args.base_port,
+        plaintext: args.insecure_plaintext,
         ..Default::default()
     };
     let mut cluster = LocalCluster::start(&opts)?;
@@ -777,7 +882,23 @@ async fn serve(cluster: &mut LocalCluster) -> anyhow::Result<()> {
         cluster.gateway_admins()[0]
     );
     println!("# in another terminal:");
-    println!("export CHAT_GATEWAYS={gws} CHAT_TOKEN_KEY={}", cluster.key);
+    match &cluster.tls_dir {
+        // chatctl's store, rollout and incident commands need the operator
+        // identity.
+        Some(d) => println!(
+            "export CHAT_GATEWAYS={gws} CHAT_TOKEN_KEY={} CHAT_TLS_DIR={}",
+            cluster.key,
+            d.join(Role::Operator.name()).display()
+        ),
+        None => println!("export CHAT_GATEWAYS={gws} CHAT_TOKEN_KEY={}", cluster.key),
+    }
+    match &cluster.tls_dir {
+        Some(d) => println!(
+            "# internal hops are mutual TLS (certificates in {}); the gateways' public port is plaintext on 127.0.0.1",
+            d.display()
+        ),
+        None => println!("# every hop is plaintext (--insecure-plaintext)"),
+    }
     println!("chatctl --as alice conversation create demo --members bob");
     println!("chatctl --as bob listen &");
     println!("chatctl --as alice send demo 'hello, bob'");

@@ -57,6 +57,10 @@ struct Cli {
     /// Deadline of each call, retries included.
     #[arg(long, default_value_t = 10, global = true)]
     timeout_secs: u64,
+    /// The identity for the cluster's internal ports (an operator's, made
+    /// by `chatctl certs`; `local up` prints it). Without it, plaintext.
+    #[command(flatten)]
+    tls: chat_security::TlsArgs,
     #[command(subcommand)]
     command: Top,
 }
@@ -108,7 +112,23 @@ enum Top {
     /// Staged rollouts of a canary release, and rolling restarts.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Makes a cluster CA and one identity (certificate and key) per role
+    /// under DIR: ca.crt, ca.key, and store/, router/, gateway/,
+    /// operator/, each with ca.crt, tls.crt and tls.key.
+    Certs {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Replace a CA already there (every service needs the new
+        /// identities then).
+        #[arg(long, conflicts_with = "if_missing")]
+        force: bool,
+        /// Do nothing if DIR already holds a CA and every identity.
+        #[arg(long)]
+        if_missing: bool,
+    },
     /// Exits 0 if ADDR reports SERVING on gRPC health (for healthchecks).
+    /// Store and router ports are dialled with TLS when --tls-dir is given;
+    /// with no --service, the server is taken to be of the identity's kind.
     Health {
         addr: String,
         /// Service name to check ("" for the server as a whole).
@@ -362,6 +382,16 @@ fn print_message(m: &cpb::Message) {
     );
 }
 
+/// The identity in --tls-dir / CHAT_TLS_DIR, of whatever role it is.
+fn identity(
+    args: &chat_security::TlsArgs,
+) -> anyhow::Result<Option<std::sync::Arc<chat_security::Tls>>> {
+    Ok(match &args.tls_dir {
+        Some(d) => Some(chat_security::Tls::load_any(d)?),
+        None => None,
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Top::Local(LocalCmd::Up(_)) => {
@@ -466,7 +496,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Top::Incident(cmd) => {
             use chatctl::incident;
             let client =
-                StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?;
+                StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?
+                    .with_tls(identity(&cli.tls)?);
             let by = std::env::var("USER").unwrap_or_else(|_| "an operator".into());
             let show = |i: &chat_proto::status::v1::Incident| {
                 let state = if i.resolved_ms == 0 {
@@ -488,9 +519,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Top::Health { addr, service } => {
+        Top::Certs {
+            out,
+            force,
+            if_missing,
+        } => {
+            if *if_missing && chat_security::certs::complete(out) {
+                println!("{} already holds a CA and every identity", out.display());
+                return Ok(());
+            }
             anyhow::ensure!(
-                local::healthy(addr, service).await,
+                *force || !out.join(chat_security::CA_FILE).exists(),
+                "{} already holds a CA; --force replaces it",
+                out.display()
+            );
+            chat_security::certs::generate()?.write(out)?;
+            println!(
+                "wrote a CA and identities for store, router, gateway and operator under {}",
+                out.display()
+            );
+        }
+        Top::Health { addr, service } => {
+            let tls = identity(&cli.tls)?;
+            anyhow::ensure!(
+                local::healthy(addr, service, tls.as_deref()).await,
                 "{addr} is not serving {service:?}"
             );
             println!("serving");
@@ -500,7 +552,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn store(cli: Cli) -> anyhow::Result<()> {
-    let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?;
+    let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?
+        .with_tls(identity(&cli.tls)?);
     let Top::Store(cmd) = cli.command else {
         unreachable!()
     };
@@ -647,7 +700,8 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
 
 async fn rollout(cli: Cli) -> anyhow::Result<()> {
     use chatctl::plan;
-    let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?;
+    let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?
+        .with_tls(identity(&cli.tls)?);
     let Top::Rollout(cmd) = cli.command else {
         unreachable!()
     };
@@ -707,6 +761,7 @@ async fn rollout(cli: Cli) -> anyhow::Result<()> {
                     let mut p = chatctl::compose::Compose {
                         project,
                         stores: cli.store.clone(),
+                        tls: identity(&cli.tls)?,
                     };
                     chatctl::restart::rolling_restart(&mut p, tier, batch, false).await?
                 }

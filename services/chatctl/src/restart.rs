@@ -53,6 +53,8 @@ pub trait Platform {
     fn instances(&self, tier: Tier) -> Vec<String>;
     /// Addresses of the store replicas, in instance order.
     fn store_addrs(&self) -> Vec<String>;
+    /// The identity to call the store with (None: plaintext).
+    fn operator_tls(&self) -> Option<std::sync::Arc<chat_security::Tls>>;
     /// Whether the instance answers SERVING.
     async fn healthy(&self, tier: Tier, name: &str) -> bool;
     /// Stops the instance gracefully and starts it again; returns once it
@@ -286,7 +288,8 @@ async fn restart_stores<P: Platform>(
     quiet: bool,
     log: &mut RestartLog,
 ) -> anyhow::Result<()> {
-    let client = StoreClient::new(p.store_addrs(), Duration::from_secs(10))?;
+    let client =
+        StoreClient::new(p.store_addrs(), Duration::from_secs(10))?.with_tls(p.operator_tls());
     let states = replica_states(p, &client).await;
     check_store(&states, batch).map_err(anyhow::Error::msg)?;
     // Followers first, the leader last: leadership moves once.

@@ -25,6 +25,7 @@ use tonic::transport::server::TcpIncoming;
 
 use chat_resilience::incoming::paced;
 use chat_resilience::layer::AdmitLayer;
+use chat_security::{AuthorizeLayer, Policy, Role, Rule};
 
 use crate::batcher::SendBatcher;
 use crate::guard::Guard;
@@ -34,6 +35,12 @@ use crate::sessions::Sessions;
 
 /// The health service name clients check.
 pub const HEALTH_SERVICE: &str = "chat.v1.Chat";
+/// Who may call what on the internal port: routers deliver.
+pub const INTERNAL_POLICY: Policy = Policy(&[Rule::roles(
+    "/chat.router.v1.GatewayDelivery/",
+    &[Role::Router],
+)]);
+
 /// The health service name routers serve (checked by `RouterPool`).
 pub const ROUTER_HEALTH_SERVICE: &str = "chat.router.v1.Router";
 
@@ -56,6 +63,9 @@ pub struct GatewayOptions {
     pub admission: crate::batcher::Admission,
     /// Rate, connection and concurrency limits of the public API.
     pub limits: crate::guard::Limits,
+    /// The gateway's identity for mutual TLS with routers, on the
+    /// internal port (None: plaintext, every caller trusted).
+    pub tls: Option<Arc<chat_security::Tls>>,
     /// Release label, reported with the build version on every response.
     pub release: String,
 }
@@ -79,7 +89,11 @@ impl RunningGateway {
         internal: TcpListener,
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
-        let pool = Arc::new(RouterPool::new(&opts.routers, opts.router_timeout)?);
+        let pool = Arc::new(RouterPool::new(
+            &opts.routers,
+            opts.router_timeout,
+            opts.tls.clone(),
+        )?);
         let view = Arc::new(status::ClusterView::new(opts.routers.len()));
         let sessions = Arc::new(Sessions::default());
         let batcher = SendBatcher::start(pool.clone(), opts.admission);
@@ -129,8 +143,13 @@ impl RunningGateway {
                 ChatServer::new(chat)
                     .max_decoding_message_size(opts.max_body_bytes + REQUEST_OVERHEAD),
             );
-        let internal_router = tonic::transport::Server::builder()
+        let mut internal_server = tonic::transport::Server::builder();
+        if let Some(tls) = &opts.tls {
+            internal_server = internal_server.tls_config(tls.server_config())?;
+        }
+        let internal_router = internal_server
             .tcp_nodelay(true)
+            .layer(AuthorizeLayer::new(INTERNAL_POLICY, opts.tls.is_some()))
             .add_service(
                 GatewayDeliveryServer::new(DeliveryApi {
                     sessions: sessions.clone(),

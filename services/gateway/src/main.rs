@@ -102,6 +102,8 @@ struct Config {
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
     log_format: chat_telemetry::trace::LogFormat,
+    #[command(flatten)]
+    tls: chat_security::TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +152,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.limit_tolerance >= 1.0,
         "--limit-tolerance must be at least 1"
     );
+    let tls = cfg.tls.load(chat_security::Role::Gateway)?;
     let public = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -189,6 +192,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 ..LimitConfig::default()
             },
         },
+        tls,
     };
     let admin = chat_telemetry::admin::bind(cfg.admin_listen, "--admin-listen")
         .await

@@ -39,7 +39,7 @@ use chat_resilience::deadline::{Deadline, budget};
 use chat_resilience::retry::{Backoff, RetryBudget};
 use chat_resilience::{Criticality, retry_after};
 use chat_rollout::{Lane, Plan, Recorder};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 /// Calls `Router::$method` with `$req` through `$pool`, as a call of
@@ -105,6 +105,7 @@ pub struct RouterPool {
     plan: RwLock<Current>,
     /// Calls to canary and stable routers in the plan's current window.
     pub recorder: Recorder,
+    tls: Option<Arc<chat_security::Tls>>,
 }
 
 /// Whether a failed call counts against the router's release: not client
@@ -126,8 +127,11 @@ fn unreachable(s: &Status) -> bool {
 
 /// A channel to the router at `addr` (host:port), connected lazily, and
 /// a client on it.
-fn connect(addr: &str) -> anyhow::Result<(Channel, RouterClient<Channel>)> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))?
+fn connect(
+    addr: &str,
+    tls: Option<&chat_security::Tls>,
+) -> anyhow::Result<(Channel, RouterClient<Channel>)> {
+    let ep = chat_security::endpoint(tls, addr, chat_security::Role::Router)?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
@@ -139,12 +143,18 @@ fn connect(addr: &str) -> anyhow::Result<(Channel, RouterClient<Channel>)> {
 }
 
 impl RouterPool {
-    pub fn new(addrs: &[String], deadline: Duration) -> anyhow::Result<Self> {
+    /// `tls`: the gateway's identity for mutual TLS with routers (None:
+    /// plaintext).
+    pub fn new(
+        addrs: &[String],
+        deadline: Duration,
+        tls: Option<Arc<chat_security::Tls>>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!addrs.is_empty(), "no router addresses given");
         let slots: Vec<_> = addrs
             .iter()
             .map(|a| {
-                let (channel, client) = connect(a)?;
+                let (channel, client) = connect(a, tls.as_deref())?;
                 Ok(RwLock::new(Slot {
                     name: a.clone(),
                     resolved: a.parse().ok(),
@@ -161,6 +171,7 @@ impl RouterPool {
             deadline,
             plan: RwLock::new(None),
             recorder: Recorder::default(),
+            tls,
         })
     }
 
@@ -301,7 +312,7 @@ impl RouterPool {
             if s.resolved == Some(addr) {
                 continue;
             }
-            match connect(&addr.to_string()) {
+            match connect(&addr.to_string(), self.tls.as_deref()) {
                 Ok((channel, client)) => {
                     tracing::info!(router = %name, address = %addr, "router address changed");
                     s.channel = channel;
@@ -473,7 +484,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_lookup_keeps_the_last_good_address() {
-        let pool = RouterPool::new(&["router-1.test:7101".into()], Duration::from_secs(1)).unwrap();
+        let pool =
+            RouterPool::new(&["router-1.test:7101".into()], Duration::from_secs(1), None).unwrap();
         assert_eq!(pool.address(0), None, "a name, not yet resolved");
         pool.refresh(|_| async { answer(Ok("10.0.0.7:7101")) })
             .await;

@@ -492,7 +492,12 @@ mod tests {
         // No router is reachable: any store read would fail, and the
         // messages could then only arrive through the reorder buffer.
         let pool = Arc::new(
-            RouterPool::new(&["127.0.0.1:9".to_string()], Duration::from_millis(50)).unwrap(),
+            RouterPool::new(
+                &["127.0.0.1:9".to_string()],
+                Duration::from_millis(50),
+                None,
+            )
+            .unwrap(),
         );
         let (out, mut rx) = mpsc::channel(16);
         let (push_tx, pushes) = mpsc::channel(16);

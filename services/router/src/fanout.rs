@@ -4,14 +4,14 @@
 //! lost push delays a message but never loses it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_proto::router::v1::gateway_delivery_client::GatewayDeliveryClient;
 use chat_proto::router::v1::{DeliverRequest, Delivery};
+use chat_security::Role;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tracing::debug;
 
 /// Deliveries queued per gateway before new ones are dropped.
@@ -24,13 +24,17 @@ const IDLE: Duration = Duration::from_secs(60);
 pub struct Fanout {
     queues: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
     shutdown: CancellationToken,
+    tls: Option<Arc<chat_security::Tls>>,
 }
 
 impl Fanout {
-    pub fn new(shutdown: CancellationToken) -> Self {
+    /// `tls`: the router's identity for gateways' delivery ports (None:
+    /// plaintext).
+    pub fn new(shutdown: CancellationToken, tls: Option<Arc<chat_security::Tls>>) -> Self {
         Self {
             queues: Mutex::new(HashMap::new()),
             shutdown,
+            tls,
         }
     }
 
@@ -41,7 +45,12 @@ impl Fanout {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
                 let (tx, rx) = mpsc::channel(GATEWAY_QUEUE);
-                tokio::spawn(run(gateway.to_owned(), rx, self.shutdown.clone()));
+                tokio::spawn(run(
+                    gateway.to_owned(),
+                    rx,
+                    self.shutdown.clone(),
+                    self.tls.clone(),
+                ));
                 q.insert(gateway.to_owned(), tx.clone());
                 tx
             }
@@ -55,12 +64,20 @@ impl Fanout {
     }
 }
 
-async fn run(gateway: String, mut rx: mpsc::Receiver<Delivery>, shutdown: CancellationToken) {
-    let endpoint = match Endpoint::from_shared(format!("http://{gateway}")) {
+async fn run(
+    gateway: String,
+    mut rx: mpsc::Receiver<Delivery>,
+    shutdown: CancellationToken,
+    tls: Option<Arc<chat_security::Tls>>,
+) {
+    let endpoint = match chat_security::endpoint(tls.as_deref(), &gateway, Role::Gateway) {
         Ok(e) => e
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true),
-        Err(_) => return,
+        Err(e) => {
+            debug!(gateway, error = %e, "cannot deliver to this gateway address");
+            return;
+        }
     };
     let mut client = GatewayDeliveryClient::new(endpoint.connect_lazy());
     loop {

@@ -23,6 +23,7 @@ use tonic::transport::server::TcpIncoming;
 
 use chat_resilience::layer::AdmitLayer;
 use chat_resilience::limit::LimitConfig;
+use chat_security::{AuthorizeLayer, HEALTH, Policy, Role, Rule};
 
 use crate::directory::Directory;
 use crate::fanout::Fanout;
@@ -50,7 +51,16 @@ pub struct RouterOptions {
     /// How long a graceful stop reports NOT_SERVING before it stops
     /// accepting calls, so gateways move their traffic away first.
     pub drain: Duration,
+    /// The router's identity for mutual TLS with gateways and the store
+    /// (None: plaintext, every caller trusted).
+    pub tls: Option<Arc<chat_security::Tls>>,
 }
+
+/// Who may call what on a router's port: gateways, and probes for health.
+pub const POLICY: Policy = Policy(&[
+    HEALTH,
+    Rule::roles("/chat.router.v1.Router/", &[Role::Gateway]),
+]);
 
 impl Default for RouterOptions {
     fn default() -> Self {
@@ -61,6 +71,7 @@ impl Default for RouterOptions {
             release: chat_rollout::DEFAULT_RELEASE.to_owned(),
             faults: Faults::default(),
             drain: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -78,9 +89,11 @@ pub struct RunningRouter {
 impl RunningRouter {
     pub async fn start(opts: RouterOptions, listener: TcpListener) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
-        let store = Arc::new(StoreClient::new(opts.store.clone(), opts.store_timeout)?);
+        let store = Arc::new(
+            StoreClient::new(opts.store.clone(), opts.store_timeout)?.with_tls(opts.tls.clone()),
+        );
         let directory = Arc::new(Directory::default());
-        let fanout = Arc::new(Fanout::new(shutdown.clone()));
+        let fanout = Arc::new(Fanout::new(shutdown.clone(), opts.tls.clone()));
         // Always watched (the status page shows the replicas); acted on
         // (degraded mode) only with protection on.
         let store_view = Arc::new(Quorum::default());
@@ -129,11 +142,16 @@ impl RunningRouter {
                 }
             }
         });
-        let router = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &opts.tls {
+            server = server.tls_config(tls.server_config())?;
+        }
+        let router = server
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
             .layer(chat_telemetry::metrics::MetricsLayer::new(rpc))
+            .layer(AuthorizeLayer::new(POLICY, opts.tls.is_some()))
             .layer(chat_telemetry::trace::TraceLayer)
             .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)

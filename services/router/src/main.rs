@@ -55,6 +55,8 @@ struct Config {
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
     log_format: chat_telemetry::trace::LogFormat,
+    #[command(flatten)]
+    tls: chat_security::TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +87,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "--inject-error-rate {} is not between 0 and 1",
         cfg.inject_error_rate
     );
+    let tls = cfg.tls.load(chat_security::Role::Router)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -98,6 +101,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             latency: Duration::from_millis(cfg.inject_latency_ms),
         },
         drain: Duration::from_millis(cfg.drain_ms),
+        tls,
     };
     let admin = chat_telemetry::admin::bind(cfg.admin_listen, "--admin-listen")
         .await

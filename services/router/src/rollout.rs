@@ -47,6 +47,8 @@ pub struct Rollout {
     reports: Mutex<HashMap<String, (Instant, Report)>>,
     /// Incident notices as last read.
     incidents: RwLock<Vec<Incident>>,
+    /// The plan has been read from the store at least once.
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 /// The setting holding incident notices.
@@ -67,7 +69,16 @@ impl Rollout {
             plan: RwLock::new(None),
             reports: Mutex::new(HashMap::new()),
             incidents: RwLock::new(Vec::new()),
+            loaded: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the plan has been read since the router started. Until
+    /// then the router cannot tell a gateway whether it is a canary with
+    /// a plan in force, so it takes no registrations: a gateway that
+    /// learnt a canary's label without the plan would send it everyone.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn incidents(&self) -> Vec<Incident> {
@@ -126,6 +137,8 @@ impl Rollout {
                 tracing::error!(error = %e, "the stored incidents do not decode; ignoring them")
             }
         }
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

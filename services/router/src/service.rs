@@ -305,6 +305,11 @@ impl Router for RouterService {
         if r.gateway_address.is_empty() {
             return Err(Status::invalid_argument("gateway_address is empty"));
         }
+        if !self.rollout.loaded() {
+            return Err(Status::unavailable(
+                "this router has not read the rollout plan yet; it takes registrations once it has",
+            ));
+        }
         let lease = Duration::from_millis(u64::from(r.lease_ms));
         if lease.is_zero() || lease > MAX_LEASE {
             return Err(Status::invalid_argument(format!(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use chat_proto::store::v1 as api;
 use chat_proto::store::v1::store_admin_client::StoreAdminClient;
 use chat_proto::store::v1::store_client::StoreClient as RawStoreClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Response, Status};
 
 use crate::error::StoreError;
@@ -35,6 +35,7 @@ pub struct StoreClient {
     channels: Mutex<HashMap<String, Channel>>,
     route: Mutex<Route>,
     deadline: Duration,
+    tls: Option<std::sync::Arc<chat_security::Tls>>,
 }
 
 impl StoreClient {
@@ -54,7 +55,15 @@ impl StoreClient {
                 next: 0,
             }),
             deadline,
+            tls: None,
         })
+    }
+
+    /// Dials the replicas with mutual TLS, presenting this identity (a
+    /// router's or an operator's); without it, plaintext.
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<chat_security::Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -66,8 +75,8 @@ impl StoreClient {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| StoreError::InvalidArgument(format!("bad store address {addr:?}: {e}")))?
+        let c = chat_security::endpoint(self.tls.as_deref(), addr, chat_security::Role::Store)
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             // A leader that stops answering (paused, hung, cut off) is

@@ -125,6 +125,8 @@ pub struct StoreConfig {
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "text")]
     pub log_format: chat_telemetry::trace::LogFormat,
+    #[command(flatten)]
+    pub tls: chat_security::TlsArgs,
 }
 
 /// Parses `id=host:port` pairs.
@@ -250,6 +252,10 @@ impl StoreConfig {
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             snapshot_chunk_bytes: self.snapshot_chunk_bytes,
+            tls: self
+                .tls
+                .load(chat_security::Role::Store)
+                .map_err(|e| StoreError::InvalidArgument(e.to_string()))?,
         })
     }
 }
@@ -259,7 +265,7 @@ mod tests {
     use super::*;
 
     fn cfg(args: &[&str]) -> StoreConfig {
-        let mut all = vec!["chat-store", "--data-dir", "/tmp/x"];
+        let mut all = vec!["chat-store", "--data-dir", "/tmp/x", "--insecure-plaintext"];
         all.extend_from_slice(args);
         StoreConfig::try_parse_from(all).unwrap()
     }

@@ -337,7 +337,39 @@ impl Driver {
         result
     }
 
+    /// Why raft-rs must not see `m`, if it must not: a sender that is not
+    /// in the group (once this replica knows the group), or an append whose
+    /// entries do not follow its index in order and term (raft-rs stops
+    /// the process on some of those, for example one that rewrites
+    /// committed entries).
+    fn refusal(&self, m: &Message) -> Option<String> {
+        let prs = self.raw.raft.prs();
+        if prs.iter().next().is_some() && prs.get(m.from).is_none() {
+            return Some(format!("replica {} is not a member of the group", m.from));
+        }
+        if m.get_msg_type() == MessageType::MsgAppend {
+            let mut term = m.log_term;
+            for (i, e) in m.entries.iter().enumerate() {
+                if e.index != m.index + 1 + i as u64 || e.term < term || e.term > m.term {
+                    return Some(format!(
+                        "append from replica {} has entry {}/{} out of order after {}/{}",
+                        m.from, e.index, e.term, m.index, m.log_term
+                    ));
+                }
+                term = e.term;
+            }
+        }
+        None
+    }
+
     fn step(&mut self, mut m: Message) {
+        if let Some(why) = self.refusal(&m) {
+            self.stats.refused_messages += 1;
+            if self.stats.refused_messages.is_power_of_two() {
+                warn!(replica = %self.cfg.id, refused = self.stats.refused_messages, "raft message refused: {why}");
+            }
+            return;
+        }
         let kind = m.get_msg_type();
         if self.freshness == Freshness::AwaitingLeader && m.term >= self.raw.raft.term {
             // The first leader's log to reach a fresh replica shows how far

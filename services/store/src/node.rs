@@ -108,6 +108,9 @@ pub struct DriverStats {
     /// As leader: losses of a replica's log found and repaired (each loss
     /// once, however often the replica's rejection arrives).
     pub lost_logs_repaired: u64,
+    /// Raft messages refused before raft saw them (from a replica outside
+    /// the group, or an append out of order).
+    pub refused_messages: u64,
 }
 
 /// A detailed status report, computed by the driver on request.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chat_proto::raft::v1::raft_transport_server::RaftTransportServer;
 use chat_proto::store::v1::store_admin_server::StoreAdminServer;
 use chat_proto::store::v1::store_server::StoreServer;
+use chat_security::{AuthorizeLayer, HEALTH, Policy, Role, Rule};
 use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -27,7 +28,7 @@ use crate::node::{Addresses, NodeHandle, NodeStatus, REQUEST_QUEUE};
 use crate::service::StoreApi;
 use crate::snapshot::Snapshots;
 use crate::state_machine::Reader;
-use crate::transport::{INBOX, MAX_MESSAGE_BYTES, RaftService, SnapshotLink, Transport};
+use crate::transport::{INBOX, LinkOptions, MAX_MESSAGE_BYTES, RaftService, Transport};
 use crate::types::NodeId;
 use crate::wal::Wal;
 
@@ -50,7 +51,23 @@ pub struct ReplicaOptions {
     pub request_timeout: Duration,
     /// Size of the chunks snapshot files travel in.
     pub snapshot_chunk_bytes: usize,
+    /// The replica's identity for mutual TLS (None: plaintext, every
+    /// caller trusted).
+    pub tls: Option<Arc<chat_security::Tls>>,
 }
+
+/// Who may call what on a replica's port.
+pub const POLICY: Policy = Policy(&[
+    HEALTH,
+    Rule::roles("/chat.store.v1.Store/", &[Role::Router, Role::Operator]),
+    Rule::roles("/chat.store.v1.StoreAdmin/", &[Role::Operator]),
+    // Routers watch which replica leads and whether the group has quorum.
+    Rule::roles(
+        "/chat.store.v1.StoreAdmin/Status",
+        &[Role::Operator, Role::Router],
+    ),
+    Rule::roles("/chat.raft.v1.RaftTransport/", &[Role::Store]),
+]);
 
 /// A running replica.
 pub struct Replica {
@@ -145,9 +162,10 @@ impl Replica {
             event_tx,
             faults.clone(),
             tokio::runtime::Handle::current(),
-            SnapshotLink {
+            LinkOptions {
                 files: snapshots.clone(),
                 chunk_bytes: opts.snapshot_chunk_bytes,
+                tls: opts.tls.clone(),
             },
         );
         let driver = Driver::new(
@@ -216,11 +234,18 @@ impl Replica {
         let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(
             &crate::admin::METHODS,
         ));
-        let router = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &opts.tls {
+            server = server
+                .tls_config(tls.server_config())
+                .map_err(|e| StoreError::InvalidArgument(format!("TLS: {e}")))?;
+        }
+        let router = server
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
             .layer(chat_telemetry::metrics::MetricsLayer::new(rpc.clone()))
+            .layer(AuthorizeLayer::new(POLICY, opts.tls.is_some()))
             .layer(chat_telemetry::trace::TraceLayer)
             .add_service(health_service)
             .add_service(StoreServer::new(api.clone()).max_decoding_message_size(api_limit))

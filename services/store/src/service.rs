@@ -17,6 +17,8 @@ use crate::types::{
     validate_client_msg_id,
 };
 
+/// The settings a router may write: rollout plans.
+pub const ROUTER_SETTINGS: &str = "rollout/";
 /// Most members a conversation may be created with.
 pub const MAX_MEMBERS: usize = 10_000;
 /// Most items in one AppendBatch call.
@@ -358,8 +360,19 @@ impl Store for StoreApi {
         &self,
         request: Request<api::PutSettingRequest>,
     ) -> Result<Response<api::Setting>, Status> {
+        // Routers write rollout plans (their canary verdicts); everything
+        // else (incidents, plans' other keys) is the operators'.
+        let caller = chat_security::Caller::of(request.extensions());
         let r = request.into_inner();
         let key = SettingKey::parse(&r.key)?;
+        if caller == chat_security::Caller::Service(chat_security::Role::Router)
+            && !r.key.starts_with(ROUTER_SETTINGS)
+        {
+            return Err(Status::permission_denied(format!(
+                "a router may write only {ROUTER_SETTINGS}* settings, not {:?}",
+                r.key
+            )));
+        }
         if r.value.len() > MAX_SETTING_VALUE {
             return Err(StoreError::InvalidArgument(format!(
                 "setting value is {} bytes, the limit is {MAX_SETTING_VALUE}",

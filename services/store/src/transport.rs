@@ -78,14 +78,16 @@ pub struct Transport {
     faults: Faults,
     runtime: Handle,
     shutdown: CancellationToken,
-    snapshots: SnapshotLink,
+    snapshots: LinkOptions,
 }
 
-/// Where snapshot files come from, and in what chunks they go.
+/// How links to peers run: where snapshot files come from, in what chunks
+/// they go, and the identity presented (None: plaintext).
 #[derive(Clone)]
-pub struct SnapshotLink {
+pub struct LinkOptions {
     pub files: std::sync::Arc<Snapshots>,
     pub chunk_bytes: usize,
+    pub tls: Option<std::sync::Arc<chat_security::Tls>>,
 }
 
 impl Transport {
@@ -95,7 +97,7 @@ impl Transport {
         events: mpsc::Sender<TransportEvent>,
         faults: Faults,
         runtime: Handle,
-        snapshots: SnapshotLink,
+        snapshots: LinkOptions,
     ) -> Self {
         Self {
             id,
@@ -195,23 +197,28 @@ struct PeerLink {
     events: mpsc::Sender<TransportEvent>,
     faults: Faults,
     shutdown: CancellationToken,
-    snapshots: SnapshotLink,
+    snapshots: LinkOptions,
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(1))
-        .keep_alive_while_idle(true))
+fn endpoint(
+    addr: &str,
+    tls: Option<&chat_security::Tls>,
+) -> Result<Endpoint, chat_security::Error> {
+    Ok(
+        chat_security::endpoint(tls, addr, chat_security::Role::Store)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true),
+    )
 }
 
 impl PeerLink {
     async fn run(self, mut rx: mpsc::Receiver<Message>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let channel = match endpoint(&self.addr) {
+            let channel = match endpoint(&self.addr, self.snapshots.tls.as_deref()) {
                 Ok(ep) => tokio::select! {
                     _ = self.shutdown.cancelled() => return,
                     c = ep.connect() => c,
@@ -348,7 +355,7 @@ impl PeerLink {
 async fn send_snapshot_file(
     client: &mut RaftTransportClient<Channel>,
     from: NodeId,
-    link: &SnapshotLink,
+    link: &LinkOptions,
     m: &Message,
 ) -> Result<(), String> {
     let d = Descriptor::decode(m.get_snapshot().get_data()).map_err(|e| e.to_string())?;

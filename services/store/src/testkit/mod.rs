@@ -40,6 +40,9 @@ pub struct ClusterOptions {
     pub power_cuts: bool,
     /// Size of the chunks snapshot files travel in.
     pub snapshot_chunk_bytes: usize,
+    /// The cluster's certificates: replicas use the store identity, the
+    /// cluster's clients the operator's. None: plaintext.
+    pub certs: Option<std::sync::Arc<chat_security::certs::CertSet>>,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +58,7 @@ impl Default for ClusterOptions {
             checkpoint_interval: Duration::from_millis(200),
             power_cuts: false,
             snapshot_chunk_bytes: crate::transport::SNAPSHOT_CHUNK_BYTES,
+            certs: None,
         }
     }
 }
@@ -178,6 +182,7 @@ impl Cluster {
             max_body_bytes: 64 * 1024,
             request_timeout: o.request_timeout,
             snapshot_chunk_bytes: o.snapshot_chunk_bytes,
+            tls: o.certs.as_ref().map(|c| c.tls(chat_security::Role::Store)),
         }
     }
 
@@ -247,7 +252,14 @@ impl Cluster {
     /// A client that knows every replica's address.
     pub fn client(&self) -> StoreClient {
         let addrs = self.slots.values().map(|s| s.addr.clone()).collect();
-        StoreClient::new(addrs, self.opts.request_timeout * 3).expect("at least one replica")
+        StoreClient::new(addrs, self.opts.request_timeout * 3)
+            .expect("at least one replica")
+            .with_tls(
+                self.opts
+                    .certs
+                    .as_ref()
+                    .map(|c| c.tls(chat_security::Role::Operator)),
+            )
     }
 
     /// Waits until every running replica among `among` agrees on one leader

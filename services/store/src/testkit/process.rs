@@ -35,6 +35,9 @@ pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     Ok(out)
 }
 
+/// The flag that runs a replica without TLS (the default here).
+const PLAINTEXT: &str = "--insecure-plaintext";
+
 /// One `chat-store` process; killed when dropped.
 pub struct StoreProcess {
     binary: PathBuf,
@@ -55,7 +58,7 @@ impl StoreProcess {
         data_dir: PathBuf,
         log: PathBuf,
     ) -> Self {
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "--id".into(),
             id.to_string(),
             "--listen".into(),
@@ -65,6 +68,7 @@ impl StoreProcess {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        args.push(PLAINTEXT.into());
         Self {
             binary,
             id,
@@ -74,6 +78,14 @@ impl StoreProcess {
             log,
             child: None,
         }
+    }
+
+    /// Serve and dial peers with mutual TLS, the identity in `dir`
+    /// (ca.crt, tls.crt, tls.key), instead of plaintext.
+    pub fn with_tls(mut self, dir: &std::path::Path) -> Self {
+        self.args.retain(|a| a != PLAINTEXT);
+        self.add_args(&["--tls-dir", &dir.display().to_string()]);
+        self
     }
 
     /// Extra flags for every later start.

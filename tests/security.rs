@@ -1,0 +1,455 @@
+//! Internal ports refuse callers that are not who the method is for.
+//!
+//! The whole backend runs in this process with mutual TLS on every
+//! internal hop (as `chatctl local up` and compose run it). Each case
+//! dials one internal port as some caller (plaintext, TLS without a
+//! certificate, a certificate from another CA, or a certificate of a
+//! role) and makes one call. The cases where the right role calls show
+//! that the refusals come from authorisation, not from a broken port.
+
+use std::time::Duration;
+
+use chat_proto::raft::v1::RaftBatch;
+use chat_proto::raft::v1::raft_transport_client::RaftTransportClient;
+use chat_proto::router::v1::gateway_delivery_client::GatewayDeliveryClient;
+use chat_proto::router::v1::router_client::RouterClient;
+use chat_proto::router::v1::{DeliverRequest, RegisterSessionsRequest};
+use chat_proto::store::v1 as api;
+use chat_proto::store::v1::store_admin_client::StoreAdminClient;
+use chat_proto::store::v1::store_client::StoreClient as RawStore;
+use chat_security::{Role, Tls};
+use chat_tests::stack::Stack;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Who dials.
+#[derive(Clone, Copy, Debug)]
+enum Caller {
+    /// No TLS at all.
+    Plaintext,
+    /// TLS that trusts the cluster's CA, no client certificate.
+    NoCertificate,
+    /// A certificate of the role, from a CA the cluster does not know.
+    Stranger(Role),
+    /// The cluster's certificate of the role.
+    As(Role),
+}
+
+/// What the call must come to.
+#[derive(Debug)]
+enum Expect {
+    /// Refused with this code.
+    Code(Code),
+    /// Refused before any gRPC exchange (handshake or protocol).
+    NoConnection,
+    /// Let through: success, or an answer from the method itself.
+    Through,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Call {
+    StoreRead,
+    StoreStatus,
+    AddLearner,
+    PutSetting(&'static str),
+    RegisterSessions,
+    Deliver,
+    RouterAppend,
+    RaftStream,
+}
+
+impl Call {
+    /// The kind of server the call goes to.
+    fn server(self) -> Role {
+        match self {
+            Call::StoreRead
+            | Call::StoreStatus
+            | Call::AddLearner
+            | Call::PutSetting(_)
+            | Call::RaftStream => Role::Store,
+            Call::RegisterSessions | Call::RouterAppend => Role::Router,
+            Call::Deliver => Role::Gateway,
+        }
+    }
+}
+
+struct Ctx {
+    stack: Stack,
+    stranger: chat_security::certs::CertSet,
+    store: String,
+    leader_id: u64,
+}
+
+impl Ctx {
+    fn addr(&self, server: Role) -> String {
+        match server {
+            Role::Store => self.store.clone(),
+            Role::Router => self.stack.router_addrs[0].clone(),
+            Role::Gateway => self.stack.gateway_internal_addrs[0].clone(),
+            Role::Operator => unreachable!("operators serve nothing"),
+        }
+    }
+
+    async fn channel(&self, caller: Caller, server: Role) -> Result<Channel, String> {
+        let addr = self.addr(server);
+        let ca = self.stack.certs.identity(Role::Store).ca.clone();
+        let ep = match caller {
+            Caller::Plaintext => Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+            Caller::NoCertificate => Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(ca))
+                        .domain_name(server.dns_name()),
+                )
+                .unwrap(),
+            Caller::Stranger(role) => {
+                // Its own identity, but trusting the cluster's CA, so only
+                // the server can be the one that refuses.
+                let own = self.stranger.identity(role);
+                let tls = Tls::from_pem(
+                    role,
+                    ca.into_bytes(),
+                    own.cert.clone().into_bytes(),
+                    own.key.clone().into_bytes(),
+                )
+                .unwrap();
+                chat_security::endpoint(Some(&tls), &addr, server).unwrap()
+            }
+            Caller::As(role) => {
+                chat_security::endpoint(Some(&self.stack.certs.tls(role)), &addr, server).unwrap()
+            }
+        };
+        ep.connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    async fn call(&self, call: Call, ch: Channel) -> Result<(), tonic::Status> {
+        let timeout = Duration::from_secs(5);
+        let fut = async {
+            match call {
+                Call::StoreRead => RawStore::new(ch)
+                    .read(api::ReadRequest {
+                        conversation_id: "secret".into(),
+                        limit: 10,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                Call::StoreStatus => StoreAdminClient::new(ch)
+                    .status(api::StatusRequest::default())
+                    .await
+                    .map(drop),
+                Call::AddLearner => StoreAdminClient::new(ch)
+                    .add_learner(api::AddLearnerRequest {
+                        id: 0,
+                        address: "127.0.0.1:9".into(),
+                    })
+                    .await
+                    .map(drop),
+                Call::PutSetting(key) => RawStore::new(ch)
+                    .put_setting(api::PutSettingRequest {
+                        key: key.into(),
+                        value: Vec::new(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                Call::RegisterSessions => RouterClient::new(ch)
+                    .register_sessions(RegisterSessionsRequest {
+                        gateway_address: "127.0.0.1:9".into(),
+                        user_ids: vec!["victim".into()],
+                        lease_ms: 1_000,
+                        rollout: None,
+                    })
+                    .await
+                    .map(drop),
+                Call::Deliver => GatewayDeliveryClient::new(ch)
+                    .deliver(DeliverRequest { items: Vec::new() })
+                    .await
+                    .map(drop),
+                Call::RouterAppend => RouterClient::new(ch)
+                    .append_batch(api::AppendBatchRequest {
+                        items: vec![api::AppendRequest {
+                            conversation_id: "secret".into(),
+                            sender: "victim".into(),
+                            client_msg_id: "forged".into(),
+                            body: b"not from the victim".to_vec(),
+                        }],
+                    })
+                    .await
+                    .map(drop),
+                Call::RaftStream => RaftTransportClient::new(ch)
+                    .stream(futures::stream::iter([RaftBatch {
+                        from: self.leader_id,
+                        messages: Vec::new(),
+                        from_address: String::new(),
+                    }]))
+                    .await
+                    .map(drop),
+            }
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in 5 s")))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_ports_refuse_callers_the_method_is_not_for() {
+    let stack = Stack::start().await.unwrap();
+    let leader = stack.store.wait_leader(WAIT).await.unwrap();
+    let ctx = Ctx {
+        store: stack.store.addr(leader),
+        leader_id: leader.0,
+        stranger: chat_security::certs::generate().unwrap(),
+        stack,
+    };
+    use Call::*;
+    use Caller::*;
+    use Expect::*;
+    let denied = Code(tonic::Code::PermissionDenied);
+    let unauthenticated = Code(tonic::Code::Unauthenticated);
+    let cases: Vec<(Call, Caller, Expect)> = vec![
+        // Reading any conversation straight from the store.
+        (StoreRead, Plaintext, NoConnection),
+        (StoreRead, NoCertificate, unauthenticated),
+        (StoreRead, Stranger(Role::Router), NoConnection),
+        (StoreRead, As(Role::Gateway), denied),
+        (StoreRead, As(Role::Router), Through),
+        // Taking the store over: adding a replica that receives everything.
+        (
+            AddLearner,
+            NoCertificate,
+            Code(tonic::Code::Unauthenticated),
+        ),
+        (
+            AddLearner,
+            As(Role::Router),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (
+            AddLearner,
+            As(Role::Store),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (AddLearner, As(Role::Operator), Through),
+        (
+            StoreStatus,
+            As(Role::Gateway),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (StoreStatus, As(Role::Router), Through),
+        // Settings: incidents are the operators'; routers write rollout
+        // plans only.
+        (
+            PutSetting("incidents"),
+            As(Role::Gateway),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (
+            PutSetting("incidents"),
+            As(Role::Router),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (
+            PutSetting("rollout/security-test"),
+            As(Role::Router),
+            Through,
+        ),
+        (PutSetting("incidents"), As(Role::Operator), Through),
+        // Redirecting someone's pushes, posting as someone.
+        (
+            RegisterSessions,
+            NoCertificate,
+            Code(tonic::Code::Unauthenticated),
+        ),
+        (
+            RegisterSessions,
+            As(Role::Store),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (RegisterSessions, As(Role::Gateway), Through),
+        (
+            RouterAppend,
+            As(Role::Operator),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (RouterAppend, Stranger(Role::Gateway), NoConnection),
+        // Injecting messages into users' streams.
+        (Deliver, Plaintext, NoConnection),
+        (Deliver, NoCertificate, Code(tonic::Code::Unauthenticated)),
+        (
+            Deliver,
+            As(Role::Gateway),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (Deliver, As(Role::Router), Through),
+        // Raft traffic from anything but a replica.
+        (
+            RaftStream,
+            As(Role::Router),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (
+            RaftStream,
+            As(Role::Operator),
+            Code(tonic::Code::PermissionDenied),
+        ),
+        (RaftStream, As(Role::Store), Through),
+    ];
+    let mut failures = Vec::new();
+    for (call, caller, expect) in cases {
+        let outcome = match ctx.channel(caller, call.server()).await {
+            Err(e) => Err(format!("no connection: {e}")),
+            Ok(ch) => Ok(ctx.call(call, ch).await),
+        };
+        let ok = match (&expect, &outcome) {
+            (NoConnection, Err(_)) => true,
+            // A plaintext or foreign client may get as far as a call that
+            // fails in transport.
+            (NoConnection, Ok(Err(s))) => {
+                !matches!(s.code(), tonic::Code::Ok) && std::error::Error::source(s).is_some()
+                    || matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+                    )
+            }
+            (Code(c), Ok(Err(s))) => s.code() == *c,
+            (Through, Ok(Ok(()))) => true,
+            (Through, Ok(Err(s))) => !matches!(
+                s.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+            ),
+            _ => false,
+        };
+        if !ok {
+            failures.push(format!(
+                "{call:?} as {caller:?}: expected {expect:?}, got {outcome:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The backend still serves its users after all that.
+    let alice = ctx.stack.client("alice");
+    alice
+        .create_conversation("after", &["bob".to_string()])
+        .await
+        .unwrap();
+    alice
+        .send("after", "m1", b"still here".to_vec())
+        .await
+        .unwrap();
+}
+
+/// Raft messages that must not reach raft-rs: from a replica outside the
+/// group, or an append whose entries do not follow its index (raft-rs
+/// stops the process on one that rewrites committed entries). Both come
+/// with a valid store certificate, as from a compromised or confused
+/// replica; the follower drops them, counts them, and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raft_messages_are_refused_before_raft() {
+    use protobuf::Message as _;
+    use raft::eraftpb::{Entry, Message, MessageType};
+    let stack = Stack::start().await.unwrap();
+    let leader = stack.store.wait_leader(WAIT).await.unwrap();
+    let follower = stack
+        .store
+        .ids()
+        .into_iter()
+        .find(|&i| i != leader)
+        .unwrap();
+    let alice = stack.client("alice");
+    alice
+        .create_conversation("raft", &["bob".to_string()])
+        .await
+        .unwrap();
+    alice
+        .send("raft", "m1", b"committed".to_vec())
+        .await
+        .unwrap();
+    let status = stack.store.node(follower).unwrap().status();
+    let (term, commit) = (status.term, status.commit);
+
+    let stranger = {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 99;
+        m.to = follower.0;
+        m.term = term + 5;
+        m
+    };
+    // From the leader's id, rewriting entry 1 (long committed) at the
+    // current term.
+    let rewrite = {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = leader.0;
+        m.to = follower.0;
+        m.term = term;
+        m.index = commit;
+        m.log_term = term;
+        m.commit = commit;
+        let mut e = Entry::default();
+        e.index = 1;
+        e.term = term;
+        e.data = b"forged".to_vec().into();
+        m.entries = vec![e].into();
+        m
+    };
+    let ch = chat_security::endpoint(
+        Some(&stack.certs.tls(Role::Store)),
+        &stack.store.addr(follower),
+        Role::Store,
+    )
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    RaftTransportClient::new(ch)
+        .stream(futures::stream::iter([RaftBatch {
+            from: leader.0,
+            messages: vec![
+                stranger.write_to_bytes().unwrap(),
+                rewrite.write_to_bytes().unwrap(),
+            ],
+            from_address: String::new(),
+        }]))
+        .await
+        .unwrap();
+
+    let node = stack.store.node(follower).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        let refused = node.report().await.unwrap().stats.refused_messages;
+        if refused >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower refused {refused} of the 2 forged messages"
+        );
+        poll.tick().await;
+    }
+    // No election was forced by the stranger's term, the follower is
+    // alive, and it keeps applying what the leader commits.
+    assert_eq!(stack.store.node(leader).unwrap().status().term, term);
+    alice.send("raft", "m2", b"after".to_vec()).await.unwrap();
+    let applied = stack.store.node(leader).unwrap().status().applied;
+    stack
+        .store
+        .wait_applied(follower, applied, WAIT)
+        .await
+        .unwrap();
+    assert!(!node.status().stopped);
+}
