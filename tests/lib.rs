@@ -128,7 +128,7 @@ pub mod stack {
                 let (internal, ia) = listener().await?;
                 let opts = GatewayOptions {
                     routers: router_addrs.clone(),
-                    token_key: key.clone(),
+                    tokens: chat_auth::Keyring::single(key.clone()),
                     internal_advertise: ia.clone(),
                     max_body_bytes: 64 * 1024,
                     lease: Duration::from_secs(3),

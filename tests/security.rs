@@ -453,3 +453,241 @@ async fn forged_raft_messages_are_refused_before_raft() {
         .unwrap();
     assert!(!node.status().stopped);
 }
+
+/// A raw client of the public API on the first gateway, calling with
+/// `authorization: <auth>` (none when empty).
+async fn public(stack: &Stack) -> chat_proto::chat::v1::chat_client::ChatClient<Channel> {
+    let ch = Endpoint::from_shared(format!("http://{}", stack.gateway_addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    chat_proto::chat::v1::chat_client::ChatClient::new(ch)
+}
+
+fn with_auth<T>(msg: T, auth: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if !auth.is_empty() {
+        r.metadata_mut()
+            .insert("authorization", auth.parse().unwrap());
+    }
+    r
+}
+
+/// The services reflection lists on the public port, with v1 and v1alpha.
+async fn listed(stack: &Stack) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let ch = Endpoint::from_shared(format!("http://{}", stack.gateway_addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut out = c1
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let v1_names = match out.message().await.unwrap().unwrap().message_response {
+        Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("v1 reflection answered {other:?}"),
+    };
+    let mut ca = v1alpha::server_reflection_client::ServerReflectionClient::new(ch);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut out = ca
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let alpha_names = match out.message().await.unwrap().unwrap().message_response {
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("v1alpha reflection answered {other:?}"),
+    };
+    (v1_names, alpha_names)
+}
+
+/// The public port: reflection shows the public API only; bad tokens,
+/// out-of-range requests and non-members get clean refusals; the
+/// subscription cap holds under concurrent opens; the gateway keeps
+/// serving throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_edge_refuses_cleanly_and_keeps_serving() {
+    use chat_proto::chat::v1 as cpb;
+    let stack = Stack::start().await.unwrap();
+    let alice = stack.client("alice");
+    alice
+        .create_conversation("edge", &["bob".to_string()])
+        .await
+        .unwrap();
+    alice
+        .send("edge", "m1", b"for members".to_vec())
+        .await
+        .unwrap();
+
+    // Reflection: the public API and health, in both versions; nothing
+    // internal.
+    let (v1, alpha) = listed(&stack).await;
+    for names in [&v1, &alpha] {
+        assert!(names.iter().any(|n| n == "chat.v1.Chat"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
+        let internal: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with("chat.") && *n != "chat.v1.Chat")
+            .collect();
+        assert!(
+            internal.is_empty(),
+            "internal services listed: {internal:?}"
+        );
+    }
+
+    // Tokens: each variant is UNAUTHENTICATED, never a crash or a pass.
+    let good = format!("Bearer {}", stack.key.sign_for("alice", 600));
+    let mut altered = good.clone();
+    let expiry_digit = altered.rfind('.').unwrap() - 1;
+    let d = altered.as_bytes()[expiry_digit];
+    altered.replace_range(
+        expiry_digit..=expiry_digit,
+        if d == b'9' { "8" } else { "9" },
+    );
+    let huge = format!("Bearer {}", "a".repeat(16 << 10));
+    let mut api = public(&stack).await;
+    for (what, auth) in [
+        ("no header", String::new()),
+        ("empty bearer", "Bearer ".to_string()),
+        ("another scheme", "Basic YWxpY2U6cGFzcw==".to_string()),
+        ("altered expiry", altered),
+        ("16 KiB token", huge),
+        ("signed by another key", {
+            let other =
+                chat_auth::TokenKey::new(b"another deployment's signing key".to_vec()).unwrap();
+            format!("Bearer {}", other.sign_for("alice", 600))
+        }),
+    ] {
+        let r = api
+            .history(with_auth(
+                cpb::HistoryRequest {
+                    conversation_id: "edge".into(),
+                    limit: 10,
+                    ..Default::default()
+                },
+                &auth,
+            ))
+            .await;
+        let code = r.as_ref().map_err(|s| s.code()).err();
+        assert_eq!(code, Some(Code::Unauthenticated), "{what}: {r:?}");
+    }
+
+    // Out of range: refused with INVALID_ARGUMENT.
+    let e = api
+        .history(with_auth(
+            cpb::HistoryRequest {
+                conversation_id: "edge".into(),
+                limit: 1_000_000,
+                ..Default::default()
+            },
+            &good,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Non-members: removing a member, typing and reading show nothing of
+    // the conversation.
+    let carol = format!("Bearer {}", stack.key.sign_for("carol", 600));
+    let e = api
+        .remove_member(with_auth(
+            cpb::MemberRequest {
+                conversation_id: "edge".into(),
+                user_id: "bob".into(),
+            },
+            &carol,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(!e.message().contains("alice"), "{}", e.message());
+    let e = api
+        .send_typing(with_auth(
+            cpb::TypingRequest {
+                conversation_id: "edge".into(),
+            },
+            &carol,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = api
+        .history(with_auth(
+            cpb::HistoryRequest {
+                conversation_id: "edge".into(),
+                limit: 10,
+                ..Default::default()
+            },
+            &carol,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The subscription cap holds when many open at once.
+    let dave = format!("Bearer {}", stack.key.sign_for("dave", 600));
+    let opens = (0..24).map(|_| {
+        let mut c = api.clone();
+        let dave = dave.clone();
+        async move {
+            c.subscribe(with_auth(
+                cpb::SubscribeRequest {
+                    cursors: Vec::new(),
+                },
+                &dave,
+            ))
+            .await
+        }
+    });
+    let results = futures::future::join_all(opens).await;
+    let opened = results.iter().filter(|r| r.is_ok()).count();
+    let refused: Vec<Code> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|s| s.code()))
+        .collect();
+    assert_eq!(
+        opened,
+        chat_gateway::service::MAX_SESSIONS_PER_USER,
+        "refused: {refused:?}"
+    );
+    assert!(
+        refused.iter().all(|c| *c == Code::ResourceExhausted),
+        "{refused:?}"
+    );
+    drop(results);
+
+    // And it still serves its users.
+    let bob = stack.client("bob");
+    let h = bob
+        .history(cpb::HistoryRequest {
+            conversation_id: "edge".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.messages.len(), 1);
+}

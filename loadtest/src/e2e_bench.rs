@@ -33,6 +33,30 @@ pub struct Args {
     insecure_plaintext: bool,
 }
 
+/// The name the load generator's own CPU is reported under.
+const LOAD_GENERATOR: &str = "load generator";
+
+/// CPU time so far of every process `local up` recorded in `run_dir`
+/// (`<name>` holding "pid address"), and of this process, by name.
+fn cpu_snapshot(run_dir: &std::path::Path) -> Vec<(String, Duration)> {
+    let mut out: Vec<(String, Duration)> = std::fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_str()?.to_owned();
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let pid: u32 = text.split_whitespace().next()?.parse().ok()?;
+            Some((name, crate::cpu::process_cpu(pid)?))
+        })
+        .collect();
+    out.sort();
+    if let Some(own) = crate::cpu::own_cpu() {
+        out.push((LOAD_GENERATOR.to_owned(), own));
+    }
+    out
+}
+
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
@@ -93,6 +117,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let start = Instant::now() + Duration::from_secs(1);
     let measure_from = start + Duration::from_secs(args.warmup_secs);
     let end = measure_from + Duration::from_secs(args.duration_secs);
+    // CPU of every process over the measured window.
+    let run_dir = dir.path().join("run");
+    let sampler = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = cpu_snapshot(&run_dir);
+        tokio::time::sleep_until(end.into()).await;
+        (before, cpu_snapshot(&run_dir))
+    });
     let mut senders = Vec::new();
     let mut listeners = Vec::new();
     for i in 0..args.clients {
@@ -224,6 +256,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for (what, n) in &errors {
         println!("  {n} × {what}");
     }
+    let (before, after) = sampler.await?;
+    let per_msg = |name: &str| -> Option<f64> {
+        let b = before.iter().find(|(n, _)| n == name)?.1;
+        let a = after.iter().find(|(n, _)| n == name)?.1;
+        Some(a.saturating_sub(b).as_micros() as f64 / measured.max(1) as f64)
+    };
+    let mut line = Vec::new();
+    let mut services = 0.0;
+    for (name, _) in &after {
+        if let Some(us) = per_msg(name) {
+            if name != LOAD_GENERATOR {
+                services += us;
+            }
+            line.push(format!("{name} {us:.0}"));
+        }
+    }
+    println!(
+        "CPU µs per acked send: {}; all services {services:.0}",
+        line.join(", ")
+    );
     let pid = up.id().context("local up exited")?.to_string();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -339,8 +339,9 @@ impl Compose {
         format!("{}_{service}_1", self.project)
     }
 
+    /// The network the store replicas talk on (deploy/docker-compose.yml).
     fn network(&self) -> String {
-        format!("{}_default", self.project)
+        format!("{}_backend", self.project)
     }
 
     fn running(&self, service: &str) -> bool {

@@ -45,6 +45,10 @@ struct Cli {
     /// The deployment's token signing key (for `token` and `--as`).
     #[arg(long, env = "CHAT_TOKEN_KEY", hide_env_values = true, global = true)]
     token_key: Option<String>,
+    /// The deployment's name that tokens are signed for (the gateways'
+    /// --token-audience).
+    #[arg(long, env = "CHAT_TOKEN_AUDIENCE", default_value = chat_auth::DEFAULT_AUDIENCE, global = true)]
+    token_audience: String,
     /// Store replicas, host:port, comma separated (for `store ...`).
     #[arg(
         long,
@@ -353,7 +357,9 @@ fn key(cli: &Cli) -> anyhow::Result<chat_auth::TokenKey> {
         .token_key
         .as_deref()
         .context("no signing key: give --token-key or set CHAT_TOKEN_KEY")?;
-    chat_auth::TokenKey::new(k.as_bytes().to_vec()).map_err(|e| anyhow::anyhow!("--token-key: {e}"))
+    Ok(chat_auth::TokenKey::new(k.as_bytes().to_vec())
+        .map_err(|e| anyhow::anyhow!("--token-key: {e}"))?
+        .for_audience(&cli.token_audience))
 }
 
 fn chat(cli: &Cli) -> anyhow::Result<ChatClient> {

@@ -11,7 +11,8 @@
 //!    saturated, typing goes first, then history and conversation
 //!    management, and sends only when the whole limit is in use.
 //!
-//! Health checks and reflection pass untouched. Subscriptions are
+//! Health checks and reflection meet the per-IP limit only (a flood of
+//! them costs as much as any other call). Subscriptions are
 //! rate-limited and authenticated but hold no concurrency permit: they are
 //! long-lived and bounded per user by the session table instead.
 //! Refusals are RESOURCE_EXHAUSTED with a `retry-after-ms` hint, or
@@ -21,9 +22,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chat_auth::TokenKey;
+use chat_auth::Keyring;
 use chat_resilience::bucket::{KeyedBuckets, Rate};
-use chat_resilience::incoming::AcceptRate;
+use chat_resilience::incoming::{AcceptRate, ConnectionCaps};
 use chat_resilience::layer::{Admit, method, peer_ip};
 use chat_resilience::limit::{LimitConfig, Limiter, Permit};
 use chat_resilience::{Criticality, overloaded};
@@ -45,6 +46,8 @@ pub struct Limits {
     pub accept: AcceptRate,
     /// Concurrent HTTP/2 streams one connection may open.
     pub max_streams_per_connection: u32,
+    /// Connections open at once, in all and from one IP.
+    pub connections: ConnectionCaps,
     /// The adaptive concurrency limit.
     pub concurrency: LimitConfig,
 }
@@ -64,7 +67,13 @@ impl Default for Limits {
                 per_second: 2_000,
                 burst: 4_000,
             },
-            max_streams_per_connection: 1_024,
+            max_streams_per_connection: 256,
+            // Many users may share an address (carrier NAT), so the
+            // per-IP cap is far above one user's needs.
+            connections: ConnectionCaps {
+                total: 100_000,
+                per_ip: 10_000,
+            },
             concurrency: LimitConfig::default(),
         }
     }
@@ -81,7 +90,7 @@ pub fn criticality(method: &str) -> Option<Criticality> {
 }
 
 pub struct Guard {
-    key: TokenKey,
+    keys: Keyring,
     per_user: Option<KeyedBuckets<String>>,
     per_ip: Option<KeyedBuckets<IpAddr>>,
     /// `None` with overload protection off.
@@ -98,9 +107,9 @@ fn bucket<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> Option<KeyedBuckets<K>
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 impl Guard {
-    pub fn new(key: TokenKey, limits: &Limits, protect: bool) -> Self {
+    pub fn new(keys: Keyring, limits: &Limits, protect: bool) -> Self {
         Self {
-            key,
+            keys,
             per_user: bucket(limits.per_user),
             per_ip: bucket(limits.per_ip),
             limiter: protect.then(|| Limiter::new(limits.concurrency)),
@@ -127,8 +136,8 @@ impl Guard {
         let token =
             chat_auth::bearer(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let (user, expires) = self
-            .key
-            .verify_claims(token)
+            .keys
+            .verify(token)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         Ok(User(user, expires))
     }
@@ -136,10 +145,6 @@ impl Guard {
 
 impl Admit for Guard {
     fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, Status> {
-        let path = parts.uri.path();
-        if !path.starts_with("/chat.v1.Chat/") {
-            return Ok(None);
-        }
         let now = Instant::now();
         if let (Some(b), Some(ip)) = (&self.per_ip, peer_ip(parts)) {
             b.check(&ip, now).map_err(|wait| {
@@ -153,6 +158,9 @@ impl Admit for Guard {
                     wait.min(MAX_RETRY_AFTER),
                 )
             })?;
+        }
+        if !parts.uri.path().starts_with("/chat.v1.Chat/") {
+            return Ok(None);
         }
         let user = self.authenticate(&parts.headers)?;
         if let Some(b) = &self.per_user {
@@ -207,7 +215,11 @@ mod tests {
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn guard(limits: Limits) -> Guard {
-        Guard::new(TokenKey::new(KEY.to_vec()).unwrap(), &limits, true)
+        Guard::new(
+            Keyring::single(chat_auth::TokenKey::new(KEY.to_vec()).unwrap()),
+            &limits,
+            true,
+        )
     }
 
     fn call(
@@ -218,7 +230,9 @@ mod tests {
     ) -> Result<Option<Permit>, Status> {
         let mut b = http::Request::builder().uri(format!("/chat.v1.Chat/{method}"));
         if let Some(u) = user {
-            let token = TokenKey::new(KEY.to_vec()).unwrap().sign_for(u, 600);
+            let token = chat_auth::TokenKey::new(KEY.to_vec())
+                .unwrap()
+                .sign_for(u, 600);
             b = b.header("authorization", format!("Bearer {token}"));
         }
         let (mut parts, ()) = b.body(()).unwrap().into_parts();
@@ -273,6 +287,36 @@ mod tests {
         );
         assert!(e.message().contains("10.0.0.9"), "{}", e.message());
         call(&g, "Send", Some("alice"), "10.0.0.10").expect("another IP");
+    }
+
+    #[test]
+    fn health_checks_and_reflection_spend_the_ip_allowance_too() {
+        let g = guard(Limits {
+            per_ip: rate(1, 2),
+            ..Limits::default()
+        });
+        let at = |path: &str, ip: &str| {
+            let (mut parts, ()) = http::Request::builder()
+                .uri(path)
+                .body(())
+                .unwrap()
+                .into_parts();
+            let addr: SocketAddr = format!("{ip}:5000").parse().unwrap();
+            parts.extensions.insert(TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(addr),
+            });
+            g.admit(&mut parts)
+        };
+        at("/grpc.health.v1.Health/Watch", "10.0.0.7").expect("within the burst");
+        at(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "10.0.0.7",
+        )
+        .expect("within the burst");
+        let e = at("/grpc.health.v1.Health/Check", "10.0.0.7").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        at("/grpc.health.v1.Health/Check", "10.0.0.8").expect("another IP");
     }
 
     #[test]

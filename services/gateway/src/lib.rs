@@ -15,7 +15,7 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_auth::TokenKey;
+use chat_auth::Keyring;
 use chat_proto::chat::v1::chat_server::ChatServer;
 use chat_proto::router::v1 as rpb;
 use chat_proto::router::v1::gateway_delivery_server::GatewayDeliveryServer;
@@ -48,7 +48,8 @@ pub const ROUTER_HEALTH_SERVICE: &str = "chat.router.v1.Router";
 pub struct GatewayOptions {
     /// Routers, host:port.
     pub routers: Vec<String>,
-    pub token_key: TokenKey,
+    /// The token keys accepted, the audience and the longest lifetime.
+    pub tokens: Keyring,
     /// The internal address routers deliver to (as they can reach it).
     pub internal_advertise: String,
     pub max_body_bytes: usize,
@@ -70,8 +71,36 @@ pub struct GatewayOptions {
     pub release: String,
 }
 
+/// Streams a client may reset right after opening them, unanswered, before
+/// its connection is closed.
+const MAX_PENDING_RESETS: usize = 32;
+/// Streams the gateway may reset for a client's protocol errors before its
+/// connection is closed.
+const MAX_ERROR_RESETS: usize = 256;
+/// Most bytes of request headers.
+const MAX_HEADER_BYTES: u32 = 64 << 10;
+/// A client connection is closed (gracefully) after this long.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+
 /// Slack over the largest body for the rest of a `SendRequest`.
 const REQUEST_OVERHEAD: usize = 16 << 10;
+
+/// Server reflection of the public port: the public API and health only
+/// (the internal services' descriptors are not in the set at all), in
+/// both versions (tools still use `v1alpha`).
+fn public_reflection() -> tonic_reflection::server::Builder<'static> {
+    use prost::Message as _;
+    let mut public = prost_types::FileDescriptorSet::decode(chat_proto::FILE_DESCRIPTOR_SET)
+        .expect("the generated descriptor set decodes");
+    public.file.retain(|f| f.package() == "chat.v1");
+    tonic_reflection::server::Builder::configure()
+        .register_file_descriptor_set(public)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("chat.v1.Chat")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+}
 
 pub struct RunningGateway {
     shutdown: CancellationToken,
@@ -107,11 +136,10 @@ impl RunningGateway {
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(chat_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        let reflection = public_reflection().build_v1()?;
+        let reflection_v1alpha = public_reflection().build_v1alpha()?;
         let guard = Arc::new(Guard::new(
-            opts.token_key.clone(),
+            opts.tokens.clone(),
             &opts.limits,
             opts.admission.enabled,
         ));
@@ -134,11 +162,25 @@ impl RunningGateway {
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(opts.limits.max_streams_per_connection)
+            // Set rather than left to tonic, which passes "no limit" to
+            // hyper: streams a client opens and resets at once (HTTP/2
+            // rapid reset) and streams the server had to reset for the
+            // client's errors both end the connection past these.
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .http2_max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
+            // Connections are recycled now and then, so load spreads again
+            // after gateways are added; subscribers resume on their own.
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(Duration::from_secs(30))
+            // Room for an oversized token to reach the token check and be
+            // refused as UNAUTHENTICATED rather than as a protocol error.
+            .http2_max_header_list_size(MAX_HEADER_BYTES)
             .layer(chat_telemetry::metrics::MetricsLayer::new(rpc))
             .layer(chat_telemetry::trace::TraceLayer)
             .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 ChatServer::new(chat)
                     .max_decoding_message_size(opts.max_body_bytes + REQUEST_OVERHEAD),
@@ -158,7 +200,12 @@ impl RunningGateway {
             );
         let mut servers = Vec::new();
         let stop = shutdown.clone();
-        let incoming = paced(public, opts.limits.accept, connections);
+        let incoming = paced(
+            public,
+            opts.limits.accept,
+            opts.limits.connections,
+            connections,
+        );
         servers.push(tokio::spawn(async move {
             if let Err(e) = public_router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())

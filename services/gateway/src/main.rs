@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chat_auth::TokenKey;
+use chat_auth::{Keyring, TokenKey};
 use chat_gateway::guard::Limits;
 use chat_gateway::{GatewayOptions, RunningGateway};
 use chat_resilience::bucket::Rate;
@@ -44,6 +44,23 @@ struct Config {
     /// Key that signs bearer tokens (at least 16 bytes).
     #[arg(long, env = "CHAT_TOKEN_KEY", hide_env_values = true)]
     token_key: String,
+    /// More keys whose tokens are accepted, comma separated: during a
+    /// rotation, the next key (before signers move to it) or the previous
+    /// one (until its tokens have expired).
+    #[arg(
+        long,
+        env = "CHAT_EXTRA_TOKEN_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    extra_token_keys: Vec<String>,
+    /// The deployment's name, signed into its tokens: tokens made for
+    /// another deployment do not verify here even if a key is shared.
+    #[arg(long, env = "CHAT_TOKEN_AUDIENCE", default_value = chat_auth::DEFAULT_AUDIENCE)]
+    token_audience: String,
+    /// Tokens valid for longer than this are refused.
+    #[arg(long, env = "CHAT_TOKEN_MAX_LIFETIME_SECS", default_value_t = chat_auth::DEFAULT_MAX_LIFETIME_SECS)]
+    token_max_lifetime_secs: u64,
     /// Largest accepted message body.
     #[arg(long, env = "CHAT_GATEWAY_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     max_body_bytes: usize,
@@ -76,8 +93,15 @@ struct Config {
     #[arg(long, env = "CHAT_GATEWAY_ACCEPT_RATE", default_value_t = 2_000)]
     accept_rate: u32,
     /// Concurrent calls one connection may have open.
-    #[arg(long, env = "CHAT_GATEWAY_MAX_STREAMS", default_value_t = 1_024)]
+    #[arg(long, env = "CHAT_GATEWAY_MAX_STREAMS", default_value_t = Limits::default().max_streams_per_connection)]
     max_streams_per_connection: u32,
+    /// Client connections open at once; past it new ones are closed at
+    /// once (0: no cap).
+    #[arg(long, env = "CHAT_GATEWAY_MAX_CONNECTIONS", default_value_t = Limits::default().connections.total)]
+    max_connections: u64,
+    /// Client connections open at once from one IP (0: no cap).
+    #[arg(long, env = "CHAT_GATEWAY_MAX_CONNECTIONS_PER_IP", default_value_t = Limits::default().connections.per_ip)]
+    max_connections_per_ip: u32,
     /// Adaptive concurrency limit: the least and the most calls in flight
     /// it allows, and how far latency may rise over its long-term level
     /// before the limit falls.
@@ -137,8 +161,19 @@ fn rate(per_second: u32) -> Rate {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let token_key = TokenKey::new(cfg.token_key.into_bytes())
-        .map_err(|e| anyhow::anyhow!("--token-key: {e}"))?;
+    let mut keys = vec![
+        TokenKey::new(cfg.token_key.into_bytes())
+            .map_err(|e| anyhow::anyhow!("--token-key: {e}"))?,
+    ];
+    for (i, k) in cfg.extra_token_keys.into_iter().enumerate() {
+        keys.push(
+            TokenKey::new(k.into_bytes())
+                .map_err(|e| anyhow::anyhow!("--extra-token-keys, key {}: {e}", i + 1))?,
+        );
+    }
+    let tokens =
+        Keyring::new(keys, &cfg.token_audience).with_max_lifetime(cfg.token_max_lifetime_secs);
+    tracing::info!(keys = ?tokens.ids(), audience = %cfg.token_audience, "token keys accepted");
     anyhow::ensure!(
         cfg.lease_ms >= 300 && cfg.lease_ms <= 60_000,
         "--lease-ms must be in 300..=60000"
@@ -161,7 +196,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.internal_listen))?;
     let opts = GatewayOptions {
         routers: cfg.routers,
-        token_key,
+        tokens,
         internal_advertise: cfg
             .internal_advertise
             .unwrap_or_else(|| cfg.internal_listen.to_string()),
@@ -182,6 +217,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 burst: cfg.accept_rate.saturating_mul(2),
             },
             max_streams_per_connection: cfg.max_streams_per_connection.max(1),
+            connections: chat_resilience::incoming::ConnectionCaps {
+                total: cfg.max_connections,
+                per_ip: cfg.max_connections_per_ip,
+            },
             concurrency: LimitConfig {
                 min: cfg.limit_min,
                 max: cfg.limit_max,

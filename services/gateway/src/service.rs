@@ -29,6 +29,10 @@ pub struct User(pub String, pub u64);
 
 /// Open subscriptions one user may hold on one gateway.
 pub const MAX_SESSIONS_PER_USER: usize = 16;
+/// Most conversation cursors one Subscribe may carry.
+pub const MAX_CURSORS: usize = 10_000;
+/// Most conversations ListConversations returns.
+pub const MAX_LISTED: u32 = 1_000;
 
 fn user_of<T>(req: &Request<T>) -> Result<String, Status> {
     req.extensions()
@@ -116,18 +120,24 @@ impl Chat for ChatApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let user = user_of(&request)?;
         let expires = request.extensions().get::<User>().map_or(0, |u| u.1);
-        if self.sessions.sessions_of(&user) >= MAX_SESSIONS_PER_USER {
-            return Err(Status::resource_exhausted(format!(
-                "{user} already has {MAX_SESSIONS_PER_USER} open subscriptions on this gateway"
+        let r = request.into_inner();
+        if r.cursors.len() > MAX_CURSORS {
+            return Err(Status::invalid_argument(format!(
+                "{} cursors given, the most is {MAX_CURSORS}",
+                r.cursors.len()
             )));
         }
         let mut cursors = HashMap::new();
-        for c in request.into_inner().cursors {
+        for c in r.cursors {
             valid_conversation(&c.conversation_id)?;
             cursors.insert(c.conversation_id, c.last_seq);
         }
         let (out, rx) = mpsc::channel(OUT_QUEUE);
-        let (id, pushes) = self.sessions.open(&user);
+        let Some((id, pushes)) = self.sessions.open(&user, MAX_SESSIONS_PER_USER) else {
+            return Err(Status::resource_exhausted(format!(
+                "{user} already has {MAX_SESSIONS_PER_USER} open subscriptions on this gateway"
+            )));
+        };
         let session = Session {
             user: user.clone(),
             cursors,
@@ -250,6 +260,7 @@ impl Chat for ChatApi {
         let deadline = deadline::of(&request);
         let req = spb::ListConversationsRequest {
             user_id: user.clone(),
+            limit: MAX_LISTED,
             ..Default::default()
         };
         let l = via_router!(

@@ -81,7 +81,10 @@ fn incident_event(state: &str, text: &str) -> cpb::StatusEvent {
 }
 
 impl Sessions {
-    pub fn open(&self, user: &str) -> (u64, mpsc::Receiver<Push>) {
+    /// A new session of `user`, unless they already have `max` open: the
+    /// check and the opening are one step, so concurrent subscribes cannot
+    /// pass the cap together.
+    pub fn open(&self, user: &str, max: usize) -> Option<(u64, mpsc::Receiver<Push>)> {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         // A new subscriber learns at once what is degraded now.
         if let Some(s) = self.status().filter(|s| s.state != STATE_OK) {
@@ -94,13 +97,16 @@ impl Sessions {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut g = self.by_user.lock().expect("sessions lock poisoned");
         let list = g.entry(user.to_owned()).or_default();
+        if list.len() >= max {
+            return None;
+        }
         let first = list.is_empty();
         list.push((id, tx));
         drop(g);
         if first {
             self.changed.notify_one();
         }
-        (id, rx)
+        Some((id, rx))
     }
 
     pub fn close(&self, user: &str, id: u64) {
@@ -122,14 +128,6 @@ impl Sessions {
             .keys()
             .cloned()
             .collect()
-    }
-
-    pub fn sessions_of(&self, user: &str) -> usize {
-        self.by_user
-            .lock()
-            .expect("sessions lock poisoned")
-            .get(user)
-            .map_or(0, Vec::len)
     }
 
     pub fn count(&self) -> usize {

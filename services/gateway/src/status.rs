@@ -251,6 +251,12 @@ impl GatewayAdmin {
                 "Client connections accepted.",
                 self.connections.accepted.load(Relaxed) as f64,
             );
+            page.single(
+                "chat_gateway_connections_refused_total",
+                "counter",
+                "Client connections closed at once: over the total or per-IP cap.",
+                self.connections.refused.load(Relaxed) as f64,
+            );
         }
         page.single(
             "chat_gateway_open_streams",

@@ -9,9 +9,14 @@
 //! keepalive pings, so it is never silent that long; a peer that connects
 //! and never completes the handshake, or that went away without a FIN,
 //! is. This is the handshake and idle timeout in one.
+//!
+//! Connections past a cap ([`ConnectionCaps`]: in all, and from one IP) are
+//! closed as soon as they are accepted, before any byte is read.
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,21 +29,82 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// How long a connection may go without sending anything.
 pub const SILENCE: Duration = Duration::from_secs(30);
 
-/// Connections accepted and open now (for metrics).
+/// Connections accepted, open now, and closed at once for a cap (for
+/// metrics); and the open ones by client IP.
 #[derive(Debug, Default)]
 pub struct ConnectionCount {
     pub accepted: std::sync::atomic::AtomicU64,
     pub open: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    by_ip: std::sync::Mutex<std::collections::HashMap<IpAddr, u32>>,
+}
+
+/// Most connections open at once, in all and from one client IP (0: no
+/// cap).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionCaps {
+    pub total: u64,
+    pub per_ip: u32,
+}
+
+impl ConnectionCount {
+    /// A place for a connection from `ip`, or `None` when a cap is reached.
+    fn admit(self: &Arc<Self>, ip: Option<IpAddr>, caps: ConnectionCaps) -> Option<OpenGuard> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.accepted.fetch_add(1, Relaxed);
+        if caps.total > 0 && self.open.load(Relaxed) >= caps.total {
+            self.refused.fetch_add(1, Relaxed);
+            return None;
+        }
+        if let Some(ip) = ip
+            && caps.per_ip > 0
+        {
+            let mut by_ip = self.by_ip.lock().expect("connection table poisoned");
+            let n = by_ip.entry(ip).or_insert(0);
+            if *n >= caps.per_ip {
+                self.refused.fetch_add(1, Relaxed);
+                return None;
+            }
+            *n += 1;
+        }
+        self.open.fetch_add(1, Relaxed);
+        Some(OpenGuard {
+            count: self.clone(),
+            ip: ip.filter(|_| caps.per_ip > 0),
+        })
+    }
+
+    /// Connections open now from `ip` (counted only under a per-IP cap).
+    pub fn open_from(&self, ip: IpAddr) -> u32 {
+        self.by_ip
+            .lock()
+            .expect("connection table poisoned")
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// Counts a connection as open until dropped.
-struct OpenGuard(std::sync::Arc<ConnectionCount>);
+struct OpenGuard {
+    count: Arc<ConnectionCount>,
+    ip: Option<IpAddr>,
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0
+        self.count
             .open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            let mut by_ip = self.count.by_ip.lock().expect("connection table poisoned");
+            if let Some(n) = by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -60,11 +126,8 @@ impl<S> Silent<S> {
         }
     }
 
-    fn counted(mut self, count: &std::sync::Arc<ConnectionCount>) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        count.accepted.fetch_add(1, Relaxed);
-        count.open.fetch_add(1, Relaxed);
-        self._open = Some(OpenGuard(count.clone()));
+    fn counted(mut self, guard: OpenGuard) -> Self {
+        self._open = Some(guard);
         self
     }
 }
@@ -143,21 +206,25 @@ pub struct AcceptRate {
 struct State {
     listener: TcpListener,
     rate: AcceptRate,
+    caps: ConnectionCaps,
     tokens: f64,
     at: Instant,
-    count: std::sync::Arc<ConnectionCount>,
+    count: Arc<ConnectionCount>,
 }
 
 /// Accepted connections from `listener`, paced by `rate`, with TCP_NODELAY,
-/// closed after `SILENCE` without a byte from the peer, counted in `count`.
+/// closed after `SILENCE` without a byte from the peer, counted in `count`;
+/// those past `caps` are closed at once.
 pub fn paced(
     listener: TcpListener,
     rate: AcceptRate,
-    count: std::sync::Arc<ConnectionCount>,
+    caps: ConnectionCaps,
+    count: Arc<ConnectionCount>,
 ) -> impl Stream<Item = io::Result<Silent<TcpStream>>> {
     let state = State {
         listener,
         rate,
+        caps,
         tokens: f64::from(rate.burst.max(1)),
         at: Instant::now(),
         count,
@@ -179,9 +246,14 @@ pub fn paced(
         }
         loop {
             match s.listener.accept().await {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    let Some(guard) = s.count.admit(Some(peer.ip()), s.caps) else {
+                        tracing::debug!(peer = %peer, "connection over a cap; closed");
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    let conn = Silent::new(stream, SILENCE).counted(&s.count);
+                    let conn = Silent::new(stream, SILENCE).counted(guard);
                     return Some((Ok(conn), s));
                 }
                 // Out of file descriptors and the like: the listener itself
@@ -200,6 +272,40 @@ mod tests {
     use super::*;
     use futures::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const NO_CAPS: ConnectionCaps = ConnectionCaps {
+        total: 0,
+        per_ip: 0,
+    };
+
+    #[test]
+    fn connections_past_a_cap_get_no_place_until_one_closes() {
+        let count = Arc::new(ConnectionCount::default());
+        let caps = ConnectionCaps {
+            total: 3,
+            per_ip: 2,
+        };
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = count.admit(Some(a), caps).expect("first from a");
+        let a2 = count.admit(Some(a), caps).expect("second from a");
+        assert!(count.admit(Some(a), caps).is_none(), "a third from a");
+        let b1 = count.admit(Some(b), caps).expect("b has its own cap");
+        assert!(
+            count
+                .admit(Some("10.0.0.3".parse().unwrap()), caps)
+                .is_none(),
+            "three open in all"
+        );
+        drop(a1);
+        assert_eq!(count.open_from(a), 1);
+        let a3 = count.admit(Some(a), caps).expect("a place freed");
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(count.refused.load(Relaxed), 2);
+        drop((a2, a3, b1));
+        assert_eq!(count.open.load(Relaxed), 0);
+        assert_eq!(count.open_from(a), 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_peer_is_cut_off_and_a_talking_one_is_not() {
@@ -237,6 +343,7 @@ mod tests {
                 per_second: 10,
                 burst: 2,
             },
+            NO_CAPS,
             count.clone(),
         );
         futures::pin_mut!(incoming);

@@ -19,13 +19,17 @@ use crate::types::{
 
 /// The settings a router may write: rollout plans.
 pub const ROUTER_SETTINGS: &str = "rollout/";
-/// Most members a conversation may be created with.
+/// Most members a conversation may have (at creation, and when adding).
 pub const MAX_MEMBERS: usize = 10_000;
 /// Most items in one AppendBatch call.
 pub const MAX_BATCH_ITEMS: usize = 4_096;
 /// Default and largest page of a Read.
 pub const DEFAULT_READ_LIMIT: u32 = 100;
 pub const MAX_READ_LIMIT: u32 = 1_000;
+/// Most message body bytes in one read: a page that would hold more is cut
+/// short (the caller pages on from where it ends), so a response stays a
+/// few MiB whatever the limit and the message sizes.
+pub const MAX_READ_BYTES: usize = 4 << 20;
 /// Most conversations listed or looked up in one call.
 pub const MAX_LIST: usize = 10_000;
 
@@ -127,6 +131,33 @@ fn check_reader(conv: &crate::types::Conversation, who: &Option<UserId>) -> Resu
             format!("{u} is not a member of conversation {}", conv.id),
         )),
         _ => Ok(()),
+    }
+}
+
+/// Cuts `page` (ascending) to at most `max` body bytes, keeping at least one
+/// message: the oldest ones when reading forward, the newest when reading
+/// backward (`backward`), so paging on from the page's edge loses nothing.
+fn cap_bytes(page: &mut Vec<crate::types::StoredMessage>, max: usize, backward: bool) {
+    let mut total = 0;
+    let fits = |m: &crate::types::StoredMessage, total: &mut usize| {
+        *total += m.body.len();
+        *total <= max
+    };
+    if backward {
+        let keep = page
+            .iter()
+            .rev()
+            .take_while(|m| fits(m, &mut total))
+            .count()
+            .max(1);
+        page.drain(..page.len().saturating_sub(keep));
+    } else {
+        let keep = page
+            .iter()
+            .take_while(|m| fits(m, &mut total))
+            .count()
+            .max(1);
+        page.truncate(keep);
     }
 }
 
@@ -293,7 +324,9 @@ impl Store for StoreApi {
             .conversation(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))?;
         check_reader(&conv, &who)?;
-        let messages = reader.messages(&id, Seq(r.after_seq), Seq(r.before_seq), limit as usize)?;
+        let mut messages =
+            reader.messages(&id, Seq(r.after_seq), Seq(r.before_seq), limit as usize)?;
+        cap_bytes(&mut messages, MAX_READ_BYTES, r.before_seq != 0);
         Ok(Response::new(api::ReadResponse {
             messages: messages.into_iter().map(Into::into).collect(),
             last_seq: conv.last_seq.0,
@@ -547,5 +580,46 @@ impl StoreAdmin for StoreApi {
             .into());
         }
         Ok(Response::new(self.status_now().await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::StoredMessage;
+
+    fn page(sizes: &[usize]) -> Vec<StoredMessage> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| StoredMessage {
+                conversation: ConversationId::parse("c").unwrap(),
+                seq: Seq(i as u64 + 1),
+                sender: UserId::parse("u").unwrap(),
+                client_msg_id: format!("m{i}"),
+                body: vec![0; n].into(),
+                server_ts_ms: 0,
+            })
+            .collect()
+    }
+
+    fn seqs(p: &[StoredMessage]) -> Vec<u64> {
+        p.iter().map(|m| m.seq.0).collect()
+    }
+
+    #[test]
+    fn a_page_over_the_byte_cap_is_cut_at_the_end_it_pages_from() {
+        let mut forward = page(&[40, 40, 40, 40]);
+        cap_bytes(&mut forward, 100, false);
+        assert_eq!(seqs(&forward), [1, 2], "forward keeps the oldest");
+        let mut backward = page(&[40, 40, 40, 40]);
+        cap_bytes(&mut backward, 100, true);
+        assert_eq!(seqs(&backward), [3, 4], "backward keeps the newest");
+        let mut huge = page(&[500, 10]);
+        cap_bytes(&mut huge, 100, false);
+        assert_eq!(seqs(&huge), [1], "one message always goes");
+        let mut small = page(&[10, 10]);
+        cap_bytes(&mut small, 100, false);
+        assert_eq!(seqs(&small), [1, 2]);
     }
 }

@@ -15,6 +15,7 @@ use crate::codec;
 use crate::engine::{Engine, WriteBatch, prefix_end};
 use crate::error::StoreError;
 use crate::keys;
+use crate::service::MAX_MEMBERS;
 use crate::types::{
     Appended, Conversation, ConversationId, NewMessage, Op, OpOutcome, Seq, Setting, SettingKey,
     StoredMessage, UserId,
@@ -155,6 +156,12 @@ impl<'a> Applier<'a> {
                 let mut c = self.require(conversation)?;
                 check_member(&c, by.as_ref())?;
                 if let Err(pos) = c.members.binary_search(user) {
+                    if c.members.len() >= MAX_MEMBERS {
+                        return Err(StoreError::FailedPrecondition(format!(
+                            "conversation {} has {MAX_MEMBERS} members, the most it may have",
+                            c.id
+                        )));
+                    }
                     c.members.insert(pos, user.clone());
                     self.batch.put(
                         keys::user_conversation(user.as_str(), conversation.as_str()),
@@ -170,8 +177,10 @@ impl<'a> Applier<'a> {
                 by,
             } => {
                 let mut c = self.require(conversation)?;
+                // The requester first: a non-member learns nothing about the
+                // members (not even whether `user` is one).
+                check_member(&c, by.as_ref())?;
                 if let Ok(pos) = c.members.binary_search(user) {
-                    check_member(&c, by.as_ref())?;
                     c.members.remove(pos);
                     self.batch.delete(keys::user_conversation(
                         user.as_str(),
