@@ -24,7 +24,7 @@ for _ in $(seq 1 120); do
         gw1="127.0.0.1:${CHAT_GATEWAY1_PORT:-7201}"; gw2="127.0.0.1:${CHAT_GATEWAY2_PORT:-7202}"
         echo "ready gateways=$gw1,$gw2"
         echo "status page: http://127.0.0.1:${CHAT_STATUS_PORT:-7280}/ (JSON at /status)"
-        echo "export CHAT_GATEWAYS=$gw1,$gw2 CHAT_TLS_DIR=$PWD/.certs/operator $(cat .env)"
+        echo "export CHAT_GATEWAYS=$gw1,$gw2 CHAT_GATEWAY_CA=$PWD/.certs/operator/ca.crt CHAT_TLS_DIR=$PWD/.certs/operator $(cat .env)"
         echo "# store commands: docker-compose -p ${CHAT_PROJECT:-chat} exec operator chatctl store status"
         echo "target/release/chatctl --as alice conversation create demo --members bob"
         exit 0

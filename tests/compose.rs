@@ -182,12 +182,23 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
         String::from_utf8_lossy(&up.stderr)
     );
     let (gw1, gw2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    // The operator identity, as deploy/up.sh copies it out; its CA also
+    // verifies the gateways' public port, which is TLS here.
+    let certs = tempfile::tempdir()?;
+    let operator = certs.path().join("operator");
+    project.docker(&[
+        "cp",
+        &format!("{}:/tls", project.container("operator")),
+        &operator.display().to_string(),
+    ])?;
+    let ca = std::fs::read(operator.join("ca.crt"))?;
     let key = chat_auth::TokenKey::new(key.into_bytes())?;
     let client = |user: &str, gws: &[&String]| {
-        ChatClient::new(
+        ChatClient::new_tls(
             gws.iter().map(|s| s.to_string()).collect(),
             &key.sign_for(user, 3600),
             Duration::from_secs(30),
+            &ca,
         )
     };
     let alice1 = client("alice", &[&gw1])?;
@@ -195,6 +206,16 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
         alice1.list_conversations().await.is_ok()
     })
     .await?;
+    // The public port is TLS: a plaintext client gets nowhere.
+    let plain = ChatClient::new(
+        vec![gw1.clone()],
+        &key.sign_for("alice", 60),
+        Duration::from_secs(2),
+    )?;
+    assert!(
+        plain.list_conversations().await.is_err(),
+        "the public port answered in plaintext"
+    );
 
     // 0. The observability profile is there for users with a registry: it
     // is well formed, and the default profile (what just started, with no
@@ -321,14 +342,6 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
         "127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
         ports[2], ports[3], ports[4]
     );
-    // The operator identity, as deploy/up.sh copies it out.
-    let certs = tempfile::tempdir()?;
-    let operator = certs.path().join("operator");
-    project.docker(&[
-        "cp",
-        &format!("{}:/tls", project.container("operator")),
-        &operator.display().to_string(),
-    ])?;
     let chatctl = |args: &[&str]| {
         let mut c = Command::new(chat_tests::binary("chatctl")?);
         c.args(["--store", &stores])

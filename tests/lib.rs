@@ -56,6 +56,8 @@ pub mod stack {
         pub certs: std::sync::Arc<CertSet>,
         /// Gateways' internal (delivery) addresses.
         pub gateway_internal_addrs: Vec<String>,
+        /// The public port is TLS.
+        pub public_tls: bool,
         /// Extra routers not started yet.
         pending: Vec<(TcpListener, RouterOptions)>,
     }
@@ -71,11 +73,24 @@ pub mod stack {
             Self::start_with(Vec::new()).await
         }
 
+        /// The gateways' public port over TLS too (clients made by
+        /// [`Stack::client`] trust the cluster's CA).
+        pub async fn start_public_tls() -> anyhow::Result<Self> {
+            Self::build(Vec::new(), true).await
+        }
+
         /// With routers beyond the two stable ones, each with its release
         /// label and injected faults (canaries). The gateways know their
         /// addresses from the start; they are started by [`Stack::start_pending`].
         pub async fn start_with(
             extra_routers: Vec<(String, chat_router::rollout::Faults)>,
+        ) -> anyhow::Result<Self> {
+            Self::build(extra_routers, false).await
+        }
+
+        async fn build(
+            extra_routers: Vec<(String, chat_router::rollout::Faults)>,
+            public_tls: bool,
         ) -> anyhow::Result<Self> {
             // Every internal hop runs mutual TLS, as in production.
             let certs = std::sync::Arc::new(chat_security::certs::generate()?);
@@ -138,6 +153,14 @@ pub mod stack {
                     limits: Default::default(),
                     release: "stable".into(),
                     tls: Some(certs.tls(Role::Gateway)),
+                    public_tls: public_tls.then(|| {
+                        let p = certs.public();
+                        chat_security::PublicTls::from_pem(
+                            p.cert.clone().into_bytes(),
+                            p.key.clone().into_bytes(),
+                        )
+                        .expect("a generated certificate is valid")
+                    }),
                 };
                 gateways.push(Some(RunningGateway::start(opts, public, internal).await?));
                 gateway_addrs.push(a);
@@ -151,6 +174,7 @@ pub mod stack {
                 gateway_addrs,
                 key,
                 certs,
+                public_tls,
                 gateway_internal_addrs,
                 pending,
             })
@@ -172,8 +196,19 @@ pub mod stack {
 
         pub fn client_of(&self, user: &str, gateways: &[String]) -> ChatClient {
             let token = self.key.sign_for(user, 3600);
-            ChatClient::new(gateways.to_vec(), &token, Duration::from_secs(20))
+            if self.public_tls {
+                let ca = self.certs.public().ca.clone();
+                ChatClient::new_tls(
+                    gateways.to_vec(),
+                    &token,
+                    Duration::from_secs(20),
+                    ca.as_bytes(),
+                )
                 .expect("valid client")
+            } else {
+                ChatClient::new(gateways.to_vec(), &token, Duration::from_secs(20))
+                    .expect("valid client")
+            }
         }
 
         /// Which gateway holds at least one subscription, if any.

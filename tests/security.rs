@@ -691,3 +691,54 @@ async fn the_public_edge_refuses_cleanly_and_keeps_serving() {
         .unwrap();
     assert_eq!(h.messages.len(), 1);
 }
+
+/// The public port over TLS: a client that trusts the cluster's CA works
+/// end to end (send, subscribe, history); a plaintext client and one that
+/// trusts another CA get nowhere, and no token is sent in clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_over_tls_takes_only_clients_that_verify_it() {
+    let stack = Stack::start_public_tls().await.unwrap();
+    let alice = stack.client("alice");
+    let bob = stack.client("bob");
+    alice
+        .create_conversation("tls", &["bob".to_string()])
+        .await
+        .unwrap();
+    let mut sub = bob.subscribe(std::collections::HashMap::new());
+    alice.send("tls", "m1", b"over TLS".to_vec()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(chat_client::SubscriptionEvent::Event(chat_proto::chat::v1::Event {
+                kind: Some(chat_client::event::Kind::Message(m)),
+            }))) => {
+                assert_eq!(&m.body[..], b"over TLS");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no message over TLS: {other:?}"),
+        }
+    }
+
+    let token = stack.key.sign_for("alice", 600);
+    let plaintext =
+        chat_client::ChatClient::new(stack.gateway_addrs.clone(), &token, Duration::from_secs(2))
+            .unwrap();
+    assert!(plaintext.list_conversations().await.is_err());
+    let other_ca = chat_security::certs::generate().unwrap();
+    let fooled = chat_client::ChatClient::new_tls(
+        stack.gateway_addrs.clone(),
+        &token,
+        Duration::from_secs(2),
+        other_ca.public().ca.as_bytes(),
+    )
+    .unwrap();
+    let e = fooled.list_conversations().await.unwrap_err();
+    assert!(
+        !matches!(
+            e.code(),
+            Code::Ok | Code::Unauthenticated | Code::PermissionDenied
+        ),
+        "a client that cannot verify the gateway must not get as far as a call: {e:?}"
+    );
+}

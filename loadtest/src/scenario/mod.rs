@@ -339,6 +339,8 @@ struct Ctx {
     /// Per user: the highest seq delivered per conversation index.
     delivered_upto: Vec<Mutex<HashMap<u32, u64>>>,
     gateways: Vec<String>,
+    /// The CA of the gateways' public certificate (None: plaintext).
+    gateway_ca: Option<Vec<u8>>,
     key: chat_auth::TokenKey,
     send_timeout: Duration,
     /// Probability a send is accompanied by a typing call.
@@ -367,8 +369,11 @@ impl Ctx {
 
     fn client_for(&self, user: usize) -> anyhow::Result<ChatClient> {
         let token = self.key.sign_for(&self.users[user], 24 * 3600);
-        let c = ChatClient::new(self.gateways.clone(), &token, self.send_timeout)
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let c = match &self.gateway_ca {
+            Some(ca) => ChatClient::new_tls(self.gateways.clone(), &token, self.send_timeout, ca),
+            None => ChatClient::new(self.gateways.clone(), &token, self.send_timeout),
+        }
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         c.set_throttling(self.throttling);
         Ok(c)
     }
@@ -664,7 +669,7 @@ async fn setup(
     let gateways = target.gateways();
     for g in &gateways {
         anyhow::ensure!(
-            chatctl::local::healthy(g, "chat.v1.Chat", None).await,
+            chatctl::local::healthy(g, "chat.v1.Chat", None, target.gateway_ca().as_deref()).await,
             "gateway {g} is unreachable or not serving (no SERVING answer on gRPC health within 3 s)"
         );
     }
@@ -700,6 +705,7 @@ async fn setup(
             .map(|_| Mutex::new(HashMap::new()))
             .collect(),
         gateways,
+        gateway_ca: target.gateway_ca(),
         key,
         send_timeout: Duration::from_secs_f64(args.send_timeout),
         typing_per_send: args.typing_per_send.unwrap_or(0.0),

@@ -59,6 +59,21 @@ impl Target {
         }
     }
 
+    /// The CA of the gateways' public certificate, when their public port
+    /// is TLS (compose: the CA deploy/up.sh copied out).
+    pub fn gateway_ca(&self) -> Option<Vec<u8>> {
+        match self {
+            Target::Compose(c) => std::fs::read(
+                c.file
+                    .with_file_name(".certs")
+                    .join("operator")
+                    .join("ca.crt"),
+            )
+            .ok(),
+            _ => None,
+        }
+    }
+
     pub fn key(&self) -> &str {
         match self {
             Target::Local(c) => &c.key,

@@ -234,6 +234,7 @@ mod tests {
             deliveries: vec![Mutex::new(Vec::new()), Mutex::new(Vec::new())],
             delivered_upto: vec![Mutex::new(HashMap::new()), Mutex::new(HashMap::new())],
             gateways,
+            gateway_ca: None,
             key,
             send_timeout: Duration::from_secs(1),
             typing_per_send: 0.0,

@@ -254,8 +254,14 @@ fn server_role(service: &str) -> Option<Role> {
 
 /// Whether `addr` answers SERVING for `service` on gRPC health. `tls`:
 /// the identity to dial internal servers with (health needs none, but the
-/// server must be the cluster's).
-pub async fn healthy(addr: &str, service: &str, tls: Option<&Tls>) -> bool {
+/// server must be the cluster's); `public_ca`: the CA a gateway's public
+/// port is verified with when it is TLS (None: plaintext).
+pub async fn healthy(
+    addr: &str,
+    service: &str,
+    tls: Option<&Tls>,
+    public_ca: Option<&[u8]>,
+) -> bool {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     // The server's kind follows from the service; for the server as a
@@ -266,9 +272,19 @@ pub async fn healthy(addr: &str, service: &str, tls: Option<&Tls>) -> bool {
         (None, Some(t)) if service.is_empty() && t.role() != Role::Operator => Some(t.role()),
         (None, _) => None,
     };
-    let tls = tls.filter(|_| role.is_some());
-    let role = role.unwrap_or(Role::Gateway);
-    let Ok(ep) = chat_security::endpoint(tls, addr, role) else {
+    let ep = match (role, public_ca) {
+        (Some(role), _) => chat_security::endpoint(tls, addr, role).ok(),
+        (None, Some(ca)) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .and_then(|e| {
+                e.tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                )
+            })
+            .ok(),
+        (None, None) => chat_security::endpoint(None, addr, Role::Gateway).ok(),
+    };
+    let Some(ep) = ep else {
         return false;
     };
     let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await else {
@@ -300,8 +316,8 @@ pub async fn instance_healthy(
 ) -> bool {
     match tier {
         Tier::Store => admin.status_of(addr).await.is_ok_and(|st| st.serving),
-        Tier::Router => healthy(addr, "chat.router.v1.Router", tls).await,
-        Tier::Gateway => healthy(addr, "chat.v1.Chat", None).await,
+        Tier::Router => healthy(addr, "chat.router.v1.Router", tls, None).await,
+        Tier::Gateway => healthy(addr, "chat.v1.Chat", None, None).await,
     }
 }
 

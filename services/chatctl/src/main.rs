@@ -45,6 +45,10 @@ struct Cli {
     /// The deployment's token signing key (for `token` and `--as`).
     #[arg(long, env = "CHAT_TOKEN_KEY", hide_env_values = true, global = true)]
     token_key: Option<String>,
+    /// The CA that the gateways' public certificate is verified with, when
+    /// their public port is TLS (compose: deploy/.certs/operator/ca.crt).
+    #[arg(long, env = "CHAT_GATEWAY_CA", global = true, value_name = "FILE")]
+    gateway_ca: Option<std::path::PathBuf>,
     /// The deployment's name that tokens are signed for (the gateways'
     /// --token-audience).
     #[arg(long, env = "CHAT_TOKEN_AUDIENCE", default_value = chat_auth::DEFAULT_AUDIENCE, global = true)]
@@ -129,6 +133,11 @@ enum Top {
         /// Do nothing if DIR already holds a CA and every identity.
         #[arg(long)]
         if_missing: bool,
+        /// A name clients reach the gateways by, for the public
+        /// certificate (DIR/public) beside localhost and 127.0.0.1;
+        /// repeatable.
+        #[arg(long = "public-name")]
+        public_names: Vec<String>,
     },
     /// Exits 0 if ADDR reports SERVING on gRPC health (for healthchecks).
     /// Store and router ports are dialled with TLS when --tls-dir is given;
@@ -332,12 +341,36 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls_given = (cli.tls.tls_dir.is_some(), cli.gateway_ca.is_some());
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chatctl: {e:#}");
+            let text = format!("{e:#}");
+            eprintln!("chatctl: {text}");
+            if let Some(hint) = tls_hint(&text, tls_given) {
+                eprintln!("chatctl: {hint}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to try when a plaintext call met a TLS port (the server answers
+/// the HTTP/2 preface with a TLS alert, which surfaces as a protocol
+/// error), given whether an identity and a gateway CA were given.
+fn tls_hint(error: &str, (identity, gateway_ca): (bool, bool)) -> Option<&'static str> {
+    if !(error.contains("h2 protocol error") || error.contains("http2 error")) {
+        return None;
+    }
+    match (identity, gateway_ca) {
+        (false, _) => Some(
+            "the port may take only TLS: set CHAT_TLS_DIR (--tls-dir) to an operator identity \
+             for store ports, CHAT_GATEWAY_CA (--gateway-ca) for gateways' public ports",
+        ),
+        (true, false) => Some(
+            "the port may take only TLS: set CHAT_GATEWAY_CA (--gateway-ca) for gateways' public ports",
+        ),
+        (true, true) => None,
     }
 }
 
@@ -362,6 +395,14 @@ fn key(cli: &Cli) -> anyhow::Result<chat_auth::TokenKey> {
         .for_audience(&cli.token_audience))
 }
 
+/// The CA in --gateway-ca / CHAT_GATEWAY_CA, if given.
+fn gateway_ca(cli: &Cli) -> anyhow::Result<Option<Vec<u8>>> {
+    cli.gateway_ca
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()
+}
+
 fn chat(cli: &Cli) -> anyhow::Result<ChatClient> {
     let token = match (&cli.token, &cli.as_user) {
         (Some(t), _) => t.clone(),
@@ -370,11 +411,11 @@ fn chat(cli: &Cli) -> anyhow::Result<ChatClient> {
             "no identity: give --token (or CHAT_TOKEN), or --as USER with --token-key"
         ),
     };
-    ChatClient::new(
-        cli.gateways.clone(),
-        &token,
-        Duration::from_secs(cli.timeout_secs),
-    )
+    let deadline = Duration::from_secs(cli.timeout_secs);
+    match gateway_ca(cli)? {
+        Some(ca) => ChatClient::new_tls(cli.gateways.clone(), &token, deadline, &ca),
+        None => ChatClient::new(cli.gateways.clone(), &token, deadline),
+    }
     .map_err(status)
 }
 
@@ -529,6 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             force,
             if_missing,
+            public_names,
         } => {
             if *if_missing && chat_security::certs::complete(out) {
                 println!("{} already holds a CA and every identity", out.display());
@@ -539,16 +581,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} already holds a CA; --force replaces it",
                 out.display()
             );
-            chat_security::certs::generate()?.write(out)?;
+            chat_security::certs::generate_with(public_names)?.write(out)?;
             println!(
-                "wrote a CA and identities for store, router, gateway and operator under {}",
+                "wrote a CA, identities for store, router, gateway and operator, and the public certificate under {}",
                 out.display()
             );
         }
         Top::Health { addr, service } => {
             let tls = identity(&cli.tls)?;
+            let ca = gateway_ca(&cli)?;
             anyhow::ensure!(
-                local::healthy(addr, service, tls.as_deref()).await,
+                local::healthy(addr, service, tls.as_deref(), ca.as_deref()).await,
                 "{addr} is not serving {service:?}"
             );
             println!("serving");
@@ -558,6 +601,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn store(cli: Cli) -> anyhow::Result<()> {
+    let tls_given = cli.tls.tls_dir.is_some();
     let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?
         .with_tls(identity(&cli.tls)?);
     let Top::Store(cmd) = cli.command else {
@@ -591,7 +635,12 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
                         s.serving,
                         s.version
                     ),
-                    Err(e) => println!("{:<4} {:<22} unreachable: {e}", "?", addr),
+                    Err(e) => {
+                        println!("{:<4} {:<22} unreachable: {e}", "?", addr);
+                        if let Some(hint) = tls_hint(&e.to_string(), (tls_given, true)) {
+                            eprintln!("chatctl: {hint}");
+                        }
+                    }
                 }
             }
         }
@@ -802,5 +851,19 @@ async fn rollout(cli: Cli) -> anyhow::Result<()> {
 fn print_replicas(r: api::MembershipResponse) {
     for x in r.replicas {
         println!("{:<4} {:<22} {}", x.id, x.address, x.role);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_hint;
+
+    #[test]
+    fn a_plaintext_call_to_a_tls_port_says_what_to_set() {
+        let e = "Unavailable: h2 protocol error: http2 error";
+        assert!(tls_hint(e, (false, false)).unwrap().contains("CHAT_TLS_DIR"));
+        assert!(tls_hint(e, (true, false)).unwrap().contains("CHAT_GATEWAY_CA"));
+        assert_eq!(tls_hint(e, (true, true)), None);
+        assert_eq!(tls_hint("Unavailable: tcp connect error", (false, false)), None);
     }
 }

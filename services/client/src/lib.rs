@@ -97,26 +97,57 @@ fn backoff_step(backoff: &mut Duration) -> Duration {
 
 impl ChatClient {
     /// `endpoints`: gateways as host:port; `token`: a bearer token;
-    /// `deadline`: bound of each call, retries included.
+    /// `deadline`: bound of each call, retries included. Plaintext: for
+    /// gateways on a trusted network (`chatctl local up` on 127.0.0.1).
     pub fn new(endpoints: Vec<String>, token: &str, deadline: Duration) -> Result<Self, Status> {
+        Self::connect(endpoints, token, deadline, None)
+    }
+
+    /// As [`ChatClient::new`], over TLS: the gateways must present a
+    /// certificate issued by the CA in `ca_pem` for the host each endpoint
+    /// names (a DNS name or an IP address).
+    pub fn new_tls(
+        endpoints: Vec<String>,
+        token: &str,
+        deadline: Duration,
+        ca_pem: &[u8],
+    ) -> Result<Self, Status> {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+        Self::connect(endpoints, token, deadline, Some(tls))
+    }
+
+    fn connect(
+        endpoints: Vec<String>,
+        token: &str,
+        deadline: Duration,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Self, Status> {
         if endpoints.is_empty() {
             return Err(Status::invalid_argument("no gateway endpoints given"));
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let channels = endpoints
             .iter()
             .map(|a| {
-                Endpoint::from_shared(format!("http://{a}"))
-                    .map(|e| {
-                        e.connect_timeout(Duration::from_millis(500))
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(1))
-                            .keep_alive_timeout(Duration::from_secs(2))
-                            .keep_alive_while_idle(true)
-                            .connect_lazy()
-                    })
-                    .map_err(|e| {
-                        Status::invalid_argument(format!("bad gateway address {a:?}: {e}"))
-                    })
+                let bad = |e: tonic::transport::Error| {
+                    Status::invalid_argument(format!("bad gateway address {a:?}: {e}"))
+                };
+                let mut e = Endpoint::from_shared(format!("{scheme}://{a}")).map_err(bad)?;
+                if let Some(tls) = &tls {
+                    e = e.tls_config(tls.clone()).map_err(bad)?;
+                }
+                Ok::<_, Status>(e)
+            })
+            .map(|e| {
+                e.map(|e| {
+                    e.connect_timeout(Duration::from_millis(500))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(1))
+                        .keep_alive_timeout(Duration::from_secs(2))
+                        .keep_alive_while_idle(true)
+                        .connect_lazy()
+                })
             })
             .collect::<Result<_, _>>()?;
         let token = format!("Bearer {token}").parse().map_err(|_| {

@@ -67,6 +67,8 @@ pub struct GatewayOptions {
     /// The gateway's identity for mutual TLS with routers, on the
     /// internal port (None: plaintext, every caller trusted).
     pub tls: Option<Arc<chat_security::Tls>>,
+    /// The public port's certificate (None: plaintext, tokens in clear).
+    pub public_tls: Option<Arc<chat_security::PublicTls>>,
     /// Release label, reported with the build version on every response.
     pub release: String,
 }
@@ -157,7 +159,11 @@ impl RunningGateway {
                 .local_addr()
                 .map_or_else(|_| String::new(), |a| a.to_string()),
         });
-        let public_router = tonic::transport::Server::builder()
+        let mut public_server = tonic::transport::Server::builder();
+        if let Some(t) = &opts.public_tls {
+            public_server = public_server.tls_config(t.server_config())?;
+        }
+        let public_router = public_server
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))

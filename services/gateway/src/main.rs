@@ -128,6 +128,12 @@ struct Config {
     log_format: chat_telemetry::trace::LogFormat,
     #[command(flatten)]
     tls: chat_security::TlsArgs,
+    /// Serve the public port over TLS with the certificate in DIR
+    /// (tls.crt, tls.key; `chatctl certs` writes one to DIR/public).
+    /// Without it the public port is plaintext and tokens travel in clear:
+    /// only for 127.0.0.1 or a network you trust.
+    #[arg(long, env = "CHAT_GATEWAY_PUBLIC_TLS_DIR", value_name = "DIR")]
+    public_tls_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -188,6 +194,19 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "--limit-tolerance must be at least 1"
     );
     let tls = cfg.tls.load(chat_security::Role::Gateway)?;
+    let public_tls = match &cfg.public_tls_dir {
+        Some(d) => Some(chat_security::PublicTls::load(d)?),
+        None => {
+            if !cfg.listen.ip().is_loopback() {
+                tracing::warn!(
+                    address = %cfg.listen,
+                    "the public port is plaintext and not on loopback: tokens travel in clear \
+                     (--public-tls-dir serves it over TLS)"
+                );
+            }
+            None
+        }
+    };
     let public = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -232,6 +251,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             },
         },
         tls,
+        public_tls,
     };
     let admin = chat_telemetry::admin::bind(cfg.admin_listen, "--admin-listen")
         .await

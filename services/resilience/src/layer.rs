@@ -161,11 +161,15 @@ pub fn method(parts: &http::request::Parts) -> &str {
     parts.uri.path().rsplit('/').next().unwrap_or("")
 }
 
-/// The client's IP, as the server saw the connection.
+/// The client's IP, as the server saw the connection (plaintext or TLS).
 pub fn peer_ip(parts: &http::request::Parts) -> Option<std::net::IpAddr> {
-    parts
-        .extensions
-        .get::<tonic::transport::server::TcpConnectInfo>()
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = &parts.extensions;
+    ext.get::<TcpConnectInfo>()
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(|t| t.get_ref())
+        })
         .and_then(|i| i.remote_addr())
         .map(|a| a.ip())
 }

@@ -8,6 +8,9 @@
 //! <role>/ca.crt           the CA again, so each role's directory stands alone
 //! <role>/tls.crt          the role's certificate, valid for <role>.chat.internal
 //! <role>/tls.key
+//! public/ca.crt, public/tls.crt, public/tls.key
+//!                         the gateways' public port: valid for localhost,
+//!                         127.0.0.1, ::1 and the names given
 //! ```
 
 use std::path::Path;
@@ -32,19 +35,34 @@ pub struct IdentityPem {
     pub key: String,
 }
 
-/// A CA and an identity for every role.
+/// A CA, an identity for every role, and the gateways' public
+/// certificate.
 pub struct CertSet {
     ca_cert: String,
     ca_key: String,
     identities: Vec<(Role, IdentityPem)>,
+    public: IdentityPem,
 }
+
+/// The directory of the public certificate in a written set.
+pub const PUBLIC_DIR: &str = "public";
+/// Names the public certificate is always valid for.
+pub const PUBLIC_DEFAULT_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 fn failed(what: &str) -> impl Fn(rcgen::Error) -> Error + '_ {
     move |e| Error(format!("cannot make {what}: {e}"))
 }
 
-/// Makes a new CA and one identity per role.
+/// Makes a new CA and one identity per role; the public certificate is
+/// valid for the default names only.
 pub fn generate() -> Result<CertSet, Error> {
+    generate_with(&[])
+}
+
+/// Makes a new CA, one identity per role, and a public certificate valid
+/// for the default names and `public_names` (DNS names or IP addresses
+/// clients reach the gateways by).
+pub fn generate_with(public_names: &[String]) -> Result<CertSet, Error> {
     let now = OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().map_err(failed("the CA key"))?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(failed("the CA"))?;
@@ -87,10 +105,30 @@ pub fn generate() -> Result<CertSet, Error> {
             },
         ));
     }
+    let key = KeyPair::generate().map_err(failed("a key"))?;
+    let mut names: Vec<String> = PUBLIC_DEFAULT_NAMES.iter().map(|n| n.to_string()).collect();
+    names.extend(public_names.iter().cloned());
+    names.dedup();
+    let mut p = CertificateParams::new(names).map_err(failed("the public certificate"))?;
+    p.distinguished_name
+        .push(DnType::CommonName, "chat gateways");
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(IDENTITY_VALIDITY_DAYS);
+    let cert = p
+        .signed_by(&key, &issuer)
+        .map_err(failed("the public certificate"))?;
+    let public = IdentityPem {
+        ca: ca_pem.clone(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    };
     Ok(CertSet {
         ca_cert: ca_pem,
         ca_key: ca_key_pem,
         identities,
+        public,
     })
 }
 
@@ -108,6 +146,11 @@ impl CertSet {
             .find(|(r, _)| *r == role)
             .expect("every role has an identity")
             .1
+    }
+
+    /// The gateways' public certificate.
+    pub fn public(&self) -> &IdentityPem {
+        &self.public
     }
 
     /// The identity of `role`, ready to serve and dial with.
@@ -133,6 +176,10 @@ impl CertSet {
             write_file(&d.join(CERT_FILE), &id.cert, false)?;
             write_file(&d.join(KEY_FILE), &id.key, true)?;
         }
+        let d = dir.join(PUBLIC_DIR);
+        write_file(&d.join(CA_FILE), &self.public.ca, false)?;
+        write_file(&d.join(CERT_FILE), &self.public.cert, false)?;
+        write_file(&d.join(KEY_FILE), &self.public.key, true)?;
         Ok(())
     }
 }
@@ -140,11 +187,15 @@ impl CertSet {
 /// Whether `dir` already holds a CA and every role's identity.
 pub fn complete(dir: &Path) -> bool {
     dir.join(CA_FILE).is_file()
-        && Role::ALL.into_iter().all(|r| {
-            [CA_FILE, CERT_FILE, KEY_FILE]
-                .iter()
-                .all(|f| dir.join(r.name()).join(f).is_file())
-        })
+        && Role::ALL
+            .iter()
+            .map(|r| r.name())
+            .chain([PUBLIC_DIR])
+            .all(|d| {
+                [CA_FILE, CERT_FILE, KEY_FILE]
+                    .iter()
+                    .all(|f| dir.join(d).join(f).is_file())
+            })
 }
 
 fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), Error> {

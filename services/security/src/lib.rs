@@ -218,6 +218,48 @@ impl Tls {
     }
 }
 
+/// The gateways' certificate for the public port (no client
+/// certificates there: clients prove who they are with tokens).
+pub struct PublicTls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl fmt::Debug for PublicTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PublicTls(..)")
+    }
+}
+
+impl PublicTls {
+    /// Reads `tls.crt` and `tls.key` from `dir` (`chatctl certs` writes
+    /// them to DIR/public; any certificate clients trust will do).
+    pub fn load(dir: &Path) -> Result<Arc<Self>, Error> {
+        let read = |name: &str| {
+            std::fs::read(dir.join(name)).map_err(|e| {
+                Error(format!(
+                    "cannot read {} (the public port's certificate): {e}",
+                    dir.join(name).display()
+                ))
+            })
+        };
+        Self::from_pem(read(CERT_FILE)?, read(KEY_FILE)?)
+    }
+
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>) -> Result<Arc<Self>, Error> {
+        CertificateDer::from_pem_slice(&cert)
+            .map_err(|e| Error(format!("{CERT_FILE} holds no certificate: {e}")))?;
+        if !key.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err(Error(format!("{KEY_FILE} holds no private key")));
+        }
+        Ok(Arc::new(Self { cert, key }))
+    }
+
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key))
+    }
+}
+
 /// An endpoint for the service of kind `peer` at `addr` (host:port):
 /// mutual TLS with this identity when `tls` is set, plaintext otherwise.
 pub fn endpoint(tls: Option<&Tls>, addr: &str, peer: Role) -> Result<Endpoint, Error> {
