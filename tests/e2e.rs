@@ -239,7 +239,7 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> anyhow::Result<(
         (
             "non-member",
             mallory.send("b", "1", b"x".to_vec()).await,
-            Code::PermissionDenied,
+            Code::NotFound,
             "not a member",
         ),
         (
@@ -292,9 +292,14 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> anyhow::Result<(
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("not a member"), "{}", err.message());
     let err = mallory.add_member("b", "mallory").await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::NotFound);
+    // The same answer as for a conversation that does not exist: a
+    // stranger cannot tell which ids are taken.
+    let missing = mallory.add_member("no-such", "mallory").await.unwrap_err();
+    assert_eq!(missing.code(), err.code());
     // Nothing stored was harmed.
     let h = alice
         .history(pb::HistoryRequest {

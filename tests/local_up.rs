@@ -93,7 +93,7 @@ async fn local_up_runs_a_cluster_that_chatctl_sends_and_listens_through() -> any
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("PermissionDenied") && err.contains("not a member"),
+        err.contains("NotFound") && err.contains("not a member"),
         "{err}"
     );
 

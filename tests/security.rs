@@ -622,7 +622,7 @@ async fn the_public_edge_refuses_cleanly_and_keeps_serving() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(!e.message().contains("alice"), "{}", e.message());
     let e = api
         .send_typing(with_auth(
@@ -633,7 +633,7 @@ async fn the_public_edge_refuses_cleanly_and_keeps_serving() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = api
         .history(with_auth(
             cpb::HistoryRequest {
@@ -645,7 +645,7 @@ async fn the_public_edge_refuses_cleanly_and_keeps_serving() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // The subscription cap holds when many open at once.
     let dave = format!("Bearer {}", stack.key.sign_for("dave", 600));

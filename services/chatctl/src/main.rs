@@ -861,9 +861,20 @@ mod tests {
     #[test]
     fn a_plaintext_call_to_a_tls_port_says_what_to_set() {
         let e = "Unavailable: h2 protocol error: http2 error";
-        assert!(tls_hint(e, (false, false)).unwrap().contains("CHAT_TLS_DIR"));
-        assert!(tls_hint(e, (true, false)).unwrap().contains("CHAT_GATEWAY_CA"));
+        assert!(
+            tls_hint(e, (false, false))
+                .unwrap()
+                .contains("CHAT_TLS_DIR")
+        );
+        assert!(
+            tls_hint(e, (true, false))
+                .unwrap()
+                .contains("CHAT_GATEWAY_CA")
+        );
         assert_eq!(tls_hint(e, (true, true)), None);
-        assert_eq!(tls_hint("Unavailable: tcp connect error", (false, false)), None);
+        assert_eq!(
+            tls_hint("Unavailable: tcp connect error", (false, false)),
+            None
+        );
     }
 }

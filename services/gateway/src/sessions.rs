@@ -10,7 +10,7 @@
 //! loses them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,10 @@ use crate::routers::{RouterPool, via_router};
 /// Pushes queued per session before new ones are dropped (the sweep
 /// recovers dropped messages).
 pub const PUSH_QUEUE: usize = 4_096;
+/// Message body bytes queued per session before new pushes are dropped: a
+/// subscriber that reads slowly holds at most this much of the gateway's
+/// memory in pushes (the sweep recovers what was dropped).
+pub const PUSH_BYTES: usize = 4 << 20;
 /// Events buffered towards one client.
 pub const OUT_QUEUE: usize = 1_024;
 /// Page size of catch-up reads.
@@ -52,8 +56,72 @@ pub enum Push {
     Status(cpb::StatusEvent),
 }
 
+impl Push {
+    /// The bytes it counts for against `PUSH_BYTES`.
+    fn bytes(&self) -> usize {
+        match self {
+            Push::Message(m) => m.body.len(),
+            Push::Typing(_) | Push::Status(_) => 0,
+        }
+    }
+}
+
+/// The sending side of a session's push queue, bounded in count
+/// (`PUSH_QUEUE`) and in message bytes (`PUSH_BYTES`); never waits.
+#[derive(Clone)]
+pub struct PushSender {
+    tx: mpsc::Sender<Push>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The receiving side, which gives the bytes back as it takes pushes.
+pub struct PushReceiver {
+    rx: mpsc::Receiver<Push>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// A push queue of `capacity` pushes and `max_bytes` message bytes.
+pub fn push_queue(capacity: usize, max_bytes: usize) -> (PushSender, PushReceiver) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        PushSender {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes,
+        },
+        PushReceiver { rx, bytes },
+    )
+}
+
+impl PushSender {
+    /// Queues `p` unless the queue is full in count or bytes (then it is
+    /// dropped: the session's sweep reads it from the store later).
+    pub fn try_send(&self, p: Push) -> bool {
+        let n = p.bytes();
+        if n > 0 && self.bytes.fetch_add(n, Ordering::AcqRel) + n > self.max_bytes {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        if self.tx.try_send(p).is_err() {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+impl PushReceiver {
+    pub async fn recv(&mut self) -> Option<Push> {
+        let p = self.rx.recv().await?;
+        self.bytes.fetch_sub(p.bytes(), Ordering::AcqRel);
+        Some(p)
+    }
+}
+
 /// A session's id and the queue of pushes to it.
-type SessionQueue = (u64, mpsc::Sender<Push>);
+type SessionQueue = (u64, PushSender);
 
 /// The sessions of this gateway, by user.
 #[derive(Default)]
@@ -84,8 +152,8 @@ impl Sessions {
     /// A new session of `user`, unless they already have `max` open: the
     /// check and the opening are one step, so concurrent subscribes cannot
     /// pass the cap together.
-    pub fn open(&self, user: &str, max: usize) -> Option<(u64, mpsc::Receiver<Push>)> {
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+    pub fn open(&self, user: &str, max: usize) -> Option<(u64, PushReceiver)> {
+        let (tx, rx) = push_queue(PUSH_QUEUE, PUSH_BYTES);
         // A new subscriber learns at once what is degraded now.
         if let Some(s) = self.status().filter(|s| s.state != STATE_OK) {
             let _ = tx.try_send(Push::Status(s));
@@ -281,7 +349,7 @@ pub struct Session {
 struct Gone;
 
 impl Session {
-    pub async fn run(mut self, mut pushes: mpsc::Receiver<Push>) {
+    pub async fn run(mut self, mut pushes: PushReceiver) {
         if self.sync().await.is_err() {
             return;
         }
@@ -486,6 +554,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slow_subscriber_holds_at_most_its_byte_budget_of_pushes() {
+        let (tx, mut rx) = push_queue(100, 1_000);
+        let big = |seq| {
+            Push::Message(spb::StoredMessage {
+                body: vec![0; 400],
+                ..msg(seq)
+            })
+        };
+        assert!(tx.try_send(big(1)));
+        assert!(tx.try_send(big(2)));
+        assert!(
+            !tx.try_send(big(3)),
+            "a third 400-byte push is over 1,000 bytes"
+        );
+        // Small events are not counted and still go through.
+        assert!(tx.try_send(Push::Status(status_event(Vec::new()))));
+        // Reading gives the bytes back.
+        assert!(matches!(rx.recv().await, Some(Push::Message(m)) if m.seq == 1));
+        assert!(tx.try_send(big(4)));
+        assert!(!tx.try_send(big(5)));
+    }
+
+    #[tokio::test]
     async fn pushes_that_cross_are_delivered_in_order_once_without_store_reads() {
         // No router is reachable: any store read would fail, and the
         // messages could then only arrive through the reorder buffer.
@@ -498,7 +589,7 @@ mod tests {
             .unwrap(),
         );
         let (out, mut rx) = mpsc::channel(16);
-        let (push_tx, pushes) = mpsc::channel(16);
+        let (push_tx, pushes) = push_queue(16, PUSH_BYTES);
         let session = Session {
             user: "b".into(),
             cursors: HashMap::from([("c".to_string(), 0)]),
@@ -511,7 +602,7 @@ mod tests {
         };
         let task = tokio::spawn(session.run(pushes));
         for seq in [2, 1, 1, 3] {
-            push_tx.send(Push::Message(msg(seq))).await.unwrap();
+            assert!(push_tx.try_send(Push::Message(msg(seq))));
         }
         let mut seqs = Vec::new();
         while seqs.len() < 3 {

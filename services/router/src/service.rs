@@ -267,6 +267,7 @@ impl Router for RouterService {
         }
         let caller = deadline::of(&request);
         let r = request.into_inner();
+        let hidden = || Status::from(StoreError::not_visible(&r.conversation_id, &r.user_id));
         let conv = self
             .bounded(
                 caller,
@@ -275,12 +276,16 @@ impl Router for RouterService {
                     consistency: spb::Consistency::Stale as i32,
                 }),
             )
-            .await?;
+            .await
+            .map_err(|s| {
+                if s.code() == tonic::Code::NotFound {
+                    hidden()
+                } else {
+                    s
+                }
+            })?;
         if !conv.members.contains(&r.user_id) {
-            return Err(Status::permission_denied(format!(
-                "{} is not a member of conversation {}",
-                r.user_id, r.conversation_id
-            )));
+            return Err(hidden());
         }
         let others: Vec<String> = conv
             .members

@@ -55,6 +55,15 @@ fn leader_hint(leader: &Option<(NodeId, String)>) -> String {
 }
 
 impl StoreError {
+    /// What `user` is told about a conversation they may not see: the same
+    /// NOT_FOUND whether it does not exist or they are not a member, so a
+    /// stranger cannot learn which conversation ids exist.
+    pub fn not_visible(conversation: impl std::fmt::Display, user: impl std::fmt::Display) -> Self {
+        Self::NotFound(format!(
+            "conversation {conversation} does not exist or {user} is not a member"
+        ))
+    }
+
     /// Whether retrying the same request (elsewhere or later) may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(

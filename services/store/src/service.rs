@@ -124,13 +124,44 @@ fn requester(raw: &str) -> Result<Option<UserId>, StoreError> {
     }
 }
 
-/// Refuses a read on behalf of a non-member.
-fn check_reader(conv: &crate::types::Conversation, who: &Option<UserId>) -> Result<(), StoreError> {
-    match who {
-        Some(u) if conv.members.binary_search(u).is_err() => Err(StoreError::PermissionDenied(
-            format!("{u} is not a member of conversation {}", conv.id),
-        )),
-        _ => Ok(()),
+/// Refuses, before anything is proposed, appends by senders who are not
+/// members of their conversation as this replica's applied state says,
+/// so they cost no replication and no fdatasync. It decides only when the
+/// replica has applied everything it knows to be committed (a new leader
+/// may not have yet), and lets a retry of an append already stored go on
+/// (its sender may have left since; the retry gets the original seq):
+/// otherwise the state machine's own check, which every replica applies,
+/// decides.
+struct Screen {
+    reader: Option<crate::state_machine::Reader>,
+    seen: std::collections::HashMap<ConversationId, Option<Vec<UserId>>>,
+}
+
+impl Screen {
+    fn new(api: &StoreApi) -> Self {
+        let st = api.node.status();
+        Self {
+            reader: (st.role == raft::StateRole::Leader && st.applied >= st.commit)
+                .then(|| api.node.reader().clone()),
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    fn refuse(&mut self, m: &NewMessage) -> Result<Option<StoreError>, StoreError> {
+        let Some(reader) = &self.reader else {
+            return Ok(None);
+        };
+        if !self.seen.contains_key(&m.conversation) {
+            let members = reader.members(&m.conversation)?;
+            self.seen.insert(m.conversation.clone(), members);
+        }
+        let member = self.seen[&m.conversation]
+            .as_ref()
+            .is_some_and(|ms| ms.binary_search(&m.sender).is_ok());
+        if member || reader.has_dedup_record(&m.conversation, &m.sender, &m.client_msg_id)? {
+            return Ok(None);
+        }
+        Ok(Some(StoreError::not_visible(&m.conversation, &m.sender)))
     }
 }
 
@@ -224,6 +255,9 @@ impl Store for StoreApi {
         request: Request<api::AppendRequest>,
     ) -> Result<Response<api::AppendResponse>, Status> {
         let m = self.new_message(request.into_inner())?;
+        if let Some(e) = Screen::new(self).refuse(&m)? {
+            return Err(e.into());
+        }
         match self.one(Op::Append(m)).await? {
             OpOutcome::Appended(a) => Ok(Response::new(a.into())),
             other => Err(StoreError::Storage(format!("unexpected outcome {other:?}")).into()),
@@ -246,9 +280,14 @@ impl Store for StoreApi {
         let mut out: Vec<Option<api::AppendOutcome>> = Vec::with_capacity(items.len());
         let mut ops = Vec::with_capacity(items.len());
         let mut op_convs = Vec::with_capacity(items.len());
+        let mut screen = Screen::new(self);
         for item in items {
             match self.new_message(item) {
                 Ok(m) => {
+                    if let Some(e) = screen.refuse(&m)? {
+                        out.push(Some(item_error(&e)));
+                        continue;
+                    }
                     op_convs.push(m.conversation.clone());
                     ops.push(Op::Append(m));
                     out.push(None);
@@ -320,10 +359,7 @@ impl Store for StoreApi {
         let who = requester(&r.requester)?;
         let stale = self.barrier(r.consistency).await?;
         let reader = self.node.reader();
-        let conv = reader
-            .conversation(&id)?
-            .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))?;
-        check_reader(&conv, &who)?;
+        let conv = crate::state_machine::visible_to(reader.conversation(&id)?, &id, who.as_ref())?;
         let mut messages =
             reader.messages(&id, Seq(r.after_seq), Seq(r.before_seq), limit as usize)?;
         cap_bytes(&mut messages, MAX_READ_BYTES, r.before_seq != 0);

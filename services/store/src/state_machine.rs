@@ -153,8 +153,7 @@ impl<'a> Applier<'a> {
                 user,
                 by,
             } => {
-                let mut c = self.require(conversation)?;
-                check_member(&c, by.as_ref())?;
+                let mut c = self.require_for(conversation, by.as_ref())?;
                 if let Err(pos) = c.members.binary_search(user) {
                     if c.members.len() >= MAX_MEMBERS {
                         return Err(StoreError::FailedPrecondition(format!(
@@ -176,10 +175,10 @@ impl<'a> Applier<'a> {
                 user,
                 by,
             } => {
-                let mut c = self.require(conversation)?;
                 // The requester first: a non-member learns nothing about the
-                // members (not even whether `user` is one).
-                check_member(&c, by.as_ref())?;
+                // members (not even whether `user` is one, nor whether the
+                // conversation exists).
+                let mut c = self.require_for(conversation, by.as_ref())?;
                 if let Ok(pos) = c.members.binary_search(user) {
                     c.members.remove(pos);
                     self.batch.delete(keys::user_conversation(
@@ -245,12 +244,7 @@ impl<'a> Applier<'a> {
     fn append(&mut self, m: &NewMessage, ts_ms: i64, now: i64) -> Result<Appended, StoreError> {
         let member = match self.head(&m.conversation)? {
             Some(c) => c.members.binary_search(&m.sender).is_ok(),
-            None => {
-                return Err(StoreError::NotFound(format!(
-                    "conversation {} does not exist",
-                    m.conversation
-                )));
-            }
+            None => return Err(StoreError::not_visible(&m.conversation, &m.sender)),
         };
         let dedup_key = keys::dedup(m.conversation.as_str(), m.sender.as_str(), &m.client_msg_id);
         // A record older than the window is expired: the append is new
@@ -265,10 +259,7 @@ impl<'a> Applier<'a> {
             });
         }
         if !member {
-            return Err(StoreError::PermissionDenied(format!(
-                "{} is not a member of conversation {}",
-                m.sender, m.conversation
-            )));
+            return Err(StoreError::not_visible(&m.conversation, &m.sender));
         }
         let head = self
             .head(&m.conversation)?
@@ -326,9 +317,14 @@ impl<'a> Applier<'a> {
         Ok(self.head(id)?.cloned())
     }
 
-    fn require(&mut self, id: &ConversationId) -> Result<Conversation, StoreError> {
-        self.conversation(id)?
-            .ok_or_else(|| StoreError::NotFound(format!("conversation {id} does not exist")))
+    /// The conversation, if it exists and `by` (a change made on a user's
+    /// behalf) is a member; otherwise the same NOT_FOUND either way.
+    fn require_for(
+        &mut self,
+        id: &ConversationId,
+        by: Option<&UserId>,
+    ) -> Result<Conversation, StoreError> {
+        visible_to(self.conversation(id)?, id, by)
     }
 
     /// The batch holding every write of the applied ops, and the removal
@@ -383,13 +379,23 @@ impl<'a> Applier<'a> {
     }
 }
 
-/// Refuses a change made on behalf of someone who is not a member.
-fn check_member(c: &Conversation, by: Option<&UserId>) -> Result<(), StoreError> {
-    match by {
-        Some(u) if c.members.binary_search(u).is_err() => Err(StoreError::PermissionDenied(
-            format!("{u} is not a member of conversation {}", c.id),
-        )),
-        _ => Ok(()),
+/// `conv` (the conversation `id`, if it exists) as `who` may see it: a
+/// non-member is told the same NOT_FOUND as for a conversation that does
+/// not exist. `None`: a system request, which sees every conversation.
+pub fn visible_to(
+    conv: Option<Conversation>,
+    id: &ConversationId,
+    who: Option<&UserId>,
+) -> Result<Conversation, StoreError> {
+    match (conv, who) {
+        (Some(c), Some(u)) if c.members.binary_search(u).is_err() => {
+            Err(StoreError::not_visible(id, u))
+        }
+        (Some(c), _) => Ok(c),
+        (None, Some(u)) => Err(StoreError::not_visible(id, u)),
+        (None, None) => Err(StoreError::NotFound(format!(
+            "conversation {id} does not exist"
+        ))),
     }
 }
 
@@ -438,6 +444,18 @@ impl Reader {
     }
 
     /// Members of a conversation, without computing its last seq.
+    /// Whether a dedup record of this (conversation, sender, client
+    /// message id) is stored, expired or not.
+    pub fn has_dedup_record(
+        &self,
+        conversation: &ConversationId,
+        sender: &UserId,
+        client_msg_id: &str,
+    ) -> Result<bool, StoreError> {
+        let key = keys::dedup(conversation.as_str(), sender.as_str(), client_msg_id);
+        Ok(self.engine.get(&key)?.is_some())
+    }
+
     pub fn members(&self, id: &ConversationId) -> Result<Option<Vec<UserId>>, StoreError> {
         Ok(Self::record_in(self.engine.as_ref(), id, Seq(0))?.map(|c| c.members))
     }
@@ -693,7 +711,7 @@ mod tests {
                 },
             ],
         );
-        assert!(matches!(out[0], Err(StoreError::PermissionDenied(_))));
+        assert!(matches!(out[0], Err(StoreError::NotFound(_))));
         assert!(matches!(out[1], Err(StoreError::NotFound(_))));
         assert!(matches!(out[2], Err(StoreError::AlreadyExists(_))));
         let r = Reader::new(Arc::new(e));
@@ -767,7 +785,7 @@ mod tests {
             ],
         );
         assert!(
-            matches!(out[1], Err(StoreError::PermissionDenied(_))),
+            matches!(out[1], Err(StoreError::NotFound(_))),
             "{:?}",
             out[1]
         );
@@ -889,16 +907,16 @@ mod tests {
         assert!(batch(vec![msg("x", "a", "1")])[0].is_ok());
         assert!(matches!(
             batch(vec![msg("x", "b", "1")])[0],
-            Err(StoreError::PermissionDenied(_))
+            Err(StoreError::NotFound(_))
         ));
         batch(vec![member(true)]);
         assert!(batch(vec![msg("x", "b", "2")])[0].is_ok());
         // Removed and refused within one batch, and in the next.
         let out = batch(vec![member(false), msg("x", "b", "3")]);
-        assert!(matches!(out[1], Err(StoreError::PermissionDenied(_))));
+        assert!(matches!(out[1], Err(StoreError::NotFound(_))));
         assert!(matches!(
             batch(vec![msg("x", "b", "4")])[0],
-            Err(StoreError::PermissionDenied(_))
+            Err(StoreError::NotFound(_))
         ));
         assert!(matches!(
             batch(vec![msg("nope", "a", "1")])[0],

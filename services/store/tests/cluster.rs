@@ -406,9 +406,21 @@ async fn retried_appends_return_the_original_seq_and_store_nothing() {
     };
     assert_eq!((y1.seq, y2.seq, y2.duplicate), (3, 3, true));
     assert!(
-        matches!(outcome(2), api::append_outcome::Outcome::Error(e) if e.code == Code::PermissionDenied as i32)
+        matches!(outcome(2), api::append_outcome::Outcome::Error(e) if e.code == Code::NotFound as i32)
     );
     assert_eq!(read_all(&client, "i").await.len(), 3);
+    // A non-member's append is refused on the leader before it is
+    // proposed: it costs no raft entry.
+    let proposed = |report: chat_store::node::StatusReport| report.stats.proposed_ops;
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let before = proposed(cluster.node(leader).unwrap().report().await.unwrap());
+    let e = client
+        .append(append_req("i", "mallory", "m1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e:?}");
+    let after = proposed(cluster.node(leader).unwrap().report().await.unwrap());
+    assert_eq!(after, before, "the refused append was proposed");
     cluster.stop_all().await;
 }
 
@@ -525,7 +537,7 @@ async fn bad_input_is_refused_with_a_clear_status_and_harms_nothing() {
         ),
         (
             append_req("b", "mallory", "1"),
-            Code::PermissionDenied,
+            Code::NotFound,
             "not a member",
         ),
         (

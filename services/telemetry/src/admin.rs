@@ -1,6 +1,8 @@
 //! A small HTTP/1.1 server for the admin port: `GET` only, one request per
-//! connection, bounded in size and time. Enough for Prometheus scrapes,
-//! curl and a browser; nothing client-facing goes through it.
+//! connection, bounded in size and time (reading the request and writing
+//! the answer), at most `MAX_CONNECTIONS` at once (more are closed as soon
+//! as they are accepted). Enough for Prometheus scrapes, curl and a
+//! browser; nothing client-facing goes through it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 const MAX_HEAD: usize = 8 * 1024;
 /// Longest a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a client may take to read the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 pub struct Reply {
     pub status: u16,
@@ -57,6 +63,12 @@ fn reason(status: u16) -> &'static str {
 }
 
 async fn respond(stream: &mut TcpStream, r: &Reply) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, write_reply(stream, r))
+        .await
+        .map_err(|_| std::io::Error::other("the client did not read the answer in time"))?
+}
+
+async fn write_reply(stream: &mut TcpStream, r: &Reply) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         r.status,
@@ -140,18 +152,24 @@ pub async fn bind(
 
 /// Serves `handler` on `listener` until `stop`.
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, stop: CancellationToken) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Ok(place) = places.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "admin port busy; connection closed");
+                    continue;
+                };
                 let h = handler.clone();
                 tokio::spawn(async move {
                     if let Err(e) = serve_one(stream, h).await {
                         tracing::debug!(error = %e, "admin request failed");
                     }
+                    drop(place);
                 });
             }
             Err(e) => {
@@ -223,6 +241,36 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_until_places_free_up() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(l, Arc::new(Echo), stop.clone()));
+        // Idle connections that never send a request hold every place.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(&addr).await.unwrap());
+        }
+        // The server takes connections in the order they came: the idle
+        // ones first, then this request, for which no place is left.
+        let refused = get(&addr, "/metrics").await;
+        assert!(refused.is_err(), "served past the cap: {refused:?}");
+        drop(idle);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, _)) = get(&addr, "/metrics").await {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "places were not freed when the idle connections closed"
+            );
+            tokio::task::yield_now().await;
+        }
         stop.cancel();
     }
 }
