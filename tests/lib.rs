@@ -76,7 +76,7 @@ pub mod stack {
         /// The gateways' public port over TLS too (clients made by
         /// [`Stack::client`] trust the cluster's CA).
         pub async fn start_public_tls() -> anyhow::Result<Self> {
-            Self::build(Vec::new(), true).await
+            Self::build(Vec::new(), true, Vec::new()).await
         }
 
         /// With routers beyond the two stable ones, each with its release
@@ -85,12 +85,19 @@ pub mod stack {
         pub async fn start_with(
             extra_routers: Vec<(String, chat_router::rollout::Faults)>,
         ) -> anyhow::Result<Self> {
-            Self::build(extra_routers, false).await
+            Self::build(extra_routers, false, Vec::new()).await
+        }
+
+        /// Gateways that accept tokens signed with `extra_keys` too (a key
+        /// rotation in progress) besides [`Stack::key`].
+        pub async fn start_with_token_keys(extra_keys: Vec<TokenKey>) -> anyhow::Result<Self> {
+            Self::build(Vec::new(), false, extra_keys).await
         }
 
         async fn build(
             extra_routers: Vec<(String, chat_router::rollout::Faults)>,
             public_tls: bool,
+            extra_keys: Vec<TokenKey>,
         ) -> anyhow::Result<Self> {
             // Every internal hop runs mutual TLS, as in production.
             let certs = std::sync::Arc::new(chat_security::certs::generate()?);
@@ -143,7 +150,12 @@ pub mod stack {
                 let (internal, ia) = listener().await?;
                 let opts = GatewayOptions {
                     routers: router_addrs.clone(),
-                    tokens: chat_auth::Keyring::single(key.clone()),
+                    tokens: chat_auth::Keyring::new(
+                        std::iter::once(key.clone())
+                            .chain(extra_keys.iter().cloned())
+                            .collect(),
+                        chat_auth::DEFAULT_AUDIENCE,
+                    ),
                     internal_advertise: ia.clone(),
                     max_body_bytes: 64 * 1024,
                     lease: Duration::from_secs(3),

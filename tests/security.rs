@@ -679,17 +679,58 @@ async fn the_public_edge_refuses_cleanly_and_keeps_serving() {
     );
     drop(results);
 
+    // One user's byte quota: 64 KiB messages as fast as they go are
+    // refused once the burst (4 MiB) is spent, and others are not.
+    alice
+        .create_conversation("bulk", &["eve".to_string()])
+        .await
+        .unwrap();
+    let eve = format!("Bearer {}", stack.key.sign_for("eve", 600));
+    let mut refused = None;
+    for i in 0..100 {
+        let r = api
+            .send(with_auth(
+                cpb::SendRequest {
+                    conversation_id: "bulk".into(),
+                    client_msg_id: format!("bulk-{i}"),
+                    body: vec![b'x'; 64 << 10],
+                },
+                &eve,
+            ))
+            .await;
+        if let Err(e) = r {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("100 × 64 KiB at once passed the byte quota");
+    assert!(
+        i >= 60,
+        "refused after {i} messages, before the burst was spent"
+    );
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("message bytes"), "{}", e.message());
+    alice
+        .send("bulk", "alice-1", vec![b'y'; 64 << 10])
+        .await
+        .unwrap();
+
     // And it still serves its users.
-    let bob = stack.client("bob");
-    let h = bob
-        .history(cpb::HistoryRequest {
-            conversation_id: "edge".into(),
+    assert_eq!(stored(&stack.client("bob"), "edge").await, 1);
+}
+
+/// How many messages `conversation` holds, as `client` reads them.
+async fn stored(client: &chat_client::ChatClient, conversation: &str) -> usize {
+    client
+        .history(chat_proto::chat::v1::HistoryRequest {
+            conversation_id: conversation.into(),
             limit: 10,
             ..Default::default()
         })
         .await
-        .unwrap();
-    assert_eq!(h.messages.len(), 1);
+        .unwrap()
+        .messages
+        .len()
 }
 
 /// The public port over TLS: a client that trusts the cluster's CA works
@@ -741,4 +782,122 @@ async fn the_public_port_over_tls_takes_only_clients_that_verify_it() {
         ),
         "a client that cannot verify the gateway must not get as far as a call: {e:?}"
     );
+}
+
+/// A `HistoryRequest` as a confused or hostile client might encode it: the
+/// conversation id (a string, field 1) as a number.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbled {
+    #[prost(uint64, tag = "1")]
+    conversation_id: u64,
+}
+
+/// Requests the gateway cannot decode, or that are larger than it takes,
+/// get a clean error, and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_get_clean_errors() {
+    use chat_proto::chat::v1 as cpb;
+    let stack = Stack::start().await.unwrap();
+    let alice = stack.client("alice");
+    alice
+        .create_conversation("frames", &["bob".to_string()])
+        .await
+        .unwrap();
+    let good = format!("Bearer {}", stack.key.sign_for("alice", 600));
+    let ch = Endpoint::from_shared(format!("http://{}", stack.gateway_addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready().await.unwrap();
+    let e = grpc
+        .unary(
+            with_auth(Garbled { conversation_id: 7 }, &good),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/chat.v1.Chat/History"),
+            tonic_prost::ProstCodec::<Garbled, cpb::HistoryResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Internal | Code::InvalidArgument),
+        "an undecodable request: {e:?}"
+    );
+
+    // Far past the largest message body the gateway decodes.
+    let mut api = public(&stack).await;
+    let e = api
+        .send(with_auth(
+            cpb::SendRequest {
+                conversation_id: "frames".into(),
+                client_msg_id: "huge".into(),
+                body: vec![b'x'; 8 << 20],
+            },
+            &good,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "an oversized request: {e:?}"
+    );
+
+    // Nothing was stored, and the gateway serves on.
+    alice.send("frames", "m1", b"after".to_vec()).await.unwrap();
+    assert_eq!(stored(&alice, "frames").await, 1);
+}
+
+/// Rotating the token key with no downtime: while gateways accept two
+/// keys, tokens of both work; gateways that accept only one (the other
+/// retired) refuse tokens of the retired key and take the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_keys_rotate_without_refusing_anyone_until_the_old_key_is_retired() {
+    let other =
+        chat_auth::TokenKey::new(b"the other signing key of this deployment".to_vec()).unwrap();
+    let during = Stack::start_with_token_keys(vec![other.clone()])
+        .await
+        .unwrap();
+    let tokens = [
+        ("the current key", during.key.sign_for("alice", 600)),
+        ("the other key", other.sign_for("alice", 600)),
+    ];
+    for (which, token) in &tokens {
+        let c = chat_client::ChatClient::new(
+            during.gateway_addrs.clone(),
+            token,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        c.list_conversations()
+            .await
+            .unwrap_or_else(|e| panic!("a token of {which} during the rotation: {e:?}"));
+    }
+    during.stop().await;
+
+    // Gateways that accept the current key only: the other is retired.
+    let after = Stack::start().await.unwrap();
+    let current = after.key.sign_for("alice", 600);
+    let c = chat_client::ChatClient::new(
+        after.gateway_addrs.clone(),
+        &current,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    c.list_conversations()
+        .await
+        .expect("a token of the current key");
+    let retired = other.sign_for("alice", 600);
+    let c = chat_client::ChatClient::new(
+        after.gateway_addrs.clone(),
+        &retired,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = c.list_conversations().await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("does not accept"), "{}", e.message());
 }

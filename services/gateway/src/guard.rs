@@ -42,6 +42,8 @@ pub struct Limits {
     pub per_user: Rate,
     /// Calls per second per client IP (0: no limit).
     pub per_ip: Rate,
+    /// Message body bytes per second per user (0: no limit).
+    pub per_user_bytes: Rate,
     /// New connections per second (0: no limit).
     pub accept: AcceptRate,
     /// Concurrent HTTP/2 streams one connection may open.
@@ -62,6 +64,10 @@ impl Default for Limits {
             per_ip: Rate {
                 per_second: 100_000,
                 burst: 200_000,
+            },
+            per_user_bytes: Rate {
+                per_second: 1 << 20,
+                burst: 4 << 20,
             },
             accept: AcceptRate {
                 per_second: 2_000,

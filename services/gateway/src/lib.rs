@@ -135,6 +135,9 @@ impl RunningGateway {
             max_body_bytes: opts.max_body_bytes,
             sweep: opts.sweep,
             stop: shutdown.clone(),
+            byte_quota: (opts.limits.per_user_bytes.per_second > 0).then(|| {
+                chat_resilience::bucket::KeyedBuckets::new(opts.limits.per_user_bytes, 100_000)
+            }),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;

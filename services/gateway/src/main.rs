@@ -88,6 +88,10 @@ struct Config {
     /// limit.
     #[arg(long, env = "CHAT_GATEWAY_IP_RATE", default_value_t = 100_000)]
     ip_rate: u32,
+    /// Message body bytes per second one user may send (bursts of four
+    /// times that); 0: no quota.
+    #[arg(long, env = "CHAT_GATEWAY_USER_BYTES_RATE", default_value_t = Limits::default().per_user_bytes.per_second)]
+    user_bytes_rate: u32,
     /// New connections per second the gateway accepts (bursts of twice
     /// that); 0: no limit.
     #[arg(long, env = "CHAT_GATEWAY_ACCEPT_RATE", default_value_t = 2_000)]
@@ -231,6 +235,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         limits: Limits {
             per_user: rate(cfg.user_rate),
             per_ip: rate(cfg.ip_rate),
+            per_user_bytes: Rate {
+                per_second: cfg.user_bytes_rate,
+                burst: cfg.user_bytes_rate.saturating_mul(4),
+            },
             accept: AcceptRate {
                 per_second: cfg.accept_rate,
                 burst: cfg.accept_rate.saturating_mul(2),

@@ -71,6 +71,8 @@ pub struct ChatApi {
     pub max_body_bytes: usize,
     pub sweep: Duration,
     pub stop: tokio_util::sync::CancellationToken,
+    /// Message body bytes per user and second (None: no quota).
+    pub byte_quota: Option<chat_resilience::bucket::KeyedBuckets<String>>,
 }
 
 #[tonic::async_trait]
@@ -92,6 +94,19 @@ impl Chat for ChatApi {
                 r.body.len(),
                 self.max_body_bytes
             )));
+        }
+        if let Some(q) = &self.byte_quota {
+            let n = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
+            q.check_n(&user, n, std::time::Instant::now())
+                .map_err(|wait| {
+                    chat_resilience::overloaded(
+                        format!(
+                            "{user} sent more than {} message bytes a second; retry later",
+                            q.rate().per_second
+                        ),
+                        wait.min(Duration::from_secs(10)),
+                    )
+                })?;
         }
         let ok = self
             .batcher

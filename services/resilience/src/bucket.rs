@@ -63,6 +63,14 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     /// Takes a token from `key`'s bucket, or says how long until one is
     /// there.
     pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        self.check_n(key, 1, now)
+    }
+
+    /// Takes `n` tokens (a cost, such as bytes) from `key`'s bucket, or
+    /// says how long until they are there. A cost above the burst is
+    /// charged as the burst: it passes once the bucket is full.
+    pub fn check_n(&self, key: &K, n: u32, now: Instant) -> Result<(), Duration> {
+        let cost = f64::from(n.min(self.rate.burst).max(1));
         let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(key) && map.len() >= self.max_keys / SHARDS {
@@ -80,12 +88,12 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
             at: now,
         });
         b.refill(self.rate, now);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens >= cost {
+            b.tokens -= cost;
             return Ok(());
         }
         let per_second = f64::from(self.rate.per_second.max(1));
-        Err(Duration::from_secs_f64((1.0 - b.tokens) / per_second))
+        Err(Duration::from_secs_f64((cost - b.tokens) / per_second))
     }
 
     /// Keys held now (for tests and metrics).
@@ -127,6 +135,28 @@ mod tests {
         // Over a long quiet spell the bucket fills to the burst, no more.
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| b.check(&"alice", t2).is_ok()).count(), 5);
+    }
+
+    #[test]
+    fn costs_take_as_many_tokens_and_one_above_the_burst_waits_for_a_full_bucket() {
+        let b = KeyedBuckets::new(
+            Rate {
+                per_second: 1_000,
+                burst: 4_000,
+            },
+            100,
+        );
+        let t0 = Instant::now();
+        assert!(b.check_n(&"alice", 3_000, t0).is_ok());
+        let wait = b.check_n(&"alice", 3_000, t0).expect_err("1,000 left");
+        assert_eq!(wait, Duration::from_secs(2));
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(b.check_n(&"alice", 1_000_000, t1).is_err(), "not full yet");
+        let t2 = t1 + Duration::from_secs(1);
+        assert!(
+            b.check_n(&"alice", 1_000_000, t2).is_ok(),
+            "full: charged the burst"
+        );
     }
 
     #[test]

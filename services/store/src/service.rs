@@ -32,6 +32,9 @@ pub const MAX_READ_LIMIT: u32 = 1_000;
 pub const MAX_READ_BYTES: usize = 4 << 20;
 /// Most conversations listed or looked up in one call.
 pub const MAX_LIST: usize = 10_000;
+/// Most member names in one list of conversations (it is cut short past
+/// them, keeping at least one conversation).
+pub const MAX_LIST_MEMBERS: usize = 100_000;
 
 #[derive(Clone)]
 pub struct StoreApi {
@@ -383,7 +386,18 @@ impl Store for StoreApi {
             (r.limit as usize).min(MAX_LIST)
         };
         self.barrier(r.consistency).await?;
-        let convs = self.node.reader().conversations_of(&user, limit)?;
+        let mut convs = self.node.reader().conversations_of(&user, limit)?;
+        // Member lists make a list's size: cut it short past a total.
+        let mut names = 0;
+        let keep = convs
+            .iter()
+            .take_while(|c| {
+                names += c.members.len();
+                names <= MAX_LIST_MEMBERS
+            })
+            .count()
+            .max(1);
+        convs.truncate(keep);
         Ok(Response::new(api::ListConversationsResponse {
             conversations: convs.into_iter().map(Into::into).collect(),
         }))
