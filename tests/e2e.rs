@@ -280,7 +280,7 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> anyhow::Result<(
     let mut raw =
         pb::chat_client::ChatClient::connect(format!("http://{}", stack.gateway_addrs[0])).await?;
     let err = raw
-        .list_conversations(pb::ListConversationsRequest {})
+        .list_conversations(pb::ListConversationsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -419,5 +419,35 @@ async fn one_user_cannot_open_unbounded_subscriptions() -> anyhow::Result<()> {
     alice.create_conversation("x", &[]).await?;
     drop(open);
     stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_are_listed_page_by_page_in_id_order() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let pat = stack.client("pat");
+    for id in ["e", "a", "d", "c", "b"] {
+        pat.create_conversation(&format!("list-{id}"), &[]).await?;
+    }
+    stack
+        .client("other")
+        .create_conversation("list-z", &[])
+        .await?;
+    let ids = |p: &pb::ListConversationsResponse| {
+        p.conversations
+            .iter()
+            .map(|c| c.conversation_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let first = pat.list_conversations_page("", 2).await?;
+    assert_eq!(ids(&first), ["list-a", "list-b"]);
+    let second = pat.list_conversations_page(&first.next, 2).await?;
+    assert_eq!(ids(&second), ["list-c", "list-d"]);
+    let last = pat.list_conversations_page(&second.next, 2).await?;
+    assert_eq!(ids(&last), ["list-e"]);
+    assert!(last.next.is_empty(), "{last:?}");
+    assert_eq!(pat.list_conversations().await?.len(), 5);
+    let e = pat.list_conversations_page("", 5_000).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
     Ok(())
 }

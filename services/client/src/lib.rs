@@ -291,9 +291,35 @@ impl ChatClient {
         gateway_call!(self, remove_member, req)
     }
 
+    /// Every conversation the user belongs to, page by page.
     pub async fn list_conversations(&self) -> Result<Vec<pb::Conversation>, Status> {
-        gateway_call!(self, list_conversations, pb::ListConversationsRequest {})
-            .map(|l| l.conversations)
+        let mut all = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.list_conversations_page(&after, 0).await?;
+            all.extend(page.conversations);
+            if page.next.is_empty() || page.next == after {
+                return Ok(all);
+            }
+            after = page.next;
+        }
+    }
+
+    /// One page: conversations whose id sorts after `after`, at most
+    /// `limit` (0: the gateway's page size).
+    pub async fn list_conversations_page(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<pb::ListConversationsResponse, Status> {
+        gateway_call!(
+            self,
+            list_conversations,
+            pb::ListConversationsRequest {
+                after: after.to_owned(),
+                limit,
+            }
+        )
     }
 
     pub async fn typing(&self, conversation: &str) -> Result<(), Status> {

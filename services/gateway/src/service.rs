@@ -273,9 +273,20 @@ impl Chat for ChatApi {
     ) -> Result<Response<cpb::ListConversationsResponse>, Status> {
         let user = user_of(&request)?;
         let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        if r.limit > MAX_LISTED {
+            return Err(Status::invalid_argument(format!(
+                "limit {} exceeds {MAX_LISTED}",
+                r.limit
+            )));
+        }
+        if !r.after.is_empty() {
+            valid_conversation(&r.after)?;
+        }
         let req = spb::ListConversationsRequest {
             user_id: user.clone(),
-            limit: MAX_LISTED,
+            limit: if r.limit == 0 { MAX_LISTED } else { r.limit },
+            after: r.after,
             ..Default::default()
         };
         let l = via_router!(
@@ -288,6 +299,7 @@ impl Chat for ChatApi {
         )?;
         Ok(Response::new(cpb::ListConversationsResponse {
             conversations: l.conversations.into_iter().map(conversation).collect(),
+            next: l.next,
         }))
     }
 

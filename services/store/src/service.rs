@@ -386,7 +386,14 @@ impl Store for StoreApi {
             (r.limit as usize).min(MAX_LIST)
         };
         self.barrier(r.consistency).await?;
-        let mut convs = self.node.reader().conversations_of(&user, limit)?;
+        if !r.after.is_empty() {
+            ConversationId::parse(&r.after)?;
+        }
+        let mut convs = self
+            .node
+            .reader()
+            .conversations_of(&user, &r.after, limit)?;
+        let full = convs.len() == limit;
         // Member lists make a list's size: cut it short past a total.
         let mut names = 0;
         let keep = convs
@@ -397,9 +404,20 @@ impl Store for StoreApi {
             })
             .count()
             .max(1);
+        let cut = keep < convs.len();
         convs.truncate(keep);
+        // More may follow a page that is full or was cut short.
+        let next = if full || cut {
+            convs
+                .last()
+                .map(|c| c.id.as_str().to_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(api::ListConversationsResponse {
             conversations: convs.into_iter().map(Into::into).collect(),
+            next,
         }))
     }
 

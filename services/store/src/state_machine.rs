@@ -466,15 +466,24 @@ impl Reader {
     }
 
     /// Conversations `user` belongs to, by id, at most `limit`.
+    /// Conversations `user` belongs to whose id sorts after `after` ("":
+    /// from the first), ascending by id, at most `limit`.
     pub fn conversations_of(
         &self,
         user: &UserId,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<Conversation>, StoreError> {
         let prefix = keys::conversations_of(user.as_str());
+        let mut start = prefix.clone();
+        if !after.is_empty() {
+            // The first key past `after` itself.
+            start.extend_from_slice(after.as_bytes());
+            start.push(0);
+        }
         let pairs = self
             .engine
-            .scan(&prefix, &prefix_end(&prefix), false, limit)?;
+            .scan(&start, &prefix_end(&prefix), false, limit)?;
         let mut out = Vec::with_capacity(pairs.len());
         for (k, _) in pairs {
             let raw = std::str::from_utf8(&k[prefix.len()..])
@@ -792,7 +801,7 @@ mod tests {
         assert!(out[2].is_ok() && out[3].is_ok());
         let r = Reader::new(Arc::new(e));
         let ids = |u: &str| {
-            r.conversations_of(&user(u), 10)
+            r.conversations_of(&user(u), "", 10)
                 .unwrap()
                 .into_iter()
                 .map(|c| c.id)
