@@ -451,3 +451,34 @@ async fn conversations_are_listed_page_by_page_in_id_order() -> anyhow::Result<(
     assert_eq!(e.code(), Code::InvalidArgument);
     Ok(())
 }
+
+/// A subscriber catches up on every conversation it belongs to, however
+/// many: the catch-up reads the list page by page (a page stops at 100,000
+/// member names, so eleven full groups take two pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_reaches_conversations_past_the_first_page() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let alice = stack.client("alice");
+    // Groups this large are made through the store directly (the public
+    // API takes requests of at most 80 KiB).
+    let mut members: Vec<String> = (0..9_998).map(|i| format!("member-{i:05}")).collect();
+    members.extend(["alice".to_string(), "bob".to_string()]);
+    let store = stack.store.client();
+    for g in 0..11 {
+        store
+            .create_conversation(chat_proto::store::v1::CreateConversationRequest {
+                conversation_id: format!("crowd-{g:02}"),
+                members: members.clone(),
+            })
+            .await?;
+    }
+    // Sent before bob subscribes: only the catch-up can bring it.
+    alice
+        .send("crowd-10", "late", b"in the last group".to_vec())
+        .await?;
+    let bob = stack.client("bob");
+    let mut sub = bob.subscribe(HashMap::new());
+    let got = collect(&mut sub, "crowd-10", 1).await?;
+    assert_eq!(&got[0].body[..], b"in the last group");
+    Ok(())
+}

@@ -405,26 +405,33 @@ impl Session {
     }
 
     /// Brings every conversation of the user up to the store's last seq
-    /// (new conversations included).
+    /// (new conversations included), page by page through all of them.
     async fn sync(&mut self) -> Result<(), Gone> {
-        let req = spb::ListConversationsRequest {
-            user_id: self.user.clone(),
-            ..Default::default()
-        };
-        let list = match via_router!(self.pool, &self.user, list_conversations, req) {
-            Ok(l) => l,
-            Err(e) => {
-                debug!(user = %self.user, error = %e, "sync skipped");
+        let mut after = String::new();
+        loop {
+            let req = spb::ListConversationsRequest {
+                user_id: self.user.clone(),
+                after: after.clone(),
+                ..Default::default()
+            };
+            let list = match via_router!(self.pool, &self.user, list_conversations, req) {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(user = %self.user, error = %e, "sync skipped");
+                    return Ok(());
+                }
+            };
+            for c in list.conversations {
+                let cursor = *self.cursors.entry(c.conversation_id.clone()).or_insert(0);
+                if c.last_seq > cursor {
+                    self.fetch(&c.conversation_id, c.last_seq).await?;
+                }
+            }
+            if list.next.is_empty() || list.next == after {
                 return Ok(());
             }
-        };
-        for c in list.conversations {
-            let cursor = *self.cursors.entry(c.conversation_id.clone()).or_insert(0);
-            if c.last_seq > cursor {
-                self.fetch(&c.conversation_id, c.last_seq).await?;
-            }
+            after = list.next;
         }
-        Ok(())
     }
 
     async fn on_message(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
