@@ -11,6 +11,9 @@ pub enum FaultKind {
     StoreLeader,
     /// The same for one store follower.
     StoreFollower,
+    /// SIGKILL (docker kill) every store replica at once: the whole tier
+    /// is gone; each is started again after `--restart-after`.
+    StoreAll,
     /// The same for gateway-1.
     Gateway,
     /// The same for router-1.
@@ -32,6 +35,7 @@ pub enum FaultKind {
 pub const KINDS: &[(&str, FaultKind)] = &[
     ("store-leader", FaultKind::StoreLeader),
     ("store-follower", FaultKind::StoreFollower),
+    ("store-all", FaultKind::StoreAll),
     ("gateway", FaultKind::Gateway),
     ("router", FaultKind::Router),
     ("partition-leader", FaultKind::PartitionLeader),
@@ -57,7 +61,10 @@ impl FaultKind {
     pub fn hits_store_leader(self) -> bool {
         matches!(
             self,
-            FaultKind::StoreLeader | FaultKind::PartitionLeader | FaultKind::PauseLeader
+            FaultKind::StoreLeader
+                | FaultKind::StoreAll
+                | FaultKind::PartitionLeader
+                | FaultKind::PauseLeader
         )
     }
 
@@ -67,6 +74,7 @@ impl FaultKind {
             self,
             FaultKind::StoreLeader
                 | FaultKind::StoreFollower
+                | FaultKind::StoreAll
                 | FaultKind::Gateway
                 | FaultKind::Router
         )

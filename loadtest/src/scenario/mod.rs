@@ -116,8 +116,9 @@ pub struct Args {
     #[arg(long, default_value_t = 30.0)]
     duration: f64,
     /// A fault to inject, KIND@SECONDS into the load phase (repeatable).
-    /// Kinds: store-leader, store-follower, gateway, router (SIGKILL or
-    /// docker kill, restarted after --restart-after), partition-leader,
+    /// Kinds: store-leader, store-follower, store-all (every replica at
+    /// once), gateway, router (SIGKILL or docker kill, restarted after
+    /// --restart-after), partition-leader,
     /// partition-follower, heal, pause-leader, pause-follower, unpause.
     #[arg(long = "fault", value_name = "KIND@SECONDS")]
     faults: Vec<FaultSpec>,

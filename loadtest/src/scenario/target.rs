@@ -118,6 +118,8 @@ impl Target {
         let victim = match kind {
             StoreLeader | PartitionLeader | PauseLeader => self.store_leader().await?,
             StoreFollower | PartitionFollower | PauseFollower => self.store_follower().await?,
+            // Every replica, as one victim (restarted together).
+            StoreAll => STORES.join(","),
             Gateway => "gateway-1".into(),
             Router => "router-1".into(),
             Heal | Unpause => "every store".into(),
@@ -125,6 +127,15 @@ impl Target {
         match self {
             Target::Local(c) => match kind {
                 StoreLeader | StoreFollower | Gateway | Router => c.kill(&victim).await?,
+                StoreAll => {
+                    // SIGKILL to all first, so they die together; then reap.
+                    for s in STORES {
+                        c.signal(s, "KILL")?;
+                    }
+                    for s in STORES {
+                        c.kill(s).await?;
+                    }
+                }
                 PartitionLeader | PartitionFollower => c.signal(&victim, "USR1")?,
                 PauseLeader | PauseFollower => c.signal(&victim, "STOP")?,
                 Heal | Unpause => {
@@ -141,6 +152,12 @@ impl Target {
                 match kind {
                     StoreLeader | StoreFollower | Gateway | Router => {
                         c.docker(&["kill", &container])?;
+                    }
+                    StoreAll => {
+                        let all: Vec<String> = STORES.iter().map(|s| c.container(s)).collect();
+                        let mut args = vec!["kill"];
+                        args.extend(all.iter().map(String::as_str));
+                        c.docker(&args)?;
                     }
                     PartitionLeader | PartitionFollower => {
                         c.docker(&["network", "disconnect", &c.network(), &container])?;
@@ -167,13 +184,17 @@ impl Target {
         Ok(victim)
     }
 
-    /// Starts a killed service again (it keeps its data).
+    /// Starts a killed service again (it keeps its data); `name` may list
+    /// several, comma separated (a whole tier).
     pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
-        match self {
-            Target::Local(c) => c.restart(name),
-            Target::Compose(c) => c.docker(&["start", &c.container(name)]).map(drop),
-            Target::Gateways { .. } => bail!("no faults against a running cluster"),
+        for name in name.split(',') {
+            match self {
+                Target::Local(c) => c.restart(name)?,
+                Target::Compose(c) => c.docker(&["start", &c.container(name)]).map(drop)?,
+                Target::Gateways { .. } => bail!("no faults against a running cluster"),
+            }
         }
+        Ok(())
     }
 
     /// Undoes partitions and pauses, so the cluster can converge before the
