@@ -99,14 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let per_msg = args.body_bytes as u64;
     let batches = target.div_ceil(per_msg * args.per_request as u64);
     let next = Arc::new(AtomicU64::new(0));
-    for w in 0..args.writers {
-        admin
-            .create_conversation(api::CreateConversationRequest {
-                conversation_id: format!("rejoin-{w}"),
-                members: vec![format!("u{w}")],
-            })
-            .await?;
-    }
+    crate::store_bench::create_conversations(&admin, "rejoin", args.writers).await?;
     let filling = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..args.writers {

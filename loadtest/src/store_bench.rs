@@ -65,14 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let clients: Vec<Arc<StoreClient>> = (0..args.connections)
         .map(|_| StoreClient::new(addrs.clone(), Duration::from_secs(20)).map(Arc::new))
         .collect::<Result<_, _>>()?;
-    for i in 0..args.clients {
-        admin
-            .create_conversation(api::CreateConversationRequest {
-                conversation_id: format!("bench-{i}"),
-                members: vec![format!("u{i}")],
-            })
-            .await?;
-    }
+    create_conversations(&admin, "bench", args.clients).await?;
 
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(args.warmup_secs);
@@ -287,6 +280,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     for r in &mut replicas {
         r.kill().await?;
+    }
+    Ok(())
+}
+
+/// Conversations `{prefix}-{i}` for i in 0..n, each with the one member
+/// `u{i}` who writes to it.
+pub(crate) async fn create_conversations(
+    admin: &StoreClient,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    for i in 0..n {
+        admin
+            .create_conversation(api::CreateConversationRequest {
+                conversation_id: format!("{prefix}-{i}"),
+                members: vec![format!("u{i}")],
+            })
+            .await?;
     }
     Ok(())
 }

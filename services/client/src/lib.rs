@@ -137,17 +137,14 @@ impl ChatClient {
                 if let Some(tls) = &tls {
                     e = e.tls_config(tls.clone()).map_err(bad)?;
                 }
-                Ok::<_, Status>(e)
-            })
-            .map(|e| {
-                e.map(|e| {
+                Ok::<_, Status>(
                     e.connect_timeout(Duration::from_millis(500))
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(1))
                         .keep_alive_timeout(Duration::from_secs(2))
                         .keep_alive_while_idle(true)
-                        .connect_lazy()
-                })
+                        .connect_lazy(),
+                )
             })
             .collect::<Result<_, _>>()?;
         let token = format!("Bearer {token}").parse().map_err(|_| {

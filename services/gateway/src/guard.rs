@@ -110,7 +110,7 @@ fn bucket<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> Option<KeyedBuckets<K>
 }
 
 /// Longest retry-after a rate limit hands out.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 impl Guard {
     pub fn new(keys: Keyring, limits: &Limits, protect: bool) -> Self {

@@ -25,7 +25,7 @@ use tonic::transport::server::TcpIncoming;
 
 use chat_resilience::incoming::paced;
 use chat_resilience::layer::AdmitLayer;
-use chat_security::{AuthorizeLayer, Policy, Role, Rule};
+use chat_security::{Policy, Role, Rule};
 
 use crate::batcher::SendBatcher;
 use crate::guard::Guard;
@@ -200,7 +200,10 @@ impl RunningGateway {
         }
         let internal_router = internal_server
             .tcp_nodelay(true)
-            .layer(AuthorizeLayer::new(INTERNAL_POLICY, opts.tls.is_some()))
+            .layer(chat_security::authorize(
+                INTERNAL_POLICY,
+                opts.tls.is_some(),
+            ))
             .add_service(
                 GatewayDeliveryServer::new(DeliveryApi {
                     sessions: sessions.clone(),

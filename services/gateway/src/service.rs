@@ -104,7 +104,7 @@ impl Chat for ChatApi {
                             "{user} sent more than {} message bytes a second; retry later",
                             q.rate().per_second
                         ),
-                        wait.min(Duration::from_secs(10)),
+                        wait.min(crate::guard::MAX_RETRY_AFTER),
                     )
                 })?;
         }

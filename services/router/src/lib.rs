@@ -23,7 +23,7 @@ use tonic::transport::server::TcpIncoming;
 
 use chat_resilience::layer::AdmitLayer;
 use chat_resilience::limit::LimitConfig;
-use chat_security::{AuthorizeLayer, HEALTH, Policy, Role, Rule};
+use chat_security::{HEALTH, Policy, Role, Rule};
 
 use crate::directory::Directory;
 use crate::fanout::Fanout;
@@ -151,7 +151,7 @@ impl RunningRouter {
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
             .layer(chat_telemetry::metrics::MetricsLayer::new(rpc))
-            .layer(AuthorizeLayer::new(POLICY, opts.tls.is_some()))
+            .layer(chat_security::authorize(POLICY, opts.tls.is_some()))
             .layer(chat_telemetry::trace::TraceLayer)
             .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
             .add_service(health_service)

@@ -1,6 +1,6 @@
 //! Per-method authorisation by the caller's certificate.
 //!
-//! [`AuthorizeLayer`] sits in front of an internal server's services. For
+//! [`authorize`] sits in front of an internal server's services. For
 //! each request it finds the [`Rule`] for the method's path, works out the
 //! [`Caller`] from the TLS peer certificate and either answers at once
 //! (UNAUTHENTICATED without a certificate, PERMISSION_DENIED for a role the
@@ -8,10 +8,10 @@
 //! on with the [`Caller`] in its extensions, where a handler can make finer
 //! checks (which settings a router may write, for example).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
+use chat_resilience::layer::{Admit, AdmitLayer};
+use chat_resilience::limit::Permit;
 
 use rustls_pki_types::CertificateDer;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -103,38 +103,32 @@ pub fn peer_certificates(ext: &http::Extensions) -> Option<Arc<Vec<CertificateDe
         .and_then(|i| i.peer_certs())
 }
 
-/// Puts a [`Policy`] in front of a server's services. `enforce` is false
-/// for a plaintext server: every request then passes as
-/// [`Caller::Unchecked`].
-#[derive(Clone)]
-pub struct AuthorizeLayer {
+/// A [`Policy`] as a server's admission policy: the check runs in the
+/// project's admission layer (`chat_resilience::layer::AdmitLayer`),
+/// before the body is read. `enforce` is false for a plaintext server:
+/// every request then passes as [`Caller::Unchecked`].
+pub struct Authorize {
     policy: Policy,
     enforce: bool,
 }
 
-impl AuthorizeLayer {
-    pub fn new(policy: Policy, enforce: bool) -> Self {
-        Self { policy, enforce }
-    }
+/// The layer that puts `policy` in front of a server's services.
+pub fn authorize(policy: Policy, enforce: bool) -> AdmitLayer<Authorize> {
+    AdmitLayer::new(Arc::new(Authorize { policy, enforce }))
 }
 
-impl<S> tower_layer::Layer<S> for AuthorizeLayer {
-    type Service = Authorized<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Authorized {
-            inner,
-            policy: self.policy,
-            enforce: self.enforce,
-        }
+impl Admit for Authorize {
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, tonic::Status> {
+        let caller = if self.enforce {
+            decide(&self.policy, parts.uri.path(), &parts.extensions).inspect_err(|status| {
+                tracing::warn!(path = parts.uri.path(), refused = %status.message(), "internal call refused");
+            })?
+        } else {
+            Caller::Unchecked
+        };
+        parts.extensions.insert(caller);
+        Ok(None)
     }
-}
-
-#[derive(Clone)]
-pub struct Authorized<S> {
-    inner: S,
-    policy: Policy,
-    enforce: bool,
 }
 
 /// The caller of a request, or the status that refuses it.
@@ -160,42 +154,6 @@ pub fn decide(
         (Allow::Roles(_), None) => Err(tonic::Status::unauthenticated(format!(
             "{path} needs a client certificate of the cluster"
         ))),
-    }
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for Authorized<S>
-where
-    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = http::Response<ResBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
-        let decided = if self.enforce {
-            decide(&self.policy, req.uri().path(), req.extensions())
-        } else {
-            Ok(Caller::Unchecked)
-        };
-        match decided {
-            Ok(caller) => {
-                req.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(req))
-            }
-            Err(status) => {
-                tracing::warn!(path = req.uri().path(), refused = %status.message(), "internal call refused");
-                Box::pin(std::future::ready(Ok(status.into_http())))
-            }
-        }
     }
 }
 

@@ -25,7 +25,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, DnsName, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
-pub use authorize::{Allow, AuthorizeLayer, Caller, HEALTH, Policy, Rule};
+pub use authorize::{Allow, Caller, HEALTH, Policy, Rule, authorize};
 
 /// A kind of caller, named by its certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -107,6 +107,27 @@ pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "tls.crt";
 pub const KEY_FILE: &str = "tls.key";
 
+/// Reads `dir/name`, saying what it was for when it cannot.
+fn read_file(dir: &Path, name: &str, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(dir.join(name)).map_err(|e| {
+        Error(format!(
+            "cannot read {} ({what}): {e}",
+            dir.join(name).display()
+        ))
+    })
+}
+
+/// The certificate in `cert` (PEM), if `cert` holds one and `key` a
+/// private key.
+fn check_cert_and_key(cert: &[u8], key: &[u8]) -> Result<CertificateDer<'static>, Error> {
+    let der = CertificateDer::from_pem_slice(cert)
+        .map_err(|e| Error(format!("{CERT_FILE} holds no certificate: {e}")))?;
+    if !key.windows(11).any(|w| w == b"PRIVATE KEY") {
+        return Err(Error(format!("{KEY_FILE} holds no private key")));
+    }
+    Ok(der)
+}
+
 /// One service's identity and the CA it trusts.
 pub struct Tls {
     role: Role,
@@ -127,34 +148,26 @@ impl Tls {
     /// Reads `ca.crt`, `tls.crt` and `tls.key` from `dir` and checks that
     /// the certificate is `role`'s.
     pub fn load(dir: &Path, role: Role) -> Result<Arc<Self>, Error> {
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|e| {
-                Error(format!(
-                    "cannot read {} (the {role} identity: `chatctl certs` makes one): {e}",
-                    dir.join(name).display()
-                ))
-            })
-        };
-        let (ca, cert, key) = (read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?);
-        Self::from_pem(role, ca, cert, key)
+        let what = format!("the {role} identity: `chatctl certs` makes one");
+        let read = |name| read_file(dir, name, &what);
+        Self::from_pem(role, read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?)
     }
 
     /// Reads an identity of whatever role its certificate names (tools
     /// that run as an operator, or inside a service's container).
     pub fn load_any(dir: &Path) -> Result<Arc<Self>, Error> {
-        let path = dir.join(CERT_FILE);
-        let cert = std::fs::read(&path)
-            .map_err(|e| Error(format!("cannot read {}: {e}", path.display())))?;
+        let read = |name| read_file(dir, name, "an identity of the cluster");
+        let (ca, cert, key) = (read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?);
         let role = CertificateDer::from_pem_slice(&cert)
             .ok()
             .and_then(|der| Role::of_certificate(&der))
             .ok_or_else(|| {
                 Error(format!(
                     "{} is not a certificate of any role of the cluster",
-                    path.display()
+                    dir.join(CERT_FILE).display()
                 ))
             })?;
-        Self::load(dir, role)
+        Self::from_pem(role, ca, cert, key)
     }
 
     /// An identity from PEM text; the certificate must name `role`.
@@ -164,8 +177,7 @@ impl Tls {
         cert: Vec<u8>,
         key: Vec<u8>,
     ) -> Result<Arc<Self>, Error> {
-        let der = CertificateDer::from_pem_slice(&cert)
-            .map_err(|e| Error(format!("{CERT_FILE} holds no certificate: {e}")))?;
+        let der = check_cert_and_key(&cert, &key)?;
         match Role::of_certificate(&der) {
             Some(r) if r == role => {}
             Some(r) => {
@@ -182,9 +194,6 @@ impl Tls {
         }
         CertificateDer::from_pem_slice(&ca)
             .map_err(|e| Error(format!("{CA_FILE} holds no certificate: {e}")))?;
-        if !key.windows(11).any(|w| w == b"PRIVATE KEY") {
-            return Err(Error(format!("{KEY_FILE} holds no private key")));
-        }
         Ok(Arc::new(Self {
             role,
             ca,
@@ -235,23 +244,12 @@ impl PublicTls {
     /// Reads `tls.crt` and `tls.key` from `dir` (`chatctl certs` writes
     /// them to DIR/public; any certificate clients trust will do).
     pub fn load(dir: &Path) -> Result<Arc<Self>, Error> {
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|e| {
-                Error(format!(
-                    "cannot read {} (the public port's certificate): {e}",
-                    dir.join(name).display()
-                ))
-            })
-        };
+        let read = |name| read_file(dir, name, "the public port's certificate");
         Self::from_pem(read(CERT_FILE)?, read(KEY_FILE)?)
     }
 
     pub fn from_pem(cert: Vec<u8>, key: Vec<u8>) -> Result<Arc<Self>, Error> {
-        CertificateDer::from_pem_slice(&cert)
-            .map_err(|e| Error(format!("{CERT_FILE} holds no certificate: {e}")))?;
-        if !key.windows(11).any(|w| w == b"PRIVATE KEY") {
-            return Err(Error(format!("{KEY_FILE} holds no private key")));
-        }
+        check_cert_and_key(&cert, &key)?;
         Ok(Arc::new(Self { cert, key }))
     }
 

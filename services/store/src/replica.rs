@@ -9,7 +9,7 @@ use std::time::Duration;
 use chat_proto::raft::v1::raft_transport_server::RaftTransportServer;
 use chat_proto::store::v1::store_admin_server::StoreAdminServer;
 use chat_proto::store::v1::store_server::StoreServer;
-use chat_security::{AuthorizeLayer, HEALTH, Policy, Role, Rule};
+use chat_security::{HEALTH, Policy, Role, Rule};
 use raft::StateRole;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -245,7 +245,7 @@ impl Replica {
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
             .layer(chat_telemetry::metrics::MetricsLayer::new(rpc.clone()))
-            .layer(AuthorizeLayer::new(POLICY, opts.tls.is_some()))
+            .layer(chat_security::authorize(POLICY, opts.tls.is_some()))
             .layer(chat_telemetry::trace::TraceLayer)
             .add_service(health_service)
             .add_service(StoreServer::new(api.clone()).max_decoding_message_size(api_limit))

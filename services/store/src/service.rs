@@ -168,30 +168,33 @@ impl Screen {
     }
 }
 
+/// How many of `items`, taken in order, fit in `max` by `size` (at least
+/// one, so a page always makes progress).
+fn fitting<'a, T: 'a>(
+    items: impl Iterator<Item = &'a T>,
+    max: usize,
+    size: impl Fn(&T) -> usize,
+) -> usize {
+    let mut total = 0;
+    items
+        .take_while(|t| {
+            total += size(t);
+            total <= max
+        })
+        .count()
+        .max(1)
+}
+
 /// Cuts `page` (ascending) to at most `max` body bytes, keeping at least one
 /// message: the oldest ones when reading forward, the newest when reading
 /// backward (`backward`), so paging on from the page's edge loses nothing.
 fn cap_bytes(page: &mut Vec<crate::types::StoredMessage>, max: usize, backward: bool) {
-    let mut total = 0;
-    let fits = |m: &crate::types::StoredMessage, total: &mut usize| {
-        *total += m.body.len();
-        *total <= max
-    };
+    let body = |m: &crate::types::StoredMessage| m.body.len();
     if backward {
-        let keep = page
-            .iter()
-            .rev()
-            .take_while(|m| fits(m, &mut total))
-            .count()
-            .max(1);
+        let keep = fitting(page.iter().rev(), max, body);
         page.drain(..page.len().saturating_sub(keep));
     } else {
-        let keep = page
-            .iter()
-            .take_while(|m| fits(m, &mut total))
-            .count()
-            .max(1);
-        page.truncate(keep);
+        page.truncate(fitting(page.iter(), max, body));
     }
 }
 
@@ -395,15 +398,7 @@ impl Store for StoreApi {
             .conversations_of(&user, &r.after, limit)?;
         let full = convs.len() == limit;
         // Member lists make a list's size: cut it short past a total.
-        let mut names = 0;
-        let keep = convs
-            .iter()
-            .take_while(|c| {
-                names += c.members.len();
-                names <= MAX_LIST_MEMBERS
-            })
-            .count()
-            .max(1);
+        let keep = fitting(convs.iter(), MAX_LIST_MEMBERS, |c| c.members.len());
         let cut = keep < convs.len();
         convs.truncate(keep);
         // More may follow a page that is full or was cut short.
