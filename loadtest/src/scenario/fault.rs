@@ -68,6 +68,13 @@ impl FaultKind {
         )
     }
 
+    /// Whether the fault leaves no instance of a tier serving (the store
+    /// without quorum), so the service can only come back once the tier is
+    /// started again.
+    pub fn takes_tier_away(self) -> bool {
+        self == FaultKind::StoreAll
+    }
+
     /// Kills whose process is started again after `--restart-after`.
     pub fn is_kill(self) -> bool {
         matches!(

@@ -138,7 +138,9 @@ pub struct Args {
     typing_per_send: Option<f64>,
 
     /// congestion: capacity in acked sends/s; found by a closed-loop probe
-    /// when not given.
+    /// when not given. failover and steady: sends refused outside the
+    /// fault windows fail the run only when the offered rate is at most
+    /// half of it (without it: always).
     #[arg(long)]
     capacity: Option<f64>,
     /// congestion: the ramp ends at this multiple of capacity.
@@ -185,6 +187,11 @@ pub struct Args {
     /// SLO: longest gap between acks after a store-leader fault, in ms.
     #[arg(long, default_value_t = 2000)]
     max_unavailability_ms: u64,
+    /// SLO (open-loop loads with faults): seconds from each fault until
+    /// goodput stays at 95 % or more of the offered load; the load should
+    /// be below capacity.
+    #[arg(long, default_value_t = 3.0)]
+    max_recovery_s: f64,
     /// Directory the report goes into (a subdirectory per run).
     #[arg(long, default_value = "loadtest-reports")]
     out: PathBuf,
@@ -229,6 +236,10 @@ impl Args {
         anyhow::ensure!(
             self.send_timeout > 0.0 && self.send_timeout <= 120.0,
             "--send-timeout must be in (0, 120] seconds"
+        );
+        anyhow::ensure!(
+            self.max_recovery_s.is_finite() && self.max_recovery_s >= 0.0,
+            "--max-recovery-s must be 0 or more"
         );
         anyhow::ensure!(
             self.restart_after >= 0.0,
@@ -732,21 +743,10 @@ async fn setup(
         let id = c.id.clone();
         set.spawn(async move {
             // Setup is not measured: a refusal for overload (the cluster's
-            // limiters start cold) is waited out as a user would, by its hint.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match client.create_conversation(&id, &others).await {
-                    Err(s)
-                        if s.code() == tonic::Code::ResourceExhausted
-                            && Instant::now() < deadline =>
-                    {
-                        let wait =
-                            chat_client::retry_after(&s).unwrap_or(Duration::from_millis(100));
-                        tokio::time::sleep(wait).await;
-                    }
-                    r => return r.map(|_| j),
-                }
-            }
+            // limiters start cold) is waited out as a user would.
+            patiently(|| client.create_conversation(&id, &others))
+                .await
+                .map(|_| j)
         });
         if set.len() >= 32
             && let Some(r) = set.join_next().await
@@ -758,6 +758,33 @@ async fn setup(
         created(r)?;
     }
     Ok(ctx)
+}
+
+/// How long calls outside the measured load (setup, the read-back) keep
+/// asking a cluster that refuses them for overload.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `call` until it is not refused for overload, waiting each time for
+/// the server's retry-after hint, for up to [`PATIENCE`]: setup and the
+/// read-back check what the cluster stores, not whether it has stopped
+/// shedding yet.
+pub(crate) async fn patiently<T, F, Fut>(call: F) -> Result<T, tonic::Status>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < give_up => {
+                let wait = chat_client::retry_after(&s)
+                    .unwrap_or(Duration::from_millis(100))
+                    .clamp(Duration::from_millis(20), Duration::from_secs(1));
+                tokio::time::sleep(wait).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 fn created(r: Result<Result<usize, tonic::Status>, tokio::task::JoinError>) -> anyhow::Result<()> {
@@ -964,6 +991,11 @@ async fn exercise(
         faults,
         notes,
         typing,
+        held_back_by_clients: ctx
+            .clients
+            .iter()
+            .map(|c| c.read().expect("client lock poisoned").held_back())
+            .sum(),
         peak_rss_mib,
         rollout,
         users: &ctx.users,

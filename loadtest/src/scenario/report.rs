@@ -24,11 +24,28 @@ pub struct FaultRecord {
     /// Longest gap between acks from the last ack before the fault until
     /// the next fault (or the end of the load).
     pub unavailability_ms: Option<u64>,
-    /// From the fault to the end of the first full second with no failures,
-    /// acks at 90 % or more of the offered load and p99 within twice the
-    /// pre-fault p99 (1 s resolution).
-    pub recovered_after_s: Option<f64>,
+    /// From the fault until goodput is back for good: from then until the
+    /// next fault (or the end of the load), of the sends scheduled in every
+    /// second-long window (taken every 100 ms) at least
+    /// [`RECOVERED_GOODPUT`] were acked within [`GOOD_WITHIN_US`]. `None`:
+    /// not back before the next fault or the end.
+    pub recovery_s: Option<f64>,
+    /// The fault took a whole tier away (no quorum), so it ends only when
+    /// the tier is started again: its recovery is judged from that restart.
+    pub until_restart: bool,
 }
+
+/// Goodput, as a share of the offered load, that counts as recovered.
+pub const RECOVERED_GOODPUT: f64 = 0.95;
+
+/// A send counts toward goodput when it is acked within this of being
+/// scheduled (100 times the usual p99): late acks of a backlog do not make
+/// up for the sends refused meanwhile, and a short stall is not a failure.
+const GOOD_WITHIN_US: u64 = 1_000_000;
+
+/// The windows of the recovery measurement, and the step between them.
+const RECOVERY_WINDOW_US: u64 = 1_000_000;
+const RECOVERY_STEP_US: u64 = 100_000;
 
 impl FaultRecord {
     pub fn new(at_s: f64, kind: String, target: String) -> Self {
@@ -37,7 +54,8 @@ impl FaultRecord {
             kind,
             target,
             unavailability_ms: None,
-            recovered_after_s: None,
+            recovery_s: None,
+            until_restart: false,
         }
     }
 }
@@ -154,6 +172,10 @@ pub struct Report {
     /// Final gRPC code → count, shed sends (RESOURCE_EXHAUSTED) excluded.
     pub failed: BTreeMap<String, u64>,
     pub shed: u64,
+    /// Calls (sends and typing) the clients refused themselves, unsent,
+    /// because the gateways had been refusing for overload: part of `shed`
+    /// and of the typing calls shed.
+    pub held_back_by_clients: u64,
     /// Typing calls (sheddable) made alongside the sends.
     pub typing: TypingCounts,
     pub lost: u64,
@@ -172,6 +194,8 @@ pub struct Report {
     pub start_lag_ms: DeliveryLatency,
     pub delivery_latency_ms: DeliveryLatency,
     pub max_unavailability_ms: u64,
+    /// Sends scheduled outside every fault window that were not acked.
+    pub refused_outside_faults: u64,
     /// congestion: send→ack p99 (ms) of the sends scheduled in the first
     /// 3 s of the ramp (light load) and at its top (≥ 90 % of the end rate).
     pub ramp_p99_ms: Option<(f64, f64)>,
@@ -202,6 +226,7 @@ pub struct BuildArgs<'a> {
     pub faults: Vec<FaultRecord>,
     pub notes: Vec<String>,
     pub typing: TypingCounts,
+    pub held_back_by_clients: u64,
     pub peak_rss_mib: BTreeMap<String, f64>,
     pub rollout: Option<RolloutRecord>,
     /// User ids by index (for the canary assignment).
@@ -214,6 +239,102 @@ fn ms(us: u64) -> f64 {
 
 fn code_name(c: tonic::Code) -> String {
     format!("{c:?}")
+}
+
+/// The recovery SLO over the faults of a run: each must have goodput back
+/// within `limit` seconds. A fault followed by the next one sooner than
+/// that is judged with the next one; a fault that took a tier away is
+/// judged from the tier's restart.
+fn recovery_slo(faults: &[FaultRecord], end_s: f64, limit: f64) -> Slo {
+    let mut worst = 0.0f64;
+    let mut not_back = Vec::new();
+    for (i, f) in faults.iter().enumerate() {
+        let next_s = faults.get(i + 1).map_or(end_s, |n| n.at_s);
+        match f.recovery_s {
+            Some(r) => worst = worst.max(r),
+            None if f.until_restart => {}
+            None if i + 1 < faults.len() && next_s - f.at_s < limit => {}
+            None => not_back.push(format!("{} at {:.1} s", f.kind, f.at_s)),
+        }
+    }
+    let actual = if not_back.is_empty() {
+        serde_json::Value::from((worst * 10.0).round() / 10.0)
+    } else {
+        format!("goodput not back after {}", not_back.join(", ")).into()
+    };
+    Slo {
+        target: format!(
+            "<= {limit} (s from each fault until goodput stays >= {:.0} % of offered)",
+            RECOVERED_GOODPUT * 100.0
+        ),
+        actual,
+        pass: not_back.is_empty() && worst <= limit,
+    }
+}
+
+/// Sends that did not get an ack, scheduled and answered outside every
+/// fault window (from a fault until goodput was back, or until the next
+/// fault when it never was).
+fn refused_outside(sends: &[SendRecord], start: u64, faults: &[FaultRecord], end_s: f64) -> u64 {
+    let windows: Vec<(u64, u64)> = faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let next_s = faults.get(i + 1).map_or(end_s, |n| n.at_s);
+            let until = f.recovery_s.map_or(next_s, |r| f.at_s + r);
+            let us = |s: f64| start + (s * 1e6) as u64;
+            (us(f.at_s), us(until))
+        })
+        .collect();
+    let end = start + (end_s * 1e6) as u64;
+    sends
+        .iter()
+        .filter(|r| r.outcome.is_err() && r.intended_us < end)
+        .filter(|r| {
+            !windows.iter().any(|&(a, b)| {
+                (a..=b).contains(&r.intended_us) || (a..=b).contains(&r.done_us)
+            })
+        })
+        .count() as u64
+}
+
+/// Microseconds from `from` until goodput is back for good before `to`:
+/// the start of the first window (of [`RECOVERY_WINDOW_US`], every
+/// [`RECOVERY_STEP_US`]) from which, in every window ending by `to`, at
+/// least [`RECOVERED_GOODPUT`] of the sends scheduled in it were acked
+/// within [`GOOD_WITHIN_US`]. `None` when the last window before `to` still
+/// falls short (or no window fits).
+fn recovery(sends: &[SendRecord], from: u64, to: u64) -> Option<u64> {
+    if to < from + RECOVERY_WINDOW_US {
+        return None;
+    }
+    let buckets = ((to - from) / RECOVERY_STEP_US) as usize;
+    let (mut offered, mut good) = (vec![0u64; buckets], vec![0u64; buckets]);
+    for r in sends {
+        if r.intended_us < from {
+            continue;
+        }
+        let i = ((r.intended_us - from) / RECOVERY_STEP_US) as usize;
+        if i >= buckets {
+            continue;
+        }
+        offered[i] += 1;
+        if r.outcome.is_ok() && r.done_us.saturating_sub(r.intended_us) <= GOOD_WITHIN_US {
+            good[i] += 1;
+        }
+    }
+    let per_window = (RECOVERY_WINDOW_US / RECOVERY_STEP_US) as usize;
+    let short = |k: usize| {
+        let o: u64 = offered[k..k + per_window].iter().sum();
+        let g: u64 = good[k..k + per_window].iter().sum();
+        (g as f64) < RECOVERED_GOODPUT * o as f64
+    };
+    let windows = buckets + 1 - per_window;
+    match (0..windows).rev().find(|&k| short(k)) {
+        None => Some(0),
+        Some(k) if k + 1 == windows => None,
+        Some(k) => Some((k as u64 + 1) * RECOVERY_STEP_US),
+    }
 }
 
 /// The longest gap between consecutive acks (`acks` sorted) from the last
@@ -294,22 +415,10 @@ impl Report {
             let from = fault_us[i];
             let to = fault_us.get(i + 1).copied().unwrap_or(end).max(from);
             f.unavailability_ms = Some(longest_gap(&ack_times, from, to) / 1000);
-            let fs = sec(from) as usize;
-            let baseline = timeline[..fs]
+            f.recovery_s = recovery(b.sends, from, to).map(|us| (us as f64 / 1e5).round() / 10.0);
+            f.until_restart = super::fault::KINDS
                 .iter()
-                .filter_map(|s| s.p99_ms)
-                .fold(0.0f64, f64::max)
-                .max(20.0);
-            f.recovered_after_s = timeline
-                .iter()
-                .skip(fs + 1)
-                .take_while(|s| (s.t_s as f64) < a.duration)
-                .find(|s| {
-                    s.failed + s.shed == 0
-                        && s.acked as f64 >= 0.9 * s.offered as f64
-                        && s.p99_ms.is_some_and(|p| p <= 2.0 * baseline)
-                })
-                .map(|s| ((s.t_s + 1) as f64 - f.at_s).max(0.0));
+                .any(|(n, k)| *n == f.kind && k.takes_tier_away());
         }
         let max_unavailability_ms = if faults.is_empty() {
             longest_gap(&ack_times, start, end) / 1000
@@ -374,6 +483,32 @@ impl Report {
                 pass: v.read_error.is_none(),
             },
         );
+        let judged = matches!(b.load, Load::Constant(_))
+            && !matches!(b.scenario, "congestion" | "canary-bad-release");
+        if judged && !faults.is_empty() {
+            slo.insert(
+                "recovery_s".into(),
+                recovery_slo(&faults, a.duration, a.max_recovery_s),
+            );
+        }
+        // Refusals while nothing is wrong, at a load well below capacity,
+        // are failures too: protection that refuses then is miscalibrated.
+        let refused_outside_faults = refused_outside(b.sends, start, &faults, a.duration);
+        let light = match (b.load, a.capacity) {
+            (Load::Constant(r), Some(c)) => r <= c / 2.0,
+            (Load::Constant(_), None) => true,
+            _ => false,
+        };
+        if judged && light && matches!(b.scenario, "failover" | "steady") {
+            slo.insert(
+                "refused_outside_faults".into(),
+                Slo {
+                    target: "= 0 (load at most half of capacity)".into(),
+                    actual: refused_outside_faults.into(),
+                    pass: refused_outside_faults == 0,
+                },
+            );
+        }
         if faults.iter().any(|f| super::leader_fault(&f.kind)) {
             slo.insert(
                 "max_unavailability_ms".into(),
@@ -460,6 +595,7 @@ impl Report {
             failed,
             shed,
             typing: b.typing,
+            held_back_by_clients: b.held_back_by_clients,
             lost: v.lost,
             duplicated: v.duplicated,
             out_of_order: v.out_of_order,
@@ -486,6 +622,7 @@ impl Report {
                 max: ms(dh.max()),
             },
             max_unavailability_ms,
+            refused_outside_faults,
             ramp_p99_ms,
             peak_rss_mib: b.peak_rss_mib,
             faults,
@@ -530,12 +667,13 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "sent {}  acked {}  failed {} {:?}  shed {}  goodput {:.1}/s",
+            "sent {}  acked {}  failed {} {:?}  shed {} ({} calls held back by the clients)  goodput {:.1}/s",
             self.sent,
             self.acked,
             self.failed_total(),
             self.failed,
             self.shed,
+            self.held_back_by_clients,
             self.goodput_per_s
         );
         let l = &self.ack_latency_ms;
@@ -554,11 +692,12 @@ impl Report {
             let _ = write!(s, "fault at {:.1} s: {} {}", f.at_s, f.kind, f.target);
             if let Some(u) = f.unavailability_ms {
                 let _ = write!(s, " (longest ack gap {u} ms");
-                match f.recovered_after_s {
+                match f.recovery_s {
                     Some(r) => {
-                        let _ = write!(s, ", recovered after {r:.1} s)");
+                        let _ = write!(s, ", goodput back after {r:.1} s)");
                     }
-                    None => s.push_str(", did not recover during the load)"),
+                    None if f.until_restart => s.push_str(", down until restarted)"),
+                    None => s.push_str(", goodput not back before the next fault or the end)"),
                 }
             }
             s.push('\n');
@@ -568,6 +707,13 @@ impl Report {
             "longest gap between acks: {} ms",
             self.max_unavailability_ms
         );
+        if !self.faults.is_empty() {
+            let _ = writeln!(
+                s,
+                "sends not acked outside the fault windows: {}",
+                self.refused_outside_faults
+            );
+        }
         let _ = writeln!(
             s,
             "verification: lost {}, duplicated {}, out of order {}, delivery missed {}, delivery duplicated {}",
@@ -665,6 +811,14 @@ impl Report {
             ),
             ("shed", self.shed.to_string()),
             (
+                "calls held back by the clients",
+                self.held_back_by_clients.to_string(),
+            ),
+            (
+                "sends not acked outside the fault windows",
+                self.refused_outside_faults.to_string(),
+            ),
+            (
                 "typing sent / ok / shed / failed",
                 format!(
                     "{} / {} / {} / {}",
@@ -734,7 +888,7 @@ impl Report {
         if !self.faults.is_empty() {
             let _ = writeln!(
                 m,
-                "\n## Faults\n\n| at s | kind | target | longest ack gap ms | recovered after s |\n|---|---|---|---|---|"
+                "\n## Faults\n\n| at s | kind | target | longest ack gap ms | recovery s |\n|---|---|---|---|---|"
             );
             for f in &self.faults {
                 let _ = writeln!(
@@ -744,8 +898,11 @@ impl Report {
                     f.kind,
                     f.target,
                     f.unavailability_ms.map_or("-".into(), |u| u.to_string()),
-                    f.recovered_after_s
-                        .map_or("-".into(), |r| format!("{r:.0}"))
+                    match (f.recovery_s, f.until_restart) {
+                        (Some(r), _) => format!("{r:.1}"),
+                        (None, true) => "down until restarted".into(),
+                        (None, false) => "**not back**".into(),
+                    }
                 );
             }
         }
@@ -948,6 +1105,15 @@ impl Report {
                 xml(&f.kind),
                 xml(&f.target)
             );
+            if let Some(r) = f.recovery_s.filter(|&r| r > 0.0) {
+                // Where goodput is back for good: a bracket from the fault.
+                let rx = x(f.at_s + r);
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{fx:.1}" y1="{y:.1}" x2="{rx:.1}" y2="{y:.1}" stroke="#2ca02c" stroke-width="3"><title>goodput back after {r:.1} s</title></line>"##,
+                    y = TOP + 4.0
+                );
+            }
         }
         s.push_str("</svg>\n");
         s
@@ -1063,5 +1229,113 @@ mod tests {
         assert_eq!(longest_gap(&acks, 25, 600), 470);
         // No ack at all after the fault: the gap runs to the end.
         assert_eq!(longest_gap(&[10], 25, 600), 590);
+    }
+
+    /// 100 sends a second for `secs` seconds from 0; `acked(t_us)` says
+    /// whether the send scheduled at `t_us` is acked, 5 ms later.
+    fn load(secs: u64, acked: impl Fn(u64) -> bool) -> Vec<SendRecord> {
+        (0..secs * 100)
+            .map(|k| {
+                let t = k * 10_000;
+                SendRecord {
+                    conv: 0,
+                    sender: 0,
+                    k,
+                    intended_us: t,
+                    started_us: t,
+                    done_us: t + 5_000,
+                    outcome: if acked(t) {
+                        Ok(k)
+                    } else {
+                        Err(tonic::Code::ResourceExhausted)
+                    },
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn recovery_is_when_goodput_stays_back_not_when_it_first_returns() {
+        // Healthy throughout: back at once.
+        assert_eq!(recovery(&load(10, |_| true), 0, 10_000_000), Some(0));
+        // Refused for 2 s after the fault, then all acked: back after 2 s.
+        let two = load(10, |t| t >= 2_000_000);
+        assert_eq!(recovery(&two, 0, 10_000_000), Some(2_000_000));
+        // A metastable tail: one send in four refused from 5 s on, after a
+        // good stretch. Goodput returned at 2 s but did not stay.
+        let tail = load(10, |t| t >= 2_000_000 && (t < 5_000_000 || (t / 10_000) % 4 != 0));
+        assert_eq!(recovery(&tail, 0, 10_000_000), None);
+        // One refusal in fifty is within 95 %.
+        let few = load(10, |t| (t / 10_000) % 50 != 0);
+        assert_eq!(recovery(&few, 0, 10_000_000), Some(0));
+        // A short stall is no failure: a 400 ms gap whose sends are all
+        // acked just after it leaves goodput whole.
+        let mut stall = load(10, |_| true);
+        for r in &mut stall {
+            if (3_000_000..3_400_000).contains(&r.intended_us) {
+                r.done_us = 3_400_000;
+            }
+        }
+        assert_eq!(recovery(&stall, 3_000_000, 10_000_000), Some(0));
+        // But sends acked seconds late (held through an outage) are not
+        // goodput: back only from when acks are prompt again (4 s).
+        let mut held = load(10, |_| true);
+        for r in &mut held {
+            if r.intended_us < 4_000_000 {
+                r.done_us = 5_500_000;
+            }
+        }
+        assert_eq!(recovery(&held, 0, 10_000_000), Some(4_000_000));
+        // Too short a span to judge.
+        assert_eq!(recovery(&two, 0, 900_000), None);
+    }
+
+    #[test]
+    fn refusals_count_only_outside_the_fault_windows() {
+        // Refused: 1.00–1.10 s (before any fault), 5.0–5.5 s (in the fault
+        // window 5.0–6.0 s) and 8.0–8.05 s (after goodput was back).
+        let sends = load(10, |t| {
+            !((1_000_000..1_100_000).contains(&t)
+                || (5_000_000..5_500_000).contains(&t)
+                || (8_000_000..8_050_000).contains(&t))
+        });
+        let faults = [fault(5.0, "store-leader", Some(1.0))];
+        assert_eq!(refused_outside(&sends, 0, &faults, 10.0), 10 + 5);
+        // A fault never recovered from covers the rest of the load.
+        let never = [fault(5.0, "store-leader", None)];
+        assert_eq!(refused_outside(&sends, 0, &never, 10.0), 10);
+    }
+
+    fn fault(at_s: f64, kind: &str, recovery_s: Option<f64>) -> FaultRecord {
+        let mut f = FaultRecord::new(at_s, kind.into(), "x".into());
+        f.recovery_s = recovery_s;
+        f.until_restart = kind == "store-all";
+        f
+    }
+
+    #[test]
+    fn the_recovery_slo_judges_each_fault_and_a_lost_tier_from_its_restart() {
+        let ok = recovery_slo(
+            &[fault(5.0, "store-leader", Some(0.6)), fault(8.0, "start", Some(0.0))],
+            20.0,
+            3.0,
+        );
+        assert!(ok.pass, "{ok:?}");
+        assert_eq!(ok.actual, serde_json::json!(0.6));
+        // The store down until its restart is judged from the restart.
+        let all = [fault(5.0, "store-all", None), fault(8.0, "start", Some(4.2))];
+        let slow = recovery_slo(&all, 20.0, 3.0);
+        assert!(!slow.pass, "{slow:?}");
+        assert_eq!(slow.actual, serde_json::json!(4.2));
+        // Never back before the end of the load.
+        let never = recovery_slo(&[fault(5.0, "router", None)], 20.0, 3.0);
+        assert!(!never.pass);
+        assert!(never.actual.to_string().contains("router at 5.0 s"), "{never:?}");
+        // A fault the next one follows within the limit is judged with it.
+        let close = [fault(5.0, "partition-leader", None), fault(6.0, "heal", Some(1.0))];
+        assert!(recovery_slo(&close, 20.0, 3.0).pass);
+        // But one that had the whole limit and did not come back fails.
+        let long = [fault(5.0, "partition-leader", None), fault(9.0, "heal", Some(1.0))];
+        assert!(!recovery_slo(&long, 20.0, 3.0).pass);
     }
 }

@@ -66,8 +66,7 @@ pub async fn read_back(ctx: &Arc<Ctx>) -> Result<Vec<Vec<Message>>, String> {
                     before_seq: 0,
                     limit: PAGE,
                 };
-                let page = client
-                    .history(req)
+                let page = super::patiently(|| client.history(req.clone()))
                     .await
                     .map_err(|s| format!("reading {id} back: {:?}: {}", s.code(), s.message()))?;
                 if page.messages.is_empty() {

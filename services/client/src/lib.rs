@@ -62,6 +62,8 @@ struct Inner {
     /// One per criticality: typing being shed must not hold back sends.
     throttles: [Throttle; 3],
     throttling: std::sync::atomic::AtomicBool,
+    /// Calls this client refused itself (throttling).
+    held_back: std::sync::atomic::AtomicU64,
 }
 
 /// A client of the gateways. Cheap to clone.
@@ -161,6 +163,7 @@ impl ChatClient {
                 budget: RetryBudget::default(),
                 throttles: Default::default(),
                 throttling: std::sync::atomic::AtomicBool::new(true),
+                held_back: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -170,6 +173,12 @@ impl ChatClient {
     /// refuse costs them the CPU the accepted calls need).
     pub fn set_throttling(&self, on: bool) {
         self.inner.throttling.store(on, Ordering::Relaxed);
+    }
+
+    /// Calls this client (and its clones) refused itself, without sending
+    /// them, because the gateways had been refusing calls for overload.
+    pub fn held_back(&self) -> u64 {
+        self.inner.held_back.load(Ordering::Relaxed)
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -200,6 +209,7 @@ impl ChatClient {
         self.inner.budget.deposit();
         loop {
             if self.inner.throttling.load(Ordering::Relaxed) && !throttle.attempt() {
+                self.inner.held_back.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::resource_exhausted(
                     "not sent: the gateways have been refusing calls for overload, \
                      so this client is holding back a share of its calls",

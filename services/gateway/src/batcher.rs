@@ -9,6 +9,12 @@
 //! dropped unsent, and a send that waited longer than the queue-time limit
 //! is refused with RESOURCE_EXHAUSTED and a `retry-after-ms` hint, so the
 //! cluster spends its capacity on sends that can still be answered in time.
+//! The limit applies to a standing queue only (as in CoDel): a send is
+//! refused for its wait when an earlier batch, less than
+//! [`STANDING_FOR`] ago, also found sends queued past the limit. A queue
+//! that grew while the store stalled (a leader election: no batch came back
+//! for half a second) is sent whole in the next batch, which costs one
+//! batch, not a refusal per waiting user.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +40,9 @@ const MAX_BATCH: usize = 1_024;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Batches outstanding at once.
 const IN_FLIGHT: usize = 4;
+/// How long the queue counts as standing after a batch found a send that
+/// had waited past the limit.
+const STANDING_FOR: Duration = Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<spb::AppendResponse, Status>>;
 /// A send, its reply, when it was queued and when its caller stops waiting.
@@ -110,7 +119,10 @@ impl SendBatcher {
 }
 
 /// Whether a queued send still goes out; answers it when it does not.
-fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
+/// `late` is set when the send waited past the limit; it is refused for
+/// that only when the queue was `standing` (an earlier batch found late
+/// sends too, within [`STANDING_FOR`]).
+fn admit(item: Queued, admission: Admission, standing: bool, late: &mut bool) -> Option<Admitted> {
     let (req, reply, queued, deadline, span) = item;
     if !admission.enabled {
         return Some((req, reply, deadline, span));
@@ -121,6 +133,9 @@ fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
     }
     let waited = queued.elapsed();
     if waited > admission.max_queue_time {
+        *late = true;
+    }
+    if waited > admission.max_queue_time && standing {
         let _ = reply.send(Err(overloaded(
             format!(
                 "gateway overloaded: the send waited {} ms in the queue (limit {} ms); retry later",
@@ -136,15 +151,19 @@ fn admit(item: Queued, admission: Admission) -> Option<Admitted> {
 
 async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: Admission) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // When a batch last found sends queued past the limit.
+    let mut last_late: Option<Instant> = None;
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let mut late = false;
+        let standing = last_late.is_some_and(|t| t.elapsed() < STANDING_FOR);
         while batch.is_empty() {
             let Some(first) = rx.recv().await else { return };
-            if let Some(x) = admit(first, admission) {
+            if let Some(x) = admit(first, admission, standing, &mut late) {
                 bytes += x.0.body.len();
                 batch.push(x);
             }
@@ -152,13 +171,16 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(x) => {
-                    if let Some(x) = admit(x, admission) {
+                    if let Some(x) = admit(x, admission, standing, &mut late) {
                         bytes += x.0.body.len();
                         batch.push(x);
                     }
                 }
                 Err(_) => break,
             }
+        }
+        if late {
+            last_late = Some(Instant::now());
         }
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -285,7 +307,9 @@ mod tests {
     fn a_send_that_waited_too_long_is_refused_with_a_retry_hint() {
         let on = Admission::default();
         let (item, mut rx) = queued(on.max_queue_time + Duration::from_millis(50));
-        assert!(admit(item, on).is_none());
+        let mut late = false;
+        assert!(admit(item, on, true, &mut late).is_none());
+        assert!(late);
         let status = rx.try_recv().expect("answered").expect_err("refused");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("waited"), "{}", status.message());
@@ -296,13 +320,36 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_that_grew_in_a_stall_goes_out_whole_then_a_standing_one_is_cut() {
+        let on = Admission::default();
+        let old = on.max_queue_time + Duration::from_millis(200);
+        // The store stalled: the first batch after it finds late sends, but
+        // the batch before found none. They go out.
+        let mut late = false;
+        let (item, mut rx) = queued(old);
+        assert!(admit(item, on, false, &mut late).is_some());
+        assert!(late, "noted as late");
+        assert!(rx.try_recv().is_err(), "not answered: sent");
+        // The next batch finds late sends again: a standing queue. Refused.
+        let (item, mut rx) = queued(old);
+        assert!(admit(item, on, late, &mut false).is_none());
+        let status = rx.try_recv().expect("answered").expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
     fn abandoned_sends_are_dropped_and_fresh_ones_pass() {
         let on = Admission::default();
         let (item, rx) = queued(Duration::ZERO);
         drop(rx);
-        assert!(admit(item, on).is_none(), "nobody waits for this ack");
+        assert!(
+            admit(item, on, true, &mut false).is_none(),
+            "nobody waits for this ack"
+        );
         let (item, _rx) = queued(Duration::from_millis(10));
-        assert!(admit(item, on).is_some());
+        let mut late = false;
+        assert!(admit(item, on, true, &mut late).is_some());
+        assert!(!late);
     }
 
     #[test]
@@ -317,7 +364,7 @@ mod tests {
             Some(gone),
             tracing::Span::none(),
         );
-        assert!(admit(item, on).is_none());
+        assert!(admit(item, on, true, &mut false).is_none());
     }
 
     #[test]
@@ -328,6 +375,6 @@ mod tests {
         };
         let (item, rx) = queued(Duration::from_secs(30));
         drop(rx);
-        assert!(admit(item, off).is_some());
+        assert!(admit(item, off, true, &mut false).is_some());
     }
 }

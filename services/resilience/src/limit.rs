@@ -256,10 +256,15 @@ impl Limiter {
         let gradient = (self.cfg.tolerance * est.long_rtt / short).clamp(0.5, 1.0);
         let queue = est.limit.sqrt().max(4.0);
         let mut next = est.limit * gradient + queue;
-        // Only grow a limit that is being used: an idle service learns
-        // nothing about how much more it could take.
+        // Only move a limit that is being used: a service using less than
+        // half of it learns nothing about how much more it could take, and
+        // nothing that calls for less either. Its RTT then varies with the
+        // mix of calls (a history read is ten times faster than a synced
+        // send) and with stalls downstream, not with queueing here; a limit
+        // that followed it drifted to its floor at a tenth of capacity and
+        // refused sends during a 0.6 s store election.
         if (busiest as f64) < est.limit / 2.0 {
-            next = next.min(est.limit);
+            next = est.limit;
         }
         est.limit = (est.limit * (1.0 - self.cfg.smoothing) + next * self.cfg.smoothing)
             .clamp(self.cfg.min as f64, self.cfg.max as f64);
@@ -347,6 +352,22 @@ mod tests {
             round(&l, busy, Duration::from_millis(10), &mut now);
         }
         assert!(l.limit() > congested * 2, "{congested} -> {}", l.limit());
+    }
+
+    #[test]
+    fn a_lightly_used_limit_does_not_drift_down_on_a_mix_of_latencies() {
+        let l = limiter(100);
+        let mut now = Instant::now();
+        // Fast reads teach a low long-term RTT; then slower sends and a
+        // stall downstream, all with a tenth of the limit in use.
+        for _ in 0..20 {
+            round(&l, 10, Duration::from_millis(1), &mut now);
+        }
+        for _ in 0..20 {
+            round(&l, 10, Duration::from_millis(20), &mut now);
+        }
+        round(&l, 30, Duration::from_millis(600), &mut now);
+        assert_eq!(l.limit(), 100);
     }
 
     #[test]

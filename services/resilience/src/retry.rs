@@ -99,11 +99,35 @@ impl Default for RetryBudget {
 /// (answered, refused by the backend, or refused here), never while it is
 /// in flight: otherwise a quiet client's second concurrent call would be
 /// refused half the time with no refusal from the backend at all.
+///
+/// Local refusals count as requests (as in the SRE book), so once the
+/// backend takes everything again the refusal rate can only fall by a
+/// factor of about K per window: with K = 1.2 a client that had been
+/// refusing half its calls kept refusing a quarter of them 17 s after the
+/// backend came back (BENCHMARKS.md, "the whole store tier lost at
+/// once"). So the throttle also watches the last half second: when the
+/// backend has taken calls in it ([`RECOVERED_AFTER`]) and refused none, it
+/// is no longer overloaded for this client, and the window's history is
+/// forgotten. Under a real overload the backend keeps refusing a share of
+/// what a busy client sends, so that seldom happens while throttling is
+/// needed; a client sending a few calls a second may let go early and is
+/// held back again by the next refusal.
 pub struct Throttle {
     /// (requests, accepts)
     window: Window<SLOTS>,
+    /// (accepted, refused) by the backend, over the last half second.
+    recent: Window<RECENT_SLOTS>,
     k: f64,
 }
+
+const RECENT_SLOTS: usize = 5;
+const RECENT_SLOT: Duration = Duration::from_millis(100);
+
+/// Calls the backend must take in the last half second, with no refusal,
+/// for the throttle to forget the refusals before them. One: a client that
+/// is refusing most of its calls itself sends few; a client sending many
+/// under a real overload meets a refusal well within that time.
+pub const RECOVERED_AFTER: u64 = 1;
 
 impl Throttle {
     /// `k`: how many requests per accepted one the client still sends (2 in
@@ -111,6 +135,7 @@ impl Throttle {
     pub fn new(k: f64) -> Self {
         Self {
             window: Window::new(SLOT),
+            recent: Window::new(RECENT_SLOT),
             k,
         }
     }
@@ -143,6 +168,11 @@ impl Throttle {
 
     pub fn accepted_at(&self, now: Instant) {
         self.window.add(now, 1, 1);
+        self.recent.add(now, 1, 0);
+        let (taken, refused) = self.recent.sums(now);
+        if refused == 0 && taken >= RECOVERED_AFTER && self.reject_probability(now) > 0.0 {
+            self.window.clear();
+        }
     }
 
     /// The backend refused the call for overload.
@@ -152,6 +182,7 @@ impl Throttle {
 
     pub fn refused_at(&self, now: Instant) {
         self.window.add(now, 1, 0);
+        self.recent.add(now, 0, 1);
     }
 }
 
@@ -233,4 +264,94 @@ mod tests {
         // Once the refusals leave the window, nothing is throttled.
         assert_eq!(t.reject_probability(now + Duration::from_secs(11)), 0.0);
     }
+
+    /// The backend refused everything for `secs` seconds at `rate` calls a
+    /// second from `t0`, with the client throttling as it goes.
+    fn outage(t: &Throttle, t0: Instant, secs: u64, rate: u64) -> Instant {
+        let step = Duration::from_secs(1) / rate as u32;
+        let mut now = t0;
+        for i in 0..secs * rate {
+            now = t0 + step * i as u32;
+            if t.attempt_at(now, 0.5) {
+                t.refused_at(now);
+            }
+        }
+        now
+    }
+
+    #[test]
+    fn throttle_lets_go_within_a_second_once_the_backend_takes_everything() {
+        let t = Throttle::new(1.2);
+        let t0 = Instant::now();
+        let end = outage(&t, t0, 4, 10);
+        assert!(t.reject_probability(end) > 0.5, "throttling after the outage");
+        // The backend is back: the calls the throttle lets through are all
+        // taken. After a few of them the history is forgotten.
+        let mut now = end;
+        let mut taken = 0;
+        while t.reject_probability(now) > 0.0 {
+            now += Duration::from_millis(100);
+            assert!(now - end < Duration::from_secs(2), "still throttling");
+            if t.attempt_at(now, 0.99) {
+                t.accepted_at(now);
+                taken += 1;
+            }
+        }
+        assert!(taken >= RECOVERED_AFTER, "{taken}");
+    }
+
+    /// Evenly spread numbers in [0, 1), in no particular order.
+    fn dice(i: u32) -> f64 {
+        (f64::from(i) * 0.618_033_988_75).fract()
+    }
+
+    #[test]
+    fn throttle_holds_while_the_backend_keeps_refusing_a_share() {
+        // A steady overload: a client tries 200 calls a second against a
+        // backend that takes 100 a second (10 per 100 ms) and refuses the
+        // rest.
+        let t = Throttle::new(1.2);
+        let mut now = Instant::now();
+        let (mut tried, mut sent, mut taken, mut taken_here) = (0u32, 0u32, 0u32, 0u32);
+        let mut least_after_accept = 1.0f64;
+        for i in 0..2_000u32 {
+            now += Duration::from_millis(5);
+            if i % 20 == 0 {
+                taken_here = 0;
+            }
+            if i < 400 {
+                // Two seconds to find its level; then count.
+                if t.attempt_at(now, dice(i)) {
+                    if taken_here < 10 {
+                        taken_here += 1;
+                        t.accepted_at(now);
+                    } else {
+                        t.refused_at(now);
+                    }
+                }
+                continue;
+            }
+            tried += 1;
+            if t.attempt_at(now, dice(i)) {
+                sent += 1;
+                if taken_here < 10 {
+                    taken_here += 1;
+                    taken += 1;
+                    t.accepted_at(now);
+                    least_after_accept = least_after_accept.min(t.reject_probability(now));
+                } else {
+                    t.refused_at(now);
+                }
+            }
+        }
+        // It keeps refusing a share locally: an accepted call amid refusals
+        // is no sign of recovery ...
+        assert!(least_after_accept > 0.1, "{least_after_accept}");
+        assert!(sent < tried * 3 / 4, "sent {sent} of {tried}");
+        // ... without starving itself of what the backend would take.
+        assert!(taken > 1_600 / 2 / 2, "taken {taken} of a capacity of 800");
+    }
+
+
+
 }

@@ -50,6 +50,14 @@ impl<const N: usize> Window<N> {
         s.b.fetch_add(b, Relaxed);
     }
 
+    /// Forgets every count (a racing writer may keep one).
+    pub(crate) fn clear(&self) {
+        for s in &self.slots {
+            s.a.store(0, Relaxed);
+            s.b.store(0, Relaxed);
+        }
+    }
+
     /// Both counters summed over the window ending at `now`.
     pub(crate) fn sums(&self, now: Instant) -> (u64, u64) {
         let e = self.epoch(now);
