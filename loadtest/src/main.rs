@@ -7,6 +7,7 @@
 //! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency;
 //! `rejoin-bench` a wiped replica rejoining a large store.
 
+mod backup_bench;
 mod cpu;
 mod e2e_bench;
 mod engine_bench;
@@ -56,6 +57,9 @@ enum Cmd {
     E2eBench(e2e_bench::Args),
     /// A replica whose disk was wiped rejoining a store of --gib GiB.
     RejoinBench(rejoin_bench::Args),
+    /// A backup of a store of --gib GiB under writes, every disk lost, and
+    /// a new group restored from the file.
+    BackupBench(backup_bench::Args),
 }
 
 /// `given`, or the binary `name` next to this one (where cargo builds it).
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
         Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),
         Cmd::RejoinBench(args) => rt.block_on(rejoin_bench::run(args)).map(|()| true),
+        Cmd::BackupBench(args) => rt.block_on(backup_bench::run(args)).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

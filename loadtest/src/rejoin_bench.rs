@@ -13,20 +13,37 @@ use anyhow::Context;
 use chat_proto::store::v1 as api;
 use chat_store::StoreClient;
 
+/// How a benchmark fills a group before it measures.
 #[derive(clap::Args)]
-pub struct Args {
-    /// Bodies to store before the rejoin, in GiB.
+pub struct Fill {
+    /// Bodies to store first, in GiB.
     #[arg(long, default_value_t = 2.0)]
-    gib: f64,
+    pub gib: f64,
     /// Message body size.
     #[arg(long, default_value_t = 60_000)]
-    body_bytes: usize,
+    pub body_bytes: usize,
     /// Messages per AppendBatch while filling.
     #[arg(long, default_value_t = 16)]
-    per_request: usize,
+    pub per_request: usize,
     /// Concurrent writers while filling.
     #[arg(long, default_value_t = 8)]
-    writers: usize,
+    pub writers: usize,
+}
+
+impl Fill {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.gib > 0.0 && self.body_bytes > 0 && self.per_request > 0 && self.writers > 0,
+            "sizes and counts must be positive"
+        );
+        Ok(())
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    fill: Fill,
     /// The replicas' --snapshot-chunk-bytes (default: theirs).
     #[arg(long)]
     chunk_bytes: Option<usize>,
@@ -50,26 +67,78 @@ pub struct Args {
 }
 
 /// Resident set size of a process now (`VmRSS`), in bytes.
-fn rss(pid: u32) -> Option<u64> {
+pub(crate) fn rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
 
-fn gib(bytes: u64) -> f64 {
+pub(crate) fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
+/// Fills a group as `f` says: concurrent writers, each to its own
+/// conversation (`<prefix>-<w>`). Returns the messages stored and the
+/// seconds it took.
+pub(crate) async fn fill(
+    admin: &StoreClient,
+    addrs: &[String],
+    prefix: &str,
+    f: &Fill,
+) -> anyhow::Result<(u64, f64)> {
+    let (gib, body_bytes, per_request, writers) = (f.gib, f.body_bytes, f.per_request, f.writers);
+    let target = (gib * (1u64 << 30) as f64) as u64;
+    let per_msg = body_bytes as u64;
+    let batches = target.div_ceil(per_msg * per_request as u64);
+    let next = Arc::new(AtomicU64::new(0));
+    crate::store_bench::create_conversations(admin, prefix, writers).await?;
+    let filling = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let client = StoreClient::new(addrs.to_vec(), Duration::from_secs(30))?;
+        let next = next.clone();
+        let body = vec![b'r'; body_bytes];
+        let conversation = format!("{prefix}-{w}");
+        tasks.push(tokio::spawn(async move {
+            let mut stored = 0u64;
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    return anyhow::Ok(stored);
+                }
+                let items = (0..per_request)
+                    .map(|k| api::AppendRequest {
+                        conversation_id: conversation.clone(),
+                        sender: format!("u{w}"),
+                        client_msg_id: format!("{b}-{k}"),
+                        body: body.clone(),
+                    })
+                    .collect();
+                let r = client
+                    .append_batch(api::AppendBatchRequest { items })
+                    .await?;
+                stored += r
+                    .items
+                    .iter()
+                    .filter(|o| matches!(o.outcome, Some(api::append_outcome::Outcome::Ok(_))))
+                    .count() as u64;
+            }
+        }));
+    }
+    let mut messages = 0u64;
+    for t in tasks {
+        messages += t.await??;
+    }
+    Ok((messages, filling.elapsed().as_secs_f64()))
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.gib > 0.0 && args.body_bytes > 0 && args.per_request > 0 && args.writers > 0,
-        "sizes and counts must be positive"
-    );
+    args.fill.validate()?;
     let store_bin = crate::sibling_binary(args.store_bin.clone(), "chat-store")?;
     let tmp = tempfile::tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
@@ -94,55 +163,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         crate::store_bench::start_group(&store_bin, 3, &root, &extra, Duration::from_secs(30))
             .await?;
 
-    // Fill.
-    let target = (args.gib * (1u64 << 30) as f64) as u64;
-    let per_msg = args.body_bytes as u64;
-    let batches = target.div_ceil(per_msg * args.per_request as u64);
-    let next = Arc::new(AtomicU64::new(0));
-    crate::store_bench::create_conversations(&admin, "rejoin", args.writers).await?;
-    let filling = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..args.writers {
-        let client = StoreClient::new(addrs.clone(), Duration::from_secs(30))?;
-        let next = next.clone();
-        let body = vec![b'r'; args.body_bytes];
-        let per_request = args.per_request;
-        tasks.push(tokio::spawn(async move {
-            let mut stored = 0u64;
-            loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    return anyhow::Ok(stored);
-                }
-                let items = (0..per_request)
-                    .map(|k| api::AppendRequest {
-                        conversation_id: format!("rejoin-{w}"),
-                        sender: format!("u{w}"),
-                        client_msg_id: format!("{b}-{k}"),
-                        body: body.clone(),
-                    })
-                    .collect();
-                let r = client
-                    .append_batch(api::AppendBatchRequest { items })
-                    .await?;
-                stored += r
-                    .items
-                    .iter()
-                    .filter(|o| matches!(o.outcome, Some(api::append_outcome::Outcome::Ok(_))))
-                    .count() as u64;
-            }
-        }));
-    }
-    let mut messages = 0u64;
-    for t in tasks {
-        messages += t.await??;
-    }
-    let fill_secs = filling.elapsed().as_secs_f64();
+    let (messages, fill_secs) = fill(&admin, &addrs, "rejoin", &args.fill).await?;
+    let per_msg = args.fill.body_bytes as u64;
     let bodies = messages * per_msg;
     println!(
         "rejoin-bench: filled {:.2} GiB of bodies ({messages} messages of {} bytes) in {fill_secs:.0} s ({:.0} MiB/s)",
         gib(bodies),
-        args.body_bytes,
+        args.fill.body_bytes,
         mib(bodies) / fill_secs
     );
 

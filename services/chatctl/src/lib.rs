@@ -1,6 +1,7 @@
 //! Library side of `chatctl`: the local cluster that `chatctl local up`
 //! runs and the load tests start and break.
 
+pub mod backup;
 pub mod compose;
 pub mod incident;
 pub mod local;

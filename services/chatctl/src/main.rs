@@ -326,6 +326,27 @@ enum StoreCmd {
     RemoveReplica { id: u64 },
     /// Moves leadership (to ID, or to the most up-to-date voter).
     TransferLeader { id: Option<u64> },
+    /// Takes a consistent backup through the leader while the store
+    /// serves: everything acknowledged before the command started is in
+    /// it. FILE must not exist.
+    Backup { file: std::path::PathBuf },
+    /// Checks a backup file against its checksum and says what it holds.
+    BackupInfo { file: std::path::PathBuf },
+    /// Makes the data directory of one replica of a new group from a
+    /// backup (offline; run it for every voter, with the same FILE and
+    /// --peers), then start the replicas as usual.
+    Restore {
+        file: std::path::PathBuf,
+        /// The replica this directory is for.
+        #[arg(long)]
+        id: u64,
+        /// Its data directory; must not exist or be empty.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// The new group's voters, as for chat-store: ID=HOST:PORT,...
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -747,6 +768,30 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "leader is now replica {} at {}",
                 s.leader_id, s.leader_address
+            );
+        }
+        StoreCmd::Backup { file } => {
+            let h = chatctl::backup::take(&client, &file).await?;
+            println!("{}: {}", file.display(), chatctl::backup::describe(&h));
+        }
+        StoreCmd::BackupInfo { file } => {
+            let (h, _) = chat_store::backup::verify(&file)?;
+            println!("{}: {}", file.display(), chatctl::backup::describe(&h));
+        }
+        StoreCmd::Restore {
+            file,
+            id,
+            data_dir,
+            peers,
+        } => {
+            let voters = chat_store::config::parse_peers(&peers)?;
+            let id = chat_store::types::NodeId(id);
+            let h = chatctl::backup::restore(&file, &data_dir, id, &voters)?;
+            println!(
+                "restored replica {id} into {} at raft index {}; start it with --id {id} --peers {}",
+                data_dir.display(),
+                h.index,
+                peers.join(",")
             );
         }
     }

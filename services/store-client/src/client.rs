@@ -421,6 +421,18 @@ impl StoreClient {
         .await
     }
 
+    /// Starts a backup on the leader: a stream of the header, then the
+    /// snapshot file in chunks (see `StoreAdmin/Backup`).
+    pub async fn backup(&self) -> Result<tonic::Streaming<api::BackupChunk>, StoreError> {
+        self.with_leader(|c| async move {
+            StoreAdminClient::new(c)
+                .max_decoding_message_size(4 << 20)
+                .backup(api::BackupRequest {})
+                .await
+        })
+        .await
+    }
+
     /// Moves leadership to `id` (0: the most up-to-date other voter).
     pub async fn transfer_leader(&self, id: u64) -> Result<api::StatusResponse, StoreError> {
         self.with_leader(|c| async move {

@@ -47,7 +47,8 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::log_store::{Freshness, LogStore};
 use crate::node::{
-    DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, StatusReport,
+    DriverStats, MembershipChange, NodeStatus, OpResults, ReplicaView, Request, SnapshotFile,
+    StatusReport,
 };
 use crate::state_machine::{Applier, Heads};
 use crate::transport::{Transport, TransportEvent};
@@ -173,7 +174,7 @@ const FOLLOWER_APPLY_ENTRIES: usize = 1024;
 /// interrupted transfer resumes rather than starting over with a new build.
 const SNAPSHOT_KEPT: Duration = Duration::from_secs(60);
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -517,7 +518,36 @@ impl Driver {
             Request::Status { reply } => {
                 let _ = reply.send(self.report());
             }
+            Request::Snapshot { min_index, reply } => {
+                let _ = reply.send(self.snapshot_file(min_index));
+            }
         }
+    }
+
+    /// A built snapshot at `min_index` or later, or starts a build at the
+    /// applied index (here, between applies, as raft's own requests do).
+    fn snapshot_file(&self, min_index: u64) -> Result<Option<SnapshotFile>, StoreError> {
+        let applied = self.log.applied()?;
+        if applied.0 < min_index {
+            return Ok(None);
+        }
+        let conf_state = self.log.conf_state();
+        let snapshots = self.log.snapshots();
+        let Some(snap) = snapshots.get_or_build(min_index, applied, &conf_state)? else {
+            return Ok(None);
+        };
+        let descriptor = crate::snapshot::Descriptor::decode(&snap.data)?;
+        Ok(Some(SnapshotFile {
+            descriptor,
+            voters: snap
+                .get_metadata()
+                .get_conf_state()
+                .voters
+                .iter()
+                .map(|&v| NodeId(v))
+                .collect(),
+            path: snapshots.outgoing(&descriptor),
+        }))
     }
 
     /// Term and index of the entry the leader appended last (right after
@@ -1180,6 +1210,7 @@ impl Driver {
                 Request::Membership { reply, .. } => drop(reply.send(Err(err.clone()))),
                 Request::TransferLeader { reply, .. } => drop(reply.send(Err(err.clone()))),
                 Request::Status { .. } => {}
+                Request::Snapshot { reply, .. } => drop(reply.send(Err(err.clone()))),
             }
         }
     }

@@ -9,6 +9,7 @@
 //! See ARCHITECTURE.md for the data flow and the invariants.
 
 pub mod admin;
+pub mod backup;
 pub mod checkpoint;
 /// The store's client, from `chat-store-client`.
 pub mod client {

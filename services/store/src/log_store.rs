@@ -397,6 +397,61 @@ impl LogStore {
         state.sync()
     }
 
+    /// Makes empty stores those of replica `id` of a new group whose voters
+    /// are `voters`, holding the state of a snapshot file already checked
+    /// against `d` (a restored backup; see `backup`). The log starts after
+    /// the snapshot, committed up to it, so every restored voter may vote
+    /// and lead at once. The replica addresses in the snapshot are those of
+    /// the group it came from; they are replaced by `voters`'.
+    pub fn restore(
+        wal: &dyn Wal,
+        state: &dyn Engine,
+        file: &std::path::Path,
+        d: &Descriptor,
+        id: NodeId,
+        voters: &[(NodeId, String)],
+    ) -> Result<(), StoreError> {
+        if wal.get(keys::wal::REPLICA_ID).is_some() || state.get(keys::REPLICA_ID)?.is_some() {
+            return Err(StoreError::FailedPrecondition(
+                "cannot restore into a data directory that already belongs to a replica".into(),
+            ));
+        }
+        let mut meta = SnapshotMetadata::default();
+        meta.index = d.index;
+        meta.term = d.term;
+        let mut cs = ConfState::default();
+        cs.voters = voters.iter().map(|(n, _)| n.0).collect();
+        meta.set_conf_state(cs);
+        install_state(state, file, d, &meta)?;
+        let mut b = WriteBatch::default();
+        b.delete_range(
+            keys::REPLICA_ADDR_PREFIX,
+            prefix_end(keys::REPLICA_ADDR_PREFIX),
+        );
+        for (n, addr) in voters {
+            b.put(keys::replica_addr(n.0), addr.clone().into_bytes());
+        }
+        b.put(keys::REPLICA_ID, id.0.to_be_bytes().to_vec());
+        state.write(b)?;
+        state.sync()?;
+        let mut hs = HardState::default();
+        hs.term = d.term;
+        hs.commit = d.index;
+        let mut lb = LogBatch::default();
+        let put = |b: &mut LogBatch, k: &[u8], v: Vec<u8>| {
+            b.put(META_GROUP, k.to_vec(), v)
+                .map_err(|e| corrupt("raft metadata", e))
+        };
+        put(&mut lb, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
+        put(&mut lb, keys::wal::HARD_STATE, encode("hard state", &hs)?)?;
+        put(
+            &mut lb,
+            keys::wal::TRUNCATED,
+            keys::encode_pair(d.index, d.term),
+        )?;
+        wal.write(&mut lb, true)
+    }
+
     /// Where this replica stands if its data directory was new.
     pub fn freshness(&self) -> Result<Freshness, StoreError> {
         Ok(match self.wal.get(keys::wal::FRESH) {

@@ -145,6 +145,18 @@ pub(crate) enum Request {
     Status {
         reply: oneshot::Sender<StatusReport>,
     },
+    Snapshot {
+        min_index: u64,
+        reply: oneshot::Sender<Result<Option<SnapshotFile>, StoreError>>,
+    },
+}
+
+/// A snapshot file this replica built, ready to be read.
+#[derive(Clone, Debug)]
+pub struct SnapshotFile {
+    pub descriptor: crate::snapshot::Descriptor,
+    pub voters: Vec<NodeId>,
+    pub path: std::path::PathBuf,
 }
 
 /// Handle to a running replica. Cheap to clone.
@@ -235,6 +247,14 @@ impl NodeHandle {
     /// Starts a leadership transfer; returns the chosen target.
     pub async fn transfer_leader(&self, target: Option<NodeId>) -> Result<NodeId, StoreError> {
         self.call(|reply| Request::TransferLeader { target, reply })
+            .await?
+    }
+
+    /// A snapshot of the state machine at `min_index` or later, if one is
+    /// built; otherwise starts a build (off the raft thread) and returns
+    /// None: ask again.
+    pub async fn snapshot(&self, min_index: u64) -> Result<Option<SnapshotFile>, StoreError> {
+        self.call(|reply| Request::Snapshot { min_index, reply })
             .await?
     }
 

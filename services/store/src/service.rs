@@ -587,8 +587,137 @@ impl StoreApi {
     }
 }
 
+/// How long a backup waits for its snapshot to be built.
+const BACKUP_BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes of the snapshot file per backup chunk.
+const BACKUP_CHUNK: usize = 1 << 20;
+
+/// Streams a snapshot at `min_index` or later: the header, then the file.
+/// Memory is a chunk or two, whatever the size of the state.
+async fn stream_backup(
+    node: &NodeHandle,
+    min_index: u64,
+    tx: tokio::sync::mpsc::Sender<Result<api::BackupChunk, Status>>,
+) -> Result<(), StoreError> {
+    let give_up = tokio::time::Instant::now() + BACKUP_BUILD_TIMEOUT;
+    let (snap, file) = loop {
+        if tx.is_closed() {
+            return Ok(());
+        }
+        if let Some(snap) = node.snapshot(min_index).await? {
+            // Opened at once: a file no follower needs may be deleted,
+            // and an open one stays readable.
+            match std::fs::File::open(&snap.path) {
+                Ok(f) => break (snap, f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StoreError::Storage(format!(
+                        "cannot open snapshot file {}: {e}",
+                        snap.path.display()
+                    )));
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= give_up {
+            return Err(StoreError::Unavailable(format!(
+                "the snapshot for the backup was not built within {} s",
+                BACKUP_BUILD_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let d = snap.descriptor;
+    let addresses = node.addresses();
+    let header = api::BackupHeader {
+        index: d.index,
+        term: d.term,
+        size: d.size,
+        crc: d.crc,
+        replicas: snap
+            .voters
+            .iter()
+            .map(|id| api::ReplicaInfo {
+                id: id.0,
+                address: addresses.get(*id).unwrap_or_default(),
+                role: "voter".into(),
+                matched: 0,
+            })
+            .collect(),
+        taken_at_ms: crate::driver::now_ms(),
+        taken_by: node.id().0,
+    };
+    let part = |p| Ok(api::BackupChunk { part: Some(p) });
+    if tx
+        .send(part(api::backup_chunk::Part::Header(header)))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let path = snap.path.clone();
+    // The file is read on a blocking thread; `None`: the caller went away.
+    let read = tokio::task::spawn_blocking(move || -> Result<Option<u64>, StoreError> {
+        use std::io::Read as _;
+        let mut file = file;
+        let mut sent = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(BACKUP_CHUNK);
+            let n = (&mut file)
+                .take(BACKUP_CHUNK as u64)
+                .read_to_end(&mut buf)
+                .map_err(|e| StoreError::Storage(format!("reading {}: {e}", path.display())))?;
+            if n == 0 {
+                return Ok(Some(sent));
+            }
+            if tx.blocking_send(part(api::backup_chunk::Part::Data(buf))).is_err() {
+                return Ok(None);
+            }
+            sent += n as u64;
+        }
+    });
+    let Some(sent) = read
+        .await
+        .map_err(|e| StoreError::Storage(format!("backup reader: {e}")))??
+    else {
+        return Ok(());
+    };
+    if sent != d.size {
+        return Err(StoreError::Storage(format!(
+            "snapshot file {} gave {sent} bytes, its descriptor says {}",
+            snap.path.display(),
+            d.size
+        )));
+    }
+    tracing::info!(index = d.index, bytes = d.size, "backup sent");
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl StoreAdmin for StoreApi {
+    type BackupStream =
+        tokio_stream::wrappers::ReceiverStream<Result<api::BackupChunk, Status>>;
+
+    async fn backup(
+        &self,
+        _: Request<api::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        // Everything acknowledged before this call is applied here after
+        // the barrier (which also makes sure this replica leads).
+        self.within(self.node.read_barrier()).await?;
+        let min_index = self.node.status().applied;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_backup(&node, min_index, tx.clone()).await {
+                tracing::warn!(error = %e, "backup failed");
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn status(
         &self,
         _: Request<api::StatusRequest>,
