@@ -496,3 +496,120 @@ async fn a_wiped_voter_that_heard_the_leader_cannot_help_lose_an_acknowledged_wr
     assert_eq!(got, vec![(x.seq, "x")]);
     Ok(())
 }
+
+/// `chatctl store rebuild-replica ID --data-dir DIR` against `g`.
+fn rebuild(g: &Group, i: usize) -> anyhow::Result<(bool, String)> {
+    let r = &g.replicas[i];
+    let out = std::process::Command::new(binary("chatctl")?)
+        .args([
+            "--store",
+            &g.client.endpoints().join(","),
+            "store",
+            "rebuild-replica",
+            &r.id.to_string(),
+            "--data-dir",
+            r.data_dir.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// A follower's state file is damaged on disk: it refuses to start, the
+/// operator rebuilds it with chatctl (guarded: not while it runs, not
+/// while another replica is down), and started again it rejoins by
+/// snapshot with every acknowledged message while the group serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_follower_is_rebuilt_with_chatctl_and_rejoins_with_everything()
+-> anyhow::Result<()> {
+    let mut g = group_with(3, &["--snapshot-entries", "20", "--compact-keep", "5"])?;
+    for r in &mut g.replicas {
+        r.start()?;
+    }
+    let leader = g.leader().await?;
+    g.client
+        .create_conversation(api::CreateConversationRequest {
+            conversation_id: "r".into(),
+            members: vec!["a".into()],
+        })
+        .await?;
+    for i in 0..60 {
+        g.client.append(append("r", "a", &format!("m{i}"))).await?;
+    }
+    let f = (0..3).find(|&i| i != leader).expect("a follower");
+    let other = (0..3).find(|&i| i != leader && i != f).expect("another");
+
+    let (ok, text) = rebuild(&g, f)?;
+    assert!(!ok && text.contains("is running"), "{text}");
+
+    g.replicas[f].terminate(WAIT).await?;
+    let db = g.replicas[f].data_dir.join("state").join("db");
+    let len = std::fs::metadata(&db)?.len() as usize;
+    std::fs::write(&db, vec![0x5a; len.min(1 << 16)])?;
+    g.replicas[f].start()?;
+    assert!(!g.replicas[f].wait_exit(WAIT).await?.success(), "a damaged replica kept running");
+
+    // Not while a second replica is out too.
+    g.replicas[other].terminate(WAIT).await?;
+    let (ok, text) = rebuild(&g, f)?;
+    assert!(!ok && text.contains("down as well"), "{text}");
+    g.replicas[other].start()?;
+    g.leader().await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !g
+        .client
+        .status_of(&g.replicas[other].addr)
+        .await
+        .is_ok_and(|s| s.serving)
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "replica never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (ok, text) = rebuild(&g, f)?;
+    assert!(ok, "{text}");
+    assert!(text.contains("damaged-"), "{text}");
+    g.replicas[f].start()?;
+    // Written while it catches up.
+    for i in 60..70 {
+        g.client.append(append("r", "a", &format!("m{i}"))).await?;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = g.client.status_of(&g.replicas[f].addr).await;
+        let leader_commit = g.client.status_of(&g.replicas[leader].addr).await?.commit_index;
+        if let Ok(s) = s
+            && s.serving
+            && s.applied_index >= leader_commit
+        {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the rebuilt replica did not catch up; its log:\n{}",
+            g.replicas[f].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page = g
+        .client
+        .read_from(
+            &g.replicas[f].addr,
+            api::ReadRequest {
+                conversation_id: "r".into(),
+                limit: 1_000,
+                consistency: api::Consistency::Stale as i32,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let ids: Vec<String> = page.messages.iter().map(|m| m.client_msg_id.clone()).collect();
+    let want: Vec<String> = (0..70).map(|i| format!("m{i}")).collect();
+    assert_eq!(ids, want);
+    Ok(())
+}

@@ -6,4 +6,5 @@ pub mod compose;
 pub mod incident;
 pub mod local;
 pub mod plan;
+pub mod rebuild;
 pub mod restart;

@@ -330,6 +330,16 @@ enum StoreCmd {
     /// serves: everything acknowledged before the command started is in
     /// it. FILE must not exist.
     Backup { file: std::path::PathBuf },
+    /// Rebuilds a stopped replica whose data directory is damaged: its
+    /// files are moved aside (into DIR/damaged-<time>) and, started again,
+    /// it rejoins by snapshot from the leader. Refused while it runs, and
+    /// unless every other replica is serving.
+    RebuildReplica {
+        id: u64,
+        /// The replica's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
     /// Checks a backup file against its checksum and says what it holds.
     BackupInfo { file: std::path::PathBuf },
     /// Makes the data directory of one replica of a new group from a
@@ -621,6 +631,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every replica's status as it answers now (`None`: unreachable).
+async fn replica_states(
+    client: &StoreClient,
+    addrs: &[String],
+) -> Vec<chatctl::restart::ReplicaState> {
+    let mut replicas = Vec::new();
+    for addr in addrs {
+        replicas.push(chatctl::restart::ReplicaState {
+            name: addr.clone(),
+            status: client.status_of(addr).await.ok(),
+        });
+    }
+    replicas
+}
+
 async fn store(cli: Cli) -> anyhow::Result<()> {
     let tls_given = cli.tls.tls_dir.is_some();
     let client = StoreClient::new(cli.store.clone(), Duration::from_secs(cli.timeout_secs))?
@@ -750,13 +775,7 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
         StoreCmd::RemoveReplica { id } => {
             // The change guard: removing a replica while another is down or
             // behind leaves the store one failure from losing its majority.
-            let mut replicas = Vec::new();
-            for addr in &cli.store {
-                replicas.push(chatctl::restart::ReplicaState {
-                    name: addr.clone(),
-                    status: client.status_of(addr).await.ok(),
-                });
-            }
+            let replicas = replica_states(&client, &cli.store).await;
             chatctl::restart::check_removal(&replicas, id).map_err(anyhow::Error::msg)?;
             print_replicas(client.remove_replica(id).await?)
         }
@@ -773,6 +792,16 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
         StoreCmd::Backup { file } => {
             let h = chatctl::backup::take(&client, &file).await?;
             println!("{}: {}", file.display(), chatctl::backup::describe(&h));
+        }
+        StoreCmd::RebuildReplica { id, data_dir } => {
+            let replicas = replica_states(&client, &cli.store).await;
+            chatctl::restart::check_rebuild(&replicas, id).map_err(anyhow::Error::msg)?;
+            let aside = chatctl::rebuild::set_aside(&data_dir, id)?;
+            println!(
+                "replica {id}'s files moved to {} (remove them once they are no longer needed); \
+                 start replica {id} again: it rejoins from the leader's snapshot and serves once caught up",
+                aside.display()
+            );
         }
         StoreCmd::BackupInfo { file } => {
             let (h, _) = chat_store::backup::verify(&file)?;

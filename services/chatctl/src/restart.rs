@@ -121,6 +121,25 @@ pub fn check_store(replicas: &[ReplicaState], batch: usize) -> Result<(), String
 /// when `id` cannot be reached: removing a dead replica is how one is
 /// replaced).
 pub fn check_removal(replicas: &[ReplicaState], id: u64) -> Result<(), String> {
+    check_out_of_group(replicas, id, "removing")
+}
+
+/// Refuses rebuilding replica `id` (its data set aside, a rejoin by
+/// snapshot) unless it is stopped and every other replica is serving: a
+/// rebuild takes it out of the group until it has caught up.
+pub fn check_rebuild(replicas: &[ReplicaState], id: u64) -> Result<(), String> {
+    if replicas
+        .iter()
+        .any(|r| r.status.as_ref().is_some_and(|s| s.id == id))
+    {
+        return Err(format!(
+            "refused: replica {id} is running; stop it first (a rebuild replaces its data directory)"
+        ));
+    }
+    check_out_of_group(replicas, id, "rebuilding")
+}
+
+fn check_out_of_group(replicas: &[ReplicaState], id: u64, action: &str) -> Result<(), String> {
     let target_reachable = replicas
         .iter()
         .any(|r| r.status.as_ref().is_some_and(|s| s.id == id));
@@ -142,7 +161,7 @@ pub fn check_removal(replicas: &[ReplicaState], id: u64) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "refused: {} down as well; removing replica {id} now would take a second replica out of the group",
+            "refused: {} down as well; {action} replica {id} now would take a second replica out of the group",
             down.join(", ")
         ))
     }
@@ -423,8 +442,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_dead_replica_may_be_removed_but_not_a_second_one() {
+    /// Replicas a, b, c with ids 1, 2, 3, all serving, a leading.
+    fn three_serving() -> Vec<ReplicaState> {
         let mut r = vec![
             replica("a", "leader", true, 1, 1),
             replica("b", "follower", true, 1, 1),
@@ -433,11 +452,30 @@ mod tests {
         for (i, x) in r.iter_mut().enumerate() {
             x.status.as_mut().unwrap().id = i as u64 + 1;
         }
+        r
+    }
+
+    #[test]
+    fn a_dead_replica_may_be_removed_but_not_a_second_one() {
+        let mut r = three_serving();
         assert!(check_removal(&r, 3).is_ok());
         r[2].status = None;
         assert!(check_removal(&r, 3).is_ok(), "replacing a dead replica");
         let err = check_removal(&r, 2).unwrap_err();
         assert!(err.contains("c down as well"), "{err}");
+    }
+
+    #[test]
+    fn only_a_stopped_replica_is_rebuilt_and_only_with_the_others_serving() {
+        let mut r = three_serving();
+        let err = check_rebuild(&r, 3).unwrap_err();
+        assert!(err.contains("replica 3 is running"), "{err}");
+        r[2].status = None;
+        assert!(check_rebuild(&r, 3).is_ok());
+        r[1].status.as_mut().unwrap().serving = false;
+        let err = check_rebuild(&r, 3).unwrap_err();
+        assert!(err.contains("b down as well"), "{err}");
+        assert!(err.contains("rebuilding replica 3"), "{err}");
     }
 
     #[test]
