@@ -63,6 +63,32 @@ async fn serving_leader(client: &StoreClient, replicas: &[StoreProcess]) -> anyh
     }
 }
 
+/// A group of three under `dir/old` (and `dir/new` made for the one
+/// restored later), started, with a leader and the test's conversations.
+async fn serving_group(
+    store: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Vec<StoreProcess>, Vec<String>, StoreClient)> {
+    std::fs::create_dir_all(dir.join("old"))?;
+    std::fs::create_dir_all(dir.join("new"))?;
+    let mut old = local_group(store, 3, &dir.join("old"), &[])?;
+    for r in &mut old {
+        r.start()?;
+    }
+    let addrs: Vec<String> = old.iter().map(|r| r.addr.clone()).collect();
+    let client = StoreClient::new(addrs.clone(), WAIT)?;
+    serving_leader(&client, &old).await?;
+    for c in 0..CONVERSATIONS {
+        client
+            .create_conversation(api::CreateConversationRequest {
+                conversation_id: format!("c{c}"),
+                members: vec!["ann".into(), "bob".into()],
+            })
+            .await?;
+    }
+    Ok((old, addrs, client))
+}
+
 /// Appends `n` messages to each conversation, numbered from `from`.
 async fn write(client: &StoreClient, from: usize, n: usize) -> anyhow::Result<()> {
     for c in 0..CONVERSATIONS {
@@ -112,23 +138,7 @@ async fn a_backup_taken_under_service_restores_a_new_group_after_every_disk_is_l
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = binary("chat-store")?;
-    std::fs::create_dir_all(dir.path().join("old"))?;
-    std::fs::create_dir_all(dir.path().join("new"))?;
-    let mut old = local_group(&store, 3, &dir.path().join("old"), &[])?;
-    for r in &mut old {
-        r.start()?;
-    }
-    let addrs: Vec<String> = old.iter().map(|r| r.addr.clone()).collect();
-    let client = StoreClient::new(addrs.clone(), WAIT)?;
-    serving_leader(&client, &old).await?;
-    for c in 0..CONVERSATIONS {
-        client
-            .create_conversation(api::CreateConversationRequest {
-                conversation_id: format!("c{c}"),
-                members: vec!["ann".into(), "bob".into()],
-            })
-            .await?;
-    }
+    let (mut old, addrs, client) = serving_group(&store, dir.path()).await?;
     write(&client, 0, 200).await?;
 
     // The backup, through chatctl, while the group serves.
@@ -236,6 +246,79 @@ async fn a_backup_taken_under_service_restores_a_new_group_after_every_disk_is_l
             )
             .await?;
         assert!(page.messages.len() >= 200, "replica {}: {}", r.id, page.messages.len());
+    }
+    Ok(())
+}
+
+/// The voters' site is lost for good; a learner that followed the log from
+/// elsewhere survives. A backup made offline from its data directory seeds
+/// a new group that holds everything the learner had applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_that_outlived_the_voters_site_seeds_a_new_group() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = binary("chat-store")?;
+    let (mut old, addrs, client) = serving_group(&store, dir.path()).await?;
+    let voters: Vec<String> = old.iter().map(|r| format!("{}={}", r.id, r.addr)).collect();
+    let learner_addr = format!("127.0.0.1:{}", chat_tests::free_port()?);
+    let mut learner = StoreProcess::new(
+        store.clone(),
+        4,
+        learner_addr.clone(),
+        &voters.join(","),
+        dir.path().join("learner-data"),
+        dir.path().join("learner.log"),
+    )
+    .with_args(&["--join"]);
+    learner.start()?;
+    client.add_learner(4, &learner_addr).await?;
+    write(&client, 0, 100).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let commit = client.status_of(&addrs[0]).await.map_or(0, |s| s.commit_index);
+        let applied = client.status_of(&learner_addr).await.map_or(0, |s| s.applied_index);
+        if commit > 0 && applied >= commit {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the learner did not follow: applied {applied} of {commit}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The voters' site is gone; the learner is stopped and backed up.
+    for r in &mut old {
+        r.kill().await?;
+    }
+    learner.terminate(WAIT).await?;
+    let backup = dir.path().join("from-learner.backup");
+    let out = chatctl(&[
+        "store",
+        "backup",
+        backup.to_str().unwrap(),
+        "--from-data-dir",
+        learner.data_dir.to_str().unwrap(),
+    ])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("note:"), "{}", text(&out));
+
+    let mut new = local_group(&store, 3, &dir.path().join("new"), &[])?;
+    let peers: Vec<String> = new.iter().map(|r| format!("{}={}", r.id, r.addr)).collect();
+    let peers = peers.join(",");
+    for r in &new {
+        let out = restore(&backup, r.id, &r.data_dir, &peers)?;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for r in &mut new {
+        r.start()?;
+    }
+    let client = StoreClient::new(new.iter().map(|r| r.addr.clone()).collect(), WAIT)?;
+    serving_leader(&client, &new).await?;
+    for c in 0..CONVERSATIONS {
+        let msgs = read_all(&client, &format!("c{c}")).await?;
+        let ids: Vec<String> = msgs.iter().map(|m| m.client_msg_id.clone()).collect();
+        let want: Vec<String> = (0..100).map(|i| format!("c{c}-m{i}")).collect();
+        assert_eq!(ids, want);
     }
     Ok(())
 }

@@ -329,7 +329,14 @@ enum StoreCmd {
     /// Takes a consistent backup through the leader while the store
     /// serves: everything acknowledged before the command started is in
     /// it. FILE must not exist.
-    Backup { file: std::path::PathBuf },
+    Backup {
+        file: std::path::PathBuf,
+        /// Instead, offline from this stopped replica's data directory (a
+        /// learner that outlived the voters' site): its state as of the
+        /// last index it applied.
+        #[arg(long)]
+        from_data_dir: Option<std::path::PathBuf>,
+    },
     /// Rebuilds a stopped replica whose data directory is damaged: its
     /// files are moved aside (into DIR/damaged-<time>) and, started again,
     /// it rejoins by snapshot from the leader. Refused while it runs, and
@@ -789,9 +796,27 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
                 s.leader_id, s.leader_address
             );
         }
-        StoreCmd::Backup { file } => {
+        StoreCmd::Backup {
+            file,
+            from_data_dir: None,
+        } => {
             let h = chatctl::backup::take(&client, &file).await?;
             println!("{}: {}", file.display(), chatctl::backup::describe(&h));
+        }
+        StoreCmd::Backup {
+            file,
+            from_data_dir: Some(dir),
+        } => {
+            let (h, commit) = chat_store::backup::from_data_dir(&dir, &file)
+                .with_context(|| format!("backing up {}", dir.display()))?;
+            println!("{}: {}", file.display(), chatctl::backup::describe(&h));
+            if commit > h.index {
+                println!(
+                    "note: its log knew entries up to {commit} were committed but had applied only up to {}; \
+                     start the replica alone once (it applies what it holds), stop it, and back up again to include them",
+                    h.index
+                );
+            }
         }
         StoreCmd::RebuildReplica { id, data_dir } => {
             let replicas = replica_states(&client, &cli.store).await;

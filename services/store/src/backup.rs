@@ -124,6 +124,80 @@ impl BackupWriter {
     }
 }
 
+/// A backup made offline from the data directory of a stopped replica (a
+/// learner that survived the loss of the voters' site, say): its state
+/// machine as of its applied index. Returns the header and the commit
+/// index its log knows of: entries between the two were committed but not
+/// yet applied there, and are not in the backup.
+pub fn from_data_dir(dir: &Path, path: &Path) -> Result<(BackupHeader, u64), StoreError> {
+    crate::data_dir::check_layout(dir)?;
+    for sub in [crate::data_dir::WAL_DIR, crate::data_dir::STATE_DIR] {
+        if !dir.join(sub).is_dir() {
+            return Err(StoreError::InvalidArgument(format!(
+                "{} holds no replica data ({sub}/ is missing)",
+                dir.display()
+            )));
+        }
+    }
+    let storage = crate::data_dir::open_storage(dir, RESTORE_CACHE_BYTES)?;
+    let (wal, state) = (storage.wal.as_ref(), storage.state.as_ref());
+    crate::data_dir::check(dir, wal, state)?;
+    if state.get(crate::keys::INSTALLING)?.is_some() {
+        return Err(StoreError::FailedPrecondition(format!(
+            "a snapshot install in {} was interrupted; start the replica once to finish it, stop it, and try again",
+            dir.display()
+        )));
+    }
+    let (index, term) = LogStore::applied_of(state)?;
+    let commit = LogStore::commit_of(wal)?;
+    let voters = LogStore::conf_state_of(state)?.voters;
+    let mut replicas = Vec::new();
+    for id in voters {
+        let address = state
+            .get(&crate::keys::replica_addr(id))?
+            .map(|a| String::from_utf8_lossy(&a).into_owned())
+            .unwrap_or_default();
+        replicas.push(chat_proto::store::v1::ReplicaInfo {
+            id,
+            address,
+            role: "voter".into(),
+            matched: 0,
+        });
+    }
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".state");
+    let snap = path.with_file_name(name);
+    let written = crate::snapshot::write_state(state, &snap);
+    let result = written.and_then(|(size, crc)| {
+        let owner = state
+            .get(crate::keys::REPLICA_ID)?
+            .and_then(|raw| raw.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or_default();
+        let header = BackupHeader {
+            index,
+            term,
+            size,
+            crc,
+            replicas,
+            taken_at_ms: crate::driver::now_ms(),
+            taken_by: owner,
+        };
+        let mut out = BackupWriter::create(path, header)?;
+        let mut f = File::open(&snap).map_err(|e| io(snap.display(), e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| io(snap.display(), e))?;
+            if n == 0 {
+                break;
+            }
+            out.write(&buf[..n])?;
+        }
+        out.finish()
+    });
+    let _ = std::fs::remove_file(&snap);
+    Ok((result?, commit))
+}
+
 /// Reads a backup's header and checks the whole file against it; returns
 /// the header and where the snapshot starts.
 pub fn verify(path: &Path) -> Result<(BackupHeader, u64), StoreError> {
@@ -280,6 +354,14 @@ mod tests {
         }
         w.finish().unwrap();
         path
+    }
+
+    #[test]
+    fn an_offline_backup_needs_a_replicas_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = from_data_dir(dir.path(), &dir.path().join("b")).unwrap_err();
+        assert!(err.to_string().contains("holds no replica data"), "{err}");
+        assert!(!dir.path().join("b").exists());
     }
 
     #[test]

@@ -452,6 +452,31 @@ impl LogStore {
         wal.write(&mut lb, true)
     }
 
+    /// The applied index and term a stopped replica's state engine holds.
+    pub fn applied_of(state: &dyn Engine) -> Result<(u64, u64), StoreError> {
+        read_applied(state)
+    }
+
+    /// The commit index a stopped replica's log knows of.
+    pub fn commit_of(wal: &dyn Wal) -> Result<u64, StoreError> {
+        Ok(match wal.get(keys::wal::HARD_STATE) {
+            Some(raw) => {
+                HardState::parse_from_bytes(&raw)
+                    .map_err(|e| corrupt("hard state", e))?
+                    .commit
+            }
+            None => 0,
+        })
+    }
+
+    /// The group's membership as a stopped replica's state engine holds it.
+    pub fn conf_state_of(state: &dyn Engine) -> Result<ConfState, StoreError> {
+        match state.get(keys::CONF_STATE)? {
+            Some(raw) => ConfState::parse_from_bytes(&raw).map_err(|e| corrupt("conf state", e)),
+            None => Ok(ConfState::default()),
+        }
+    }
+
     /// Where this replica stands if its data directory was new.
     pub fn freshness(&self) -> Result<Freshness, StoreError> {
         Ok(match self.wal.get(keys::wal::FRESH) {

@@ -584,6 +584,25 @@ impl Snapshots {
     }
 }
 
+/// Writes the whole state machine of a stopped replica's engine as a
+/// snapshot file (nothing writes to it meanwhile, so no overlay is needed);
+/// returns size and checksum.
+pub fn write_state(state: &dyn Engine, path: &Path) -> Result<(u64, u32), StoreError> {
+    let mut out = FileWriter::create(path)?;
+    let end = prefix_end(keys::STATE_PREFIX);
+    let mut start = keys::STATE_PREFIX.to_vec();
+    loop {
+        let page = state.scan(&start, &end, false, PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        start = last.clone();
+        start.push(0);
+        for (k, v) in &page {
+            out.record(k, v)?;
+        }
+    }
+    out.finish()
+}
+
 /// Writes `pairs` as a snapshot file (tests); returns size and checksum.
 #[cfg(test)]
 pub fn write_records(path: &Path, pairs: &[Pair]) -> Result<(u64, u32), StoreError> {
