@@ -962,6 +962,7 @@ async fn exercise(
         .collect();
     let load_start_us = ctx.us(load_start);
     let typing = ctx.typing.snapshot().since(&typing_before);
+    let control_errors = fault_errors.clone();
     let mut notes = fault_errors;
     if !healthy.is_empty() {
         notes.push(format!("not healthy after the run: {}", healthy.join(", ")));
@@ -991,6 +992,7 @@ async fn exercise(
         faults,
         notes,
         typing,
+        control_errors,
         held_back_by_clients: ctx
             .clients
             .iter()

@@ -226,6 +226,8 @@ pub struct BuildArgs<'a> {
     pub faults: Vec<FaultRecord>,
     pub notes: Vec<String>,
     pub typing: TypingCounts,
+    /// Faults, restarts or drill steps that could not be carried out.
+    pub control_errors: Vec<String>,
     pub held_back_by_clients: u64,
     pub peak_rss_mib: BTreeMap<String, f64>,
     pub rollout: Option<RolloutRecord>,
@@ -272,9 +274,10 @@ fn recovery_slo(faults: &[FaultRecord], end_s: f64, limit: f64) -> Slo {
     }
 }
 
-/// Sends that did not get an ack, scheduled and answered outside every
-/// fault window (from a fault until goodput was back, or until the next
-/// fault when it never was).
+/// Sends that did not get an ack and were never in flight during a fault
+/// window (from a fault until goodput was back, or until the next fault
+/// when it never was): a send under way when the fault struck is the
+/// fault's.
 fn refused_outside(sends: &[SendRecord], start: u64, faults: &[FaultRecord], end_s: f64) -> u64 {
     let windows: Vec<(u64, u64)> = faults
         .iter()
@@ -291,9 +294,9 @@ fn refused_outside(sends: &[SendRecord], start: u64, faults: &[FaultRecord], end
         .iter()
         .filter(|r| r.outcome.is_err() && r.intended_us < end)
         .filter(|r| {
-            !windows.iter().any(|&(a, b)| {
-                (a..=b).contains(&r.intended_us) || (a..=b).contains(&r.done_us)
-            })
+            !windows
+                .iter()
+                .any(|&(a, b)| r.intended_us <= b && r.done_us >= a)
         })
         .count() as u64
 }
@@ -475,6 +478,18 @@ impl Report {
         if let Some(r) = &rollout {
             slo.extend(super::rollout::slos(r, b.scenario == "canary-bad-release"));
         }
+        // A drill whose fault was never injected proves nothing.
+        slo.insert(
+            "drill_carried_out".into(),
+            Slo {
+                target: "every fault, restart and step done".into(),
+                actual: b
+                    .control_errors
+                    .first()
+                    .map_or("yes".into(), |e| e.clone().into()),
+                pass: b.control_errors.is_empty(),
+            },
+        );
         slo.insert(
             "verified".into(),
             Slo {
@@ -1304,6 +1319,16 @@ mod tests {
         // A fault never recovered from covers the rest of the load.
         let never = [fault(5.0, "store-leader", None)];
         assert_eq!(refused_outside(&sends, 0, &never, 10.0), 10);
+        // A send under way when the fault struck is the fault's, however
+        // soon goodput was back.
+        let mut stuck = load(10, |t| t != 4_990_000);
+        for r in &mut stuck {
+            if r.intended_us == 4_990_000 {
+                r.done_us = 9_990_000;
+            }
+        }
+        let instant = [fault(5.0, "store-leader", Some(0.0))];
+        assert_eq!(refused_outside(&stuck, 0, &instant, 10.0), 0);
     }
 
     fn fault(at_s: f64, kind: &str, recovery_s: Option<f64>) -> FaultRecord {

@@ -390,42 +390,36 @@ impl Compose {
         .is_ok_and(|s| s.trim() == "true")
     }
 
-    /// The leader as the first reachable store reports it, asked from inside
-    /// the compose network.
+    /// The leader as the stores report it, asked from inside the compose
+    /// network by the `operator` toolbox (only the operator identity may
+    /// ask a store for its status).
     fn store_leader(&self) -> anyhow::Result<String> {
-        for from in STORES {
-            if !self.running(from) {
-                continue;
-            }
-            let Ok(out) = self.docker(&[
-                "exec",
-                &self.container(from),
-                "chatctl",
-                "--store",
-                "store-1:7001,store-2:7001,store-3:7001",
-                "--timeout-secs",
-                "2",
-                "store",
-                "status",
-            ]) else {
-                continue;
-            };
-            // Columns: id address role term leader ...; the highest term wins.
-            let best = out
-                .lines()
-                .skip(1)
-                .filter_map(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    let term: u64 = f.get(3)?.parse().ok()?;
-                    let leader: u64 = f.get(4)?.parse().ok()?;
-                    (leader != 0).then_some((term, leader))
-                })
-                .max();
-            if let Some((_, id)) = best {
-                return Ok(format!("store-{id}"));
-            }
+        let out = self.docker(&[
+            "exec",
+            &self.container("operator"),
+            "chatctl",
+            "--store",
+            "store-1:7001,store-2:7001,store-3:7001",
+            "--timeout-secs",
+            "2",
+            "store",
+            "status",
+        ])?;
+        // Columns: id address role term leader ...; the highest term wins.
+        let best = out
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let term: u64 = f.get(3)?.parse().ok()?;
+                let leader: u64 = f.get(4)?.parse().ok()?;
+                (leader != 0).then_some((term, leader))
+            })
+            .max();
+        match best {
+            Some((_, id)) => Ok(format!("store-{id}")),
+            None => bail!("no store replica knows a leader"),
         }
-        bail!("no store replica knows a leader")
     }
 
     fn unhealthy(&self) -> Vec<String> {
