@@ -194,7 +194,7 @@ pub struct Report {
     pub start_lag_ms: DeliveryLatency,
     pub delivery_latency_ms: DeliveryLatency,
     pub max_unavailability_ms: u64,
-    /// Sends scheduled outside every fault window that were not acked.
+    /// Sends not acked that were never under way during a fault window.
     pub refused_outside_faults: u64,
     /// congestion: send→ack p99 (ms) of the sends scheduled in the first
     /// 3 s of the ramp (light load) and at its top (≥ 90 % of the end rate).

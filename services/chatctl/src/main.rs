@@ -812,8 +812,8 @@ async fn store(cli: Cli) -> anyhow::Result<()> {
             println!("{}: {}", file.display(), chatctl::backup::describe(&h));
             if commit > h.index {
                 println!(
-                    "note: its log knew entries up to {commit} were committed but had applied only up to {}; \
-                     start the replica alone once (it applies what it holds), stop it, and back up again to include them",
+                    "note: its log knew entries up to {commit} were committed but it had applied only up to {}: \
+                     those entries are not in this backup",
                     h.index
                 );
             }

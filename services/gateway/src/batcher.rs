@@ -134,17 +134,17 @@ fn admit(item: Queued, admission: Admission, standing: bool, late: &mut bool) ->
     let waited = queued.elapsed();
     if waited > admission.max_queue_time {
         *late = true;
-    }
-    if waited > admission.max_queue_time && standing {
-        let _ = reply.send(Err(overloaded(
-            format!(
-                "gateway overloaded: the send waited {} ms in the queue (limit {} ms); retry later",
-                waited.as_millis(),
-                admission.max_queue_time.as_millis()
-            ),
-            admission.max_queue_time,
-        )));
-        return None;
+        if standing {
+            let _ = reply.send(Err(overloaded(
+                format!(
+                    "gateway overloaded: the send waited {} ms in the queue (limit {} ms); retry later",
+                    waited.as_millis(),
+                    admission.max_queue_time.as_millis()
+                ),
+                admission.max_queue_time,
+            )));
+            return None;
+        }
     }
     Some((req, reply, deadline, span))
 }

@@ -106,28 +106,26 @@ impl Default for RetryBudget {
 /// refusing half its calls kept refusing a quarter of them 17 s after the
 /// backend came back (BENCHMARKS.md, "the whole store tier lost at
 /// once"). So the throttle also watches the last half second: when the
-/// backend has taken calls in it ([`RECOVERED_AFTER`]) and refused none, it
-/// is no longer overloaded for this client, and the window's history is
-/// forgotten. Under a real overload the backend keeps refusing a share of
+/// backend takes a call and has refused none in that time, it is no longer
+/// overloaded for this client, and the window's history is forgotten. Under a real overload the backend keeps refusing a share of
 /// what a busy client sends, so that seldom happens while throttling is
 /// needed; a client sending a few calls a second may let go early and is
 /// held back again by the next refusal.
 pub struct Throttle {
     /// (requests, accepts)
     window: Window<SLOTS>,
-    /// (accepted, refused) by the backend, over the last half second.
+    /// Refusals by the backend over the last half second (the first
+    /// counter is unused).
     recent: Window<RECENT_SLOTS>,
     k: f64,
 }
 
+/// How long the throttle remembers a refusal when deciding whether the
+/// backend has recovered. Short, because a client refusing most of its
+/// calls itself sends few; a client sending many under a real overload
+/// meets a refusal well within it.
 const RECENT_SLOTS: usize = 5;
 const RECENT_SLOT: Duration = Duration::from_millis(100);
-
-/// Calls the backend must take in the last half second, with no refusal,
-/// for the throttle to forget the refusals before them. One: a client that
-/// is refusing most of its calls itself sends few; a client sending many
-/// under a real overload meets a refusal well within that time.
-pub const RECOVERED_AFTER: u64 = 1;
 
 impl Throttle {
     /// `k`: how many requests per accepted one the client still sends (2 in
@@ -168,9 +166,8 @@ impl Throttle {
 
     pub fn accepted_at(&self, now: Instant) {
         self.window.add(now, 1, 1);
-        self.recent.add(now, 1, 0);
-        let (taken, refused) = self.recent.sums(now);
-        if refused == 0 && taken >= RECOVERED_AFTER && self.reject_probability(now) > 0.0 {
+        let (_, refused) = self.recent.sums(now);
+        if refused == 0 && self.reject_probability(now) > 0.0 {
             self.window.clear();
         }
     }
@@ -297,7 +294,7 @@ mod tests {
                 taken += 1;
             }
         }
-        assert!(taken >= RECOVERED_AFTER, "{taken}");
+        assert!(taken >= 1, "{taken}");
     }
 
     /// Evenly spread numbers in [0, 1), in no particular order.

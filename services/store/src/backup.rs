@@ -19,7 +19,7 @@
 //! replica would start from (and running it again starts over).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use chat_proto::store::v1::BackupHeader;
@@ -27,7 +27,7 @@ use prost::Message as _;
 
 use crate::error::StoreError;
 use crate::log_store::LogStore;
-use crate::snapshot::Descriptor;
+use crate::snapshot::{Descriptor, FileReader, for_each_chunk};
 use crate::types::NodeId;
 
 pub const MAGIC: &[u8; 8] = b"CHATBAK1";
@@ -149,7 +149,7 @@ pub fn from_data_dir(dir: &Path, path: &Path) -> Result<(BackupHeader, u64), Sto
         )));
     }
     let (index, term) = LogStore::applied_of(state)?;
-    let commit = LogStore::commit_of(wal)?;
+    let commit = LogStore::hard_state_of(wal)?.commit;
     let voters = LogStore::conf_state_of(state)?.voters;
     let mut replicas = Vec::new();
     for id in voters {
@@ -183,15 +183,8 @@ pub fn from_data_dir(dir: &Path, path: &Path) -> Result<(BackupHeader, u64), Sto
             taken_by: owner,
         };
         let mut out = BackupWriter::create(path, header)?;
-        let mut f = File::open(&snap).map_err(|e| io(snap.display(), e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(|e| io(snap.display(), e))?;
-            if n == 0 {
-                break;
-            }
-            out.write(&buf[..n])?;
-        }
+        let f = File::open(&snap).map_err(|e| io(snap.display(), e))?;
+        for_each_chunk(f, snap.display(), |chunk| out.write(chunk))?;
         out.finish()
     });
     let _ = std::fs::remove_file(&snap);
@@ -219,16 +212,10 @@ pub fn verify(path: &Path) -> Result<(BackupHeader, u64), StoreError> {
     let header = BackupHeader::decode(raw.as_slice()).map_err(|e| bad(path, e))?;
     let start = 12 + u64::from(len);
     let mut crc = crc32fast::Hasher::new();
-    let mut size = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io(path.display(), e))?;
-        if n == 0 {
-            break;
-        }
-        crc.update(&buf[..n]);
-        size += n as u64;
-    }
+    let size = for_each_chunk(f, path.display(), |chunk| {
+        crc.update(chunk);
+        Ok(())
+    })?;
     if size != header.size {
         return Err(bad(
             path,
@@ -284,26 +271,16 @@ pub fn restore(
     }
     std::fs::create_dir_all(&work).map_err(|e| io(work.display(), e))?;
     {
+        // Installed straight from the backup file, where its snapshot starts.
         let storage = crate::data_dir::open_storage(&work, RESTORE_CACHE_BYTES)?;
-        let snap_dir = work.join(crate::snapshot::SNAP_DIR);
-        std::fs::create_dir_all(&snap_dir).map_err(|e| io(snap_dir.display(), e))?;
-        let file = snap_dir.join("restore.snap");
-        let mut src = File::open(backup).map_err(|e| io(backup.display(), e))?;
-        src.seek(SeekFrom::Start(start))
-            .map_err(|e| io(backup.display(), e))?;
-        let mut dst = File::create(&file).map_err(|e| io(file.display(), e))?;
-        std::io::copy(&mut src.take(header.size), &mut dst)
-            .map_err(|e| io(file.display(), e))?;
-        drop(dst);
         LogStore::restore(
             storage.wal.as_ref(),
             storage.state.as_ref(),
-            &file,
+            FileReader::open_at(backup, start)?,
             &d,
             id,
             voters,
         )?;
-        std::fs::remove_file(&file).map_err(|e| io(file.display(), e))?;
     }
     crate::data_dir::mark(&work, id)?;
     // Everything but the marker first: a directory without its marker and

@@ -527,13 +527,7 @@ impl Driver {
     /// A built snapshot at `min_index` or later, or starts a build at the
     /// applied index (here, between applies, as raft's own requests do).
     fn snapshot_file(&self, min_index: u64) -> Result<Option<SnapshotFile>, StoreError> {
-        let applied = self.log.applied()?;
-        if applied.0 < min_index {
-            return Ok(None);
-        }
-        let conf_state = self.log.conf_state();
-        let snapshots = self.log.snapshots();
-        let Some(snap) = snapshots.get_or_build(min_index, applied, &conf_state)? else {
+        let Some(snap) = self.log.snapshot_at(min_index)? else {
             return Ok(None);
         };
         let descriptor = crate::snapshot::Descriptor::decode(&snap.data)?;
@@ -546,7 +540,7 @@ impl Driver {
                 .iter()
                 .map(|&v| NodeId(v))
                 .collect(),
-            path: snapshots.outgoing(&descriptor),
+            path: self.log.snapshots().outgoing(&descriptor),
         }))
     }
 

@@ -145,6 +145,12 @@ fn encode<M: protobuf::Message>(what: &str, m: &M) -> Result<Vec<u8>, StoreError
     m.write_to_bytes().map_err(|e| corrupt(what, e))
 }
 
+/// Puts a record of the raft log's metadata into `b`.
+fn put_meta(b: &mut LogBatch, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+    b.put(META_GROUP, key.to_vec(), value)
+        .map_err(|e| corrupt("raft metadata", e))
+}
+
 fn owner(raw: Option<Vec<u8>>) -> Result<Option<u64>, StoreError> {
     raw.map(|raw| {
         let raw: [u8; 8] = raw
@@ -217,18 +223,12 @@ impl LogStore {
                 index = d.index,
                 "finishing a snapshot install a crash interrupted"
             );
-            install_state(state.as_ref(), &file, &d, &meta)?;
+            install_state(state.as_ref(), FileReader::open(&file)?, &d, &meta)?;
             snapshots.clear_incoming();
         }
 
-        let mut hard_state = match wal.get(keys::wal::HARD_STATE) {
-            Some(raw) => HardState::parse_from_bytes(&raw).map_err(|e| corrupt("hard state", e))?,
-            None => HardState::default(),
-        };
-        let conf_state = match state.get(keys::CONF_STATE)? {
-            Some(raw) => ConfState::parse_from_bytes(&raw).map_err(|e| corrupt("conf state", e))?,
-            None => ConfState::default(),
-        };
+        let mut hard_state = Self::hard_state_of(wal.as_ref())?;
+        let conf_state = Self::conf_state_of(state.as_ref())?;
         let mut truncated = match wal.get(keys::wal::TRUNCATED) {
             Some(raw) => keys::decode_pair(&raw)
                 .ok_or_else(|| corrupt("truncation marker", "wrong length"))?,
@@ -344,15 +344,11 @@ impl LogStore {
         initial_voters: &[(NodeId, String)],
     ) -> Result<(), StoreError> {
         let mut b = LogBatch::default();
-        let put = |b: &mut LogBatch, k: &[u8], v: Vec<u8>| {
-            b.put(META_GROUP, k.to_vec(), v)
-                .map_err(|e| corrupt("raft metadata", e))
-        };
-        put(&mut b, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
+        put_meta(&mut b, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
         // Until it has caught up with a leader, this replica knows nothing
         // the group has committed, and must not help elect anyone who has
         // history (see `Freshness`).
-        put(&mut b, keys::wal::FRESH, Vec::new())?;
+        put_meta(&mut b, keys::wal::FRESH, Vec::new())?;
         if !initial_voters.is_empty() {
             // A new group starts as if a snapshot at BOOTSTRAP_INDEX held
             // its voters. The log then never contains index 1, so any
@@ -361,8 +357,8 @@ impl LogStore {
             let mut hs = HardState::default();
             hs.term = BOOTSTRAP_TERM;
             hs.commit = BOOTSTRAP_INDEX;
-            put(&mut b, keys::wal::HARD_STATE, encode("hard state", &hs)?)?;
-            put(
+            put_meta(&mut b, keys::wal::HARD_STATE, encode("hard state", &hs)?)?;
+            put_meta(
                 &mut b,
                 keys::wal::TRUNCATED,
                 keys::encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
@@ -398,7 +394,7 @@ impl LogStore {
     }
 
     /// Makes empty stores those of replica `id` of a new group whose voters
-    /// are `voters`, holding the state of a snapshot file already checked
+    /// are `voters`, holding the state `snapshot` reads, already checked
     /// against `d` (a restored backup; see `backup`). The log starts after
     /// the snapshot, committed up to it, so every restored voter may vote
     /// and lead at once. The replica addresses in the snapshot are those of
@@ -406,7 +402,7 @@ impl LogStore {
     pub fn restore(
         wal: &dyn Wal,
         state: &dyn Engine,
-        file: &std::path::Path,
+        snapshot: FileReader,
         d: &Descriptor,
         id: NodeId,
         voters: &[(NodeId, String)],
@@ -422,7 +418,7 @@ impl LogStore {
         let mut cs = ConfState::default();
         cs.voters = voters.iter().map(|(n, _)| n.0).collect();
         meta.set_conf_state(cs);
-        install_state(state, file, d, &meta)?;
+        install_state(state, snapshot, d, &meta)?;
         let mut b = WriteBatch::default();
         b.delete_range(
             keys::REPLICA_ADDR_PREFIX,
@@ -438,13 +434,9 @@ impl LogStore {
         hs.term = d.term;
         hs.commit = d.index;
         let mut lb = LogBatch::default();
-        let put = |b: &mut LogBatch, k: &[u8], v: Vec<u8>| {
-            b.put(META_GROUP, k.to_vec(), v)
-                .map_err(|e| corrupt("raft metadata", e))
-        };
-        put(&mut lb, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
-        put(&mut lb, keys::wal::HARD_STATE, encode("hard state", &hs)?)?;
-        put(
+        put_meta(&mut lb, keys::wal::REPLICA_ID, id.0.to_be_bytes().to_vec())?;
+        put_meta(&mut lb, keys::wal::HARD_STATE, encode("hard state", &hs)?)?;
+        put_meta(
             &mut lb,
             keys::wal::TRUNCATED,
             keys::encode_pair(d.index, d.term),
@@ -452,24 +444,20 @@ impl LogStore {
         wal.write(&mut lb, true)
     }
 
-    /// The applied index and term a stopped replica's state engine holds.
+    /// The applied index and term a state engine holds.
     pub fn applied_of(state: &dyn Engine) -> Result<(u64, u64), StoreError> {
         read_applied(state)
     }
 
-    /// The commit index a stopped replica's log knows of.
-    pub fn commit_of(wal: &dyn Wal) -> Result<u64, StoreError> {
-        Ok(match wal.get(keys::wal::HARD_STATE) {
-            Some(raw) => {
-                HardState::parse_from_bytes(&raw)
-                    .map_err(|e| corrupt("hard state", e))?
-                    .commit
-            }
-            None => 0,
-        })
+    /// The hard state (term, vote, commit index) a log holds.
+    pub fn hard_state_of(wal: &dyn Wal) -> Result<HardState, StoreError> {
+        match wal.get(keys::wal::HARD_STATE) {
+            Some(raw) => HardState::parse_from_bytes(&raw).map_err(|e| corrupt("hard state", e)),
+            None => Ok(HardState::default()),
+        }
     }
 
-    /// The group's membership as a stopped replica's state engine holds it.
+    /// The group's membership as a state engine holds it.
     pub fn conf_state_of(state: &dyn Engine) -> Result<ConfState, StoreError> {
         match state.get(keys::CONF_STATE)? {
             Some(raw) => ConfState::parse_from_bytes(&raw).map_err(|e| corrupt("conf state", e)),
@@ -663,7 +651,8 @@ impl LogStore {
         hs.commit = hs.commit.max(meta.index);
         // Whatever this replica was building to send is obsolete.
         self.snapshots.abandon();
-        install_state(self.state.as_ref(), &self.snapshots.received(&d), &d, meta)?;
+        let file = FileReader::open(&self.snapshots.received(&d))?;
+        install_state(self.state.as_ref(), file, &d, meta)?;
         self.snapshots.clear_incoming();
         let mut lb = LogBatch::default();
         lb.add_command(LOG_GROUP, Command::Clean);
@@ -751,6 +740,19 @@ impl LogStore {
         self.state.write(batch)
     }
 
+    /// A built snapshot at `min` or later, if there is one; otherwise, once
+    /// the state has applied `min`, starts a build at the applied index and
+    /// returns None (ask again). Call on the raft thread, between applies,
+    /// so that the applied index and conf state match the engine.
+    pub fn snapshot_at(&self, min: u64) -> Result<Option<Snapshot>, StoreError> {
+        let applied = self.applied()?;
+        if applied.0 < min {
+            return Ok(None);
+        }
+        self.snapshots
+            .get_or_build(min, applied, &self.conf_state())
+    }
+
     /// The replica's snapshot files.
     pub fn snapshots(&self) -> &Arc<Snapshots> {
         &self.snapshots
@@ -769,11 +771,10 @@ impl LogStore {
 /// file (see `LogStore::open`).
 fn install_state(
     state: &dyn Engine,
-    path: &std::path::Path,
+    mut reader: FileReader,
     d: &Descriptor,
     meta: &SnapshotMetadata,
 ) -> Result<(), StoreError> {
-    let mut reader = FileReader::open(path)?;
     let mut b = WriteBatch::default();
     b.delete_range(keys::STATE_PREFIX, prefix_end(keys::STATE_PREFIX));
     b.put(keys::INSTALLING, encode_install_marker(d, meta)?);
@@ -933,23 +934,10 @@ impl raft::Storage for LogStore {
     /// hears "temporarily unavailable" and asks again later. It must reach
     /// the compacted log, so that the follower goes on from the log.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let applied = self.applied().map_err(to_raft)?;
         let min = request_index.max(self.truncated_index());
-        if applied.0 < min {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        match self
-            .snapshots
-            .get_or_build(min, applied, &self.conf_state())
-            .map_err(to_raft)?
-        {
-            Some(snap) => Ok(snap),
-            None => Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            )),
-        }
+        self.snapshot_at(min).map_err(to_raft)?.ok_or(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 

@@ -151,7 +151,14 @@ pub struct FileReader {
 
 impl FileReader {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let file = File::open(path).map_err(|e| io(path.display(), e))?;
+        Self::open_at(path, 0)
+    }
+
+    /// A snapshot that starts `offset` bytes into the file (a backup's).
+    pub fn open_at(path: &Path, offset: u64) -> Result<Self, StoreError> {
+        let mut file = File::open(path).map_err(|e| io(path.display(), e))?;
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| io(path.display(), e))?;
         let mut r = Self {
             inp: BufReader::with_capacity(1 << 20, file),
             path: path.to_owned(),
@@ -200,16 +207,30 @@ impl FileReader {
 
 /// Size and CRC-32 of a file's contents.
 pub fn checksum(path: &Path) -> Result<(u64, u32), StoreError> {
-    let mut file = File::open(path).map_err(|e| io(path.display(), e))?;
+    let file = File::open(path).map_err(|e| io(path.display(), e))?;
     let mut crc = crc32fast::Hasher::new();
+    let size = for_each_chunk(file, path.display(), |chunk| {
+        crc.update(chunk);
+        Ok(())
+    })?;
+    Ok((size, crc.finalize()))
+}
+
+/// Reads `from` to its end in chunks of up to 1 MiB, handing each to
+/// `each`; returns the bytes read. `what` names the source in errors.
+pub(crate) fn for_each_chunk(
+    mut from: impl Read,
+    what: impl std::fmt::Display,
+    mut each: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(|e| io(path.display(), e))?;
+        let n = from.read(&mut buf).map_err(|e| io(&what, e))?;
         if n == 0 {
-            return Ok((size, crc.finalize()));
+            return Ok(size);
         }
-        crc.update(&buf[..n]);
+        each(&buf[..n])?;
         size += n as u64;
     }
 }
@@ -448,17 +469,11 @@ impl Snapshots {
         meta: &SnapshotMetadata,
     ) -> Result<Option<Descriptor>, StoreError> {
         let mut out = FileWriter::create(path)?;
-        let end = prefix_end(keys::STATE_PREFIX);
-        let mut start = keys::STATE_PREFIX.to_vec();
-        loop {
-            let page = self.state.scan(&start, &end, false, PAGE)?;
-            let Some((last, _)) = page.last() else { break };
-            start = last.clone();
-            start.push(0);
+        let complete = scan_state(self.state.as_ref(), |page| {
             let resolved: Vec<Pair> = {
                 let inner = self.lock();
                 if inner.generation != generation {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 let overlay = inner.overlay.as_ref().expect("overlay open while building");
                 page.into_iter()
@@ -472,6 +487,10 @@ impl Snapshots {
             for (k, v) in &resolved {
                 out.record(k, v)?;
             }
+            Ok(true)
+        })?;
+        if !complete {
+            return Ok(None);
         }
         let deleted: Vec<Pair> = {
             let inner = self.lock();
@@ -589,18 +608,34 @@ impl Snapshots {
 /// returns size and checksum.
 pub fn write_state(state: &dyn Engine, path: &Path) -> Result<(u64, u32), StoreError> {
     let mut out = FileWriter::create(path)?;
+    scan_state(state, |page| {
+        for (k, v) in &page {
+            out.record(k, v)?;
+        }
+        Ok(true)
+    })?;
+    out.finish()
+}
+
+/// Hands the state machine's records to `each` a page at a time, in key
+/// order, until it returns false; returns whether every page was handed.
+fn scan_state(
+    state: &dyn Engine,
+    mut each: impl FnMut(Vec<Pair>) -> Result<bool, StoreError>,
+) -> Result<bool, StoreError> {
     let end = prefix_end(keys::STATE_PREFIX);
     let mut start = keys::STATE_PREFIX.to_vec();
     loop {
         let page = state.scan(&start, &end, false, PAGE)?;
-        let Some((last, _)) = page.last() else { break };
+        let Some((last, _)) = page.last() else {
+            return Ok(true);
+        };
         start = last.clone();
         start.push(0);
-        for (k, v) in &page {
-            out.record(k, v)?;
+        if !each(page)? {
+            return Ok(false);
         }
     }
-    out.finish()
 }
 
 /// Writes `pairs` as a snapshot file (tests); returns size and checksum.
