@@ -275,16 +275,20 @@ fn recovery_slo(faults: &[FaultRecord], end_s: f64, limit: f64) -> Slo {
 }
 
 /// Sends that did not get an ack and were never in flight during a fault
-/// window (from a fault until goodput was back, or until the next fault
-/// when it never was): a send under way when the fault struck is the
-/// fault's.
+/// window: from a fault until the end of the first second-long window in
+/// which goodput was back (recovery allows 5 % of that window to be
+/// refused: those refusals are the fault's tail, bounded by the recovery
+/// SLO), or until the next fault when it never was back. A send under way
+/// when the fault struck is the fault's.
 fn refused_outside(sends: &[SendRecord], start: u64, faults: &[FaultRecord], end_s: f64) -> u64 {
     let windows: Vec<(u64, u64)> = faults
         .iter()
         .enumerate()
         .map(|(i, f)| {
             let next_s = faults.get(i + 1).map_or(end_s, |n| n.at_s);
-            let until = f.recovery_s.map_or(next_s, |r| f.at_s + r);
+            let until = f
+                .recovery_s
+                .map_or(next_s, |r| f.at_s + r + RECOVERY_WINDOW_US as f64 / 1e6);
             let us = |s: f64| start + (s * 1e6) as u64;
             (us(f.at_s), us(until))
         })
@@ -1308,10 +1312,13 @@ mod tests {
     #[test]
     fn refusals_count_only_outside_the_fault_windows() {
         // Refused: 1.00–1.10 s (before any fault), 5.0–5.5 s (in the fault
-        // window 5.0–6.0 s) and 8.0–8.05 s (after goodput was back).
+        // window: 5.0 s until the end of the first recovered second, 7.0 s)
+        // and 8.0–8.05 s (after goodput was back); 6.5–6.52 s is in the
+        // first recovered second.
         let sends = load(10, |t| {
             !((1_000_000..1_100_000).contains(&t)
                 || (5_000_000..5_500_000).contains(&t)
+                || (6_500_000..6_520_000).contains(&t)
                 || (8_000_000..8_050_000).contains(&t))
         });
         let faults = [fault(5.0, "store-leader", Some(1.0))];

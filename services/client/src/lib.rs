@@ -8,7 +8,9 @@
 //! with the hint in its metadata ([`retry_after`]); when the gateways refuse
 //! much of what they are sent, the client refuses a matching share of calls
 //! itself before sending them (adaptive throttling), so a shedding cluster
-//! is not kept busy saying no. `send` retries with the same client message id,
+//! is not kept busy saying no. Such a call is held half a second first and
+//! sent after all if the gateways have meanwhile said they recovered
+//! (`chat-load: ok`) or shown no overload lately. `send` retries with the same client message id,
 //! so a retry never stores a message twice. `subscribe` keeps a cursor per
 //! conversation and, when its stream breaks, resumes on another gateway from
 //! those cursors: no gap, no duplicate.
@@ -22,7 +24,8 @@ use std::time::Duration;
 use chat_proto::chat::v1 as pb;
 use chat_proto::chat::v1::chat_client::ChatClient as RawClient;
 use chat_resilience::Criticality;
-use chat_resilience::retry::{RetryBudget, Throttle};
+use chat_resilience::layer::LOAD_HEADER;
+use chat_resilience::retry::{Load, RetryBudget, Throttle};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -89,6 +92,31 @@ pub use chat_resilience::retry_after;
 /// failing it).
 fn refused_for_overload(s: &Status) -> bool {
     s.code() == Code::ResourceExhausted
+}
+
+/// Whether the throttle lets a call out: one it would refuse is held for
+/// [`Throttle::HOLD`] (if the deadline allows) and decided again, so a call
+/// made just as the gateways recovered is sent after all.
+async fn hold(throttle: &Throttle, deadline: tokio::time::Instant) -> bool {
+    let dice = rand::random::<f64>();
+    if !throttle.would_refuse_at(std::time::Instant::now(), dice) {
+        return true;
+    }
+    let until = tokio::time::Instant::now() + Throttle::HOLD;
+    if until >= deadline {
+        return throttle.attempt_at(std::time::Instant::now(), dice);
+    }
+    tokio::time::sleep_until(until).await;
+    throttle.attempt_after_hold_at(std::time::Instant::now(), dice)
+}
+
+/// What the gateway said about its load (`chat-load`) on a call it took.
+fn load(md: &tonic::metadata::MetadataMap) -> Load {
+    match md.get(LOAD_HEADER).map(|v| v.as_bytes()) {
+        Some(b"ok") => Load::Ok,
+        Some(b"busy") => Load::Busy,
+        _ => Load::Unknown,
+    }
 }
 
 fn backoff_step(backoff: &mut Duration) -> Duration {
@@ -208,7 +236,7 @@ impl ChatClient {
         let throttle = &self.inner.throttles[criticality as usize];
         self.inner.budget.deposit();
         loop {
-            if self.inner.throttling.load(Ordering::Relaxed) && !throttle.attempt() {
+            if self.inner.throttling.load(Ordering::Relaxed) && !hold(throttle, deadline).await {
                 self.inner.held_back.fetch_add(1, Ordering::Relaxed);
                 return Err(Status::resource_exhausted(
                     "not sent: the gateways have been refusing calls for overload, \
@@ -218,7 +246,7 @@ impl ChatClient {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let err = match tokio::time::timeout(remaining, f(self.pick())).await {
                 Ok(Ok(r)) => {
-                    throttle.accepted();
+                    throttle.accepted_at(std::time::Instant::now(), load(r.metadata()));
                     return Ok(r.into_inner());
                 }
                 Ok(Err(s)) => s,
@@ -234,7 +262,11 @@ impl ChatClient {
             if !retryable(&err) {
                 return Err(err);
             }
-            let wait = backoff_step(&mut backoff).max(retry_after(&err).unwrap_or_default());
+            // Never sooner than the hint, and spread past it: calls turned
+            // away together (a store without quorum answers every send with
+            // the same hint) must not come back together.
+            let hint = retry_after(&err).unwrap_or_default();
+            let wait = backoff_step(&mut backoff).max(hint.mul_f64(1.0 + rand::random::<f64>() / 2.0));
             if tokio::time::Instant::now() + wait >= deadline || !self.inner.budget.try_withdraw() {
                 return Err(err);
             }

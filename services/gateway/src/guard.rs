@@ -27,7 +27,7 @@ use chat_resilience::bucket::{KeyedBuckets, Rate};
 use chat_resilience::incoming::{AcceptRate, ConnectionCaps};
 use chat_resilience::layer::{Admit, method, peer_ip};
 use chat_resilience::limit::{LimitConfig, Limiter, Permit};
-use chat_resilience::{Criticality, overloaded};
+use chat_resilience::{Criticality, over_limit, overloaded};
 use tonic::Status;
 
 use crate::service::User;
@@ -150,13 +150,19 @@ impl Guard {
 }
 
 impl Admit for Guard {
+    fn busy(&self) -> bool {
+        self.limiter
+            .as_ref()
+            .is_some_and(|l| l.inflight() * 2 >= l.limit())
+    }
+
     fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, Status> {
         let now = Instant::now();
         if let (Some(b), Some(ip)) = (&self.per_ip, peer_ip(parts)) {
             b.check(&ip, now).map_err(|wait| {
                 self.limited_ip
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                overloaded(
+                over_limit(
                     format!(
                         "too many calls from {ip} (limit {}/s); retry later",
                         b.rate().per_second
@@ -173,7 +179,7 @@ impl Admit for Guard {
             b.check(&user.0, now).map_err(|wait| {
                 self.limited_user
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                overloaded(
+                over_limit(
                     format!(
                         "too many calls by {} (limit {}/s); retry later",
                         user.0,

@@ -186,7 +186,11 @@ impl RunningGateway {
             .http2_max_header_list_size(MAX_HEADER_BYTES)
             .layer(chat_telemetry::metrics::MetricsLayer::new(rpc))
             .layer(chat_telemetry::trace::TraceLayer)
-            .layer(AdmitLayer::new(guard).with_identity(env!("CARGO_PKG_VERSION"), &opts.release))
+            .layer(
+                AdmitLayer::new(guard)
+                    .with_identity(env!("CARGO_PKG_VERSION"), &opts.release)
+                    .with_load_signal(),
+            )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

@@ -99,7 +99,7 @@ impl Chat for ChatApi {
             let n = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
             q.check_n(&user, n, std::time::Instant::now())
                 .map_err(|wait| {
-                    chat_resilience::overloaded(
+                    chat_resilience::over_limit(
                         format!(
                             "{user} sent more than {} message bytes a second; retry later",
                             q.rate().per_second

@@ -49,3 +49,17 @@ pub fn with_retry_after(mut status: tonic::Status, after: Duration) -> tonic::St
 pub fn overloaded(msg: impl Into<String>, after: Duration) -> tonic::Status {
     with_retry_after(tonic::Status::resource_exhausted(msg), after)
 }
+
+/// Metadata key marking a refusal as the caller's own limit (a rate or
+/// byte quota), not the server's overload: [`layer::LoadSignal`] ignores
+/// such refusals.
+pub const LIMIT_HEADER: &str = "chat-limit";
+
+/// RESOURCE_EXHAUSTED with a retry-after hint because this caller is over
+/// its own limit; the server itself may be idle.
+pub fn over_limit(msg: impl Into<String>, after: Duration) -> tonic::Status {
+    let mut s = overloaded(msg, after);
+    s.metadata_mut()
+        .insert(LIMIT_HEADER, tonic::metadata::MetadataValue::from_static("caller"));
+    s
+}

@@ -5,6 +5,7 @@
 //! matching share of calls itself rather than sending them, so a
 //! struggling backend is not kept busy answering "no".
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::window::Window;
@@ -105,19 +106,46 @@ impl Default for RetryBudget {
 /// factor of about K per window: with K = 1.2 a client that had been
 /// refusing half its calls kept refusing a quarter of them 17 s after the
 /// backend came back (BENCHMARKS.md, "the whole store tier lost at
-/// once"). So the throttle also watches the last half second: when the
-/// backend takes a call and has refused none in that time, it is no longer
-/// overloaded for this client, and the window's history is forgotten. Under a real overload the backend keeps refusing a share of
-/// what a busy client sends, so that seldom happens while throttling is
-/// needed; a client sending a few calls a second may let go early and is
-/// held back again by the next refusal.
+/// once"). So the throttle forgets the window's history when the backend
+/// has recovered, which it learns in one of two ways:
+///
+/// - the backend says so: a call it took came back with [`Load::Ok`] (the
+///   gateways' `chat-load` header: no refusal for overload there lately);
+/// - a backend that says nothing took a call and has refused none in the
+///   last half second. Under a real overload the backend keeps refusing a
+///   share of what a busy client sends, so that seldom happens while
+///   throttling is needed; a client sending a few calls a second may let go
+///   early and is held back again by the next refusal.
+///
+/// A call the throttle would refuse is first held for a moment
+/// ([`Throttle::HOLD`]) and decided again with the same dice: in the
+/// meantime another call may have found the backend recovered. It is
+/// refused then only if the backend still showed overload (a refusal, or
+/// `busy`) within the last [`Throttle::EVIDENCE`]; otherwise it goes
+/// out as a probe. So a client that was throttling when the backend came
+/// back loses none of the calls it makes after that.
 pub struct Throttle {
     /// (requests, accepts)
     window: Window<SLOTS>,
     /// Refusals by the backend over the last half second (the first
     /// counter is unused).
     recent: Window<RECENT_SLOTS>,
+    /// When the backend last showed overload (a refusal or `busy`), in
+    /// milliseconds since `start`, + 1; 0: never.
+    evidence: AtomicU64,
+    start: Instant,
     k: f64,
+}
+
+/// What a backend that took a call said about its load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// Nothing.
+    Unknown,
+    /// It has refused nothing for overload lately.
+    Ok,
+    /// It is near its limit or refusing calls for overload.
+    Busy,
 }
 
 /// How long the throttle remembers a refusal when deciding whether the
@@ -128,12 +156,22 @@ const RECENT_SLOTS: usize = 5;
 const RECENT_SLOT: Duration = Duration::from_millis(100);
 
 impl Throttle {
+    /// How long a call the throttle would refuse waits to be decided again.
+    pub const HOLD: Duration = Duration::from_millis(500);
+    /// A held call is refused only if the backend showed overload this
+    /// recently. Well below `HOLD` less the backend's own `busy`
+    /// memory (100 ms), so that a call held as the backend stopped
+    /// refusing is not refused on the strength of that last refusal.
+    pub const EVIDENCE: Duration = Duration::from_millis(250);
+
     /// `k`: how many requests per accepted one the client still sends (2 in
     /// the SRE book; lower throttles sooner).
     pub fn new(k: f64) -> Self {
         Self {
             window: Window::new(SLOT),
             recent: Window::new(RECENT_SLOT),
+            evidence: AtomicU64::new(0),
+            start: Instant::now(),
             k,
         }
     }
@@ -151,23 +189,53 @@ impl Throttle {
     }
 
     pub fn attempt_at(&self, now: Instant, dice: f64) -> bool {
-        let p = self.reject_probability(now);
-        if dice < p {
+        if self.would_refuse_at(now, dice) {
             self.window.add(now, 1, 0);
             return false;
         }
         true
     }
 
-    /// The backend took the call (any answer but an overload refusal).
-    pub fn accepted(&self) {
-        self.accepted_at(Instant::now());
+    /// Whether a call with this `dice` would be refused now (counts
+    /// nothing): such a call is held for [`Throttle::HOLD`], then decided
+    /// by [`Throttle::attempt_after_hold_at`] with the same dice.
+    pub fn would_refuse_at(&self, now: Instant, dice: f64) -> bool {
+        dice < self.reject_probability(now)
     }
 
-    pub fn accepted_at(&self, now: Instant) {
+    /// Decides a held call: refused (and counted) only if it would still be
+    /// and the backend showed overload within [`Throttle::EVIDENCE`].
+    pub fn attempt_after_hold_at(&self, now: Instant, dice: f64) -> bool {
+        let evidence = self.evidence.load(Ordering::Relaxed);
+        let recent = evidence != 0 && self.ms(now) < evidence + Self::EVIDENCE.as_millis() as u64;
+        if recent && self.would_refuse_at(now, dice) {
+            self.window.add(now, 1, 0);
+            return false;
+        }
+        true
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.start).as_millis() as u64 + 1
+    }
+
+    /// The backend took the call (any answer but an overload refusal) and
+    /// said nothing of its load.
+    pub fn accepted(&self) {
+        self.accepted_at(Instant::now(), Load::Unknown);
+    }
+
+    pub fn accepted_at(&self, now: Instant, load: Load) {
         self.window.add(now, 1, 1);
-        let (_, refused) = self.recent.sums(now);
-        if refused == 0 && self.reject_probability(now) > 0.0 {
+        let recovered = match load {
+            Load::Ok => true,
+            Load::Busy => {
+                self.evidence.fetch_max(self.ms(now), Ordering::Relaxed);
+                false
+            }
+            Load::Unknown => self.recent.sums(now).1 == 0,
+        };
+        if recovered && self.reject_probability(now) > 0.0 {
             self.window.clear();
         }
     }
@@ -180,6 +248,7 @@ impl Throttle {
     pub fn refused_at(&self, now: Instant) {
         self.window.add(now, 1, 0);
         self.recent.add(now, 0, 1);
+        self.evidence.fetch_max(self.ms(now), Ordering::Relaxed);
     }
 }
 
@@ -239,7 +308,7 @@ mod tests {
         // All accepted: never throttled.
         for _ in 0..100 {
             assert!(t.attempt_at(now, 0.0));
-            t.accepted_at(now);
+            t.accepted_at(now, Load::Unknown);
         }
         assert_eq!(t.reject_probability(now), 0.0);
         // Calls in flight are not refusals.
@@ -290,7 +359,7 @@ mod tests {
             now += Duration::from_millis(100);
             assert!(now - end < Duration::from_secs(2), "still throttling");
             if t.attempt_at(now, 0.99) {
-                t.accepted_at(now);
+                t.accepted_at(now, Load::Unknown);
                 taken += 1;
             }
         }
@@ -321,7 +390,7 @@ mod tests {
                 if t.attempt_at(now, dice(i)) {
                     if taken_here < 10 {
                         taken_here += 1;
-                        t.accepted_at(now);
+                        t.accepted_at(now, Load::Unknown);
                     } else {
                         t.refused_at(now);
                     }
@@ -334,7 +403,7 @@ mod tests {
                 if taken_here < 10 {
                     taken_here += 1;
                     taken += 1;
-                    t.accepted_at(now);
+                    t.accepted_at(now, Load::Unknown);
                     least_after_accept = least_after_accept.min(t.reject_probability(now));
                 } else {
                     t.refused_at(now);
@@ -349,6 +418,112 @@ mod tests {
         assert!(taken > 1_600 / 2 / 2, "taken {taken} of a capacity of 800");
     }
 
+    /// A client making a call every `every` from `from` for `secs` seconds,
+    /// holding what the throttle would refuse as the client library does;
+    /// `backend(now)`: None refuses the call, Some(load) takes it.
+    /// Returns (calls made, calls refused locally, calls refused by the
+    /// backend).
+    fn client(
+        t: &Throttle,
+        from: Instant,
+        every: Duration,
+        secs: u64,
+        backend: impl Fn(Instant) -> Option<Load>,
+    ) -> (u32, u32, u32) {
+        let step = Duration::from_millis(5);
+        let (mut made, mut held_back, mut refused) = (0u32, 0u32, 0u32);
+        let mut held: Vec<(Instant, f64)> = Vec::new();
+        let mut next = from;
+        let mut now = from;
+        let send = |now: Instant, refused: &mut u32| match backend(now) {
+            Some(load) => t.accepted_at(now, load),
+            None => {
+                t.refused_at(now);
+                *refused += 1;
+            }
+        };
+        while now < from + Duration::from_secs(secs) {
+            for (_, dice) in held.extract_if(.., |(at, _)| *at <= now) {
+                if t.attempt_after_hold_at(now, dice) {
+                    send(now, &mut refused);
+                } else {
+                    held_back += 1;
+                }
+            }
+            if now >= next {
+                let d = dice(made);
+                made += 1;
+                next += every;
+                if t.would_refuse_at(now, d) {
+                    held.push((now + Throttle::HOLD, d));
+                } else {
+                    send(now, &mut refused);
+                }
+            }
+            now += step;
+        }
+        (made, held_back, refused)
+    }
 
+    #[test]
+    fn a_throttling_client_loses_no_call_made_after_the_backend_recovered() {
+        let t = Throttle::new(1.2);
+        let t0 = Instant::now();
+        let back = outage(&t, t0, 4, 10);
+        assert!(t.reject_probability(back) > 0.5, "throttling after the outage");
+        // One call taken with the gateway's word that it is shedding, or
+        // none, is no sign of recovery so soon after a refusal; its word
+        // that it is not is.
+        let soon = back + Duration::from_millis(150);
+        let probe = Throttle::new(1.2);
+        outage(&probe, t0, 4, 10);
+        probe.refused_at(back);
+        for load in [Load::Busy, Load::Unknown] {
+            probe.accepted_at(soon, load);
+            assert!(probe.reject_probability(soon) > 0.5, "{load:?}");
+        }
+        probe.accepted_at(soon, Load::Ok);
+        assert_eq!(probe.reject_probability(soon), 0.0);
+        // Back at `back`: the backend takes everything and says `busy`
+        // for 100 ms after its last refusal, as the gateways do.
+        let (made, held_back, refused) = client(&t, back, Duration::from_millis(130), 3, |now| {
+            Some(if now < back + Duration::from_millis(100) {
+                Load::Busy
+            } else {
+                Load::Ok
+            })
+        });
+        assert!(made > 20);
+        assert_eq!((held_back, refused), (0, 0), "of {made} calls");
+        // A backend that says nothing: the same, through the half second
+        // without refusals.
+        let t = Throttle::new(1.2);
+        let back = outage(&t, t0, 4, 10);
+        let (made, held_back, _) =
+            client(&t, back, Duration::from_millis(130), 3, |_| Some(Load::Unknown));
+        assert_eq!(held_back, 0, "of {made} calls");
+    }
 
+    #[test]
+    fn held_calls_are_still_refused_under_a_steady_overload() {
+        // 200 calls a second against a backend that takes 100 a second (one
+        // per 10 ms slot) and says `busy` while it refuses the rest.
+        let t = Throttle::new(1.2);
+        let t0 = Instant::now();
+        let taken_in = std::cell::Cell::new(u64::MAX);
+        let backend = |now: Instant| {
+            let slot = (now - t0).as_millis() as u64 / 10;
+            if taken_in.get() == slot {
+                return None;
+            }
+            taken_in.set(slot);
+            Some(Load::Busy)
+        };
+        let (made, held_back, refused) = client(&t, t0, Duration::from_millis(5), 10, backend);
+        assert!(
+            held_back > made / 4,
+            "held back {held_back} of {made} (backend refused {refused})"
+        );
+        assert!(made - held_back - refused > 800, "the backend's 1,000 mostly used");
+    }
 }
