@@ -142,7 +142,7 @@ async fn collect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_and_rolling_restarts()
+async fn compose_cluster_delivers_and_survives_a_leader_kill_restarts_and_a_restore_from_backup()
 -> anyhow::Result<()> {
     if let Some(why) = unavailable() {
         println!("skipped: {why}");
@@ -389,7 +389,95 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_gateway_restarts_an
         expect.push(id);
     }
     expect_ids(&mut sub, &expect, "rolling restarts").await?;
+
+    // 5. deploy/README.md's backup and restore recipe: a backup from the
+    // host, every store volume lost, new volumes restored from the file by
+    // the image's chatctl; the restored group holds every message of the
+    // backup, under the same seqs, and takes new ones after them.
+    let alice = client("alice", &[&gw1, &gw2])?;
+    let before = read_all(&alice, "c").await?;
+    let file = certs.path().join("chat.backup");
+    let out = Command::new(chat_tests::binary("chatctl")?)
+        .args(["--store", &stores])
+        .arg("--tls-dir")
+        .arg(&operator)
+        .args(["store", "backup"])
+        .arg(&file)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stores = ["store-1", "store-2", "store-3"];
+    compose_out(&[&["stop", "-t", "2"][..], &stores[..]].concat())?;
+    compose_out(&[&["rm", "-f"][..], &stores[..]].concat())?;
+    for s in stores {
+        project.docker(&["volume", "rm", &format!("{}_{s}", project.name)])?;
+    }
+    let mount = format!("{}:/backup:ro", file.display());
+    for i in 1..=3 {
+        compose_out(&[
+            "run",
+            "--rm",
+            "--no-deps",
+            "-v",
+            &mount,
+            &format!("store-{i}"),
+            "chatctl",
+            "store",
+            "restore",
+            "/backup",
+            "--id",
+            &i.to_string(),
+            "--data-dir",
+            "/data",
+            "--peers",
+            "1=store-1:7001,2=store-2:7001,3=store-3:7001",
+        ])?;
+    }
+    compose_out(&[&["up", "-d"][..], &stores[..]].concat())?;
+    wait_until("the restored group to take a send", || async {
+        writer_send(&alice, "after-restore").await.is_ok()
+    })
+    .await?;
+    let after = read_all(&alice, "c").await?;
+    let seqs = |h: &[chat_client::Message]| -> Vec<(u64, String)> {
+        h.iter().map(|m| (m.seq, m.client_msg_id.clone())).collect()
+    };
+    assert_eq!(
+        seqs(&after[..before.len().min(after.len())]),
+        seqs(&before),
+        "the restored group lost or renumbered messages of the backup"
+    );
+    assert_eq!(
+        after[before.len()..]
+            .iter()
+            .map(|m| m.client_msg_id.as_str())
+            .collect::<Vec<_>>(),
+        ["after-restore"],
+        "what follows the backup's messages"
+    );
     Ok(())
+}
+
+/// Every message of `conv`, page by page.
+async fn read_all(c: &ChatClient, conv: &str) -> anyhow::Result<Vec<chat_client::Message>> {
+    let mut all: Vec<chat_client::Message> = Vec::new();
+    loop {
+        let page = c
+            .history(pb::HistoryRequest {
+                conversation_id: conv.into(),
+                after_seq: all.last().map_or(0, |m| m.seq),
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await?;
+        if page.messages.is_empty() {
+            return Ok(all);
+        }
+        all.extend(page.messages);
+    }
 }
 
 /// The next messages of "c" on `sub` are exactly `expect`, in order.

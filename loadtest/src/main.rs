@@ -1,7 +1,8 @@
 //! `loadtest`: load scenarios and benchmarks of the chat backend.
 //!
 //! Scenarios (`steady`, `congestion`, `failover`, `rolling-restart`,
-//! `reconnect-storm`, `canary-bad-release`, `canary-good-release`) drive chat traffic through the gateways, inject
+//! `reconnect-storm`, `canary-bad-release`, `canary-good-release`, `dr`,
+//! `corrupt-replica`) drive chat traffic through the gateways, inject
 //! faults, read everything back and write a report (JSON, Markdown, SVG);
 //! the exit status is 1 when an SLO is missed. Benchmarks (`store-bench`,
 //! `engine-bench`, `e2e-bench`) measure one layer's throughput and latency;
@@ -49,6 +50,15 @@ enum Cmd {
     CanaryBadRelease(scenario::Args),
     /// A healthy canary router is rolled out to 100 % under load.
     CanaryGoodRelease(scenario::Args),
+    /// Disaster recovery: an online backup mid-load (--drill-at), then
+    /// every store replica's data destroyed and a new group restored from
+    /// the file; what was acknowledged before the backup must be there, the
+    /// rest is the measured recovery point (local only).
+    Dr(scenario::Args),
+    /// A follower's state file damaged under load (--drill-at): it must
+    /// refuse to start, the cluster keep serving, and the guarded rebuild
+    /// bring it back with every acknowledged message (local only).
+    CorruptReplica(scenario::Args),
     /// Append throughput and latency of a local store group.
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
@@ -112,6 +122,8 @@ fn main() -> ExitCode {
         Cmd::ReconnectStorm(args) => scenario(Scenario::ReconnectStorm, args),
         Cmd::CanaryBadRelease(args) => scenario(Scenario::CanaryBadRelease, args),
         Cmd::CanaryGoodRelease(args) => scenario(Scenario::CanaryGoodRelease, args),
+        Cmd::Dr(args) => scenario(Scenario::Dr, args),
+        Cmd::CorruptReplica(args) => scenario(Scenario::CorruptReplica, args),
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)).map(|()| true),
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
         Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),

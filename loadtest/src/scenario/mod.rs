@@ -8,6 +8,7 @@
 //! coordinated omission). `--concurrency N` switches to closed loop: N
 //! senders, each waiting for its ack, for finding capacity.
 
+mod drill;
 pub mod fault;
 mod report;
 mod rollout;
@@ -48,6 +49,11 @@ pub enum Scenario {
     CanaryBadRelease,
     /// A healthy canary router release is rolled out to 100 % under load.
     CanaryGoodRelease,
+    /// An online backup mid-load, every store's data destroyed after it, a
+    /// new group restored from the file.
+    Dr,
+    /// A follower's files damaged under load, refused, rebuilt, rejoined.
+    CorruptReplica,
 }
 
 impl Scenario {
@@ -60,7 +66,14 @@ impl Scenario {
             Scenario::ReconnectStorm => "reconnect-storm",
             Scenario::CanaryBadRelease => "canary-bad-release",
             Scenario::CanaryGoodRelease => "canary-good-release",
+            Scenario::Dr => "dr",
+            Scenario::CorruptReplica => "corrupt-replica",
         }
+    }
+
+    /// Whether the scenario reaches into the replicas' data directories.
+    fn is_drill(self) -> bool {
+        matches!(self, Scenario::Dr | Scenario::CorruptReplica)
     }
 
     fn is_canary(self) -> bool {
@@ -157,6 +170,11 @@ pub struct Args {
     /// reconnect-storm: seconds into the load phase (default: a third).
     #[arg(long)]
     storm_at: Option<f64>,
+    /// dr: seconds into the load phase when the backup is taken (default:
+    /// half); corrupt-replica: when the follower is damaged (default: a
+    /// third).
+    #[arg(long)]
+    drill_at: Option<f64>,
 
     /// canary-*: seconds into the load phase when the rollout starts and
     /// the canary router is started.
@@ -284,6 +302,17 @@ impl Args {
             anyhow::ensure!(
                 self.canary_at < self.duration,
                 "--canary-at must be within --duration"
+            );
+        }
+        if scenario.is_drill() {
+            anyhow::ensure!(
+                self.compose.is_none() && self.gateways.is_empty(),
+                "{} reaches into the replicas' data directories: it needs --local",
+                scenario.name()
+            );
+            anyhow::ensure!(
+                self.drill_at.is_none_or(|t| t >= 0.0 && t < self.duration),
+                "--drill-at must be within --duration"
             );
         }
         if !self.gateways.is_empty() {
@@ -637,6 +666,7 @@ pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
         for s in ["store-1", "store-2", "store-3"] {
             let _ = std::fs::remove_dir_all(run_dir.join("cluster").join(s));
         }
+        let _ = std::fs::remove_file(run_dir.join("cluster").join(drill::BACKUP_FILE));
     }
     let report = outcome?;
     report.write(&run_dir)?;
@@ -899,7 +929,7 @@ async fn exercise(
     ));
     let ticker = progress.start(ctx.clone(), load_start, probe_sends);
     let plan = Plan::new(scenario, args);
-    let (faults, fault_errors, rollout) = {
+    let (faults, mut fault_errors, rollout, mut drilled) = {
         let traffic = drive(ctx, load, load_start, args.duration);
         let controller = control(target, ctx, &plan, load_start, args, &storm_tx);
         let ((), out) = tokio::join!(traffic, controller);
@@ -907,6 +937,15 @@ async fn exercise(
     };
     ticker.abort();
     let peak_rss_mib = target.peak_rss_mib();
+    if scenario == Scenario::Dr
+        && let Some(b) = &drilled.backup
+    {
+        progress.note("load over; destroying every store replica's data, restoring from the backup");
+        match drill::disaster(target, ctx, b).await {
+            Ok(r) => drilled.restored = Some(r),
+            Err(e) => fault_errors.push(format!("disaster and restore: {e:#}")),
+        }
+    }
     let load_end_us = ctx.us(load_start + Duration::from_secs_f64(args.duration));
     progress.note("load over; healing, then reading everything back");
     if let Err(e) = target.heal_all().await {
@@ -920,6 +959,19 @@ async fn exercise(
     let sends: Vec<SendRecord> =
         ctx.sends.lock().expect("sends lock poisoned")[probe_sends..].to_vec();
     let stored = verify::read_back(ctx).await;
+    if let (Some(r), Ok(convs)) = (&drilled.repair, &stored) {
+        match drill::missing_on(target, ctx, &r.victim, convs).await {
+            Ok(m) => drilled.missing_on_rebuilt = Some(m),
+            Err(e) => fault_errors.push(format!("reading the rebuilt replica: {e:#}")),
+        }
+    }
+    let stored_ks: Option<std::collections::HashSet<u64>> = stored.as_ref().ok().map(|convs| {
+        convs
+            .iter()
+            .flatten()
+            .filter_map(|m| ctx.k_of(&m.client_msg_id))
+            .collect()
+    });
     let mut last: HashMap<u32, u64> = HashMap::new();
     match &stored {
         Ok(convs) => {
@@ -977,8 +1029,10 @@ async fn exercise(
         deliveries: &deliveries,
         load_start_us,
         load_end_us,
+        recovery_point_us: drilled.backup.as_ref().map(|b| b.started_us),
     };
     let v = verify::verify(&input);
+    let drill = drill::summarize(&drilled, &sends, stored_ks.as_ref(), load_start_us);
     Ok(Report::build(report::BuildArgs {
         scenario: scenario.name(),
         target: target.describe(),
@@ -1000,6 +1054,7 @@ async fn exercise(
             .sum(),
         peak_rss_mib,
         rollout,
+        drill,
         users: &ctx.users,
     }))
 }
@@ -1009,6 +1064,8 @@ struct Plan {
     faults: Vec<FaultSpec>,
     rolling_restart: bool,
     storm_at: Option<f64>,
+    backup_at: Option<f64>,
+    corrupt_at: Option<f64>,
     restart_after: f64,
     canary: Option<CanaryDrill>,
 }
@@ -1031,6 +1088,10 @@ impl Plan {
             rolling_restart: scenario == Scenario::RollingRestart,
             storm_at: (scenario == Scenario::ReconnectStorm)
                 .then(|| args.storm_at.unwrap_or(args.duration / 3.0)),
+            backup_at: (scenario == Scenario::Dr)
+                .then(|| args.drill_at.unwrap_or(args.duration / 2.0)),
+            corrupt_at: (scenario == Scenario::CorruptReplica)
+                .then(|| args.drill_at.unwrap_or(args.duration / 3.0)),
             restart_after: args.restart_after,
             canary: scenario.is_canary().then(|| {
                 let mut router_args = vec!["--release".to_owned(), CANARY_RELEASE.to_owned()];
@@ -1128,10 +1189,12 @@ async fn control(
     Vec<FaultRecord>,
     Vec<String>,
     Option<rollout::RolloutRecord>,
+    drill::DrillRecord,
 ) {
     let mut done = Vec::new();
     let mut errors = Vec::new();
     let mut rollout = None;
+    let mut drilled = drill::DrillRecord::default();
     let at = |s: f64| start + Duration::from_secs_f64(s);
     let since = |t: Instant| t.saturating_duration_since(start).as_secs_f64();
     // (time, service) of killed services to start again.
@@ -1193,6 +1256,30 @@ async fn control(
             format!("all {} clients", ctx.users.len()),
         ));
     }
+    if let Some(s) = plan.backup_at {
+        tokio::time::sleep_until(at(s).into()).await;
+        match drill::backup(target, ctx).await {
+            Ok(b) => {
+                done.push(FaultRecord::new(
+                    since(Instant::now()),
+                    "backup".into(),
+                    format!("raft index {}, {} bytes", b.index, b.bytes),
+                ));
+                drilled.backup = Some(b);
+            }
+            Err(e) => errors.push(format!("backup: {e:#}")),
+        }
+    }
+    if let Some(s) = plan.corrupt_at {
+        tokio::time::sleep_until(at(s).into()).await;
+        match drill::corrupt_and_rebuild(target, start).await {
+            Ok(r) => {
+                done.push(FaultRecord::new(r.damaged_s, "corrupt-follower".into(), r.victim.clone()));
+                drilled.repair = Some(r);
+            }
+            Err(e) => errors.push(format!("corrupt-replica: {e:#}")),
+        }
+    }
     if let Some(d) = &plan.canary {
         match canary(target, d, start, args).await {
             Ok(r) => rollout = Some(r),
@@ -1231,7 +1318,7 @@ async fn control(
             errors.push("the rolling restart outlasted --duration".into());
         }
     }
-    (done, errors, rollout)
+    (done, errors, rollout, drilled)
 }
 
 /// Whether a fault of this kind (as named in the report) takes the store

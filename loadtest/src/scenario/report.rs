@@ -207,6 +207,8 @@ pub struct Report {
     pub slo: BTreeMap<String, Slo>,
     /// canary-*: the rollout and its blast radius.
     pub rollout: Option<RolloutSummary>,
+    /// dr, corrupt-replica: what the drill did and found.
+    pub drill: super::drill::DrillSummary,
     /// Things that went wrong around the load (a fault that could not be
     /// injected, a read-back that failed, ...).
     pub notes: Vec<String>,
@@ -231,6 +233,7 @@ pub struct BuildArgs<'a> {
     pub held_back_by_clients: u64,
     pub peak_rss_mib: BTreeMap<String, f64>,
     pub rollout: Option<RolloutRecord>,
+    pub drill: super::drill::DrillSummary,
     /// User ids by index (for the canary assignment).
     pub users: &'a [String],
 }
@@ -482,6 +485,7 @@ impl Report {
         if let Some(r) = &rollout {
             slo.extend(super::rollout::slos(r, b.scenario == "canary-bad-release"));
         }
+        slo.extend(super::drill::slos(&b.drill));
         // A drill whose fault was never injected proves nothing.
         slo.insert(
             "drill_carried_out".into(),
@@ -518,7 +522,7 @@ impl Report {
             (Load::Constant(_), None) => true,
             _ => false,
         };
-        if judged && light && matches!(b.scenario, "failover" | "steady") {
+        if judged && light && matches!(b.scenario, "failover" | "steady" | "dr" | "corrupt-replica") {
             slo.insert(
                 "refused_outside_faults".into(),
                 Slo {
@@ -648,6 +652,7 @@ impl Report {
             timeline,
             slo,
             rollout,
+            drill: b.drill,
             notes: b
                 .notes
                 .into_iter()
@@ -759,6 +764,9 @@ impl Report {
                 r.sends,
                 r.rollback_s.map_or("-".into(), |x| format!("{x:.1}"))
             );
+        }
+        for l in super::drill::lines(&self.drill) {
+            let _ = writeln!(s, "{l}");
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
@@ -927,6 +935,13 @@ impl Report {
         }
         if let Some(r) = &self.rollout {
             m.push_str(&super::rollout::markdown(r));
+        }
+        let drill = super::drill::lines(&self.drill);
+        if !drill.is_empty() {
+            let _ = writeln!(m, "\n## Drill\n");
+            for l in drill {
+                let _ = writeln!(m, "- {l}");
+            }
         }
         if !self.notes.is_empty() {
             let _ = writeln!(m, "\n## Notes\n");

@@ -14,7 +14,7 @@ use chatctl::restart::{RestartLog, Tier, rolling_restart};
 
 use super::fault::FaultKind;
 
-const STORES: [&str; 3] = ["store-1", "store-2", "store-3"];
+pub(super) const STORES: [&str; 3] = ["store-1", "store-2", "store-3"];
 /// How long a restarted service may take to become healthy.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
 
@@ -86,7 +86,7 @@ impl Target {
         !matches!(self, Target::Gateways { .. })
     }
 
-    async fn store_leader(&self) -> anyhow::Result<String> {
+    pub(super) async fn store_leader(&self) -> anyhow::Result<String> {
         match self {
             Target::Local(c) => c.store_leader().await,
             Target::Compose(c) => c.store_leader(),
@@ -94,7 +94,7 @@ impl Target {
         }
     }
 
-    async fn store_follower(&mut self) -> anyhow::Result<String> {
+    pub(super) async fn store_follower(&mut self) -> anyhow::Result<String> {
         let leader = self.store_leader().await?;
         for s in STORES {
             if s != leader && self.running(s) {
@@ -104,7 +104,7 @@ impl Target {
         bail!("no running store follower")
     }
 
-    fn running(&mut self, name: &str) -> bool {
+    pub(super) fn running(&mut self, name: &str) -> bool {
         match self {
             Target::Local(c) => c.running(name),
             Target::Compose(c) => c.running(name),
@@ -277,6 +277,43 @@ impl Target {
                 .map(|(n, kib)| (n, (kib as f64 / 102.4).round() / 10.0))
                 .collect(),
             _ => BTreeMap::new(),
+        }
+    }
+
+    fn local_cluster(&self) -> anyhow::Result<&LocalCluster> {
+        match self {
+            Target::Local(c) => Ok(c),
+            _ => bail!("this drill reaches into the replicas' data directories: it needs --local"),
+        }
+    }
+
+    /// The local cluster's directory.
+    pub fn local_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.local_cluster()?.dir.clone())
+    }
+
+    /// The data directory of local store `name`.
+    pub fn store_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.local_cluster()?.dir.join(name))
+    }
+
+    /// The address local store `name` serves on.
+    pub fn store_addr(&self, name: &str) -> anyhow::Result<String> {
+        self.local_cluster()?
+            .addr(name)
+            .with_context(|| format!("no service named {name}"))
+    }
+
+    /// The log file of local service `name`.
+    pub fn log(&self, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.local_cluster()?.log(name))
+    }
+
+    /// SIGKILLs local service `name` (not to be started again by itself).
+    pub async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        match self {
+            Target::Local(c) => c.kill(name).await,
+            _ => bail!("this drill needs --local"),
         }
     }
 

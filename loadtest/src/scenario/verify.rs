@@ -22,6 +22,9 @@ pub struct Input<'a> {
     pub deliveries: &'a [Vec<Delivery>],
     pub load_start_us: u64,
     pub load_end_us: u64,
+    /// dr: when the backup the store was restored from began; a send
+    /// acknowledged after it may be gone without counting as lost.
+    pub recovery_point_us: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -33,6 +36,8 @@ pub struct Verification {
     /// lost, not the message).
     pub stored_unacked: u64,
     pub lost: u64,
+    /// dr: acknowledged after the backup began, and not restored.
+    pub beyond_recovery_point: u64,
     /// Acked with a seq other than the one it is stored under.
     pub seq_mismatch: u64,
     pub duplicated: u64,
@@ -95,6 +100,7 @@ pub fn verify(input: &Input<'_>) -> Verification {
         stored: 0,
         stored_unacked: 0,
         lost: 0,
+        beyond_recovery_point: 0,
         seq_mismatch: 0,
         duplicated: 0,
         out_of_order: 0,
@@ -125,6 +131,9 @@ pub fn verify(input: &Input<'_>) -> Verification {
     let by_k: HashMap<u64, &SendRecord> = input.sends.iter().map(|r| (r.k, r)).collect();
     for r in input.sends {
         match (r.outcome, places.get(&r.k)) {
+            (Ok(_), None) if input.recovery_point_us.is_some_and(|rp| r.done_us >= rp) => {
+                v.beyond_recovery_point += 1;
+            }
             (Ok(_), None) => {
                 v.lost += 1;
                 if v.examples.len() < 5 {
@@ -289,6 +298,7 @@ mod tests {
             deliveries: &deliveries,
             load_start_us: 0,
             load_end_us: 1_000,
+            recovery_point_us: None,
         });
         assert_eq!(
             (
@@ -337,6 +347,7 @@ mod tests {
             deliveries: &deliveries,
             load_start_us: 0,
             load_end_us: 1_000,
+            recovery_point_us: None,
         });
         assert_eq!(v.lost, 1);
         assert_eq!(v.duplicated, 1);
@@ -356,7 +367,36 @@ mod tests {
             deliveries: &[vec![], vec![]],
             load_start_us: 0,
             load_end_us: 10,
+            recovery_point_us: None,
         });
         assert!(v.read_error.is_some());
+    }
+
+    #[tokio::test]
+    async fn after_a_restore_only_what_was_acked_before_the_backup_must_be_there() {
+        let ctx = ctx();
+        // The backup began at t=20: k0 (acked at 5) must be restored; k1
+        // (acked at 25) may be gone; k2 (acked at 30) happened to be in it.
+        let sends = [
+            send(0, 1, 5, Ok(1)),
+            send(1, 21, 25, Ok(2)),
+            send(2, 22, 30, Ok(3)),
+        ];
+        let deliveries = vec![vec![], vec![]];
+        let input = |stored: Vec<Message>, rp| Input {
+            ctx: &ctx,
+            sends: &sends,
+            stored: Ok(vec![stored]),
+            deliveries: &deliveries,
+            load_start_us: 0,
+            load_end_us: 1_000,
+            recovery_point_us: rp,
+        };
+        let v = verify(&input(vec![stored(0, 1), stored(2, 3)], Some(20)));
+        assert_eq!((v.lost, v.beyond_recovery_point), (0, 1));
+        let v = verify(&input(vec![stored(2, 3)], Some(20)));
+        assert_eq!((v.lost, v.beyond_recovery_point), (1, 1), "k0 was acked before the backup");
+        let v = verify(&input(vec![stored(0, 1), stored(2, 3)], None));
+        assert_eq!(v.lost, 1, "without a restore nothing acked may go");
     }
 }

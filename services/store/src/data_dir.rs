@@ -85,7 +85,7 @@ pub fn check(dir: &Path, wal: &dyn Wal, state: &dyn Engine) -> Result<(), StoreE
     if wal.get(keys::wal::REPLICA_ID).is_none() || state.get(keys::REPLICA_ID)?.is_none() {
         return Err(StoreError::Storage(format!(
             "data directory {} is damaged: it was initialised by replica {recorded} but its store holds no records; \
-             refusing to start as an empty replica (restore it from a backup, or delete the directory to rejoin by snapshot)",
+             refusing to start as an empty replica (restore it from a backup, or `chatctl store rebuild-replica` to rejoin by snapshot)",
             dir.display()
         )));
     }

@@ -194,14 +194,14 @@ impl LogStore {
             (None, Some(_)) => {
                 return Err(StoreError::Storage(
                     "data directory is damaged: the state machine is there but the raft log is empty; \
-                     restore it from a backup, or delete the directory to rejoin by snapshot"
+                     restore it from a backup, or `chatctl store rebuild-replica` to rejoin by snapshot"
                         .into(),
                 ));
             }
             (Some(_), None) => {
                 return Err(StoreError::Storage(
                     "data directory is damaged: the raft log is there but the state machine is empty; \
-                     restore it from a backup, or delete the directory to rejoin by snapshot"
+                     restore it from a backup, or `chatctl store rebuild-replica` to rejoin by snapshot"
                         .into(),
                 ));
             }
@@ -215,7 +215,7 @@ impl LogStore {
             if !file.exists() {
                 return Err(StoreError::Storage(format!(
                     "data directory is damaged: a snapshot install was interrupted and its file {} is gone; \
-                     delete the directory to rejoin by snapshot",
+                     run `chatctl store rebuild-replica` to rejoin by snapshot",
                     file.display()
                 )));
             }
