@@ -153,7 +153,11 @@ async fn a_backup_taken_under_service_restores_a_new_group_after_every_disk_is_l
     // A backup is never written over another file.
     let again = chatctl(&["--store", &store_flag, "store", "backup", b])?;
     assert!(!again.status.success());
-    assert!(text(&again).contains("never written over"), "{}", text(&again));
+    assert!(
+        text(&again).contains("never written over"),
+        "{}",
+        text(&again)
+    );
 
     // Written after the backup: not in it.
     write(&client, 200, 5).await?;
@@ -173,7 +177,11 @@ async fn a_backup_taken_under_service_restores_a_new_group_after_every_disk_is_l
     let peers = peers.join(",");
     let refused = restore(&bad, 1, &new[0].data_dir, &peers)?;
     assert!(!refused.status.success());
-    assert!(text(&refused).contains("checksum does not match"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("checksum does not match"),
+        "{}",
+        text(&refused)
+    );
     assert!(!new[0].data_dir.exists(), "nothing left behind");
 
     // The new group, on new ports, restored from the backup.
@@ -196,7 +204,10 @@ async fn a_backup_taken_under_service_restores_a_new_group_after_every_disk_is_l
         let msgs = read_all(&client, &conv).await?;
         let ids: Vec<String> = msgs.iter().map(|m| m.client_msg_id.clone()).collect();
         let want: Vec<String> = (0..200).map(|i| format!("c{c}-m{i}")).collect();
-        assert_eq!(ids, want, "{conv}: everything before the backup, once, in order");
+        assert_eq!(
+            ids, want,
+            "{conv}: everything before the backup, once, in order"
+        );
         assert!(msgs.iter().enumerate().all(|(i, m)| m.seq == i as u64 + 1));
         // The restored group takes writes, numbering on from the backup;
         // a retry of a message it holds is still a duplicate.
@@ -245,7 +256,12 @@ async fn a_backup_taken_under_service_restores_a_new_group_after_every_disk_is_l
                 },
             )
             .await?;
-        assert!(page.messages.len() >= 200, "replica {}: {}", r.id, page.messages.len());
+        assert!(
+            page.messages.len() >= 200,
+            "replica {}: {}",
+            r.id,
+            page.messages.len()
+        );
     }
     Ok(())
 }
@@ -274,8 +290,14 @@ async fn a_learner_that_outlived_the_voters_site_seeds_a_new_group() -> anyhow::
     write(&client, 0, 100).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let commit = client.status_of(&addrs[0]).await.map_or(0, |s| s.commit_index);
-        let applied = client.status_of(&learner_addr).await.map_or(0, |s| s.applied_index);
+        let commit = client
+            .status_of(&addrs[0])
+            .await
+            .map_or(0, |s| s.commit_index);
+        let applied = client
+            .status_of(&learner_addr)
+            .await
+            .map_or(0, |s| s.applied_index);
         if commit > 0 && applied >= commit {
             break;
         }

@@ -12,6 +12,7 @@ use chat_proto::chat::v1 as pb;
 use chat_tests::free_ports;
 
 const WAIT: Duration = Duration::from_secs(120);
+const VOTERS: [&str; 3] = ["store-1", "store-2", "store-3"];
 
 fn compose_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-compose.yml")
@@ -57,6 +58,56 @@ impl Project {
         c
     }
 
+    /// Runs `docker-compose ARGS`; its output, or its error output as the
+    /// error.
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.compose(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "docker-compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Every voter's container and volume gone, as with a lost site.
+    fn lose_the_voters(&self) -> anyhow::Result<()> {
+        self.run(&[&["stop", "-t", "2"][..], &VOTERS[..]].concat())?;
+        self.run(&[&["rm", "-f"][..], &VOTERS[..]].concat())?;
+        for s in VOTERS {
+            self.docker(&["volume", "rm", &format!("{}_{s}", self.name)])?;
+        }
+        Ok(())
+    }
+
+    /// deploy/README.md's restore: each voter's new volume made from the
+    /// backup `file` (a path in the containers, with `mount` bound) by the
+    /// image's chatctl, then the voters started.
+    fn restore_voters(&self, mount: &str, file: &str) -> anyhow::Result<()> {
+        for (i, s) in VOTERS.iter().enumerate() {
+            self.run(&[
+                "run",
+                "--rm",
+                "--no-deps",
+                "-v",
+                mount,
+                s,
+                "chatctl",
+                "store",
+                "restore",
+                file,
+                "--id",
+                &(i + 1).to_string(),
+                "--data-dir",
+                "/data",
+                "--peers",
+                "1=store-1:7001,2=store-2:7001,3=store-3:7001",
+            ])?;
+        }
+        self.run(&[&["up", "-d", "--no-deps"][..], &VOTERS[..]].concat())?;
+        Ok(())
+    }
+
     fn container(&self, service: &str) -> String {
         format!("{}_{}_1", self.name, service)
     }
@@ -74,15 +125,20 @@ impl Project {
     /// Store status rows (id, role, applied) as the operator toolbox
     /// container sees them (chatctl in the image, the operator identity).
     fn store_status(&self) -> anyhow::Result<Vec<(u64, String, u64)>> {
-        let out = self.docker(&[
-            "exec",
-            &self.container("operator"),
-            "chatctl",
-            "--timeout-secs",
-            "2",
-            "store",
-            "status",
-        ])?;
+        self.store_status_of(&[])
+    }
+
+    /// The same, with `chatctl` flags added (`--store` to list more).
+    fn store_status_of(&self, flags: &[&str]) -> anyhow::Result<Vec<(u64, String, u64)>> {
+        let operator = self.container("operator");
+        let out = self.docker(
+            &[
+                &["exec", &operator, "chatctl", "--timeout-secs", "2"][..],
+                flags,
+                &["store", "status"],
+            ]
+            .concat(),
+        )?;
         Ok(out
             .lines()
             .skip(1)
@@ -142,7 +198,7 @@ async fn collect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compose_cluster_delivers_and_survives_a_leader_kill_restarts_and_a_restore_from_backup()
+async fn compose_cluster_survives_kills_restarts_a_restore_from_backup_and_a_site_loss()
 -> anyhow::Result<()> {
     if let Some(why) = unavailable() {
         println!("skipped: {why}");
@@ -220,15 +276,7 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_restarts_and_a_rest
     // 0. The observability profile is there for users with a registry: it
     // is well formed, and the default profile (what just started, with no
     // image to pull) runs none of it.
-    let compose_out = |args: &[&str]| -> anyhow::Result<String> {
-        let out = project.compose(args).output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let compose_out = |args: &[&str]| project.run(args);
     let profile = compose_out(&["--profile", "observability", "config"])?;
     let running = project.docker(&[
         "ps",
@@ -409,54 +457,102 @@ async fn compose_cluster_delivers_and_survives_a_leader_kill_restarts_and_a_rest
         "backup: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stores = ["store-1", "store-2", "store-3"];
-    compose_out(&[&["stop", "-t", "2"][..], &stores[..]].concat())?;
-    compose_out(&[&["rm", "-f"][..], &stores[..]].concat())?;
-    for s in stores {
-        project.docker(&["volume", "rm", &format!("{}_{s}", project.name)])?;
-    }
-    let mount = format!("{}:/backup:ro", file.display());
-    for i in 1..=3 {
-        compose_out(&[
-            "run",
-            "--rm",
-            "--no-deps",
-            "-v",
-            &mount,
-            &format!("store-{i}"),
-            "chatctl",
-            "store",
-            "restore",
-            "/backup",
-            "--id",
-            &i.to_string(),
-            "--data-dir",
-            "/data",
-            "--peers",
-            "1=store-1:7001,2=store-2:7001,3=store-3:7001",
-        ])?;
-    }
-    compose_out(&[&["up", "-d"][..], &stores[..]].concat())?;
-    wait_until("the restored group to take a send", || async {
-        writer_send(&alice, "after-restore").await.is_ok()
+    project.lose_the_voters()?;
+    project.restore_voters(&format!("{}:/backup:ro", file.display()), "/backup")?;
+    holds_then_takes(&alice, &before, "after-restore").await?;
+
+    // 6. deploy/README.md's zone recipe: a learner (profile `zone-b`)
+    // follows the log; the voters' site is lost with its volumes; the
+    // learner, stopped, is backed up offline and seeds a new group that
+    // holds everything it had applied.
+    compose_out(&["--profile", "zone-b", "up", "-d", "--no-deps", "store-4"])?;
+    let operator_box = project.container("operator");
+    wait_until("the learner to be added", || async {
+        project
+            .docker(&[
+                "exec",
+                &operator_box,
+                "chatctl",
+                "store",
+                "add-learner",
+                "4",
+                "store-4:7001",
+            ])
+            .is_ok()
     })
     .await?;
-    let after = read_all(&alice, "c").await?;
+    for i in 0..5 {
+        writer_send(&alice, &format!("zone-{i}")).await?;
+    }
+    let with_learner = [
+        "--store",
+        "store-1:7001,store-2:7001,store-3:7001,store-4:7001",
+    ];
+    wait_until("the learner to apply everything", || async {
+        let rows = project.store_status_of(&with_learner).unwrap_or_default();
+        let voters = rows.iter().filter(|r| r.0 != 4).map(|r| r.2).max();
+        rows.iter()
+            .find(|r| r.0 == 4)
+            .is_some_and(|r| voters.is_some_and(|v| r.2 >= v))
+    })
+    .await?;
+    let before = read_all(&alice, "c").await?;
+    compose_out(&["stop", "-t", "2", "store-4"])?;
+    project.lose_the_voters()?;
+    // A host directory the image's user (65534) may write to.
+    let backups = tempfile::tempdir()?;
+    std::fs::set_permissions(
+        backups.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )?;
+    let mount = format!("{}:/backups", backups.path().display());
+    compose_out(&[
+        "--profile",
+        "zone-b",
+        "run",
+        "--rm",
+        "--no-deps",
+        "-v",
+        &mount,
+        "store-4",
+        "chatctl",
+        "store",
+        "backup",
+        "/backups/site-loss.backup",
+        "--from-data-dir",
+        "/data",
+    ])?;
+    project.restore_voters(&mount, "/backups/site-loss.backup")?;
+    holds_then_takes(&alice, &before, "after-site-loss").await
+}
+
+/// The restored group holds `before` under the same seqs and takes a new
+/// message, `marker`, right after them.
+async fn holds_then_takes(
+    alice: &ChatClient,
+    before: &[chat_client::Message],
+    marker: &str,
+) -> anyhow::Result<()> {
+    wait_until("the restored group to take a send", || async {
+        writer_send(alice, marker).await.is_ok()
+    })
+    .await?;
+    let after = read_all(alice, "c").await?;
     let seqs = |h: &[chat_client::Message]| -> Vec<(u64, String)> {
         h.iter().map(|m| (m.seq, m.client_msg_id.clone())).collect()
     };
     assert_eq!(
         seqs(&after[..before.len().min(after.len())]),
-        seqs(&before),
-        "the restored group lost or renumbered messages of the backup"
+        seqs(before),
+        "the restored group lost or renumbered messages"
     );
     assert_eq!(
         after[before.len()..]
             .iter()
             .map(|m| m.client_msg_id.as_str())
             .collect::<Vec<_>>(),
-        ["after-restore"],
-        "what follows the backup's messages"
+        [marker],
+        "what follows the restored messages"
     );
     Ok(())
 }

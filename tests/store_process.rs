@@ -552,7 +552,10 @@ async fn a_damaged_follower_is_rebuilt_with_chatctl_and_rejoins_with_everything(
     let len = std::fs::metadata(&db)?.len() as usize;
     std::fs::write(&db, vec![0x5a; len.min(1 << 16)])?;
     g.replicas[f].start()?;
-    assert!(!g.replicas[f].wait_exit(WAIT).await?.success(), "a damaged replica kept running");
+    assert!(
+        !g.replicas[f].wait_exit(WAIT).await?.success(),
+        "a damaged replica kept running"
+    );
 
     // Not while a second replica is out too.
     g.replicas[other].terminate(WAIT).await?;
@@ -567,7 +570,10 @@ async fn a_damaged_follower_is_rebuilt_with_chatctl_and_rejoins_with_everything(
         .await
         .is_ok_and(|s| s.serving)
     {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "replica never served again");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "replica never served again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -582,7 +588,11 @@ async fn a_damaged_follower_is_rebuilt_with_chatctl_and_rejoins_with_everything(
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let s = g.client.status_of(&g.replicas[f].addr).await;
-        let leader_commit = g.client.status_of(&g.replicas[leader].addr).await?.commit_index;
+        let leader_commit = g
+            .client
+            .status_of(&g.replicas[leader].addr)
+            .await?
+            .commit_index;
         if let Ok(s) = s
             && s.serving
             && s.applied_index >= leader_commit
@@ -608,7 +618,11 @@ async fn a_damaged_follower_is_rebuilt_with_chatctl_and_rejoins_with_everything(
             },
         )
         .await?;
-    let ids: Vec<String> = page.messages.iter().map(|m| m.client_msg_id.clone()).collect();
+    let ids: Vec<String> = page
+        .messages
+        .iter()
+        .map(|m| m.client_msg_id.clone())
+        .collect();
     let want: Vec<String> = (0..70).map(|i| format!("m{i}")).collect();
     assert_eq!(ids, want);
     Ok(())

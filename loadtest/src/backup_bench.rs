@@ -128,7 +128,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&r.data_dir)?;
     }
     let mut new = chat_store::testkit::process::local_group(&store_bin, 3, &root.join("new"), &[])?;
-    let voters: Vec<(NodeId, String)> = new.iter().map(|r| (NodeId(r.id), r.addr.clone())).collect();
+    let voters: Vec<(NodeId, String)> =
+        new.iter().map(|r| (NodeId(r.id), r.addr.clone())).collect();
     let restoring = Instant::now();
     for r in &new {
         chatctl::backup::restore(&file, &r.data_dir, NodeId(r.id), &voters)?;
@@ -145,7 +146,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .is_none()
     {
-        anyhow::ensure!(Instant::now() < deadline, "the restored group elected no leader");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the restored group elected no leader"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let serving_secs = starting.elapsed().as_secs_f64();

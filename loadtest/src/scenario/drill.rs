@@ -352,7 +352,12 @@ pub struct DrillRecord {
     pub missing_on_rebuilt: Option<u64>,
 }
 
-pub fn summarize(r: &DrillRecord, sends: &[SendRecord], stored: Option<&HashSet<u64>>, start_us: u64) -> DrillSummary {
+pub fn summarize(
+    r: &DrillRecord,
+    sends: &[SendRecord],
+    stored: Option<&HashSet<u64>>,
+    start_us: u64,
+) -> DrillSummary {
     let s = |us: u64| (us.saturating_sub(start_us) as f64 / 1e5).round() / 10.0;
     let backup = r.backup.as_ref().map(|b| {
         let acked = sends.iter().filter(|x| x.outcome.is_ok());

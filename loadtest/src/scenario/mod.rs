@@ -940,7 +940,8 @@ async fn exercise(
     if scenario == Scenario::Dr
         && let Some(b) = &drilled.backup
     {
-        progress.note("load over; destroying every store replica's data, restoring from the backup");
+        progress
+            .note("load over; destroying every store replica's data, restoring from the backup");
         match drill::disaster(target, ctx, b).await {
             Ok(r) => drilled.restored = Some(r),
             Err(e) => fault_errors.push(format!("disaster and restore: {e:#}")),
@@ -1274,7 +1275,11 @@ async fn control(
         tokio::time::sleep_until(at(s).into()).await;
         match drill::corrupt_and_rebuild(target, start).await {
             Ok(r) => {
-                done.push(FaultRecord::new(r.damaged_s, "corrupt-follower".into(), r.victim.clone()));
+                done.push(FaultRecord::new(
+                    r.damaged_s,
+                    "corrupt-follower".into(),
+                    r.victim.clone(),
+                ));
                 drilled.repair = Some(r);
             }
             Err(e) => errors.push(format!("corrupt-replica: {e:#}")),

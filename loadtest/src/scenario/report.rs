@@ -522,7 +522,8 @@ impl Report {
             (Load::Constant(_), None) => true,
             _ => false,
         };
-        if judged && light && matches!(b.scenario, "failover" | "steady" | "dr" | "corrupt-replica") {
+        if judged && light && matches!(b.scenario, "failover" | "steady" | "dr" | "corrupt-replica")
+        {
             slo.insert(
                 "refused_outside_faults".into(),
                 Slo {
@@ -1297,7 +1298,9 @@ mod tests {
         assert_eq!(recovery(&two, 0, 10_000_000), Some(2_000_000));
         // A metastable tail: one send in four refused from 5 s on, after a
         // good stretch. Goodput returned at 2 s but did not stay.
-        let tail = load(10, |t| t >= 2_000_000 && (t < 5_000_000 || (t / 10_000) % 4 != 0));
+        let tail = load(10, |t| {
+            t >= 2_000_000 && (t < 5_000_000 || (t / 10_000) % 4 != 0)
+        });
         assert_eq!(recovery(&tail, 0, 10_000_000), None);
         // One refusal in fifty is within 95 %.
         let few = load(10, |t| (t / 10_000) % 50 != 0);
@@ -1363,26 +1366,41 @@ mod tests {
     #[test]
     fn the_recovery_slo_judges_each_fault_and_a_lost_tier_from_its_restart() {
         let ok = recovery_slo(
-            &[fault(5.0, "store-leader", Some(0.6)), fault(8.0, "start", Some(0.0))],
+            &[
+                fault(5.0, "store-leader", Some(0.6)),
+                fault(8.0, "start", Some(0.0)),
+            ],
             20.0,
             3.0,
         );
         assert!(ok.pass, "{ok:?}");
         assert_eq!(ok.actual, serde_json::json!(0.6));
         // The store down until its restart is judged from the restart.
-        let all = [fault(5.0, "store-all", None), fault(8.0, "start", Some(4.2))];
+        let all = [
+            fault(5.0, "store-all", None),
+            fault(8.0, "start", Some(4.2)),
+        ];
         let slow = recovery_slo(&all, 20.0, 3.0);
         assert!(!slow.pass, "{slow:?}");
         assert_eq!(slow.actual, serde_json::json!(4.2));
         // Never back before the end of the load.
         let never = recovery_slo(&[fault(5.0, "router", None)], 20.0, 3.0);
         assert!(!never.pass);
-        assert!(never.actual.to_string().contains("router at 5.0 s"), "{never:?}");
+        assert!(
+            never.actual.to_string().contains("router at 5.0 s"),
+            "{never:?}"
+        );
         // A fault the next one follows within the limit is judged with it.
-        let close = [fault(5.0, "partition-leader", None), fault(6.0, "heal", Some(1.0))];
+        let close = [
+            fault(5.0, "partition-leader", None),
+            fault(6.0, "heal", Some(1.0)),
+        ];
         assert!(recovery_slo(&close, 20.0, 3.0).pass);
         // But one that had the whole limit and did not come back fails.
-        let long = [fault(5.0, "partition-leader", None), fault(9.0, "heal", Some(1.0))];
+        let long = [
+            fault(5.0, "partition-leader", None),
+            fault(9.0, "heal", Some(1.0)),
+        ];
         assert!(!recovery_slo(&long, 20.0, 3.0).pass);
     }
 }

@@ -395,7 +395,11 @@ mod tests {
         let v = verify(&input(vec![stored(0, 1), stored(2, 3)], Some(20)));
         assert_eq!((v.lost, v.beyond_recovery_point), (0, 1));
         let v = verify(&input(vec![stored(2, 3)], Some(20)));
-        assert_eq!((v.lost, v.beyond_recovery_point), (1, 1), "k0 was acked before the backup");
+        assert_eq!(
+            (v.lost, v.beyond_recovery_point),
+            (1, 1),
+            "k0 was acked before the backup"
+        );
         let v = verify(&input(vec![stored(0, 1), stored(2, 3)], None));
         assert_eq!(v.lost, 1, "without a restore nothing acked may go");
     }

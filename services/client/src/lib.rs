@@ -266,7 +266,8 @@ impl ChatClient {
             // away together (a store without quorum answers every send with
             // the same hint) must not come back together.
             let hint = retry_after(&err).unwrap_or_default();
-            let wait = backoff_step(&mut backoff).max(hint.mul_f64(1.0 + rand::random::<f64>() / 2.0));
+            let wait =
+                backoff_step(&mut backoff).max(hint.mul_f64(1.0 + rand::random::<f64>() / 2.0));
             if tokio::time::Instant::now() + wait >= deadline || !self.inner.budget.try_withdraw() {
                 return Err(err);
             }

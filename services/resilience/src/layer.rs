@@ -262,7 +262,11 @@ where
                     {
                         p.success();
                     }
-                    Ok(stamp(resp, &identity, load.as_deref().map(|l| (l, &*policy))))
+                    Ok(stamp(
+                        resp,
+                        &identity,
+                        load.as_deref().map(|l| (l, &*policy)),
+                    ))
                 })
             }
         }

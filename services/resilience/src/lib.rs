@@ -59,7 +59,9 @@ pub const LIMIT_HEADER: &str = "chat-limit";
 /// its own limit; the server itself may be idle.
 pub fn over_limit(msg: impl Into<String>, after: Duration) -> tonic::Status {
     let mut s = overloaded(msg, after);
-    s.metadata_mut()
-        .insert(LIMIT_HEADER, tonic::metadata::MetadataValue::from_static("caller"));
+    s.metadata_mut().insert(
+        LIMIT_HEADER,
+        tonic::metadata::MetadataValue::from_static("caller"),
+    );
     s
 }

@@ -350,7 +350,10 @@ mod tests {
         let t = Throttle::new(1.2);
         let t0 = Instant::now();
         let end = outage(&t, t0, 4, 10);
-        assert!(t.reject_probability(end) > 0.5, "throttling after the outage");
+        assert!(
+            t.reject_probability(end) > 0.5,
+            "throttling after the outage"
+        );
         // The backend is back: the calls the throttle lets through are all
         // taken. After a few of them the history is forgotten.
         let mut now = end;
@@ -470,7 +473,10 @@ mod tests {
         let t = Throttle::new(1.2);
         let t0 = Instant::now();
         let back = outage(&t, t0, 4, 10);
-        assert!(t.reject_probability(back) > 0.5, "throttling after the outage");
+        assert!(
+            t.reject_probability(back) > 0.5,
+            "throttling after the outage"
+        );
         // One call taken with the gateway's word that it is shedding, or
         // none, is no sign of recovery so soon after a refusal; its word
         // that it is not is.
@@ -499,8 +505,9 @@ mod tests {
         // without refusals.
         let t = Throttle::new(1.2);
         let back = outage(&t, t0, 4, 10);
-        let (made, held_back, _) =
-            client(&t, back, Duration::from_millis(130), 3, |_| Some(Load::Unknown));
+        let (made, held_back, _) = client(&t, back, Duration::from_millis(130), 3, |_| {
+            Some(Load::Unknown)
+        });
         assert_eq!(held_back, 0, "of {made} calls");
     }
 
@@ -524,6 +531,9 @@ mod tests {
             held_back > made / 4,
             "held back {held_back} of {made} (backend refused {refused})"
         );
-        assert!(made - held_back - refused > 800, "the backend's 1,000 mostly used");
+        assert!(
+            made - held_back - refused > 800,
+            "the backend's 1,000 mostly used"
+        );
     }
 }

@@ -208,7 +208,8 @@ pub fn verify(path: &Path) -> Result<(BackupHeader, u64), StoreError> {
         return Err(bad(path, format!("header of {len} bytes")));
     }
     let mut raw = vec![0u8; len as usize];
-    f.read_exact(&mut raw).map_err(|_| bad(path, "truncated header"))?;
+    f.read_exact(&mut raw)
+        .map_err(|_| bad(path, "truncated header"))?;
     let header = BackupHeader::decode(raw.as_slice()).map_err(|e| bad(path, e))?;
     let start = 12 + u64::from(len);
     let mut crc = crc32fast::Hasher::new();
@@ -223,7 +224,10 @@ pub fn verify(path: &Path) -> Result<(BackupHeader, u64), StoreError> {
         ));
     }
     if crc.finalize() != header.crc {
-        return Err(bad(path, "its checksum does not match (the file is damaged)"));
+        return Err(bad(
+            path,
+            "its checksum does not match (the file is damaged)",
+        ));
     }
     Ok((header, start))
 }
@@ -353,9 +357,16 @@ mod tests {
         let mut w = BackupWriter::create(&path, header).unwrap();
         w.write(&[0; 60]).unwrap();
         let err = w.finish().unwrap_err();
-        assert!(err.to_string().contains("ended after 60 of 100 bytes"), "{err}");
+        assert!(
+            err.to_string().contains("ended after 60 of 100 bytes"),
+            "{err}"
+        );
         assert!(!path.exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no part file");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no part file"
+        );
     }
 
     #[test]
@@ -375,9 +386,18 @@ mod tests {
         assert!(data.join(crate::data_dir::MARKER).exists());
         let storage = crate::data_dir::open_storage(&data, 1 << 20).unwrap();
         let state = storage.state.as_ref();
-        assert_eq!(state.get(&keys::conversation("c")).unwrap().unwrap(), b"record");
-        assert_eq!(state.get(&keys::replica_addr(1)).unwrap().unwrap(), b"new-1:7001");
-        assert_eq!(state.get(&keys::replica_addr(2)).unwrap().unwrap(), b"new-2:7001");
+        assert_eq!(
+            state.get(&keys::conversation("c")).unwrap().unwrap(),
+            b"record"
+        );
+        assert_eq!(
+            state.get(&keys::replica_addr(1)).unwrap().unwrap(),
+            b"new-1:7001"
+        );
+        assert_eq!(
+            state.get(&keys::replica_addr(2)).unwrap().unwrap(),
+            b"new-2:7001"
+        );
         assert_eq!(
             keys::decode_pair(&state.get(keys::APPLIED).unwrap().unwrap()),
             Some((40, 3))

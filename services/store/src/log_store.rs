@@ -935,9 +935,11 @@ impl raft::Storage for LogStore {
     /// the compacted log, so that the follower goes on from the log.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let min = request_index.max(self.truncated_index());
-        self.snapshot_at(min).map_err(to_raft)?.ok_or(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+        self.snapshot_at(min)
+            .map_err(to_raft)?
+            .ok_or(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ))
     }
 }
 

@@ -669,7 +669,10 @@ async fn stream_backup(
             if n == 0 {
                 return Ok(Some(sent));
             }
-            if tx.blocking_send(part(api::backup_chunk::Part::Data(buf))).is_err() {
+            if tx
+                .blocking_send(part(api::backup_chunk::Part::Data(buf)))
+                .is_err()
+            {
                 return Ok(None);
             }
             sent += n as u64;
@@ -694,8 +697,7 @@ async fn stream_backup(
 
 #[tonic::async_trait]
 impl StoreAdmin for StoreApi {
-    type BackupStream =
-        tokio_stream::wrappers::ReceiverStream<Result<api::BackupChunk, Status>>;
+    type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<api::BackupChunk, Status>>;
 
     async fn backup(
         &self,
