@@ -72,6 +72,20 @@ impl Quorum {
             let has_leader = answers
                 .iter()
                 .any(|r| matches!(r, Ok(Ok(s)) if s.role == "leader" || s.leader_id != 0));
+            // Calls waiting on a vanished leader move to the new one as soon
+            // as it says it leads (the latest term's, should a cut-off old
+            // leader still say so too).
+            let leading = replicas
+                .iter()
+                .zip(&answers)
+                .filter_map(|(addr, r)| match r {
+                    Ok(Ok(s)) if s.role == "leader" => Some((s.term, addr)),
+                    _ => None,
+                })
+                .max_by_key(|(term, _)| *term);
+            if let Some((_, addr)) = leading {
+                store.leader_is(addr);
+            }
             let views = replicas
                 .iter()
                 .zip(&answers)

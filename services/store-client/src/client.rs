@@ -34,8 +34,27 @@ pub struct StoreClient {
     endpoints: Vec<String>,
     channels: Mutex<HashMap<String, Channel>>,
     route: Mutex<Route>,
+    /// The leader's address whenever this client learns a new one: a call
+    /// waiting on another replica gives up on it and goes there.
+    moved: tokio::sync::watch::Sender<Option<String>>,
     deadline: Duration,
     tls: Option<std::sync::Arc<chat_security::Tls>>,
+}
+
+/// Resolves once the leader is known to be somewhere other than `addr`.
+async fn moved_elsewhere(moved: &mut tokio::sync::watch::Receiver<Option<String>>, addr: &str) {
+    loop {
+        if moved.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if moved
+            .borrow_and_update()
+            .as_deref()
+            .is_some_and(|l| l != addr)
+        {
+            return;
+        }
+    }
 }
 
 impl StoreClient {
@@ -54,6 +73,7 @@ impl StoreClient {
                 leader: None,
                 next: 0,
             }),
+            moved: tokio::sync::watch::Sender::new(None),
             deadline,
             tls: None,
         })
@@ -100,7 +120,28 @@ impl StoreClient {
     }
 
     fn learn(&self, leader: Option<String>) {
+        if let Some(l) = &leader {
+            self.moved.send_if_modified(|m| {
+                let changed = m.as_ref() != Some(l);
+                if changed {
+                    *m = Some(l.clone());
+                }
+                changed
+            });
+        }
         self.route.lock().expect("client lock poisoned").leader = leader;
+    }
+
+    /// Someone who asked the replicas (the router's status poller) found
+    /// the replica at `addr` leading. Calls waiting on another replica give
+    /// up on it and go there: a leader that vanished (a killed container's
+    /// address) may leave calls to it waiting until their deadline, since
+    /// nothing resets the connection. Every call through this client is
+    /// safe to send twice (appends carry their client message id).
+    pub fn leader_is(&self, addr: &str) {
+        if self.endpoints.iter().any(|e| e == addr) {
+            self.learn(Some(addr.to_owned()));
+        }
     }
 
     /// Runs `call` against the leader, following hints and retrying.
@@ -112,17 +153,22 @@ impl StoreClient {
         let deadline = tokio::time::Instant::now() + self.deadline;
         let mut backoff = BACKOFF_MIN;
         let mut hops = 0usize;
+        let mut moved = self.moved.subscribe();
         loop {
             let addr = self.target();
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let result = match tokio::time::timeout(remaining, call(self.channel(&addr)?)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "no answer within {:?}",
-                        self.deadline
-                    )));
-                }
+            moved.mark_unchanged();
+            let result = tokio::select! {
+                r = tokio::time::timeout(remaining, call(self.channel(&addr)?)) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "no answer within {:?}",
+                            self.deadline
+                        )));
+                    }
+                },
+                () = moved_elsewhere(&mut moved, &addr) => continue,
             };
             let err = match result {
                 Ok(resp) => {
@@ -441,5 +487,53 @@ impl StoreClient {
                 .await
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_call_waiting_on_a_vanished_leader_moves_to_the_one_found_leading() {
+        let client = Arc::new(
+            StoreClient::new(
+                vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+                Duration::from_secs(30),
+            )
+            .unwrap(),
+        );
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let call = {
+            let (client, attempts) = (client.clone(), attempts.clone());
+            tokio::spawn(async move {
+                client
+                    .with_leader(|_| {
+                        let n = attempts.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            if n == 0 {
+                                // The first replica never answers, as a
+                                // killed container's address does not.
+                                std::future::pending::<()>().await;
+                            }
+                            Ok(Response::new(n))
+                        }
+                    })
+                    .await
+            })
+        };
+        while attempts.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Telling it of the replica it already waits on changes nothing.
+        client.leader_is("127.0.0.1:1");
+        client.leader_is("127.0.0.9:9");
+        tokio::task::yield_now().await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        client.leader_is("127.0.0.1:2");
+        let answered = call.await.unwrap().expect("answered by the new leader");
+        assert_eq!(answered, 1, "the second attempt answered");
     }
 }
