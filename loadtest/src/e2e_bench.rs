@@ -31,6 +31,10 @@ pub struct Args {
     /// Internal hops in plaintext instead of mutual TLS (for comparison).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Every send as its own unary call instead of on the client's send
+    /// stream (for comparison).
+    #[arg(long)]
+    unary_sends: bool,
 }
 
 /// The name the load generator's own CPU is reported under.
@@ -129,6 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for i in 0..args.clients {
         let s = client(&format!("s{i}"))?;
+        s.set_streaming(!args.unary_sends);
         let r = client(&format!("r{i}"))?;
         let conv = format!("bench-{i}");
         s.create_conversation(&conv, &[format!("r{i}")]).await?;

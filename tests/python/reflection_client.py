@@ -65,10 +65,35 @@ def main():
     if first.seq != again.seq:
         fail(f"a retry stored the message again ({first.seq} then {again.seq})")
 
+    # Many sends on one stream: a new message and a retry of the first.
+    m = methods["SendStream"]
+    frame_type = message(m.input_type.full_name)
+    send_stream = channel.stream_stream(
+        "/chat.v1.Chat/SendStream",
+        request_serializer=lambda r: r.SerializeToString(),
+        response_deserializer=message(m.output_type.full_name).FromString,
+    )
+    frame = frame_type()
+    for tag, (cid, body) in enumerate([("py-2", b"streamed from python"), ("py-1", b"hello from python")], 1):
+        s = frame.sends.add()
+        s.tag = tag
+        s.send.conversation_id = conv
+        s.send.client_msg_id = cid
+        s.send.body = body
+    acks = {}
+    for ack_frame in send_stream(iter([frame]), metadata=[("authorization", f"Bearer {alice_token}")], timeout=10):
+        for a in ack_frame.acks:
+            if a.WhichOneof("outcome") != "ok":
+                fail(f"streamed send {a.tag} refused: {a.error.code} {a.error.message}")
+            acks[a.tag] = a.ok.seq
+    print(f"streamed: {sorted(acks.items())}")
+    if acks != {1: first.seq + 1, 2: first.seq}:
+        fail(f"streamed acks {acks}, expected the new message after seq {first.seq} and the retry at it")
+
     history = unary("History", bob_token, conversation_id=conv, limit=10)
     bodies = [m.body for m in history.messages]
     print(f"history: {bodies}")
-    if bodies != [b"hello from python"]:
+    if bodies != [b"hello from python", b"streamed from python"]:
         fail(f"history holds {bodies}")
 
     try:

@@ -15,6 +15,8 @@
 //! conversation and, when its stream breaks, resumes on another gateway from
 //! those cursors: no gap, no duplicate.
 
+mod stream;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -42,7 +44,8 @@ macro_rules! gateway_call {
     ($self:ident, $method:ident, $req:expr, $crit:expr) => {{
         let req = $req;
         $self
-            .call($crit, |mut c| {
+            .call($crit, || {
+                let mut c = $self.pick();
                 let r = $self.request(req.clone());
                 async move { c.$method(r).await }
             })
@@ -67,6 +70,11 @@ struct Inner {
     throttling: std::sync::atomic::AtomicBool,
     /// Calls this client refused itself (throttling).
     held_back: std::sync::atomic::AtomicU64,
+    /// Sends go on a stream (off: unary calls, as for gateways that do not
+    /// serve `SendStream`).
+    streaming: std::sync::atomic::AtomicBool,
+    /// The send stream, started by the first streamed send.
+    streamer: std::sync::OnceLock<stream::Streamer>,
 }
 
 /// A client of the gateways. Cheap to clone.
@@ -192,6 +200,8 @@ impl ChatClient {
                 throttles: Default::default(),
                 throttling: std::sync::atomic::AtomicBool::new(true),
                 held_back: std::sync::atomic::AtomicU64::new(0),
+                streaming: std::sync::atomic::AtomicBool::new(true),
+                streamer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -201,6 +211,13 @@ impl ChatClient {
     /// refuse costs them the CPU the accepted calls need).
     pub fn set_throttling(&self, on: bool) {
         self.inner.throttling.store(on, Ordering::Relaxed);
+    }
+
+    /// Sends on one stream (on by default) or as one unary call each (for
+    /// comparison runs; a client also falls back to unary calls by itself
+    /// when a gateway does not serve `SendStream`).
+    pub fn set_streaming(&self, on: bool) {
+        self.inner.streaming.store(on, Ordering::Relaxed);
     }
 
     /// Calls this client (and its clones) refused itself, without sending
@@ -228,7 +245,7 @@ impl ChatClient {
     /// Runs an idempotent call, moving across gateways on retryable errors.
     async fn call<T, F, Fut>(&self, criticality: Criticality, f: F) -> Result<T, Status>
     where
-        F: Fn(RawClient<Channel>) -> Fut,
+        F: Fn() -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + self.inner.deadline;
@@ -244,7 +261,7 @@ impl ChatClient {
                 ));
             }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let err = match tokio::time::timeout(remaining, f(self.pick())).await {
+            let err = match tokio::time::timeout(remaining, f()).await {
                 Ok(Ok(r)) => {
                     throttle.accepted_at(std::time::Instant::now(), load(r.metadata()));
                     return Ok(r.into_inner());
@@ -276,7 +293,9 @@ impl ChatClient {
     }
 
     /// Sends a message. Retrying with the same `client_msg_id` (this does it
-    /// by itself) never stores it twice.
+    /// by itself) never stores it twice. Sends go on the client's send
+    /// stream (bodies over 32 KiB as unary calls); sends made together to
+    /// one conversation are stored in the order they were made.
     pub async fn send(
         &self,
         conversation: &str,
@@ -288,6 +307,36 @@ impl ChatClient {
             client_msg_id: client_msg_id.into(),
             body,
         };
+        if self.inner.streaming.load(Ordering::Relaxed)
+            && req.body.len() <= stream::MAX_STREAMED_BODY
+        {
+            let streamer = self.inner.streamer.get_or_init(|| {
+                stream::Streamer::start(
+                    self.inner.channels.clone(),
+                    self.inner.token.clone(),
+                    self.inner.next.fetch_add(1, Ordering::Relaxed),
+                )
+            });
+            let streamed = self
+                .call(Criticality::Critical, || async {
+                    let (ok, load) = streamer.send(req.clone()).await?;
+                    let mut r = Response::new(ok);
+                    let said = if load == Load::Busy { "busy" } else { "ok" };
+                    r.metadata_mut()
+                        .insert(LOAD_HEADER, MetadataValue::from_static(said));
+                    Ok(r)
+                })
+                .await;
+            match streamed {
+                Err(s) if s.code() == Code::Unimplemented => {
+                    tracing::info!(
+                        "the gateway does not serve SendStream; sending with unary calls"
+                    );
+                    self.inner.streaming.store(false, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
         gateway_call!(self, send, req, Criticality::Critical)
     }
 

@@ -44,18 +44,27 @@ const IN_FLIGHT: usize = 4;
 /// had waited past the limit.
 const STANDING_FOR: Duration = Duration::from_secs(1);
 
-type Reply = oneshot::Sender<Result<spb::AppendResponse, Status>>;
-/// A send, its reply, when it was queued and when its caller stops waiting.
-/// The caller's span travels with the send, so the batch's call is traced
-/// as part of the first send in it (and linked to the others).
+/// The outcomes of a group's sends, in the group's order.
+type Outcomes = Vec<Result<spb::AppendResponse, Status>>;
+type Reply = oneshot::Sender<Outcomes>;
+/// Sends that travel together (one unary send, or a conversation's sends
+/// from one stream, kept in order in one batch), their reply, when they
+/// were queued and when their caller stops waiting. The caller's span
+/// travels with them, so the batch's call is traced as part of the first
+/// group in it (and linked to the others).
 type Queued = (
-    spb::AppendRequest,
+    Vec<spb::AppendRequest>,
     Reply,
     Instant,
     Option<Deadline>,
     tracing::Span,
 );
-type Admitted = (spb::AppendRequest, Reply, Option<Deadline>, tracing::Span);
+type Admitted = (
+    Vec<spb::AppendRequest>,
+    Reply,
+    Option<Deadline>,
+    tracing::Span,
+);
 
 /// Overload protection of the send path.
 #[derive(Clone, Copy, Debug)]
@@ -95,10 +104,25 @@ impl SendBatcher {
         req: spb::AppendRequest,
         deadline: Option<Deadline>,
     ) -> Result<spb::AppendResponse, Status> {
+        self.send_group(vec![req], deadline)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Status::internal("no outcome for a send")))
+    }
+
+    /// Appends messages of one sender in one batch, in their order (sends
+    /// of one conversation are stored in that order); answered with each
+    /// one's outcome when the store has committed them. `Err`: none was
+    /// sent.
+    pub async fn send_group(
+        &self,
+        reqs: Vec<spb::AppendRequest>,
+        deadline: Option<Deadline>,
+    ) -> Result<Outcomes, Status> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send((
-                req,
+                reqs,
                 reply,
                 Instant::now(),
                 deadline,
@@ -114,7 +138,7 @@ impl SendBatcher {
                 }
             })?;
         rx.await
-            .map_err(|_| Status::unavailable("gateway is shutting down"))?
+            .map_err(|_| Status::unavailable("gateway is shutting down"))
     }
 }
 
@@ -135,14 +159,15 @@ fn admit(item: Queued, admission: Admission, standing: bool, late: &mut bool) ->
     if waited > admission.max_queue_time {
         *late = true;
         if standing {
-            let _ = reply.send(Err(overloaded(
+            let refusal = overloaded(
                 format!(
                     "gateway overloaded: the send waited {} ms in the queue (limit {} ms); retry later",
                     waited.as_millis(),
                     admission.max_queue_time.as_millis()
                 ),
                 admission.max_queue_time,
-            )));
+            );
+            let _ = reply.send(vec![Err(refusal); req.len()]);
             return None;
         }
     }
@@ -159,20 +184,23 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
         };
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let mut count = 0;
         let mut late = false;
         let standing = last_late.is_some_and(|t| t.elapsed() < STANDING_FOR);
         while batch.is_empty() {
             let Some(first) = rx.recv().await else { return };
             if let Some(x) = admit(first, admission, standing, &mut late) {
-                bytes += x.0.body.len();
+                bytes += group_bytes(&x.0);
+                count += x.0.len();
                 batch.push(x);
             }
         }
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        while count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(x) => {
                     if let Some(x) = admit(x, admission, standing, &mut late) {
-                        bytes += x.0.body.len();
+                        bytes += group_bytes(&x.0);
+                        count += x.0.len();
                         batch.push(x);
                     }
                 }
@@ -188,7 +216,11 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
             // to the routers the plan gives them.
             let mut lanes: Vec<(Lane, Vec<Admitted>)> = Vec::new();
             for item in batch {
-                let lane = pool.lane_of(&item.0.sender);
+                let Some(sender) = item.0.first().map(|r| r.sender.as_str()) else {
+                    let _ = item.1.send(Vec::new());
+                    continue;
+                };
+                let lane = pool.lane_of(sender);
                 match lanes.iter_mut().find(|(l, _)| *l == lane) {
                     Some((_, items)) => items.push(item),
                     None => lanes.push((lane, vec![item])),
@@ -203,6 +235,10 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
             drop(permit);
         });
     }
+}
+
+fn group_bytes(group: &[spb::AppendRequest]) -> usize {
+    group.iter().map(|r| r.body.len()).sum()
 }
 
 /// The span of a batch's router call: a child of its first send's span,
@@ -238,7 +274,12 @@ async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
         })
         .flatten();
     let span = batch_span(&batch);
-    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, tx, _, _)| (r, tx)).unzip();
+    let mut items = Vec::with_capacity(batch.iter().map(|g| g.0.len()).sum());
+    let mut replies = Vec::with_capacity(batch.len());
+    for (group, reply, _, _) in batch {
+        replies.push((group.len(), reply));
+        items.extend(group);
+    }
     let n = items.len() as u64;
     let req = spb::AppendBatchRequest { items };
     let result = pool
@@ -260,20 +301,27 @@ async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
     match result {
         Ok(resp) => {
             let mut outcomes = resp.items.into_iter();
-            for reply in replies {
-                let r = match outcomes.next().and_then(|o| o.outcome) {
-                    Some(spb::append_outcome::Outcome::Ok(ok)) => Ok(ok),
-                    Some(spb::append_outcome::Outcome::Error(e)) => {
-                        Err(Status::new(tonic::Code::from(e.code), e.message))
-                    }
-                    None => Err(Status::internal("router returned no outcome for a message")),
-                };
-                let _ = reply.send(r);
+            for (n, reply) in replies {
+                let group = (&mut outcomes)
+                    .take(n)
+                    .map(|o| match o.outcome {
+                        Some(spb::append_outcome::Outcome::Ok(ok)) => Ok(ok),
+                        Some(spb::append_outcome::Outcome::Error(e)) => {
+                            Err(Status::new(tonic::Code::from(e.code), e.message))
+                        }
+                        None => Err(Status::internal("router returned no outcome for a message")),
+                    })
+                    .chain(std::iter::repeat_with(|| {
+                        Err(Status::internal("router returned no outcome for a message"))
+                    }))
+                    .take(n)
+                    .collect();
+                let _ = reply.send(group);
             }
         }
         Err(s) => {
-            for reply in replies {
-                let _ = reply.send(Err(s.clone()));
+            for (n, reply) in replies {
+                let _ = reply.send(vec![Err(s.clone()); n]);
             }
         }
     }
@@ -283,17 +331,12 @@ async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
 mod tests {
     use super::*;
 
-    fn queued(
-        age: Duration,
-    ) -> (
-        Queued,
-        oneshot::Receiver<Result<spb::AppendResponse, Status>>,
-    ) {
+    fn queued(age: Duration) -> (Queued, oneshot::Receiver<Outcomes>) {
         let (reply, rx) = oneshot::channel();
         let at = Instant::now() - age;
         (
             (
-                spb::AppendRequest::default(),
+                vec![spb::AppendRequest::default()],
                 reply,
                 at,
                 None,
@@ -310,7 +353,11 @@ mod tests {
         let mut late = false;
         assert!(admit(item, on, true, &mut late).is_none());
         assert!(late);
-        let status = rx.try_recv().expect("answered").expect_err("refused");
+        let status = rx
+            .try_recv()
+            .expect("answered")
+            .remove(0)
+            .expect_err("refused");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("waited"), "{}", status.message());
         assert_eq!(
@@ -333,7 +380,11 @@ mod tests {
         // The next batch finds late sends again: a standing queue. Refused.
         let (item, mut rx) = queued(old);
         assert!(admit(item, on, late, &mut false).is_none());
-        let status = rx.try_recv().expect("answered").expect_err("refused");
+        let status = rx
+            .try_recv()
+            .expect("answered")
+            .remove(0)
+            .expect_err("refused");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     }
 
@@ -358,7 +409,7 @@ mod tests {
         let (reply, _rx) = oneshot::channel();
         let gone = Deadline(Instant::now() - Duration::from_millis(1));
         let item = (
-            spb::AppendRequest::default(),
+            vec![spb::AppendRequest::default()],
             reply,
             Instant::now(),
             Some(gone),

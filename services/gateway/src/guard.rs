@@ -89,7 +89,8 @@ impl Default for Limits {
 pub fn criticality(method: &str) -> Option<Criticality> {
     match method {
         "Send" => Some(Criticality::Critical),
-        "Subscribe" => None,
+        // Long-lived: each send on a stream takes its own place.
+        "Subscribe" | "SendStream" => None,
         "SendTyping" => Some(Criticality::Sheddable),
         _ => Some(Criticality::Normal),
     }
@@ -175,22 +176,39 @@ impl Admit for Guard {
             return Ok(None);
         }
         let user = self.authenticate(&parts.headers)?;
-        if let Some(b) = &self.per_user {
-            b.check(&user.0, now).map_err(|wait| {
-                self.limited_user
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                over_limit(
-                    format!(
-                        "too many calls by {} (limit {}/s); retry later",
-                        user.0,
-                        b.rate().per_second
-                    ),
-                    wait.min(MAX_RETRY_AFTER),
-                )
-            })?;
-        }
+        self.check_user(&user.0, now)?;
         parts.extensions.insert(user);
-        let (Some(limiter), Some(c)) = (&self.limiter, criticality(method(parts))) else {
+        match criticality(method(parts)) {
+            Some(c) => self.acquire(c),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Guard {
+    /// Spends one call of `user`'s allowance (every call, and every send
+    /// on a send stream).
+    pub fn check_user(&self, user: &str, now: Instant) -> Result<(), Status> {
+        let Some(b) = &self.per_user else {
+            return Ok(());
+        };
+        b.check(user, now).map_err(|wait| {
+            self.limited_user
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            over_limit(
+                format!(
+                    "too many calls by {user} (limit {}/s); retry later",
+                    b.rate().per_second
+                ),
+                wait.min(MAX_RETRY_AFTER),
+            )
+        })
+    }
+
+    /// A place under the concurrency limit for work of criticality `c`
+    /// (`None` with overload protection off).
+    pub fn acquire(&self, c: Criticality) -> Result<Option<Permit>, Status> {
+        let Some(limiter) = &self.limiter else {
             return Ok(None);
         };
         limiter.try_acquire(c).map(Some).map_err(|r| {

@@ -11,6 +11,7 @@ pub mod routers;
 pub mod service;
 pub mod sessions;
 pub mod status;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use chat_security::{Policy, Role, Rule};
 use crate::batcher::SendBatcher;
 use crate::guard::Guard;
 use crate::routers::RouterPool;
-use crate::service::{ChatApi, DeliveryApi};
+use crate::service::{ChatApi, DeliveryApi, SendChecks};
 use crate::sessions::Sessions;
 
 /// The health service name clients check.
@@ -128,27 +129,33 @@ impl RunningGateway {
         let view = Arc::new(status::ClusterView::new(opts.routers.len()));
         let sessions = Arc::new(Sessions::default());
         let batcher = SendBatcher::start(pool.clone(), opts.admission);
-        let chat = ChatApi {
-            pool: pool.clone(),
-            batcher,
-            sessions: sessions.clone(),
-            max_body_bytes: opts.max_body_bytes,
-            sweep: opts.sweep,
-            stop: shutdown.clone(),
-            byte_quota: (opts.limits.per_user_bytes.per_second > 0).then(|| {
-                chat_resilience::bucket::KeyedBuckets::new(opts.limits.per_user_bytes, 100_000)
-            }),
-        };
-        let (health, health_service) = tonic_health::server::health_reporter();
-        chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
-        let reflection = public_reflection().build_v1()?;
-        let reflection_v1alpha = public_reflection().build_v1alpha()?;
         let guard = Arc::new(Guard::new(
             opts.tokens.clone(),
             &opts.limits,
             opts.admission.enabled,
         ));
+        let load = Arc::new(chat_resilience::layer::LoadSignal::new());
         let rpc = Arc::new(chat_telemetry::metrics::RpcMetrics::new(&status::METHODS));
+        let chat = ChatApi {
+            pool: pool.clone(),
+            batcher,
+            sessions: sessions.clone(),
+            sends: Arc::new(SendChecks {
+                max_body_bytes: opts.max_body_bytes,
+                byte_quota: (opts.limits.per_user_bytes.per_second > 0).then(|| {
+                    chat_resilience::bucket::KeyedBuckets::new(opts.limits.per_user_bytes, 100_000)
+                }),
+            }),
+            guard: guard.clone(),
+            load: load.clone(),
+            rpc: rpc.clone(),
+            sweep: opts.sweep,
+            stop: shutdown.clone(),
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        chat_resilience::health::set(&health, HEALTH_SERVICE, true).await;
+        let reflection = public_reflection().build_v1()?;
+        let reflection_v1alpha = public_reflection().build_v1alpha()?;
         let connections = Arc::new(chat_resilience::incoming::ConnectionCount::default());
         let admin = Arc::new(status::GatewayAdmin {
             view: view.clone(),
@@ -189,7 +196,7 @@ impl RunningGateway {
             .layer(
                 AdmitLayer::new(guard)
                     .with_identity(env!("CARGO_PKG_VERSION"), &opts.release)
-                    .with_load_signal(),
+                    .with_load_signal(load),
             )
             .add_service(health_service)
             .add_service(reflection)
@@ -270,6 +277,11 @@ impl RunningGateway {
 
     pub fn session_count(&self) -> usize {
         self.sessions.count()
+    }
+
+    /// `SendStream` streams open on this gateway.
+    pub fn send_stream_count(&self) -> u64 {
+        self.sessions.send_streams()
     }
 
     /// Graceful stop: health turns NOT_SERVING, no new calls are taken,

@@ -64,15 +64,62 @@ fn valid_conversation(id: &str) -> Result<(), Status> {
     ConversationId::parse(id).map(|_| ()).map_err(Status::from)
 }
 
+/// What every send meets after the guard, unary or streamed: a valid
+/// conversation id, client message id and body size, and the sender's byte
+/// quota.
+pub struct SendChecks {
+    pub max_body_bytes: usize,
+    /// Message body bytes per user and second (None: no quota).
+    pub byte_quota: Option<chat_resilience::bucket::KeyedBuckets<String>>,
+}
+
+impl SendChecks {
+    /// The store's append for `r` sent by `user`, or why it is refused.
+    pub fn check(&self, user: &str, r: cpb::SendRequest) -> Result<spb::AppendRequest, Status> {
+        valid_conversation(&r.conversation_id)?;
+        validate_client_msg_id(&r.client_msg_id).map_err(Status::from)?;
+        if r.body.len() > self.max_body_bytes {
+            return Err(Status::invalid_argument(format!(
+                "message body is {} bytes, the limit is {}",
+                r.body.len(),
+                self.max_body_bytes
+            )));
+        }
+        if let Some(q) = &self.byte_quota {
+            let n = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
+            q.check_n(user, n, std::time::Instant::now())
+                .map_err(|wait| {
+                    chat_resilience::over_limit(
+                        format!(
+                            "{user} sent more than {} message bytes a second; retry later",
+                            q.rate().per_second
+                        ),
+                        wait.min(crate::guard::MAX_RETRY_AFTER),
+                    )
+                })?;
+        }
+        Ok(spb::AppendRequest {
+            conversation_id: r.conversation_id,
+            sender: user.to_owned(),
+            client_msg_id: r.client_msg_id,
+            body: r.body,
+        })
+    }
+}
+
 pub struct ChatApi {
     pub pool: Arc<RouterPool>,
     pub batcher: SendBatcher,
     pub sessions: Arc<Sessions>,
-    pub max_body_bytes: usize,
+    pub sends: Arc<SendChecks>,
+    /// For sends on streams: the per-user rate and the concurrency limit,
+    /// which unary calls meet in the admission layer.
+    pub guard: Arc<crate::guard::Guard>,
+    pub load: Arc<chat_resilience::layer::LoadSignal>,
+    /// Call counts and latencies (streamed sends are counted as `Send`).
+    pub rpc: Arc<chat_telemetry::metrics::RpcMetrics>,
     pub sweep: Duration,
     pub stop: tokio_util::sync::CancellationToken,
-    /// Message body bytes per user and second (None: no quota).
-    pub byte_quota: Option<chat_resilience::bucket::KeyedBuckets<String>>,
 }
 
 #[tonic::async_trait]
@@ -86,45 +133,40 @@ impl Chat for ChatApi {
         let r = request.into_inner();
         chat_telemetry::trace::record("user", &user.as_str());
         chat_telemetry::trace::record("conversation", &r.conversation_id.as_str());
-        valid_conversation(&r.conversation_id)?;
-        validate_client_msg_id(&r.client_msg_id).map_err(Status::from)?;
-        if r.body.len() > self.max_body_bytes {
-            return Err(Status::invalid_argument(format!(
-                "message body is {} bytes, the limit is {}",
-                r.body.len(),
-                self.max_body_bytes
-            )));
-        }
-        if let Some(q) = &self.byte_quota {
-            let n = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
-            q.check_n(&user, n, std::time::Instant::now())
-                .map_err(|wait| {
-                    chat_resilience::over_limit(
-                        format!(
-                            "{user} sent more than {} message bytes a second; retry later",
-                            q.rate().per_second
-                        ),
-                        wait.min(crate::guard::MAX_RETRY_AFTER),
-                    )
-                })?;
-        }
-        let ok = self
-            .batcher
-            .send(
-                spb::AppendRequest {
-                    conversation_id: r.conversation_id,
-                    sender: user,
-                    client_msg_id: r.client_msg_id,
-                    body: r.body,
-                },
-                deadline,
-            )
-            .await?;
+        let append = self.sends.check(&user, r)?;
+        let ok = self.batcher.send(append, deadline).await?;
         chat_telemetry::trace::record("seq", &ok.seq);
         Ok(Response::new(cpb::SendResponse {
             seq: ok.seq,
             server_ts_ms: ok.server_ts_ms,
         }))
+    }
+
+    type SendStreamStream = ReceiverStream<Result<cpb::AckFrame, Status>>;
+
+    async fn send_stream(
+        &self,
+        request: Request<tonic::Streaming<cpb::SendFrame>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let user = request
+            .extensions()
+            .get::<User>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        let (out, rx) = mpsc::channel(crate::stream::OUT_FRAMES);
+        let stream = crate::stream::SendStream {
+            user,
+            batcher: self.batcher.clone(),
+            sends: self.sends.clone(),
+            guard: self.guard.clone(),
+            load: self.load.clone(),
+            stop: self.stop.clone(),
+            open: self.sessions.send_stream_opened(),
+            span: tracing::Span::current(),
+            rpc: self.rpc.clone(),
+        };
+        tokio::spawn(stream.run(request.into_inner(), out));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type SubscribeStream = ReceiverStream<Result<cpb::Event, Status>>;

@@ -135,6 +135,18 @@ pub struct Sessions {
     status: Mutex<Option<cpb::StatusEvent>>,
     /// Open incident notices by id (`None`: not read yet).
     incidents: Mutex<Option<std::collections::BTreeMap<String, String>>>,
+    /// `SendStream` streams open (they are not sessions: nothing is pushed
+    /// to them but their acks).
+    send_streams: AtomicU64,
+}
+
+/// Counts a send stream as open while it lives.
+pub struct SendStreamOpen(Arc<Sessions>);
+
+impl Drop for SendStreamOpen {
+    fn drop(&mut self) {
+        self.0.send_streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub const STATE_INCIDENT: &str = "incident";
@@ -196,6 +208,16 @@ impl Sessions {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Send streams open now.
+    pub fn send_streams(&self) -> u64 {
+        self.send_streams.load(Ordering::Relaxed)
+    }
+
+    pub fn send_stream_opened(self: &Arc<Self>) -> SendStreamOpen {
+        self.send_streams.fetch_add(1, Ordering::Relaxed);
+        SendStreamOpen(self.clone())
     }
 
     pub fn count(&self) -> usize {

@@ -20,8 +20,9 @@ use crate::routers::RouterPool;
 use crate::sessions::Sessions;
 
 /// Methods counted by name.
-pub const METHODS: [&str; 9] = [
+pub const METHODS: [&str; 10] = [
     "Send",
+    "SendStream",
     "Subscribe",
     "History",
     "CreateConversation",
@@ -263,6 +264,12 @@ impl GatewayAdmin {
             "gauge",
             "Subscribe streams open on this gateway.",
             self.sessions.count() as f64,
+        );
+        page.single(
+            "chat_gateway_send_streams",
+            "gauge",
+            "SendStream streams open on this gateway.",
+            self.sessions.send_streams() as f64,
         );
         page.single(
             "chat_gateway_routers_available",

@@ -62,14 +62,22 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 
     /// Takes a token from `key`'s bucket, or says how long until one is
     /// there.
-    pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
+    pub fn check<Q>(&self, key: &Q, now: Instant) -> Result<(), Duration>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         self.check_n(key, 1, now)
     }
 
     /// Takes `n` tokens (a cost, such as bytes) from `key`'s bucket, or
     /// says how long until they are there. A cost above the burst is
     /// charged as the burst: it passes once the bucket is full.
-    pub fn check_n(&self, key: &K, n: u32, now: Instant) -> Result<(), Duration> {
+    pub fn check_n<Q>(&self, key: &Q, n: u32, now: Instant) -> Result<(), Duration>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let cost = f64::from(n.min(self.rate.burst).max(1));
         let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -83,10 +91,18 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
                 map.clear();
             }
         }
-        let b = map.entry(key.clone()).or_insert(Bucket {
-            tokens: f64::from(self.rate.burst),
-            at: now,
-        });
+        if !map.contains_key(key) {
+            map.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: f64::from(self.rate.burst),
+                    at: now,
+                },
+            );
+        }
+        let Some(b) = map.get_mut(key) else {
+            return Ok(());
+        };
         b.refill(self.rate, now);
         if b.tokens >= cost {
             b.tokens -= cost;

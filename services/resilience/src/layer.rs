@@ -141,8 +141,10 @@ impl<P> AdmitLayer<P> {
     /// Says on every successful response whether this server has refused
     /// calls for overload lately (`chat-load`); for the public edge, whose
     /// clients throttle themselves.
-    pub fn with_load_signal(mut self) -> Self {
-        self.load = Some(Arc::new(LoadSignal::new()));
+    /// `load` is shared with the service, which may report refusals of its
+    /// own and say the same on streams.
+    pub fn with_load_signal(mut self, load: Arc<LoadSignal>) -> Self {
+        self.load = Some(load);
         self
     }
 
@@ -385,7 +387,7 @@ mod tests {
             ..LimitConfig::default()
         });
         let mut svc = AdmitLayer::new(Arc::new(Policy(limiter.clone())))
-            .with_load_signal()
+            .with_load_signal(Arc::new(LoadSignal::new()))
             .layer(Echo);
         let load = |r: &http::Response<String>| r.headers()[LOAD_HEADER].clone();
         let resp = svc.call(request("/x.Y/Send", None)).await.unwrap();
