@@ -20,6 +20,10 @@ use tokio::signal::unix::{SignalKind, signal};
     about = "Client-facing gRPC gateway of the chat backend"
 )]
 struct Config {
+    /// Async runtime worker threads (default: one per core).
+    #[arg(long, env = "CHAT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+
     /// Public address (clients).
     #[arg(long, env = "CHAT_GATEWAY_LISTEN", default_value = "127.0.0.1:7201")]
     listen: SocketAddr,
@@ -143,10 +147,7 @@ struct Config {
 fn main() -> ExitCode {
     let cfg = Config::parse();
     let _telemetry = chat_telemetry::trace::init("chat-gateway", &cfg.log, cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match chat_telemetry::runtime(cfg.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("chat-gateway: cannot start the runtime: {e}");

@@ -15,6 +15,10 @@ use tokio::signal::unix::{SignalKind, signal};
     about = "Stateless router of the chat backend"
 )]
 struct Config {
+    /// Async runtime worker threads (default: one per core).
+    #[arg(long, env = "CHAT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+
     /// Address to listen on, for gateways.
     #[arg(long, env = "CHAT_ROUTER_LISTEN", default_value = "127.0.0.1:7101")]
     listen: SocketAddr,
@@ -62,10 +66,7 @@ struct Config {
 fn main() -> ExitCode {
     let cfg = Config::parse();
     let _telemetry = chat_telemetry::trace::init("chat-router", &cfg.log, cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match chat_telemetry::runtime(cfg.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("chat-router: cannot start the runtime: {e}");

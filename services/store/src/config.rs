@@ -34,6 +34,9 @@ pub enum SyncArg {
     about = "Raft-replicated message store of the chat backend"
 )]
 pub struct StoreConfig {
+    /// Async runtime worker threads (default: one per core).
+    #[arg(long, env = "CHAT_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// This replica's id, 1..=65535, unique within the group.
     #[arg(long, env = "CHAT_STORE_ID")]
     pub id: u64,
