@@ -198,6 +198,10 @@ pub struct Args {
     /// off the clients' throttling, for a side-by-side comparison.
     #[arg(long)]
     no_protection: bool,
+    /// Every send as its own unary call instead of on each user's send
+    /// stream (for comparison).
+    #[arg(long)]
+    unary_sends: bool,
     /// Local target: an extra flag for every gateway (repeatable), for
     /// example `--gateway-arg=--limit-tolerance=4`.
     #[arg(long = "gateway-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -388,6 +392,8 @@ struct Ctx {
     typing_per_send: f64,
     /// Client-side throttling (off with --no-protection).
     throttling: bool,
+    /// Sends on each client's send stream (off: unary calls).
+    streaming: bool,
     typing: report::TypingTally,
 }
 
@@ -416,6 +422,7 @@ impl Ctx {
         }
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         c.set_throttling(self.throttling);
+        c.set_streaming(self.streaming);
         Ok(c)
     }
 
@@ -752,6 +759,7 @@ async fn setup(
         send_timeout: Duration::from_secs_f64(args.send_timeout),
         typing_per_send: args.typing_per_send.unwrap_or(0.0),
         throttling: !args.no_protection,
+        streaming: !args.unary_sends,
         typing: Default::default(),
     };
     ctx.clients = (0..args.users)

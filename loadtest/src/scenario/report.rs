@@ -246,6 +246,12 @@ fn code_name(c: tonic::Code) -> String {
     format!("{c:?}")
 }
 
+/// Where the `i`th fault's window can reach at most: the next fault, or
+/// the end of the load (seconds from the load's start).
+fn horizon_s(faults: &[FaultRecord], i: usize, end_s: f64) -> f64 {
+    faults.get(i + 1).map_or(end_s, |n| n.at_s)
+}
+
 /// The recovery SLO over the faults of a run: each must have goodput back
 /// within `limit` seconds. A fault followed by the next one sooner than
 /// that is judged with the next one; a fault that took a tier away is
@@ -254,7 +260,7 @@ fn recovery_slo(faults: &[FaultRecord], end_s: f64, limit: f64) -> Slo {
     let mut worst = 0.0f64;
     let mut not_back = Vec::new();
     for (i, f) in faults.iter().enumerate() {
-        let next_s = faults.get(i + 1).map_or(end_s, |n| n.at_s);
+        let next_s = horizon_s(faults, i, end_s);
         match f.recovery_s {
             Some(r) => worst = worst.max(r),
             None if f.until_restart => {}
@@ -288,7 +294,7 @@ fn refused_outside(sends: &[SendRecord], start: u64, faults: &[FaultRecord], end
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let next_s = faults.get(i + 1).map_or(end_s, |n| n.at_s);
+            let next_s = horizon_s(faults, i, end_s);
             let until = f
                 .recovery_s
                 .map_or(next_s, |r| f.at_s + r + RECOVERY_WINDOW_US as f64 / 1e6);
@@ -417,13 +423,14 @@ impl Report {
 
         // Unavailability and recovery per fault.
         let mut faults = b.faults;
-        let fault_us: Vec<u64> = faults
-            .iter()
-            .map(|f| start + (f.at_s * 1e6) as u64)
+        let us = |s: f64| start + (s * 1e6) as u64;
+        let windows: Vec<(u64, u64)> = (0..faults.len())
+            .map(|i| {
+                let from = us(faults[i].at_s);
+                (from, us(horizon_s(&faults, i, a.duration)).max(from))
+            })
             .collect();
-        for (i, f) in faults.iter_mut().enumerate() {
-            let from = fault_us[i];
-            let to = fault_us.get(i + 1).copied().unwrap_or(end).max(from);
+        for (f, (from, to)) in faults.iter_mut().zip(windows) {
             f.unavailability_ms = Some(longest_gap(&ack_times, from, to) / 1000);
             f.recovery_s = recovery(b.sends, from, to).map(|us| (us as f64 / 1e5).round() / 10.0);
             f.until_restart = super::fault::KINDS

@@ -247,6 +247,7 @@ mod tests {
             send_timeout: Duration::from_secs(1),
             typing_per_send: 0.0,
             throttling: true,
+            streaming: true,
             typing: Default::default(),
         })
     }

@@ -102,7 +102,11 @@ fn answer(ack: pb::SendAck, busy: bool) -> Answer {
 }
 
 struct Open {
-    frames: mpsc::Sender<pb::SendFrame>,
+    /// Unbounded, so that writing a frame never waits: the task must keep
+    /// reading acks while the gateway is slow to read frames (the gateway
+    /// stops reading frames while its acks are not read). What it holds is
+    /// bounded by the window.
+    frames: mpsc::UnboundedSender<pb::SendFrame>,
     acks: tonic::Streaming<pb::AckFrame>,
 }
 
@@ -133,7 +137,7 @@ async fn run(
                     frame.sends.push(pb::StreamedSend { tag, send: Some(o.send) });
                 }
                 let sent = match &open {
-                    Some(o) => o.frames.send(frame).await.is_ok(),
+                    Some(o) => o.frames.send(frame).is_ok(),
                     None => {
                         let channel = channels[next % channels.len()].clone();
                         next = next.wrapping_add(1);
@@ -195,12 +199,11 @@ async fn start(
     token: &MetadataValue<Ascii>,
     first: pb::SendFrame,
 ) -> Result<Open, Status> {
-    let (frames, rx) = mpsc::channel(64);
+    let (frames, rx) = mpsc::unbounded_channel();
     frames
         .send(first)
-        .await
         .map_err(|_| Status::internal("frame queue closed"))?;
-    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut req = Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
     req.metadata_mut().insert("authorization", token.clone());
     let acks = RawClient::new(channel).send_stream(req).await?.into_inner();
     Ok(Open { frames, acks })

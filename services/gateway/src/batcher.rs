@@ -104,7 +104,7 @@ impl SendBatcher {
         req: spb::AppendRequest,
         deadline: Option<Deadline>,
     ) -> Result<spb::AppendResponse, Status> {
-        self.send_group(vec![req], deadline)
+        self.send_group(vec![req], deadline, Instant::now())
             .await?
             .pop()
             .unwrap_or_else(|| Err(Status::internal("no outcome for a send")))
@@ -113,18 +113,21 @@ impl SendBatcher {
     /// Appends messages of one sender in one batch, in their order (sends
     /// of one conversation are stored in that order); answered with each
     /// one's outcome when the store has committed them. `Err`: none was
-    /// sent.
+    /// sent. `waiting_since`: when the oldest of them began to wait (a
+    /// stream's sends may have waited behind their conversation's previous
+    /// group); the queue-time limit counts from then.
     pub async fn send_group(
         &self,
         reqs: Vec<spb::AppendRequest>,
         deadline: Option<Deadline>,
+        waiting_since: Instant,
     ) -> Result<Outcomes, Status> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send((
                 reqs,
                 reply,
-                Instant::now(),
+                waiting_since,
                 deadline,
                 tracing::Span::current(),
             ))

@@ -4,16 +4,20 @@
 //! and holds no place under the concurrency limit itself. Each send on it
 //! spends the sender's call rate as a unary `Send` does and meets the
 //! handler's checks ([`SendChecks`]), and is refused alone when it fails
-//! one: the stream goes on. A group of sends (below) takes one place under
-//! the concurrency limit as a critical call, as long as it is with the
-//! store, just as a unary send does; a group refused for overload is
-//! answered with RESOURCE_EXHAUSTED and a retry hint, each of its sends.
+//! one: the stream goes on. Each send takes a place under the concurrency
+//! limit as a critical call while it is with the store, just as a unary
+//! send does: the limit bounds the sends in flight, whichever way they
+//! came. Sends that find the limit full are answered with
+//! RESOURCE_EXHAUSTED and a retry hint.
 //!
 //! Order: sends to one conversation are stored in the order they came on
 //! the stream. While one group of a conversation's sends is with the store,
 //! the sends that follow it wait here, and go as the next group, in order,
 //! in one batch, when it is answered. Sends to different conversations do
-//! not wait for each other.
+//! not wait for each other. The batcher's queue-time limit counts a
+//! group's wait from when its oldest send came: under overload a standing
+//! queue is cut here as it is for unary sends, so sends are refused (and
+//! clients throttle themselves) instead of waiting ever longer.
 //!
 //! Window: at most [`WINDOW`] sends of a stream wait for their answers; a
 //! send past that is refused (RESOURCE_EXHAUSTED, the caller's own limit),
@@ -53,8 +57,9 @@ pub const WINDOW: usize = 1_024;
 pub const MAX_FRAME_SENDS: usize = 1_024;
 /// Ack frames queued for the caller before the stream stops reading.
 pub const OUT_FRAMES: usize = 32;
-/// Most sends of one conversation in one group.
-const MAX_GROUP: usize = 256;
+/// Most sends of one conversation in one group: the concurrency limit's
+/// floor, so that one conversation's group alone always fits under it.
+const MAX_GROUP: usize = 32;
 /// Most body bytes in one group.
 const MAX_GROUP_BYTES: usize = 1 << 20;
 
@@ -65,11 +70,11 @@ struct Waiting {
     since: Instant,
 }
 
-/// A group answered: its conversation, its place under the limit, its
-/// sends' tags with when each was taken on, and their outcomes.
+/// A group answered: its conversation, its sends' places under the limit,
+/// their tags with when each was taken on, and their outcomes.
 type GroupDone = (
     String,
-    Option<Permit>,
+    Vec<Option<Permit>>,
     Vec<(u64, Instant)>,
     Vec<Result<spb::AppendResponse, Status>>,
 );
@@ -160,23 +165,37 @@ impl SendStream {
             // Conversations whose previous group was answered, or that had
             // none: their next group goes out.
             for conversation in std::mem::take(&mut state.ready) {
-                while let Some(group) = state.next_group(&conversation) {
-                    match self.guard.acquire(Criticality::Critical) {
-                        Ok(permit) => {
-                            groups.push(self.send_group(conversation, permit, group));
-                            break;
-                        }
-                        Err(refusal) => {
-                            self.load.refused_at(Instant::now());
-                            state.in_flight.remove(&conversation);
-                            for w in group {
-                                state.answered(w.tag);
-                                let a = ack(w.tag, Err(refusal.clone()));
-                                self.count(&a, w.since);
-                                acks.push(a);
+                while let Some(mut group) = state.next_group(&conversation) {
+                    // A place under the concurrency limit for each send, as
+                    // each unary send takes one; the sends past the limit,
+                    // and so the rest of the group, are refused.
+                    let mut places = Vec::with_capacity(group.len());
+                    let mut refusal = None;
+                    for _ in 0..group.len() {
+                        match self.guard.acquire(Criticality::Critical) {
+                            Ok(p) => places.push(p),
+                            Err(r) => {
+                                refusal = Some(r);
+                                break;
                             }
                         }
                     }
+                    let refused = group.split_off(places.len());
+                    if let Some(refusal) = refusal {
+                        self.load.refused_at(Instant::now());
+                        for w in refused {
+                            state.answered(w.tag);
+                            let a = ack(w.tag, Err(refusal.clone()));
+                            self.count(&a, w.since);
+                            acks.push(a);
+                        }
+                    }
+                    if group.is_empty() {
+                        state.in_flight.remove(&conversation);
+                        continue;
+                    }
+                    groups.push(self.send_group(conversation, places, group));
+                    break;
                 }
             }
             if !acks.is_empty() {
@@ -246,11 +265,13 @@ impl SendStream {
     fn send_group(
         &self,
         conversation: String,
-        permit: Option<Permit>,
+        places: Vec<Option<Permit>>,
         group: Vec<Waiting>,
     ) -> impl std::future::Future<Output = GroupDone> + use<> {
         let batcher = self.batcher.clone();
         let span = self.group_span(&conversation, group.len());
+        // The queue is first in, first out: the first waited longest.
+        let waiting_since = group.first().map_or_else(Instant::now, |w| w.since);
         async move {
             let (tags, appends): (Vec<(u64, Instant)>, Vec<spb::AppendRequest>) = group
                 .into_iter()
@@ -258,7 +279,7 @@ impl SendStream {
                 .unzip();
             let n = appends.len();
             let outcomes = match batcher
-                .send_group(appends, None)
+                .send_group(appends, None, waiting_since)
                 .instrument(span.clone())
                 .await
             {
@@ -268,7 +289,7 @@ impl SendStream {
             if let Some(Ok(first)) = outcomes.first() {
                 span.record("seq", first.seq);
             }
-            (conversation, permit, tags, outcomes)
+            (conversation, places, tags, outcomes)
         }
     }
 
@@ -306,16 +327,14 @@ impl SendStream {
     }
 
     fn answer(&self, state: &mut State, done: GroupDone, acks: &mut Vec<cpb::SendAck>) {
-        let (conversation, permit, tags, outcomes) = done;
+        let (conversation, places, tags, outcomes) = done;
         let now = Instant::now();
-        // Only a group the store took feeds the limit's latency samples,
-        // as only a successful unary call does.
-        if let Some(p) = permit
-            && outcomes.iter().any(Result::is_ok)
-        {
-            p.success_at(now);
-        }
-        for ((tag, since), outcome) in tags.into_iter().zip(outcomes) {
+        for (((tag, since), outcome), place) in tags.into_iter().zip(outcomes).zip(places) {
+            // Only a stored send feeds the limit's latency samples, as
+            // only a successful unary call does.
+            if let (Ok(_), Some(p)) = (&outcome, place) {
+                p.success_at(now);
+            }
             if let Err(s) = &outcome
                 && s.code() == tonic::Code::ResourceExhausted
                 && !s.metadata().contains_key(LIMIT_HEADER)

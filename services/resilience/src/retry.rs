@@ -127,9 +127,9 @@ impl Default for RetryBudget {
 pub struct Throttle {
     /// (requests, accepts)
     window: Window<SLOTS>,
-    /// Refusals by the backend over the last half second (the first
-    /// counter is unused).
-    recent: Window<RECENT_SLOTS>,
+    /// When the backend last refused a call for overload, in milliseconds
+    /// since `start`, + 1; 0: never.
+    last_refusal: AtomicU64,
     /// When the backend last showed overload (a refusal or `busy`), in
     /// milliseconds since `start`, + 1; 0: never.
     evidence: AtomicU64,
@@ -152,8 +152,7 @@ pub enum Load {
 /// backend has recovered. Short, because a client refusing most of its
 /// calls itself sends few; a client sending many under a real overload
 /// meets a refusal well within it.
-const RECENT_SLOTS: usize = 5;
-const RECENT_SLOT: Duration = Duration::from_millis(100);
+const RECENT: Duration = Duration::from_millis(500);
 
 impl Throttle {
     /// How long a call the throttle would refuse waits to be decided again.
@@ -169,7 +168,7 @@ impl Throttle {
     pub fn new(k: f64) -> Self {
         Self {
             window: Window::new(SLOT),
-            recent: Window::new(RECENT_SLOT),
+            last_refusal: AtomicU64::new(0),
             evidence: AtomicU64::new(0),
             start: Instant::now(),
             k,
@@ -233,7 +232,10 @@ impl Throttle {
                 self.evidence.fetch_max(self.ms(now), Ordering::Relaxed);
                 false
             }
-            Load::Unknown => self.recent.sums(now).1 == 0,
+            Load::Unknown => {
+                let last = self.last_refusal.load(Ordering::Relaxed);
+                last == 0 || self.ms(now) >= last + RECENT.as_millis() as u64
+            }
         };
         if recovered && self.reject_probability(now) > 0.0 {
             self.window.clear();
@@ -247,7 +249,7 @@ impl Throttle {
 
     pub fn refused_at(&self, now: Instant) {
         self.window.add(now, 1, 0);
-        self.recent.add(now, 0, 1);
+        self.last_refusal.fetch_max(self.ms(now), Ordering::Relaxed);
         self.evidence.fetch_max(self.ms(now), Ordering::Relaxed);
     }
 }
