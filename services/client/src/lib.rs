@@ -31,7 +31,7 @@ use chat_resilience::retry::{Load, RetryBudget, Throttle};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Status};
 
 pub use chat_proto::chat::v1::{Event, Message, event};
 
@@ -47,7 +47,12 @@ macro_rules! gateway_call {
             .call($crit, || {
                 let mut c = $self.pick();
                 let r = $self.request(req.clone());
-                async move { c.$method(r).await }
+                async move {
+                    c.$method(r).await.map(|r| {
+                        let said = load(r.metadata());
+                        (r.into_inner(), said)
+                    })
+                }
             })
             .await
     }};
@@ -243,10 +248,11 @@ impl ChatClient {
     }
 
     /// Runs an idempotent call, moving across gateways on retryable errors.
+    /// Each attempt answers with what the gateway said of its load.
     async fn call<T, F, Fut>(&self, criticality: Criticality, f: F) -> Result<T, Status>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
+        Fut: Future<Output = Result<(T, Load), Status>>,
     {
         let deadline = tokio::time::Instant::now() + self.inner.deadline;
         let mut backoff = BACKOFF_MIN;
@@ -262,9 +268,9 @@ impl ChatClient {
             }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let err = match tokio::time::timeout(remaining, f()).await {
-                Ok(Ok(r)) => {
-                    throttle.accepted_at(std::time::Instant::now(), load(r.metadata()));
-                    return Ok(r.into_inner());
+                Ok(Ok((r, said))) => {
+                    throttle.accepted_at(std::time::Instant::now(), said);
+                    return Ok(r);
                 }
                 Ok(Err(s)) => s,
                 Err(_) => return Err(Status::deadline_exceeded("no gateway answered in time")),
@@ -318,14 +324,7 @@ impl ChatClient {
                 )
             });
             let streamed = self
-                .call(Criticality::Critical, || async {
-                    let (ok, load) = streamer.send(req.clone()).await?;
-                    let mut r = Response::new(ok);
-                    let said = if load == Load::Busy { "busy" } else { "ok" };
-                    r.metadata_mut()
-                        .insert(LOAD_HEADER, MetadataValue::from_static(said));
-                    Ok(r)
-                })
+                .call(Criticality::Critical, || streamer.send(req.clone()))
                 .await;
             match streamed {
                 Err(s) if s.code() == Code::Unimplemented => {

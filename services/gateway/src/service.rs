@@ -34,11 +34,16 @@ pub const MAX_CURSORS: usize = 10_000;
 /// Most conversations ListConversations returns.
 pub const MAX_LISTED: u32 = 1_000;
 
-fn user_of<T>(req: &Request<T>) -> Result<String, Status> {
+/// The authenticated caller of a request, with their token's expiry.
+fn caller<T>(req: &Request<T>) -> Result<User, Status> {
     req.extensions()
         .get::<User>()
-        .map(|u| u.0.clone())
+        .cloned()
         .ok_or_else(|| Status::unauthenticated("missing bearer token"))
+}
+
+fn user_of<T>(req: &Request<T>) -> Result<String, Status> {
+    caller(req).map(|u| u.0)
 }
 
 fn conversation(c: spb::ConversationInfo) -> cpb::Conversation {
@@ -148,11 +153,7 @@ impl Chat for ChatApi {
         &self,
         request: Request<tonic::Streaming<cpb::SendFrame>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        let user = request
-            .extensions()
-            .get::<User>()
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        let user = caller(&request)?;
         let (out, rx) = mpsc::channel(crate::stream::OUT_FRAMES);
         let stream = crate::stream::SendStream {
             user,
@@ -175,8 +176,7 @@ impl Chat for ChatApi {
         &self,
         request: Request<cpb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let user = user_of(&request)?;
-        let expires = request.extensions().get::<User>().map_or(0, |u| u.1);
+        let User(user, expires) = caller(&request)?;
         let r = request.into_inner();
         if r.cursors.len() > MAX_CURSORS {
             return Err(Status::invalid_argument(format!(

@@ -204,7 +204,7 @@ impl SendStream {
                     break None;
                 }
             }
-            if !open && state.in_window == 0 {
+            if !open && state.tags.is_empty() {
                 break None;
             }
         };
@@ -217,7 +217,7 @@ impl SendStream {
     /// conversation's group in flight.
     fn admit(&self, state: &mut State, s: cpb::StreamedSend) -> Result<(), cpb::SendAck> {
         let tag = s.tag;
-        if state.in_window >= WINDOW {
+        if state.tags.len() >= WINDOW {
             return Err(ack(
                 tag,
                 Err(chat_resilience::over_limit(
@@ -252,7 +252,6 @@ impl SendStream {
             .and_then(|()| self.sends.check(user, send))
             .map_err(|e| ack(tag, Err(e)))?;
         state.tags.insert(tag);
-        state.in_window += 1;
         let conversation = append.conversation_id.clone();
         let queue = state.queues.entry(conversation.clone()).or_default();
         queue.push_back(Waiting { tag, append, since });
@@ -347,25 +346,17 @@ impl SendStream {
             acks.push(a);
         }
         state.in_flight.remove(&conversation);
-        if state
-            .queues
-            .get(&conversation)
-            .is_some_and(|q| !q.is_empty())
-        {
+        if state.queues.contains_key(&conversation) {
             state.ready.push(conversation);
-        } else {
-            state.queues.remove(&conversation);
         }
     }
 }
 
 #[derive(Default)]
 struct State {
-    /// Sends admitted and not yet answered.
-    in_window: usize,
-    /// Their tags.
+    /// Tags of the sends admitted and not yet answered (the window).
     tags: HashSet<u64>,
-    /// Per conversation, the sends waiting to go.
+    /// Per conversation, the sends waiting to go (never an empty queue).
     queues: HashMap<String, VecDeque<Waiting>>,
     /// Conversations with a group with the store.
     in_flight: HashSet<String>,
@@ -376,7 +367,6 @@ struct State {
 impl State {
     fn answered(&mut self, tag: u64) {
         self.tags.remove(&tag);
-        self.in_window -= 1;
     }
 
     /// The next group of `conversation`, marked in flight; `None` if one
