@@ -1,10 +1,16 @@
 //! Group commit at the gateway: every `Send` joins a queue, and a batch of
-//! whatever is queued goes to a router as one `AppendBatch`. At most
-//! `IN_FLIGHT` batches are outstanding; while they are, the queue fills and
-//! the next batch is bigger.
+//! whatever is queued goes to a router as one `AppendBatch`. Batches follow
+//! the load (`Pipe`): with no batch out, the first send leaves at once;
+//! while one is out, the queue fills until it comes back and the next batch
+//! takes everything queued, so batches grow with the load and each one's
+//! fixed cost (a router call, a store call) is shared by more sends. Only
+//! when the newest batch out is late (twice the usual round trip: a router
+//! or store leader that vanished) may another leave, up to
+//! `MAX_IN_FLIGHT`, so one stuck call does not hold every send back.
 //!
 //! Admission: this queue is where work waits when the cluster is offered
-//! more than it can take (everything downstream is bounded by `IN_FLIGHT`).
+//! more than it can take (everything downstream is bounded by
+//! `MAX_IN_FLIGHT`).
 //! With overload protection on, a send whose caller has gone away is
 //! dropped unsent, and a send that waited longer than the queue-time limit
 //! is refused with RESOURCE_EXHAUSTED and a `retry-after-ms` hint, so the
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 use chat_proto::store::v1 as spb;
 use chat_resilience::Criticality;
 use chat_resilience::deadline::Deadline;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tonic::Status;
 
 use chat_rollout::Lane;
@@ -38,8 +44,13 @@ const MAX_BATCH: usize = 1_024;
 /// Most body bytes in one batch (well under the routers' and the store's
 /// request limits, so one big batch is never refused whole).
 const MAX_BATCH_BYTES: usize = 4 << 20;
-/// Batches outstanding at once.
-const IN_FLIGHT: usize = 4;
+/// Most batches outstanding at once (more than one only while the newest
+/// is late; see `Pipe`).
+const MAX_IN_FLIGHT: usize = 4;
+/// A batch out for longer than twice the smoothed round trip, within these
+/// bounds, is late: another may leave beside it.
+const LATE_MIN: Duration = Duration::from_millis(2);
+const LATE_MAX: Duration = Duration::from_millis(50);
 /// How long the queue counts as standing after a batch found a send that
 /// had waited past the limit.
 const STANDING_FOR: Duration = Duration::from_secs(1);
@@ -177,26 +188,83 @@ fn admit(item: Queued, admission: Admission, standing: bool, late: &mut bool) ->
     Some((req, reply, deadline, span))
 }
 
+/// When the next batch may leave: at once when none is out; otherwise once
+/// the newest batch out is late (out for twice the smoothed round trip,
+/// within `LATE_MIN..=LATE_MAX`), or as soon as the batches out come back.
+#[derive(Debug, Default)]
+struct Pipe {
+    out: usize,
+    last_departure: Option<Instant>,
+    /// Smoothed round trip of a batch (router, store and back).
+    rtt: Option<Duration>,
+}
+
+impl Pipe {
+    /// `None`: a batch may leave now; otherwise how long until the newest
+    /// batch out counts as late.
+    fn wait(&self, now: Instant) -> Option<Duration> {
+        let last = self.last_departure.filter(|_| self.out > 0)?;
+        let late_after = self
+            .rtt
+            .map_or(LATE_MAX, |r| r * 2)
+            .clamp(LATE_MIN, LATE_MAX);
+        late_after
+            .checked_sub(now.saturating_duration_since(last))
+            .filter(|d| !d.is_zero())
+    }
+
+    fn depart(&mut self, now: Instant) {
+        self.out += 1;
+        self.last_departure = Some(now);
+    }
+
+    fn arrive(&mut self, rtt: Duration) {
+        self.out = self.out.saturating_sub(1);
+        self.rtt = Some(match self.rtt {
+            Some(r) => (r * 7 + rtt) / 8,
+            None => rtt,
+        });
+    }
+}
+
+/// Waits until a batch may leave (see `Pipe`).
+async fn wait_turn(pipe: &std::sync::Mutex<Pipe>, arrived: &mut watch::Receiver<()>) {
+    loop {
+        arrived.borrow_and_update();
+        let wait = pipe
+            .lock()
+            .expect("batcher pipe lock poisoned")
+            .wait(Instant::now());
+        let Some(wait) = wait else { return };
+        tokio::select! {
+            r = arrived.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(wait) => return,
+        }
+    }
+}
+
 async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: Admission) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let pipe = Arc::new(std::sync::Mutex::new(Pipe::default()));
+    let (arrival, mut arrived) = watch::channel(());
+    let arrival = Arc::new(arrival);
     // When a batch last found sends queued past the limit.
     let mut last_late: Option<Instant> = None;
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        let Some(first) = rx.recv().await else { return };
+        wait_turn(&pipe, &mut arrived).await;
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut count = 0;
         let mut late = false;
         let standing = last_late.is_some_and(|t| t.elapsed() < STANDING_FOR);
-        while batch.is_empty() {
-            let Some(first) = rx.recv().await else { return };
-            if let Some(x) = admit(first, admission, standing, &mut late) {
-                bytes += group_bytes(&x.0);
-                count += x.0.len();
-                batch.push(x);
-            }
+        if let Some(x) = admit(first, admission, standing, &mut late) {
+            bytes += group_bytes(&x.0);
+            count += x.0.len();
+            batch.push(x);
         }
         while count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
@@ -213,7 +281,16 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
         if late {
             last_late = Some(Instant::now());
         }
+        if batch.is_empty() {
+            continue;
+        }
+        let departed = Instant::now();
+        pipe.lock()
+            .expect("batcher pipe lock poisoned")
+            .depart(departed);
         let pool = pool.clone();
+        let pipe = pipe.clone();
+        let arrival = arrival.clone();
         tokio::spawn(async move {
             // One call per lane: during a rollout each sender's messages go
             // to the routers the plan gives them.
@@ -235,6 +312,10 @@ async fn run(pool: Arc<RouterPool>, mut rx: mpsc::Receiver<Queued>, admission: A
                     .map(|(lane, items)| send_batch(&pool, lane, items)),
             )
             .await;
+            pipe.lock()
+                .expect("batcher pipe lock poisoned")
+                .arrive(departed.elapsed());
+            arrival.send_replace(());
             drop(permit);
         });
     }
@@ -333,6 +414,67 @@ async fn send_batch(pool: &RouterPool, lane: Lane, batch: Vec<Admitted>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_leaves_at_once_when_none_is_out_and_waits_for_the_one_out() {
+        let mut pipe = Pipe::default();
+        let t0 = Instant::now();
+        assert_eq!(pipe.wait(t0), None, "nothing out: leave at once");
+        pipe.depart(t0);
+        pipe.arrive(Duration::from_millis(4));
+        assert_eq!(pipe.wait(t0), None, "it came back: leave at once");
+
+        let t1 = t0 + Duration::from_millis(10);
+        pipe.depart(t1);
+        let wait = pipe
+            .wait(t1 + Duration::from_millis(1))
+            .expect("one is out");
+        assert_eq!(
+            wait,
+            Duration::from_millis(7),
+            "late after twice the round trip"
+        );
+        pipe.arrive(Duration::from_millis(4));
+        assert_eq!(pipe.wait(t1 + Duration::from_millis(1)), None);
+    }
+
+    #[test]
+    fn a_late_batch_lets_another_leave_beside_it() {
+        let mut pipe = Pipe::default();
+        let t0 = Instant::now();
+        pipe.depart(t0);
+        pipe.arrive(Duration::from_millis(5));
+        pipe.depart(t0);
+        assert!(pipe.wait(t0 + Duration::from_millis(9)).is_some());
+        assert_eq!(
+            pipe.wait(t0 + Duration::from_millis(10)),
+            None,
+            "late: another may go"
+        );
+        // A second batch left beside the late one: the next waits on it.
+        let t1 = t0 + Duration::from_millis(10);
+        pipe.depart(t1);
+        assert!(pipe.wait(t1).is_some());
+    }
+
+    #[test]
+    fn lateness_is_bounded_whatever_the_round_trip() {
+        let mut pipe = Pipe::default();
+        let t0 = Instant::now();
+        // No round trip measured yet, or a very slow one (a leader
+        // election): a stuck batch still lets another go within LATE_MAX.
+        pipe.depart(t0);
+        assert_eq!(pipe.wait(t0), Some(LATE_MAX));
+        pipe.arrive(Duration::from_secs(5));
+        pipe.depart(t0);
+        assert_eq!(pipe.wait(t0), Some(LATE_MAX));
+        // A very fast one: not less than LATE_MIN.
+        let mut fast = Pipe::default();
+        fast.depart(t0);
+        fast.arrive(Duration::from_micros(10));
+        fast.depart(t0);
+        assert_eq!(fast.wait(t0), Some(LATE_MIN));
+    }
 
     fn queued(age: Duration) -> (Queued, oneshot::Receiver<Outcomes>) {
         let (reply, rx) = oneshot::channel();

@@ -144,6 +144,11 @@ struct Config {
     public_tls_dir: Option<std::path::PathBuf>,
 }
 
+/// mimalloc rather than the system allocator: fewer CPU cycles per message
+/// (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cfg = Config::parse();
     let _telemetry = chat_telemetry::trace::init("chat-gateway", &cfg.log, cfg.log_format);

@@ -63,6 +63,11 @@ struct Config {
     tls: chat_security::TlsArgs,
 }
 
+/// mimalloc rather than the system allocator: fewer CPU cycles per message
+/// (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cfg = Config::parse();
     let _telemetry = chat_telemetry::trace::init("chat-router", &cfg.log, cfg.log_format);

@@ -47,7 +47,15 @@ impl Durable {
 pub fn checkpoint(log: &LogStore, durable: &Durable) -> Result<(), StoreError> {
     let (applied, _) = log.applied()?;
     if applied > durable.get() {
+        let started = std::time::Instant::now();
         log.state().sync()?;
+        let took = started.elapsed();
+        if took >= crate::driver::SLOW {
+            warn!(
+                took_ms = took.as_millis() as u64,
+                applied, "state checkpoint was slow (the disk stalled)"
+            );
+        }
         durable.raise(applied);
     }
     Ok(())

@@ -170,6 +170,11 @@ pub(crate) struct Driver {
 const FOLLOWER_APPLY_DELAY: Duration = Duration::from_millis(20);
 const FOLLOWER_APPLY_ENTRIES: usize = 1024;
 
+/// A step of the replica (one turn of the driver's loop, a log write, a
+/// checkpoint) that takes this long is logged as a warning: heartbeats wait
+/// behind it, and a few of them cost an election.
+pub(crate) const SLOW: Duration = Duration::from_millis(200);
+
 /// How long a built snapshot is kept after no follower needs it, so that an
 /// interrupted transfer resumes rather than starting over with a new build.
 const SNAPSHOT_KEPT: Duration = Duration::from_secs(60);
@@ -275,13 +280,25 @@ impl Driver {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let persisted = self.writer.wake();
+        let mut last_tick = std::time::Instant::now();
         let result = loop {
             let apply_due = self.apply_due;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = persisted.notified() => {}
-                _ = tick.tick() => { self.raw.tick(); }
+                _ = tick.tick() => {
+                    let gap = last_tick.elapsed();
+                    last_tick = std::time::Instant::now();
+                    if gap >= self.cfg.tick + SLOW {
+                        warn!(
+                            replica = %self.cfg.id,
+                            gap_ms = gap.as_millis() as u64,
+                            "raft ticks were late (the replica's thread did not run)"
+                        );
+                    }
+                    self.raw.tick();
+                }
                 _ = sleep_until_some(apply_due), if apply_due.is_some() => {
                     if let Err(e) = self.apply_pending() {
                         error!(replica = %self.cfg.id, error = %e, "storage failed; stopping the replica");
@@ -292,6 +309,7 @@ impl Driver {
                 Some(r) = self.requests.recv() => self.accept(r),
                 Some(e) = self.events.recv() => self.on_transport_event(e),
             }
+            let turn = std::time::Instant::now();
             for _ in 0..DRAIN_LIMIT {
                 match self.inbox.try_recv() {
                     Ok(m) => self.step(m),
@@ -313,11 +331,20 @@ impl Driver {
             }
             self.propose_queued();
             self.issue_reads();
+            let ready = std::time::Instant::now();
             if let Err(e) = self.on_ready() {
                 error!(replica = %self.cfg.id, error = %e, "storage failed; stopping the replica");
                 break Err(e);
             }
             self.publish_status();
+            if turn.elapsed() >= SLOW {
+                warn!(
+                    replica = %self.cfg.id,
+                    took_ms = turn.elapsed().as_millis() as u64,
+                    ready_ms = ready.elapsed().as_millis() as u64,
+                    "a turn of the raft loop was slow (heartbeats waited)"
+                );
+            }
         };
         self.fail_all(StoreError::ShuttingDown);
         self.writer.stop();

@@ -197,9 +197,18 @@ fn write_group(log: &LogStore, group: Vec<WriteTask>) -> Result<Persisted, Store
         out.number = t.number;
         out.messages.extend(t.messages);
     }
+    let took = started.elapsed();
     if sync {
         out.syncs = 1;
-        out.sync_micros = started.elapsed().as_micros() as u64;
+        out.sync_micros = took.as_micros() as u64;
+    }
+    if took >= crate::driver::SLOW {
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            writes = count,
+            synced = sync,
+            "raft log write was slow (the disk stalled); acknowledgements waited for it"
+        );
     }
     Ok(out)
 }
