@@ -217,7 +217,12 @@ impl Driver {
         let start_commit = log.hard_state().commit;
         let freshness = log.freshness()?;
         let state = log.state().clone();
-        let writer = LogWriter::start(log.clone(), format!("raft-log-{}", cfg.id))?;
+        let writer = LogWriter::start(
+            log.clone(),
+            format!("raft-log-{}", cfg.id),
+            transport.faults().clone(),
+            cfg.id,
+        )?;
         Ok(Self {
             writer,
             cfg,
@@ -838,7 +843,20 @@ impl Driver {
         let number = ready.number();
         let entries = ready.take_entries();
         let hs = ready.hs().cloned();
-        let messages = ready.take_persisted_messages();
+        let mut messages = ready.take_persisted_messages();
+        // raft-rs holds all of a follower's messages until its Ready is
+        // durable. A heartbeat response depends on nothing being written
+        // (it says "alive, and still in your term"; etcd's raft sends it at
+        // once too): held behind a stalled disk, it would make the leader
+        // step down for want of a quorum although every replica is up.
+        let alive: Vec<Message> = messages
+            .extract_if(.., |m| {
+                m.get_msg_type() == MessageType::MsgHeartbeatResponse
+            })
+            .collect();
+        if !alive.is_empty() {
+            self.transport.send(alive);
+        }
         // raft reads the entries from storage from here on; the WAL write
         // follows on the writer thread (see writer.rs).
         self.log.stage(&entries, hs.as_ref());

@@ -2,9 +2,9 @@
 //! delay. Used by the in-process cluster harness; a production replica's
 //! `Faults` is empty and costs one uncontended read lock per batch.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use raft::eraftpb::MessageType;
 
@@ -23,6 +23,8 @@ struct State {
     drop_rate: f64,
     /// Added to every batch a peer sends.
     delay: Duration,
+    /// Nodes whose raft log writes stall (take this long) until then.
+    disk_stalled: HashMap<NodeId, Instant>,
 }
 
 /// Whether a message of `kind` carries log entries or a snapshot.
@@ -103,5 +105,27 @@ impl Faults {
 
     pub fn delay(&self) -> Duration {
         self.0.read().expect("faults lock poisoned").delay
+    }
+
+    /// `node`'s raft log writes stall for the next `for_` (as a disk that
+    /// stops answering does): a write started meanwhile ends when it ends.
+    pub fn stall_disk(&self, node: NodeId, for_: Duration) {
+        self.0
+            .write()
+            .expect("faults lock poisoned")
+            .disk_stalled
+            .insert(node, Instant::now() + for_);
+    }
+
+    /// How much longer `node`'s disk stalls (zero: it does not).
+    pub fn disk_stall(&self, node: NodeId) -> Duration {
+        self.0
+            .read()
+            .expect("faults lock poisoned")
+            .disk_stalled
+            .get(&node)
+            .map_or(Duration::ZERO, |until| {
+                until.saturating_duration_since(Instant::now())
+            })
     }
 }

@@ -111,6 +111,10 @@ impl Transport {
         }
     }
 
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
     pub fn addresses(&self) -> &Addresses {
         &self.addresses
     }

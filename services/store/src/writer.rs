@@ -23,7 +23,9 @@ use tokio::sync::Notify;
 use tracing::error;
 
 use crate::error::StoreError;
+use crate::faults::Faults;
 use crate::log_store::LogStore;
+use crate::types::NodeId;
 
 /// Ready writes queued at most; the driver waits (backpressure) beyond.
 pub const WRITE_QUEUE: usize = 1024;
@@ -63,14 +65,20 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    pub fn start(log: LogStore, name: String) -> Result<Self, StoreError> {
+    /// `faults` may stall this replica's (`id`'s) writes, in tests.
+    pub fn start(
+        log: LogStore,
+        name: String,
+        faults: Faults,
+        id: NodeId,
+    ) -> Result<Self, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let wake = Arc::new(Notify::new());
         let notify = wake.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(log, rx, done_tx, notify))
+            .spawn(move || run(log, rx, done_tx, notify, faults, id))
             .map_err(|e| StoreError::Storage(format!("cannot start the log writer: {e}")))?;
         Ok(Self {
             tasks: Some(tx),
@@ -158,8 +166,14 @@ fn run(
     tasks: Receiver<WriteTask>,
     done: Sender<Result<Persisted, StoreError>>,
     wake: Arc<Notify>,
+    faults: Faults,
+    id: NodeId,
 ) {
     while let Ok(first) = tasks.recv() {
+        let stall = faults.disk_stall(id);
+        if !stall.is_zero() {
+            std::thread::sleep(stall);
+        }
         let mut group = vec![first];
         while group.len() < GROUP_LIMIT {
             match tasks.try_recv() {

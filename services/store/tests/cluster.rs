@@ -844,3 +844,37 @@ async fn a_delayed_rejection_does_not_set_a_follower_back() {
     let mut cluster = cluster;
     cluster.stop_all().await;
 }
+
+/// Both followers' disks stall for several election timeouts (as one disk
+/// shared by every replica does on a busy machine): the write made
+/// meanwhile waits for them, but the leader keeps its term, since a
+/// heartbeat's answer does not wait for the disk, and no election follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_whose_disks_stall_keep_their_leader() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let client = cluster.client();
+    create(&client, "d", &["a"]).await;
+    client.append(append_req("d", "a", "before")).await.unwrap();
+    let term = cluster.node(leader).unwrap().status().term;
+    let stall = Duration::from_millis(1500);
+    for id in cluster.ids().into_iter().filter(|&id| id != leader) {
+        cluster.faults().stall_disk(id, stall);
+    }
+    let started = std::time::Instant::now();
+    let r = client.append(append_req("d", "a", "during")).await.unwrap();
+    assert_eq!(r.seq, 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the write did not wait for a follower's disk: no stall happened"
+    );
+    for id in cluster.ids() {
+        let s = cluster.node(id).unwrap().status();
+        assert_eq!(
+            (s.term, s.leader),
+            (term, Some(leader)),
+            "replica {id} saw an election while the disks stalled"
+        );
+    }
+    cluster.stop_all().await;
+}
