@@ -7,6 +7,7 @@
 //! parts are down and says which: a part that has not answered lately is
 //! shown as down or unknown, never left out.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,9 @@ pub const METHODS: [&str; 10] = [
 
 /// Older than this, what routers said of the store is not trusted.
 const STALE: Duration = Duration::from_secs(5);
+/// The longest a gateway says "starting": past it, a part that has never
+/// answered is shown as the outage it is.
+const STARTING_AT_MOST: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Default)]
 struct RouterSeen {
@@ -48,6 +52,10 @@ pub struct ClusterView {
     routers: Vec<RwLock<RouterSeen>>,
     store: RwLock<(Option<Instant>, Vec<ReplicaView>)>,
     incidents: RwLock<Vec<Incident>>,
+    created: Instant,
+    /// Every router has answered once and the store was seen with a
+    /// leader once: from then on the page judges what it hears.
+    settled: AtomicBool,
 }
 
 impl ClusterView {
@@ -56,6 +64,38 @@ impl ClusterView {
             routers: (0..routers).map(|_| RwLock::default()).collect(),
             store: RwLock::new((None, Vec::new())),
             incidents: RwLock::new(Vec::new()),
+            created: Instant::now(),
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the cluster is still starting as far as this gateway knows:
+    /// it has not yet heard from every tier once (every router, the store
+    /// with a leader), and started less than `STARTING_AT_MOST` ago. A part
+    /// not heard from yet is not down, so the page says "starting" rather
+    /// than an outage.
+    pub fn starting(&self, now: Instant) -> bool {
+        !self.settled.load(Ordering::Relaxed)
+            && now.saturating_duration_since(self.created) < STARTING_AT_MOST
+    }
+
+    fn settle(&self) {
+        if self.settled.load(Ordering::Relaxed) {
+            return;
+        }
+        let routers = self
+            .routers
+            .iter()
+            .all(|r| r.read().expect("view lock poisoned").answered.is_some());
+        let leader = self
+            .store
+            .read()
+            .expect("view lock poisoned")
+            .1
+            .iter()
+            .any(|r| r.reachable && r.role == "leader");
+        if routers && leader {
+            self.settled.store(true, Ordering::Relaxed);
         }
     }
 
@@ -82,6 +122,7 @@ impl ClusterView {
             }
             *self.incidents.write().expect("view lock poisoned") = a.incidents.clone();
         }
+        self.settle();
     }
 }
 
@@ -188,7 +229,9 @@ impl GatewayAdmin {
         });
         let routers_up = self.pool.available_count();
         let store_down = store.iter().filter(|r| r["state"] != "up").count();
-        let overall = if routers_up == 0 || (fresh && leader.is_none()) || !degraded.is_empty() {
+        let overall = if self.view.starting(now) {
+            "starting"
+        } else if routers_up == 0 || (fresh && leader.is_none()) || !degraded.is_empty() {
             "major outage"
         } else if !fresh
             || store_down > 0
@@ -462,6 +505,42 @@ impl Handler for GatewayAdmin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(leader: bool) -> Option<rpb::RegisterSessionsResponse> {
+        Some(rpb::RegisterSessionsResponse {
+            store: vec![ReplicaView {
+                address: "s1".into(),
+                reachable: true,
+                id: 1,
+                role: if leader { "leader" } else { "follower" }.into(),
+                ..ReplicaView::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_cluster_is_starting_until_every_tier_was_heard_once() {
+        let view = ClusterView::new(2);
+        let now = Instant::now();
+        assert!(view.starting(now), "nothing heard yet");
+        view.heard(&[answer(true), None]);
+        assert!(view.starting(now), "one router of two has answered");
+        view.heard(&[None, answer(false)]);
+        assert!(view.starting(now), "both routers, but no store leader yet");
+        view.heard(&[answer(true), None]);
+        assert!(!view.starting(now), "every tier heard once");
+        // Settled for good: what is heard later is judged as it is.
+        view.heard(&[None, None]);
+        assert!(!view.starting(now));
+    }
+
+    #[test]
+    fn a_part_never_heard_from_is_an_outage_after_the_start_window() {
+        let view = ClusterView::new(1);
+        assert!(view.starting(Instant::now()));
+        assert!(!view.starting(Instant::now() + STARTING_AT_MOST));
+    }
 
     #[test]
     fn the_page_names_every_part_and_escapes_what_operators_typed() {
