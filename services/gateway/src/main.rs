@@ -150,7 +150,7 @@ struct Config {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cfg = Config::parse();
+    let cfg: Config = chat_telemetry::config::load();
     let _telemetry = chat_telemetry::trace::init("chat-gateway", &cfg.log, cfg.log_format);
     let rt = match chat_telemetry::runtime(cfg.worker_threads) {
         Ok(rt) => rt,

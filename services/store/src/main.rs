@@ -6,7 +6,6 @@ use std::time::Duration;
 use chat_store::Replica;
 use chat_store::config::StoreConfig;
 use chat_store::faults::Faults;
-use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
@@ -16,7 +15,7 @@ use tracing::{error, info};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cfg = StoreConfig::parse();
+    let cfg: StoreConfig = chat_telemetry::config::load();
     let _telemetry = chat_telemetry::trace::init("chat-store", &cfg.log, cfg.log_format);
     let opts = match cfg.validate() {
         Ok(o) => o,

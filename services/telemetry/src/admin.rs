@@ -1,17 +1,24 @@
-//! A small HTTP/1.1 server for the admin port: `GET` only, one request per
-//! connection, bounded in size and time (reading the request and writing
-//! the answer), at most `MAX_CONNECTIONS` at once (more are closed as soon
-//! as they are accepted). Enough for Prometheus scrapes, curl and a
+//! The admin port's HTTP server, on hyper: `GET` (and `HEAD`) only, one
+//! request per connection, bounded in size and time (the request head must
+//! arrive within `READ_TIMEOUT`, the whole exchange within `READ_TIMEOUT +
+//! WRITE_TIMEOUT`), at most `MAX_CONNECTIONS` at once (more are closed as
+//! soon as they are accepted). Enough for Prometheus scrapes, curl and a
 //! browser; nothing client-facing goes through it.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Method, Request, Response, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// Largest request head read.
+/// Largest request head read (hyper's smallest buffer).
 const MAX_HEAD: usize = 8 * 1024;
 /// Longest a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,87 +59,43 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, path: &str) -> impl std::future::Future<Output = Reply> + Send;
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Error",
-    }
+fn response(r: Reply) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(r.status)
+        .header(header::CONTENT_TYPE, r.content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(r.body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::from_static(b"bad reply\n"))))
 }
 
-async fn respond(stream: &mut TcpStream, r: &Reply) -> std::io::Result<()> {
-    tokio::time::timeout(WRITE_TIMEOUT, write_reply(stream, r))
-        .await
-        .map_err(|_| std::io::Error::other("the client did not read the answer in time"))?
-}
-
-async fn write_reply(stream: &mut TcpStream, r: &Reply) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        r.status,
-        reason(r.status),
-        r.content_type,
-        r.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(r.body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// The request line's method and path, once the head is complete.
-fn parse_head(head: &[u8]) -> Result<(String, String), &'static str> {
-    let text = std::str::from_utf8(head).map_err(|_| "request head is not UTF-8")?;
-    let line = text.lines().next().ok_or("empty request")?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next().ok_or("no method")?.to_owned();
-    let target = parts.next().ok_or("no path")?;
-    let path = target.split('?').next().unwrap_or("/").to_owned();
-    Ok((method, path))
-}
-
-async fn serve_one<H: Handler>(mut stream: TcpStream, handler: Arc<H>) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = async {
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<bool, std::io::Error>(false);
-            }
-            head.extend_from_slice(&buf[..n]);
-            if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok(true);
-            }
-            if head.len() > MAX_HEAD {
-                return Ok(false);
-            }
-        }
-    };
-    let complete = matches!(tokio::time::timeout(READ_TIMEOUT, read).await, Ok(Ok(true)));
-    if !complete {
-        let r = Reply {
-            status: 400,
-            content_type: "text/plain; charset=utf-8",
-            body: "incomplete or oversized request\n".into(),
-        };
-        return respond(&mut stream, &r).await;
-    }
-    let reply = match parse_head(&head) {
-        Ok((m, path)) if m == "GET" || m == "HEAD" => handler.handle(&path).await,
-        Ok((m, _)) => Reply {
+async fn answer<H: Handler>(req: Request<Incoming>, handler: Arc<H>) -> Response<Full<Bytes>> {
+    let reply = match *req.method() {
+        // hyper sends no body for HEAD.
+        Method::GET | Method::HEAD => handler.handle(req.uri().path()).await,
+        ref m => Reply {
             status: 405,
             content_type: "text/plain; charset=utf-8",
             body: format!("{m} is not served here; use GET\n"),
         },
-        Err(e) => Reply {
-            status: 400,
-            content_type: "text/plain; charset=utf-8",
-            body: format!("{e}\n"),
-        },
     };
-    respond(&mut stream, &reply).await
+    response(reply)
+}
+
+async fn serve_one<H: Handler>(stream: TcpStream, handler: Arc<H>) -> Result<(), String> {
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(answer(req, handler).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, conn).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the client did not finish the exchange in time".into()),
+    }
 }
 
 /// Binds the admin address if one is configured (`flag` names it in the
@@ -239,8 +202,19 @@ mod tests {
         let mut s = TcpStream::connect(&addr).await.unwrap();
         s.write_all(&vec![b'a'; MAX_HEAD + 2048]).await.unwrap();
         let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400") || out.starts_with("HTTP/1.1 431"),
+            "an oversized head: {out}"
+        );
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("\r\n\r\n"), "HEAD has no body: {out}");
         stop.cancel();
     }
 

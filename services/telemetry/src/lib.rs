@@ -3,6 +3,7 @@
 //! metric types the services fill ([`metrics`]).
 
 pub mod admin;
+pub mod config;
 pub mod metrics;
 pub mod time;
 pub mod trace;
