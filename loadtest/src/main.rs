@@ -9,6 +9,7 @@
 //! `rejoin-bench` a wiped replica rejoining a large store.
 
 mod backup_bench;
+mod bucket_bench;
 mod cpu;
 mod e2e_bench;
 mod engine_bench;
@@ -63,6 +64,9 @@ enum Cmd {
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
     EngineBench(engine_bench::Args),
+    /// The gateway's per-user rate check: its token buckets against the
+    /// governor crate's keyed limiter.
+    BucketBench(bucket_bench::Args),
     /// Sends and deliveries through the whole cluster (`chatctl local up`).
     E2eBench(e2e_bench::Args),
     /// A replica whose disk was wiped rejoining a store of --gib GiB.
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         Cmd::CorruptReplica(args) => scenario(Scenario::CorruptReplica, args),
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)).map(|()| true),
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
+        Cmd::BucketBench(args) => bucket_bench::run(args).map(|()| true),
         Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),
         Cmd::RejoinBench(args) => rt.block_on(rejoin_bench::run(args)).map(|()| true),
         Cmd::BackupBench(args) => rt.block_on(backup_bench::run(args)).map(|()| true),
