@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 /// Sends that may wait for their acks at once (the gateway's bound).
-pub const WINDOW: usize = 1_024;
+pub use chat_proto::chat::v1::send_stream::WINDOW;
 /// Bodies larger than this go as unary calls: a frame must stay well under
 /// the gateway's largest request, and one such body is a frame of its own
 /// anyway.
@@ -30,7 +30,7 @@ pub const MAX_STREAMED_BODY: usize = 32 << 10;
 /// Most body bytes gathered into one frame.
 const FRAME_BYTES: usize = 48 << 10;
 /// Most sends in one frame (the gateway's bound).
-const FRAME_SENDS: usize = 1_024;
+const FRAME_SENDS: usize = chat_proto::chat::v1::send_stream::MAX_FRAME_SENDS;
 
 type Answer = Result<(pb::SendResponse, Load), Status>;
 

@@ -51,10 +51,7 @@ use crate::batcher::SendBatcher;
 use crate::guard::Guard;
 use crate::service::{SendChecks, User};
 
-/// Sends of one stream that may wait for their answers.
-pub const WINDOW: usize = 1_024;
-/// Most sends one frame may carry.
-pub const MAX_FRAME_SENDS: usize = 1_024;
+pub use chat_proto::chat::v1::send_stream::{MAX_FRAME_SENDS, WINDOW};
 /// Ack frames queued for the caller before the stream stops reading.
 pub const OUT_FRAMES: usize = 32;
 /// Most sends of one conversation in one group: the concurrency limit's

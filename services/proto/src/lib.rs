@@ -6,6 +6,17 @@
 pub mod chat {
     pub mod v1 {
         tonic::include_proto!("chat.v1");
+
+        /// `Chat/SendStream`'s bounds, shared by the gateway that enforces
+        /// them and the client that keeps within them.
+        pub mod send_stream {
+            /// Sends of one stream that may wait for their acks at once; a
+            /// send past it is refused alone (RESOURCE_EXHAUSTED).
+            pub const WINDOW: usize = 1_024;
+            /// Most sends one frame may carry; a larger frame ends the
+            /// stream (INVALID_ARGUMENT).
+            pub const MAX_FRAME_SENDS: usize = 1_024;
+        }
     }
 }
 
