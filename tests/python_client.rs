@@ -13,8 +13,19 @@ use std::time::Duration;
 use chat_proto::chat::v1 as pb;
 use chat_tests::stack::Stack;
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+/// What a test needs from outside the project, or `None` after saying
+/// "skipped" (outside CI; in CI, which installs it, a missing tool fails).
+fn needed<T>(found: Result<T, String>) -> Option<T> {
+    match found {
+        Ok(t) => Some(t),
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI installs what this test needs, so it must run: {why}")
+        }
+        Err(why) => {
+            println!("skipped: {why}");
+            None
+        }
+    }
 }
 
 fn python_with_grpc() -> Result<(), String> {
@@ -34,11 +45,7 @@ fn python_with_grpc() -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_grpcio_client_finds_and_uses_the_api_by_reflection() {
-    if let Err(why) = python_with_grpc() {
-        if in_ci() {
-            panic!("CI installs Python's grpcio, so this test must run: {why}");
-        }
-        println!("skipped: {why}");
+    if needed(python_with_grpc()).is_none() {
         return;
     }
     let stack = Stack::start().await.unwrap();
@@ -125,15 +132,8 @@ fn run_grpcurl(bin: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) 
 /// for `127.0.0.1:7201` and a real token for `$(chatctl token alice)`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_grpcurl_lines_work_as_written() {
-    let bin = match grpcurl() {
-        Ok(b) => b,
-        Err(why) => {
-            if in_ci() {
-                panic!("CI installs grpcurl, so this test must run: {why}");
-            }
-            println!("skipped: {why}");
-            return;
-        }
+    let Some(bin) = needed(grpcurl()) else {
+        return;
     };
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");

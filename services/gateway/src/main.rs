@@ -145,7 +145,7 @@ struct Config {
 }
 
 /// mimalloc rather than the system allocator: fewer CPU cycles per message
-/// (BENCHMARKS.md, "Allocator").
+/// (BENCHMARKS.md, "Batches that follow the load, and mimalloc").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

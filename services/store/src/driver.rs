@@ -342,10 +342,11 @@ impl Driver {
                 break Err(e);
             }
             self.publish_status();
-            if turn.elapsed() >= SLOW {
+            let took = turn.elapsed();
+            if took >= SLOW {
                 warn!(
                     replica = %self.cfg.id,
-                    took_ms = turn.elapsed().as_millis() as u64,
+                    took_ms = took.as_millis() as u64,
                     ready_ms = ready.elapsed().as_millis() as u64,
                     "a turn of the raft loop was slow (heartbeats waited)"
                 );

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 /// mimalloc rather than the system allocator: fewer CPU cycles per message
-/// (BENCHMARKS.md, "Allocator").
+/// (BENCHMARKS.md, "Batches that follow the load, and mimalloc").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

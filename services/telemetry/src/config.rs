@@ -88,9 +88,8 @@ pub fn parse<T: CommandFactory + FromArgMatches>(
     let given = flags_given(&argv);
     let path = config_path(&argv);
     let mut injected: Vec<OsString> = Vec::new();
-    let mut from_file = Vec::new();
-    // Flag name -> the key as the file wrote it, for errors.
-    let mut written = Vec::new();
+    // The settings the file supplied: (flag name, key as the file wrote it).
+    let mut written: Vec<(String, String)> = Vec::new();
     if let Some(path) = &path {
         for (key, raw_key, values) in read_file(&cmd, path)? {
             let arg = find(&cmd, &key).expect("read_file checked the key");
@@ -100,7 +99,6 @@ pub fn parse<T: CommandFactory + FromArgMatches>(
             if given.iter().any(|g| g == &key) || env_set {
                 continue;
             }
-            from_file.push(key.clone());
             written.push((key.clone(), raw_key));
             match values {
                 FileValue::Switch(true) => injected.push(format!("--{key}").into()),
@@ -123,6 +121,7 @@ pub fn parse<T: CommandFactory + FromArgMatches>(
         .try_get_matches_from(full)
         .map_err(|e| in_file(e, path.as_deref(), &written))?;
     let config = T::from_arg_matches(&matches).map_err(Error::Clap)?;
+    let from_file = written.into_iter().map(|(key, _)| key).collect();
     Ok((config, matches, cmd, from_file))
 }
 
@@ -179,13 +178,16 @@ fn config_path(argv: &[OsString]) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Whether `arg` is one of the service's settings (not help, version,
+/// `--config` or `--print-config`).
+fn is_setting(arg: &Arg) -> bool {
+    !matches!(arg.get_id().as_str(), CONFIG | PRINT)
+        && !matches!(arg.get_action(), ArgAction::Help | ArgAction::Version)
+}
+
 fn find<'a>(cmd: &'a Command, key: &str) -> Option<&'a Arg> {
-    if key == CONFIG || key == PRINT {
-        return None;
-    }
-    cmd.get_arguments().find(|a| {
-        a.get_long() == Some(key) && !matches!(a.get_action(), ArgAction::Help | ArgAction::Version)
-    })
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(key) && is_setting(a))
 }
 
 enum FileValue {
@@ -257,15 +259,9 @@ fn first_line(message: &str) -> String {
 /// The effective configuration as TOML, each value with its source.
 pub fn effective(cmd: &Command, matches: &ArgMatches, from_file: &[String]) -> String {
     let mut out = String::from("# effective configuration: value  # where it came from\n");
-    for arg in cmd.get_arguments() {
+    for arg in cmd.get_arguments().filter(|a| is_setting(a)) {
         let id = arg.get_id().as_str();
         let Some(long) = arg.get_long() else { continue };
-        if id == CONFIG
-            || id == PRINT
-            || matches!(arg.get_action(), ArgAction::Help | ArgAction::Version)
-        {
-            continue;
-        }
         let source = match matches.value_source(id) {
             None => {
                 out.push_str(&format!("# {long} = (not set)\n"));
