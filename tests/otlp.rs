@@ -1,6 +1,8 @@
 //! The binaries export traces over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT
 //! is set: a collector stand-in receives spans from the gateway, a router
-//! and the store, and a Send's spans from all three share one trace id.
+//! and the store, and a Send's spans from all three share one trace id,
+//! which the gateway's latency histogram shows as the exemplar of the
+//! Send's bucket.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use chat_client::ChatClient;
 use chatctl::local::{LocalCluster, LocalOptions};
+use chatctl::restart::Tier;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -92,7 +95,7 @@ async fn the_binaries_export_one_trace_per_send_over_otlp() -> anyhow::Result<()
         ("chat-store", "chat.store.v1.Store/AppendBatch"),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let send_trace = loop {
         let got = collector.0.lock().expect("collector lock").clone();
         let mut traces: HashMap<&str, HashSet<Vec<u8>>> = HashMap::new();
         for (service, name, trace) in &got {
@@ -101,12 +104,12 @@ async fn the_binaries_export_one_trace_per_send_over_otlp() -> anyhow::Result<()
             }
         }
         let send = traces.get("chat.v1.Chat/Send").cloned().unwrap_or_default();
-        let shared = send.iter().any(|t| {
+        let shared = send.iter().find(|t| {
             hops.iter()
-                .all(|(_, n)| traces.get(n).is_some_and(|ts| ts.contains(t)))
+                .all(|(_, n)| traces.get(n).is_some_and(|ts| ts.contains(*t)))
         });
-        if shared {
-            break;
+        if let Some(t) = shared {
+            break t.clone();
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -116,7 +119,27 @@ async fn the_binaries_export_one_trace_per_send_over_otlp() -> anyhow::Result<()
                 .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // The Send's latency bucket on the gateway that served it names that
+    // trace (an OpenMetrics exemplar), so a slow bucket leads to its trace.
+    let hex: String = send_trace.iter().map(|b| format!("{b:02x}")).collect();
+    let mut pages = String::new();
+    for name in cluster.names(Tier::Gateway) {
+        let addr = cluster.admin_addr(&name).expect("an admin port");
+        let (code, body) = chat_telemetry::admin::get(&addr, "/metrics").await?;
+        anyhow::ensure!(code == 200, "{name}: /metrics answered {code}");
+        pages.push_str(&body);
     }
+    let exemplar = format!("# {{trace_id=\"{hex}\"}}");
+    anyhow::ensure!(
+        pages.lines().any(
+            |l| l.starts_with("chat_gateway_rpc_duration_seconds_bucket{")
+                && l.contains("method=\"Send\"")
+                && l.contains(&exemplar)
+        ),
+        "no Send latency bucket with the exemplar {exemplar} in:\n{pages}"
+    );
     cluster.shutdown(Duration::from_secs(5)).await;
     server.abort();
     Ok(())

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chat_proto::router::v1 as rpb;
 use chat_proto::status::v1::{Incident, ReplicaView};
-use chat_telemetry::admin::{Handler, PROMETHEUS, Reply};
-use chat_telemetry::metrics::{Page, RpcMetrics};
+use chat_telemetry::admin::{Handler, METRICS, Reply};
+use chat_telemetry::metrics::{Kind, Page, RpcMetrics};
 use serde_json::{Value, json};
 
 use crate::routers::RouterPool;
@@ -276,7 +276,7 @@ impl GatewayAdmin {
         let limited = "chat_gateway_rate_limited_total";
         page.family(
             limited,
-            "counter",
+            Kind::Counter,
             "Calls refused by the per-IP and per-user rate limits.",
         );
         page.sample(limited, &[("scope", "ip")], by_ip as f64);
@@ -285,44 +285,44 @@ impl GatewayAdmin {
             use std::sync::atomic::Ordering::Relaxed;
             page.single(
                 "chat_gateway_open_connections",
-                "gauge",
+                Kind::Gauge,
                 "Client connections open now.",
                 self.connections.open.load(Relaxed) as f64,
             );
             page.single(
                 "chat_gateway_connections_accepted_total",
-                "counter",
+                Kind::Counter,
                 "Client connections accepted.",
                 self.connections.accepted.load(Relaxed) as f64,
             );
             page.single(
                 "chat_gateway_connections_refused_total",
-                "counter",
+                Kind::Counter,
                 "Client connections closed at once: over the total or per-IP cap.",
                 self.connections.refused.load(Relaxed) as f64,
             );
         }
         page.single(
             "chat_gateway_open_streams",
-            "gauge",
+            Kind::Gauge,
             "Subscribe streams open on this gateway.",
             self.sessions.count() as f64,
         );
         page.single(
             "chat_gateway_send_streams",
-            "gauge",
+            Kind::Gauge,
             "SendStream streams open on this gateway.",
             self.sessions.send_streams() as f64,
         );
         page.single(
             "chat_gateway_routers_available",
-            "gauge",
+            Kind::Gauge,
             "Routers answering health checks and not ejected.",
             self.pool.available_count() as f64,
         );
         page.single(
             "chat_gateway_degraded_features",
-            "gauge",
+            Kind::Gauge,
             "Features degraded now (the store has no quorum).",
             self.sessions
                 .status()
@@ -491,7 +491,7 @@ tr.catching-up .state {{ color: #a60; }} li.open {{ color: #a11; }}
 impl Handler for GatewayAdmin {
     async fn handle(&self, path: &str) -> Reply {
         match path {
-            "/metrics" => Reply::ok(PROMETHEUS, self.metrics()),
+            "/metrics" => Reply::ok(METRICS, self.metrics()),
             "/status" | "/status.json" => Reply::ok(
                 "application/json",
                 serde_json::to_string_pretty(&self.status()).unwrap_or_default(),

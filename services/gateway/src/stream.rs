@@ -73,6 +73,8 @@ type GroupDone = (
     String,
     Vec<Option<Permit>>,
     Vec<(u64, Instant)>,
+    // The group's trace, when traces are exported.
+    Option<String>,
     Vec<Result<spb::AppendResponse, Status>>,
 );
 
@@ -285,17 +287,24 @@ impl SendStream {
             if let Some(Ok(first)) = outcomes.first() {
                 span.record("seq", first.seq);
             }
-            (conversation, places, tags, outcomes)
+            let trace = chat_telemetry::trace::trace_id(&span);
+            (conversation, places, tags, trace, outcomes)
         }
     }
 
     /// Counts an answered send as a `Send` call taken on at `since`.
     fn count(&self, a: &cpb::SendAck, since: Instant) {
+        self.count_traced(a, since, None);
+    }
+
+    /// [`Self::count`] for a send of a traced group (its trace id becomes
+    /// the latency bucket's exemplar).
+    fn count_traced(&self, a: &cpb::SendAck, since: Instant, trace: Option<&str>) {
         let code = match &a.outcome {
             Some(cpb::send_ack::Outcome::Error(e)) => usize::try_from(e.code).unwrap_or(2),
             _ => 0,
         };
-        self.rpc.record("Send", code, since.elapsed());
+        self.rpc.record("Send", code, since.elapsed(), trace);
     }
 
     /// A group's span, when traces are exported: a trace of its own per
@@ -323,7 +332,7 @@ impl SendStream {
     }
 
     fn answer(&self, state: &mut State, done: GroupDone, acks: &mut Vec<cpb::SendAck>) {
-        let (conversation, places, tags, outcomes) = done;
+        let (conversation, places, tags, trace, outcomes) = done;
         let now = Instant::now();
         for (((tag, since), outcome), place) in tags.into_iter().zip(outcomes).zip(places) {
             // Only a stored send feeds the limit's latency samples, as
@@ -339,7 +348,7 @@ impl SendStream {
             }
             state.answered(tag);
             let a = ack(tag, outcome);
-            self.count(&a, since);
+            self.count_traced(&a, since, trace.as_deref());
             acks.push(a);
         }
         state.in_flight.remove(&conversation);

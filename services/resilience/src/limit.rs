@@ -154,20 +154,20 @@ impl Limiter {
     pub fn render_metrics(&self, page: &mut chat_telemetry::metrics::Page, prefix: &str) {
         page.single(
             &format!("{prefix}_concurrency_limit"),
-            "gauge",
+            chat_telemetry::metrics::Kind::Gauge,
             "The adaptive concurrency limit now.",
             self.limit() as f64,
         );
         page.single(
             &format!("{prefix}_inflight_calls"),
-            "gauge",
+            chat_telemetry::metrics::Kind::Gauge,
             "Calls holding a place under the limit.",
             self.inflight() as f64,
         );
         let shed = format!("{prefix}_shed_total");
         page.family(
             &shed,
-            "counter",
+            chat_telemetry::metrics::Kind::Counter,
             "Calls refused by the concurrency limit, by criticality.",
         );
         for c in [

@@ -39,20 +39,20 @@ pub fn render_metrics(page: &mut chat_telemetry::metrics::Page, plan: Option<&Pl
     let weight = "chat_rollout_canary_weight_percent";
     page.family(
         weight,
-        "gauge",
+        chat_telemetry::metrics::Kind::Gauge,
         "Share of users sent to the canary routers.",
     );
     let labels = [("canary", p.canary.as_str()), ("state", state_name(p))];
     page.sample(weight, &labels, f64::from(p.weight));
     page.single(
         "chat_rollout_step",
-        "gauge",
+        chat_telemetry::metrics::Kind::Gauge,
         "Index of the rollout's current step.",
         f64::from(p.step),
     );
     page.single(
         "chat_rollout_failed_checks",
-        "gauge",
+        chat_telemetry::metrics::Kind::Gauge,
         "Failed analysis checks of the rollout.",
         f64::from(p.failed_checks),
     );

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use chat_resilience::limit::Limiter;
-use chat_telemetry::admin::{Handler, PROMETHEUS, Reply};
-use chat_telemetry::metrics::{Page, RpcMetrics};
+use chat_telemetry::admin::{Handler, METRICS, Reply};
+use chat_telemetry::metrics::{Kind, Page, RpcMetrics};
 
 use crate::directory::Directory;
 use crate::quorum::Quorum;
@@ -51,13 +51,13 @@ impl Handler for RouterAdmin {
         }
         page.single(
             "chat_router_online_users",
-            "gauge",
+            Kind::Gauge,
             "Users online at some gateway, by the session directory.",
             self.directory.online_users() as f64,
         );
         page.single(
             "chat_router_degraded",
-            "gauge",
+            Kind::Gauge,
             "1 while the store has no quorum and degraded mode is on.",
             if self.quorum.as_ref().is_some_and(|q| q.lost()) {
                 1.0
@@ -68,7 +68,7 @@ impl Handler for RouterAdmin {
         let views = self.store_view.views();
         page.family(
             "chat_router_store_replica_up",
-            "gauge",
+            Kind::Gauge,
             "Whether the router reaches each store replica and it serves.",
         );
         for v in &views {
@@ -79,6 +79,6 @@ impl Handler for RouterAdmin {
             );
         }
         chat_rollout::render_metrics(&mut page, self.rollout.plan().as_ref().map(|(_, p)| p));
-        Reply::ok(PROMETHEUS, page.finish())
+        Reply::ok(METRICS, page.finish())
     }
 }

@@ -1,8 +1,8 @@
 //! The store replica's admin endpoint: `/metrics` (Prometheus), from the
 //! driver's status report.
 
-use chat_telemetry::admin::{Handler, PROMETHEUS, Reply};
-use chat_telemetry::metrics::Page;
+use chat_telemetry::admin::{Handler, METRICS, Reply};
+use chat_telemetry::metrics::{Kind, Page};
 
 use crate::node::NodeHandle;
 
@@ -43,18 +43,18 @@ impl Handler for StoreAdminHttp {
         let Ok(Ok(r)) = report else {
             page.single(
                 "chat_store_up",
-                "gauge",
+                Kind::Gauge,
                 "Whether the raft driver answered this scrape.",
                 0.0,
             );
-            return Reply::ok(PROMETHEUS, page.finish());
+            return Reply::ok(METRICS, page.finish());
         };
         let s = &r.status;
         let g = |page: &mut Page, name: &str, help: &str, v: f64| {
-            page.single(name, "gauge", help, v);
+            page.single(name, Kind::Gauge, help, v);
         };
         let c = |page: &mut Page, name: &str, help: &str, v: u64| {
-            page.single(name, "counter", help, v as f64);
+            page.single(name, Kind::Counter, help, v as f64);
         };
         g(
             &mut page,
@@ -153,7 +153,7 @@ impl Handler for StoreAdminHttp {
         );
         page.single(
             "chat_store_sync_seconds_total",
-            "counter",
+            Kind::Counter,
             "Time spent flushing to disk (÷ syncs: mean flush latency).",
             st.sync_micros as f64 / 1e6,
         );
@@ -166,7 +166,7 @@ impl Handler for StoreAdminHttp {
         if s.role == raft::StateRole::Leader {
             page.family(
                 "chat_store_replica_lag_entries",
-                "gauge",
+                Kind::Gauge,
                 "On the leader: how far each replica's matched index trails the last index.",
             );
             for v in &r.replicas {
@@ -178,6 +178,6 @@ impl Handler for StoreAdminHttp {
                 );
             }
         }
-        Reply::ok(PROMETHEUS, page.finish())
+        Reply::ok(METRICS, page.finish())
     }
 }

@@ -51,8 +51,9 @@ impl Reply {
     }
 }
 
-/// Content type of the Prometheus text format.
-pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of the metrics page (OpenMetrics text, which Prometheus
+/// asks for and parses, exemplars included).
+pub const METRICS: &str = crate::metrics::CONTENT_TYPE;
 
 /// Answers a request path (query string removed).
 pub trait Handler: Send + Sync + 'static {
@@ -175,7 +176,7 @@ mod tests {
     impl Handler for Echo {
         async fn handle(&self, path: &str) -> Reply {
             match path {
-                "/metrics" => Reply::ok(PROMETHEUS, "up 1\n".into()),
+                "/metrics" => Reply::ok(METRICS, "up 1\n".into()),
                 p => Reply::not_found(p),
             }
         }

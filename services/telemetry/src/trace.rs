@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Instrument as _;
@@ -243,6 +243,8 @@ impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for Tra
 where
     S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -271,13 +273,36 @@ where
             messages = tracing::field::Empty,
         );
         let _ = span.set_parent(parent);
+        let trace = trace_id(&span).map(TraceId);
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)
-        };
-        Box::pin(fut.instrument(span))
+        }
+        .instrument(span);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            if let Some(t) = trace {
+                resp.extensions_mut().insert(t);
+            }
+            Ok(resp)
+        })
     }
 }
+
+/// The trace id of `span` in hex, when traces are exported.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    if !enabled() || span.is_none() {
+        return None;
+    }
+    let id = span.context().span().span_context().trace_id();
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+}
+
+/// The trace id of a call [`TraceLayer`] traced, in hex, left in the
+/// response's extensions for the layers around it (the metrics layer makes
+/// it an exemplar).
+#[derive(Clone, Debug)]
+pub struct TraceId(pub String);
 
 #[cfg(test)]
 mod tests {
