@@ -64,8 +64,8 @@ enum Cmd {
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
     EngineBench(engine_bench::Args),
-    /// The gateway's per-user rate check: its token buckets against the
-    /// governor crate's keyed limiter.
+    /// The gateway's per-user rate check (governor with the gateway's
+    /// bound on keys) against the governor crate's keyed limiter alone.
     BucketBench(bucket_bench::Args),
     /// Sends and deliveries through the whole cluster (`chatctl local up`).
     E2eBench(e2e_bench::Args),

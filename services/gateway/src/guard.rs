@@ -20,7 +20,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chat_auth::Keyring;
 use chat_resilience::bucket::{KeyedBuckets, Rate};
@@ -158,9 +158,8 @@ impl Admit for Guard {
     }
 
     fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Permit>, Status> {
-        let now = Instant::now();
         if let (Some(b), Some(ip)) = (&self.per_ip, peer_ip(parts)) {
-            b.check(&ip, now).map_err(|wait| {
+            b.check(&ip).map_err(|wait| {
                 self.limited_ip
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 over_limit(
@@ -176,7 +175,7 @@ impl Admit for Guard {
             return Ok(None);
         }
         let user = self.authenticate(&parts.headers)?;
-        self.check_user(&user.0, now)?;
+        self.check_user(&user.0)?;
         parts.extensions.insert(user);
         match criticality(method(parts)) {
             Some(c) => self.acquire(c),
@@ -188,11 +187,11 @@ impl Admit for Guard {
 impl Guard {
     /// Spends one call of `user`'s allowance (every call, and every send
     /// on a send stream).
-    pub fn check_user(&self, user: &str, now: Instant) -> Result<(), Status> {
+    pub fn check_user(&self, user: &str) -> Result<(), Status> {
         let Some(b) = &self.per_user else {
             return Ok(());
         };
-        b.check(user, now).map_err(|wait| {
+        b.check(user).map_err(|wait| {
             self.limited_user
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             over_limit(

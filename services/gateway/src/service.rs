@@ -92,16 +92,15 @@ impl SendChecks {
         }
         if let Some(q) = &self.byte_quota {
             let n = u32::try_from(r.body.len()).unwrap_or(u32::MAX);
-            q.check_n(user, n, std::time::Instant::now())
-                .map_err(|wait| {
-                    chat_resilience::over_limit(
-                        format!(
-                            "{user} sent more than {} message bytes a second; retry later",
-                            q.rate().per_second
-                        ),
-                        wait.min(crate::guard::MAX_RETRY_AFTER),
-                    )
-                })?;
+            q.check_n(user, n).map_err(|wait| {
+                chat_resilience::over_limit(
+                    format!(
+                        "{user} sent more than {} message bytes a second; retry later",
+                        q.rate().per_second
+                    ),
+                    wait.min(crate::guard::MAX_RETRY_AFTER),
+                )
+            })?;
         }
         Ok(spb::AppendRequest {
             conversation_id: r.conversation_id,

@@ -247,7 +247,7 @@ impl SendStream {
         let since = Instant::now();
         let append = self
             .guard
-            .check_user(user, since)
+            .check_user(user)
             .and_then(|()| self.sends.check(user, send))
             .map_err(|e| ack(tag, Err(e)))?;
         state.tags.insert(tag);
