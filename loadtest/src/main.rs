@@ -60,6 +60,10 @@ enum Cmd {
     /// refuse to start, the cluster keep serving, and the guarded rebuild
     /// bring it back with every acknowledged message (local only).
     CorruptReplica(scenario::Args),
+    /// A DDoS drill: well-behaved users keep sending while attackers on
+    /// other loopback addresses hit the public edge from --attack-at
+    /// (--attack KIND, repeatable; default every kind).
+    Flood(scenario::Args),
     /// Append throughput and latency of a local store group.
     StoreBench(store_bench::Args),
     /// One replica's write path (log + apply + sync) without network or raft.
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         Cmd::CanaryGoodRelease(args) => scenario(Scenario::CanaryGoodRelease, args),
         Cmd::Dr(args) => scenario(Scenario::Dr, args),
         Cmd::CorruptReplica(args) => scenario(Scenario::CorruptReplica, args),
+        Cmd::Flood(args) => scenario(Scenario::Flood, args),
         Cmd::StoreBench(args) => rt.block_on(store_bench::run(args)).map(|()| true),
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
         Cmd::BucketBench(args) => bucket_bench::run(args).map(|()| true),

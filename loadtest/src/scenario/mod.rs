@@ -10,6 +10,7 @@
 
 mod drill;
 pub mod fault;
+mod flood;
 mod report;
 mod rollout;
 mod target;
@@ -54,6 +55,8 @@ pub enum Scenario {
     Dr,
     /// A follower's files damaged under load, refused, rebuilt, rejoined.
     CorruptReplica,
+    /// Attacks on the public edge beside well-behaved users.
+    Flood,
 }
 
 impl Scenario {
@@ -68,6 +71,7 @@ impl Scenario {
             Scenario::CanaryGoodRelease => "canary-good-release",
             Scenario::Dr => "dr",
             Scenario::CorruptReplica => "corrupt-replica",
+            Scenario::Flood => "flood",
         }
     }
 
@@ -175,6 +179,37 @@ pub struct Args {
     /// third).
     #[arg(long)]
     drill_at: Option<f64>,
+
+    /// flood: an attack to run (repeatable; default: every one). Kinds:
+    /// hot-user, many-users, idle-connections, rapid-reset, malformed,
+    /// slow-readers.
+    #[arg(long = "attack", value_name = "KIND")]
+    attacks: Vec<String>,
+    /// flood: seconds into the load phase when the attacks start (default:
+    /// half); the users' service before it is the yardstick.
+    #[arg(long)]
+    attack_at: Option<f64>,
+    /// flood: the gateways' per-user call limit (calls a second). A local
+    /// cluster is started with it; for --compose or --gateways give the
+    /// deployment's. Attacks are paced from it.
+    #[arg(long, default_value_t = 20)]
+    user_limit: u32,
+    /// flood: the gateways' per-IP call limit (calls a second), as
+    /// --user-limit.
+    #[arg(long, default_value_t = 500)]
+    ip_limit: u32,
+    /// flood: the gateways' cap on connections from one IP, as
+    /// --user-limit.
+    #[arg(long, default_value_t = 500)]
+    connections_per_ip: u32,
+    /// flood SLO: the users' send→ack p99 under attack, as a multiple of
+    /// theirs before it.
+    #[arg(long, default_value_t = 2.0)]
+    max_p99_ratio: f64,
+    /// flood SLO (local target): the highest peak resident memory of a
+    /// gateway, MiB.
+    #[arg(long, default_value_t = 256.0)]
+    max_gateway_rss_mib: f64,
 
     /// canary-*: seconds into the load phase when the rollout starts and
     /// the canary router is started.
@@ -317,6 +352,32 @@ impl Args {
             anyhow::ensure!(
                 self.drill_at.is_none_or(|t| t >= 0.0 && t < self.duration),
                 "--drill-at must be within --duration"
+            );
+        }
+        if scenario == Scenario::Flood {
+            for a in &self.attacks {
+                anyhow::ensure!(
+                    flood::KINDS.iter().any(|(k, _)| k == a),
+                    "no attack named {a:?}; kinds: {}",
+                    flood::KINDS.map(|(k, _)| k).join(", ")
+                );
+            }
+            anyhow::ensure!(
+                self.attack_at
+                    .is_none_or(|t| t >= 1.0 && t + 2.0 <= self.duration),
+                "--attack-at must leave at least 1 s before it and 2 s after it within --duration"
+            );
+            anyhow::ensure!(
+                self.duration >= 4.0,
+                "flood needs --duration of at least 4 s (a yardstick before the attack, the attack after)"
+            );
+            anyhow::ensure!(
+                self.user_limit > 0 && self.ip_limit > 0 && self.connections_per_ip > 0,
+                "--user-limit, --ip-limit and --connections-per-ip must be above 0"
+            );
+            anyhow::ensure!(
+                self.max_p99_ratio > 0.0 && self.max_gateway_rss_mib > 0.0,
+                "--max-p99-ratio and --max-gateway-rss-mib must be above 0"
             );
         }
         if !self.gateways.is_empty() {
@@ -657,9 +718,20 @@ pub async fn run(scenario: Scenario, mut args: Args) -> anyhow::Result<bool> {
                 Vec::new()
             }
         };
+        // flood: the limits its attacks are paced from.
+        let limits = if scenario == Scenario::Flood {
+            vec![
+                format!("--user-rate={}", args.user_limit),
+                format!("--ip-rate={}", args.ip_limit),
+                format!("--max-connections-per-ip={}", args.connections_per_ip),
+            ]
+        } else {
+            Vec::new()
+        };
         let opts = LocalOptions {
             gateway_args: off()
                 .into_iter()
+                .chain(limits)
                 .chain(args.gateway_args.iter().cloned())
                 .collect(),
             router_args: off(),
@@ -937,11 +1009,40 @@ async fn exercise(
     ));
     let ticker = progress.start(ctx.clone(), load_start, probe_sends);
     let plan = Plan::new(scenario, args);
-    let (faults, mut fault_errors, rollout, mut drilled) = {
+    let flood_env = (scenario == Scenario::Flood).then(|| flood::Env {
+        gateway: ctx.gateways[0].clone(),
+        key: ctx.key.clone(),
+        ca: ctx.gateway_ca.clone(),
+        run: ctx.run.clone(),
+        user_limit: args.user_limit,
+        ip_limit: args.ip_limit,
+        connections_per_ip: args.connections_per_ip,
+    });
+    let attack_at = args.attack_at.unwrap_or(args.duration / 2.0);
+    let attack_kinds: Vec<String> = if args.attacks.is_empty() {
+        flood::KINDS.iter().map(|(k, _)| (*k).to_owned()).collect()
+    } else {
+        args.attacks.clone()
+    };
+    let ((faults, mut fault_errors, rollout, mut drilled), attacks) = {
         let traffic = drive(ctx, load, load_start, args.duration);
         let controller = control(target, ctx, &plan, load_start, args, &storm_tx);
-        let ((), out) = tokio::join!(traffic, controller);
-        out
+        let attackers = async {
+            match &flood_env {
+                Some(env) => Some(
+                    flood::run(
+                        env,
+                        &attack_kinds,
+                        load_start + Duration::from_secs_f64(attack_at),
+                        load_start + Duration::from_secs_f64(args.duration),
+                    )
+                    .await,
+                ),
+                None => None,
+            }
+        };
+        let ((), out, attacks) = tokio::join!(traffic, controller, attackers);
+        (out, attacks)
     };
     ticker.abort();
     let peak_rss_mib = target.peak_rss_mib();
@@ -1042,6 +1143,8 @@ async fn exercise(
     };
     let v = verify::verify(&input);
     let drill = drill::summarize(&drilled, &sends, stored_ks.as_ref(), load_start_us);
+    let flood =
+        attacks.map(|a| flood::summarize(&sends, load_start_us, attack_at, args, a, &peak_rss_mib));
     Ok(Report::build(report::BuildArgs {
         scenario: scenario.name(),
         target: target.describe(),
@@ -1064,6 +1167,7 @@ async fn exercise(
         peak_rss_mib,
         rollout,
         drill,
+        flood,
         users: &ctx.users,
     }))
 }

@@ -209,6 +209,9 @@ pub struct Report {
     pub rollout: Option<RolloutSummary>,
     /// dr, corrupt-replica: what the drill did and found.
     pub drill: super::drill::DrillSummary,
+    /// flood: the users' service before and under attack, and the attacks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<super::flood::Summary>,
     /// Things that went wrong around the load (a fault that could not be
     /// injected, a read-back that failed, ...).
     pub notes: Vec<String>,
@@ -234,6 +237,7 @@ pub struct BuildArgs<'a> {
     pub peak_rss_mib: BTreeMap<String, f64>,
     pub rollout: Option<RolloutRecord>,
     pub drill: super::drill::DrillSummary,
+    pub flood: Option<super::flood::Summary>,
     /// User ids by index (for the canary assignment).
     pub users: &'a [String],
 }
@@ -493,6 +497,9 @@ impl Report {
             slo.extend(super::rollout::slos(r, b.scenario == "canary-bad-release"));
         }
         slo.extend(super::drill::slos(&b.drill));
+        if let Some(f) = &b.flood {
+            slo.extend(super::flood::slos(f));
+        }
         // A drill whose fault was never injected proves nothing.
         slo.insert(
             "drill_carried_out".into(),
@@ -661,6 +668,7 @@ impl Report {
             slo,
             rollout,
             drill: b.drill,
+            flood: b.flood,
             notes: b
                 .notes
                 .into_iter()
@@ -774,6 +782,9 @@ impl Report {
             );
         }
         for l in super::drill::lines(&self.drill) {
+            let _ = writeln!(s, "{l}");
+        }
+        for l in self.flood.iter().flat_map(super::flood::lines) {
             let _ = writeln!(s, "{l}");
         }
         for n in &self.notes {
@@ -948,6 +959,12 @@ impl Report {
         if !drill.is_empty() {
             let _ = writeln!(m, "\n## Drill\n");
             for l in drill {
+                let _ = writeln!(m, "- {l}");
+            }
+        }
+        if let Some(f) = &self.flood {
+            let _ = writeln!(m, "\n## Attacks\n");
+            for l in super::flood::lines(f) {
                 let _ = writeln!(m, "- {l}");
             }
         }

@@ -30,8 +30,18 @@ pub const PUSH_QUEUE: usize = 4_096;
 /// subscriber that reads slowly holds at most this much of the gateway's
 /// memory in pushes (the sweep recovers what was dropped).
 pub const PUSH_BYTES: usize = 4 << 20;
-/// Events buffered towards one client.
-pub const OUT_QUEUE: usize = 1_024;
+/// Message body bytes queued in pushes across every session of a gateway:
+/// past it, a session holding more than `PUSH_FLOOR` gets no more pushes
+/// until it reads, so many slow readers together hold at most this much
+/// (plus their floors); a session that keeps up, and so holds less than its
+/// floor, is never refused for the others.
+pub const PUSH_BYTES_TOTAL: usize = 64 << 20;
+/// What a session may always queue, whatever the others hold.
+pub const PUSH_FLOOR: usize = 256 << 10;
+/// Events buffered towards one client, ready to be written (each up to a
+/// message body): small, so a client that stops reading stops its session
+/// after a few messages and the bounded push queue takes the rest.
+pub const OUT_QUEUE: usize = 16;
 /// Page size of catch-up reads.
 const PAGE: u32 = 1_000;
 /// How long a session holds a message that arrived ahead of a missing seq,
@@ -66,23 +76,52 @@ impl Push {
     }
 }
 
+/// Message bytes queued in every session's pushes together, and the most
+/// allowed past the sessions' floors.
+pub struct PushBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl PushBudget {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Bytes queued in pushes now, in all sessions.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 /// The sending side of a session's push queue, bounded in count
-/// (`PUSH_QUEUE`) and in message bytes (`PUSH_BYTES`); never waits.
+/// (`PUSH_QUEUE`), in message bytes (`PUSH_BYTES`) and, past its floor, by
+/// the gateway's budget (`PUSH_BYTES_TOTAL`); never waits.
 #[derive(Clone)]
 pub struct PushSender {
     tx: mpsc::Sender<Push>,
     bytes: Arc<AtomicUsize>,
     max_bytes: usize,
+    budget: Arc<PushBudget>,
 }
 
 /// The receiving side, which gives the bytes back as it takes pushes.
 pub struct PushReceiver {
     rx: mpsc::Receiver<Push>,
     bytes: Arc<AtomicUsize>,
+    budget: Arc<PushBudget>,
 }
 
-/// A push queue of `capacity` pushes and `max_bytes` message bytes.
-pub fn push_queue(capacity: usize, max_bytes: usize) -> (PushSender, PushReceiver) {
+/// A push queue of `capacity` pushes and `max_bytes` message bytes, which
+/// past `PUSH_FLOOR` bytes also draws on `budget`.
+pub fn push_queue(
+    capacity: usize,
+    max_bytes: usize,
+    budget: Arc<PushBudget>,
+) -> (PushSender, PushReceiver) {
     let (tx, rx) = mpsc::channel(capacity);
     let bytes = Arc::new(AtomicUsize::new(0));
     (
@@ -90,33 +129,60 @@ pub fn push_queue(capacity: usize, max_bytes: usize) -> (PushSender, PushReceive
             tx,
             bytes: bytes.clone(),
             max_bytes,
+            budget: budget.clone(),
         },
-        PushReceiver { rx, bytes },
+        PushReceiver { rx, bytes, budget },
     )
 }
 
 impl PushSender {
-    /// Queues `p` unless the queue is full in count or bytes (then it is
+    /// Queues `p` unless the queue is full in count or bytes, or holds more
+    /// than its floor while the gateway's budget is spent (then it is
     /// dropped: the session's sweep reads it from the store later).
     pub fn try_send(&self, p: Push) -> bool {
         let n = p.bytes();
-        if n > 0 && self.bytes.fetch_add(n, Ordering::AcqRel) + n > self.max_bytes {
-            self.bytes.fetch_sub(n, Ordering::AcqRel);
-            return false;
+        if n > 0 {
+            let mine = self.bytes.fetch_add(n, Ordering::AcqRel) + n;
+            let all = self.budget.used.fetch_add(n, Ordering::AcqRel) + n;
+            if mine > self.max_bytes || (mine > PUSH_FLOOR && all > self.budget.max) {
+                self.give_back(n);
+                return false;
+            }
         }
         if self.tx.try_send(p).is_err() {
-            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            self.give_back(n);
             return false;
         }
         true
+    }
+
+    fn give_back(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.budget.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
 impl PushReceiver {
     pub async fn recv(&mut self) -> Option<Push> {
         let p = self.rx.recv().await?;
-        self.bytes.fetch_sub(p.bytes(), Ordering::AcqRel);
+        self.release(&p);
         Some(p)
+    }
+
+    fn release(&self, p: &Push) {
+        let n = p.bytes();
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.budget.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Drop for PushReceiver {
+    /// A session that ends gives back what its queue still held.
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(p) = self.rx.try_recv() {
+            self.release(&p);
+        }
     }
 }
 
@@ -124,7 +190,6 @@ impl PushReceiver {
 type SessionQueue = (u64, PushSender);
 
 /// The sessions of this gateway, by user.
-#[derive(Default)]
 pub struct Sessions {
     by_user: Mutex<HashMap<String, Vec<SessionQueue>>>,
     next: AtomicU64,
@@ -138,6 +203,22 @@ pub struct Sessions {
     /// `SendStream` streams open (they are not sessions: nothing is pushed
     /// to them but their acks).
     send_streams: AtomicU64,
+    /// Bytes queued in every session's pushes.
+    pub push_budget: Arc<PushBudget>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            by_user: Mutex::default(),
+            next: AtomicU64::default(),
+            changed: Notify::default(),
+            status: Mutex::default(),
+            incidents: Mutex::default(),
+            send_streams: AtomicU64::default(),
+            push_budget: PushBudget::new(PUSH_BYTES_TOTAL),
+        }
+    }
 }
 
 /// Counts a send stream as open while it lives.
@@ -165,7 +246,7 @@ impl Sessions {
     /// check and the opening are one step, so concurrent subscribes cannot
     /// pass the cap together.
     pub fn open(&self, user: &str, max: usize) -> Option<(u64, PushReceiver)> {
-        let (tx, rx) = push_queue(PUSH_QUEUE, PUSH_BYTES);
+        let (tx, rx) = push_queue(PUSH_QUEUE, PUSH_BYTES, self.push_budget.clone());
         // A new subscriber learns at once what is degraded now.
         if let Some(s) = self.status().filter(|s| s.state != STATE_OK) {
             let _ = tx.try_send(Push::Status(s));
@@ -584,7 +665,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_holds_at_most_its_byte_budget_of_pushes() {
-        let (tx, mut rx) = push_queue(100, 1_000);
+        let (tx, mut rx) = push_queue(100, 1_000, PushBudget::new(PUSH_BYTES_TOTAL));
         let big = |seq| {
             Push::Message(spb::StoredMessage {
                 body: vec![0; 400],
@@ -606,6 +687,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn slow_subscribers_together_hold_at_most_the_gateways_budget_past_their_floors() {
+        let body = PUSH_FLOOR / 4;
+        let push = || {
+            Push::Message(spb::StoredMessage {
+                body: vec![0; body],
+                ..msg(1)
+            })
+        };
+        // A budget of two floors and a bit; per-session caps far above.
+        let budget = PushBudget::new(2 * PUSH_FLOOR + body);
+        let slow: Vec<_> = (0..3)
+            .map(|_| push_queue(1_000, 100 * PUSH_FLOOR, budget.clone()))
+            .collect();
+        // Every slow session fills its floor, whatever the budget says.
+        for (tx, _) in &slow {
+            for _ in 0..4 {
+                assert!(tx.try_send(push()));
+            }
+        }
+        assert_eq!(budget.used(), 3 * PUSH_FLOOR);
+        // Past their floors the budget is spent: refused.
+        for (tx, _) in &slow {
+            assert!(!tx.try_send(push()), "past the floor with the budget spent");
+        }
+        assert_eq!(budget.used(), 3 * PUSH_FLOOR, "refusals give back");
+        // A session that keeps up still gets its pushes.
+        let (tx, mut rx) = push_queue(1_000, 100 * PUSH_FLOOR, budget.clone());
+        for _ in 0..10 {
+            assert!(tx.try_send(push()));
+            assert!(rx.recv().await.is_some());
+        }
+        // A slow reader that reads frees room for the others, and one
+        // that goes away gives back what it held.
+        let mut slow = slow.into_iter();
+        let (_tx0, mut rx0) = slow.next().expect("three");
+        for _ in 0..4 {
+            assert!(rx0.recv().await.is_some());
+        }
+        assert_eq!(budget.used(), 2 * PUSH_FLOOR);
+        let (tx1, rx1) = slow.next().expect("three");
+        assert!(tx1.try_send(push()), "room again");
+        drop(rx1);
+        assert_eq!(
+            budget.used(),
+            PUSH_FLOOR,
+            "the closed session's bytes are back"
+        );
+        assert!(!tx1.try_send(push()), "nobody reads it any more");
+        assert_eq!(budget.used(), PUSH_FLOOR);
+    }
+
+    #[tokio::test]
     async fn pushes_that_cross_are_delivered_in_order_once_without_store_reads() {
         // No router is reachable: any store read would fail, and the
         // messages could then only arrive through the reorder buffer.
@@ -618,7 +751,7 @@ mod tests {
             .unwrap(),
         );
         let (out, mut rx) = mpsc::channel(16);
-        let (push_tx, pushes) = push_queue(16, PUSH_BYTES);
+        let (push_tx, pushes) = push_queue(16, PUSH_BYTES, PushBudget::new(PUSH_BYTES_TOTAL));
         let session = Session {
             user: "b".into(),
             cursors: HashMap::from([("c".to_string(), 0)]),

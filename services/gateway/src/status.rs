@@ -309,6 +309,12 @@ impl GatewayAdmin {
             self.sessions.count() as f64,
         );
         page.single(
+            "chat_gateway_push_queued_bytes",
+            Kind::Gauge,
+            "Message bytes queued for subscribers, every session together (bounded past each session's floor).",
+            self.sessions.push_budget.used() as f64,
+        );
+        page.single(
             "chat_gateway_send_streams",
             Kind::Gauge,
             "SendStream streams open on this gateway.",
