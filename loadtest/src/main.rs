@@ -10,6 +10,7 @@
 
 mod backup_bench;
 mod bucket_bench;
+mod connections;
 mod cpu;
 mod e2e_bench;
 mod engine_bench;
@@ -71,6 +72,10 @@ enum Cmd {
     /// The gateway's per-user rate check (governor with the gateway's
     /// bound on keys) against the governor crate's keyed limiter alone.
     BucketBench(bucket_bench::Args),
+    /// Many mostly idle subscribers on one gateway: its memory and
+    /// descriptors per client, accept rate, delivery latency at that count,
+    /// and every client back after a gateway restart.
+    Connections(connections::Args),
     /// Sends and deliveries through the whole cluster (`chatctl local up`).
     E2eBench(e2e_bench::Args),
     /// A replica whose disk was wiped rejoining a store of --gib GiB.
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
         Cmd::EngineBench(args) => engine_bench::run(args).map(|()| true),
         Cmd::BucketBench(args) => bucket_bench::run(args).map(|()| true),
         Cmd::E2eBench(args) => rt.block_on(e2e_bench::run(args)).map(|()| true),
+        Cmd::Connections(args) => rt.block_on(connections::run(args)).map(|()| true),
         Cmd::RejoinBench(args) => rt.block_on(rejoin_bench::run(args)).map(|()| true),
         Cmd::BackupBench(args) => rt.block_on(backup_bench::run(args)).map(|()| true),
     };

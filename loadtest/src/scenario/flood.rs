@@ -987,3 +987,83 @@ pub fn lines(s: &Summary) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(intended_ms: u64, took_ms: u64) -> super::super::SendRecord {
+        super::super::SendRecord {
+            conv: 0,
+            sender: 0,
+            k: intended_ms,
+            intended_us: intended_ms * 1000,
+            started_us: intended_ms * 1000,
+            done_us: (intended_ms + took_ms) * 1000,
+            outcome: Ok(1),
+        }
+    }
+
+    #[test]
+    fn users_under_attack_are_compared_with_themselves_before_it() {
+        // 100 sends a second for 10 s: 5 ms each before 5 s; from 5 s one in
+        // ten takes 50 ms and one in five is refused.
+        let mut sends = Vec::new();
+        for i in 0..1_000u64 {
+            let t = i * 10;
+            if t < 5_000 {
+                sends.push(acked(t, 5));
+            } else if i % 5 == 0 {
+                sends.push(super::super::SendRecord {
+                    outcome: Err(tonic::Code::ResourceExhausted),
+                    ..acked(t, 1)
+                });
+            } else {
+                sends.push(acked(t, if i % 10 == 1 { 50 } else { 5 }));
+            }
+        }
+        let (before, p99_before) = window(&sends, 1_000_000, 5_000_000);
+        let (during, p99_during) = window(&sends, 6_000_000, 10_000_000);
+        assert_eq!((before, p99_before), (100.0, 5.0));
+        assert_eq!((during, p99_during), (80.0, 50.0));
+    }
+
+    #[test]
+    fn an_attack_is_judged_by_how_the_gateway_answered_it() {
+        let env = Env {
+            gateway: "127.0.0.1:1".into(),
+            key: chat_auth::TokenKey::new(b"0123456789abcdef0123456789abcdef".to_vec())
+                .expect("a key"),
+            ca: None,
+            run: "t".into(),
+            user_limit: 10,
+            ip_limit: 100,
+            connections_per_ip: 5,
+        };
+        // A user over its limit: refused, and no more taken on than the
+        // limit allows over 10 s.
+        let c = Counts::default();
+        for _ in 0..100 {
+            c.ok();
+        }
+        c.refused("ResourceExhausted");
+        assert!(judge(&env, "hot-user", 10.0, &c).1);
+        for _ in 0..100 {
+            c.ok();
+        }
+        assert!(!judge(&env, "hot-user", 10.0, &c).1, "200 taken on at 10/s");
+        // Broken requests: any taken on, or left hanging, is a miss.
+        let m = Counts::default();
+        m.attempt();
+        m.refused("Internal");
+        assert!(judge(&env, "malformed", 10.0, &m).1);
+        m.refused("held open");
+        assert!(!judge(&env, "malformed", 10.0, &m).1);
+        // Idle connections: some must be closed at once past the cap.
+        let i = Counts::default();
+        i.ok();
+        assert!(!judge(&env, "idle-connections", 10.0, &i).1);
+        i.refused("closed at once");
+        assert!(judge(&env, "idle-connections", 10.0, &i).1);
+    }
+}

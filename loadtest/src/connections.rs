@@ -1,0 +1,427 @@
+//! `connections`: very many mostly idle subscribers on one gateway. Each
+//! client is its own HTTP/2 connection with a Subscribe stream, spread over
+//! source addresses of 127.0.0.0/8 (the gateway caps connections per IP and
+//! one address has ≈ 28,000 ports). It reports the gateway's resident
+//! memory and open descriptors at each step of clients, the rate they were
+//! accepted at, send→delivery latency to a sample of them at full count,
+//! and, after the gateway is restarted, how long until every client is
+//! subscribed again, checking that the sample missed nothing sent while it
+//! was down.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use chat_proto::chat::v1 as cpb;
+use chatctl::local::{LocalCluster, LocalOptions};
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Subscribed clients in all after each step.
+    #[arg(long, value_delimiter = ',', default_value = "10000,25000,50000")]
+    steps: Vec<usize>,
+    /// Clients that are members of a conversation that gets messages:
+    /// delivery latency is measured on them, and that they miss nothing
+    /// across the gateway's restart.
+    #[arg(long, default_value_t = 200)]
+    sample: usize,
+    /// Clients per source address (under the gateway's per-IP cap).
+    #[arg(long, default_value_t = 5_000)]
+    per_address: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    opening: usize,
+    /// Leave out the gateway restart.
+    #[arg(long)]
+    no_restart: bool,
+}
+
+/// What the clients share with the run.
+#[derive(Default)]
+struct Shared {
+    subscribed: AtomicUsize,
+    /// Sample clients' deliveries: client message id -> when it arrived.
+    arrived: Mutex<HashMap<String, Instant>>,
+    /// Sample clients' last seq per conversation (their resume cursors).
+    cursors: Mutex<HashMap<String, u64>>,
+}
+
+fn source(i: usize, per_address: usize) -> IpAddr {
+    let a = i / per_address.max(1);
+    IpAddr::V4(Ipv4Addr::new(127, 1, (a / 250) as u8, (a % 250 + 1) as u8))
+}
+
+/// Lifts this process's open-file limit to what `n` connections need (the
+/// cluster's processes, started after, inherit it).
+fn raise_fd_limit(n: u64) -> anyhow::Result<u64> {
+    let want = n + 4_096;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        anyhow::ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0,
+            "getrlimit failed"
+        );
+        if lim.rlim_cur < want {
+            let hard = lim.rlim_max;
+            lim.rlim_max = hard.max(want);
+            lim.rlim_cur = want;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                anyhow::bail!(
+                    "{n} clients need an open-file limit of {want}; the hard limit is {hard} and this process may not raise it (ulimit -Hn, or fewer --steps)"
+                );
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+fn gateway_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("run").join("gateway-1"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The gateway's resident memory (KiB) and open descriptors.
+fn gateway_usage(dir: &Path) -> (u64, usize) {
+    let Some(pid) = gateway_pid(dir) else {
+        return (0, 0);
+    };
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    (rss, fds)
+}
+
+/// One client: connects, subscribes (with its cursors), reads until the
+/// stream ends, and does it again after a jittered pause, until `stop`.
+async fn client(
+    gateway: SocketAddr,
+    src: IpAddr,
+    token: String,
+    sample: bool,
+    shared: Arc<Shared>,
+    first: Option<tokio::sync::OwnedSemaphorePermit>,
+    stop: CancellationToken,
+) {
+    let mut first = first;
+    while !stop.is_cancelled() {
+        if let Ok(body) = subscribe(gateway, src, &token, sample, &shared).await {
+            drop(first.take());
+            shared.subscribed.fetch_add(1, Relaxed);
+            tokio::select! {
+                () = read(body, sample, &shared) => {}
+                () = stop.cancelled() => {}
+            }
+            shared.subscribed.fetch_sub(1, Relaxed);
+        }
+        let pause = Duration::from_millis(200 + rand::random::<u64>() % 1_800);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+}
+
+async fn subscribe(
+    gateway: SocketAddr,
+    src: IpAddr,
+    token: &str,
+    sample: bool,
+    shared: &Shared,
+) -> anyhow::Result<h2::RecvStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(src, 0))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), s.connect(gateway)).await??;
+    tcp.set_nodelay(true)?;
+    let (h2, conn) = h2::client::handshake(tcp).await?;
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await?;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{gateway}/chat.v1.Chat/Subscribe"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", token)
+        .body(())?;
+    let (response, mut stream) = h2.send_request(req, false)?;
+    let cursors = if sample {
+        shared
+            .cursors
+            .lock()
+            .expect("cursors poisoned")
+            .iter()
+            .map(|(c, &seq)| cpb::Cursor {
+                conversation_id: c.clone(),
+                last_seq: seq,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let msg = cpb::SubscribeRequest { cursors }.encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + msg.len());
+    frame.push(0);
+    frame.extend_from_slice(&u32::try_from(msg.len())?.to_be_bytes());
+    frame.extend_from_slice(&msg);
+    stream.send_data(Bytes::from(frame), true)?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), response).await??;
+    anyhow::ensure!(
+        resp.status() == http::StatusCode::OK && !resp.headers().contains_key("grpc-status"),
+        "refused: {:?}",
+        resp.headers().get("grpc-message")
+    );
+    Ok(resp.into_body())
+}
+
+/// Reads events until the stream ends; a sample client notes its messages.
+async fn read(mut body: h2::RecvStream, sample: bool, shared: &Shared) {
+    let mut buf = BytesMut::new();
+    while let Some(Ok(data)) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.len());
+        if !sample {
+            continue;
+        }
+        buf.extend_from_slice(&data);
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 5 + len {
+                break;
+            }
+            buf.advance(5);
+            let msg = buf.split_to(len);
+            if let Ok(cpb::Event {
+                kind: Some(cpb::event::Kind::Message(m)),
+            }) = cpb::Event::decode(msg.freeze())
+            {
+                let now = Instant::now();
+                shared
+                    .arrived
+                    .lock()
+                    .expect("arrived poisoned")
+                    .entry(m.client_msg_id)
+                    .or_insert(now);
+                let mut c = shared.cursors.lock().expect("cursors poisoned");
+                let e = c.entry(m.conversation_id).or_insert(0);
+                *e = (*e).max(m.seq);
+            }
+        }
+    }
+}
+
+async fn wait_until(
+    what: &str,
+    within: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    while !done() {
+        anyhow::ensure!(t0.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Sends one message to each sample conversation through the other
+/// gateway; returns the client message ids with their send times.
+async fn send_round(
+    sender: &chat_client::ChatClient,
+    sample: usize,
+    round: &str,
+) -> anyhow::Result<Vec<(String, Instant)>> {
+    let sends = (0..sample).map(|j| async move {
+        let cmid = format!("{round}-{j}");
+        let at = Instant::now();
+        sender
+            .send(&format!("conn-{j}"), &cmid, b"hello".to_vec())
+            .await
+            .map_err(|s| anyhow::anyhow!("send: {:?}: {}", s.code(), s.message()))?;
+        Ok::<_, anyhow::Error>((cmid, at))
+    });
+    futures::future::try_join_all(sends).await
+}
+
+fn latencies(sent: &[(String, Instant)], shared: &Shared) -> (Vec<Duration>, usize) {
+    let arrived = shared.arrived.lock().expect("arrived poisoned");
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(c, at)| arrived.get(c).map(|t| t.saturating_duration_since(*at)))
+        .collect();
+    lat.sort();
+    let missing = sent.len() - lat.len();
+    (lat, missing)
+}
+
+fn pct(lat: &[Duration], p: f64) -> f64 {
+    if lat.is_empty() {
+        return 0.0;
+    }
+    let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+    lat[i].as_secs_f64() * 1000.0
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let total = *args.steps.iter().max().unwrap_or(&0);
+    anyhow::ensure!(total > 0, "--steps must name at least one count");
+    anyhow::ensure!(
+        args.sample <= args.steps[0] && args.per_address > 0 && args.opening > 0,
+        "--sample must fit in the first step; --per-address and --opening above 0"
+    );
+    // One descriptor per client here; the gateway, started after, inherits
+    // the limit and needs one per client too.
+    let limit = raise_fd_limit(total as u64)?;
+    println!("connections: open-file limit {limit}");
+    let dir = tempfile::tempdir()?;
+    let bin_dir = crate::sibling_binary(None, "chatctl")?
+        .parent()
+        .map(Path::to_path_buf);
+    let opts = LocalOptions {
+        dir: dir.path().to_owned(),
+        base_port: 0,
+        bin_dir,
+        ..LocalOptions::default()
+    };
+    let mut cluster = LocalCluster::start(&opts)?;
+    cluster.wait_healthy(Duration::from_secs(60)).await?;
+    let result = measure(&args, &mut cluster, dir.path()).await;
+    cluster.shutdown(Duration::from_secs(5)).await;
+    result
+}
+
+async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow::Result<()> {
+    let key = chat_auth::TokenKey::new(cluster.key.clone().into_bytes())?;
+    let gateway: SocketAddr = cluster.gateways[0].parse()?;
+    let sender = chat_client::ChatClient::new(
+        vec![cluster.gateways[1].clone()],
+        &key.sign_for("conn-sender", 24 * 3600),
+        Duration::from_secs(30),
+    )
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    for j in 0..args.sample {
+        sender
+            .create_conversation(&format!("conn-{j}"), &[format!("conn-user-{j}")])
+            .await
+            .map_err(|s| anyhow::anyhow!("create: {:?}: {}", s.code(), s.message()))?;
+    }
+    let shared = Arc::new(Shared::default());
+    let stop = CancellationToken::new();
+    let opening = Arc::new(tokio::sync::Semaphore::new(args.opening));
+    let (rss0, fds0) = gateway_usage(dir);
+    println!(
+        "connections: gateway-1 at {gateway}, before any client: RSS {:.1} MiB, {fds0} descriptors",
+        rss0 as f64 / 1024.0
+    );
+    println!(
+        "| clients | gateway RSS MiB | KiB per client since start | descriptors | accepted/s in the step |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let mut opened = 0;
+    let mut tasks = tokio::task::JoinSet::new();
+    for &step in &args.steps {
+        let t0 = Instant::now();
+        let from = opened;
+        while opened < step {
+            let permit = opening.clone().acquire_owned().await?;
+            let token = format!(
+                "Bearer {}",
+                key.sign_for(&format!("conn-user-{opened}"), 24 * 3600)
+            );
+            tasks.spawn(client(
+                gateway,
+                source(opened, args.per_address),
+                token,
+                opened < args.sample,
+                shared.clone(),
+                Some(permit),
+                stop.clone(),
+            ));
+            opened += 1;
+        }
+        let s = shared.clone();
+        wait_until("every client subscribed", Duration::from_secs(600), || {
+            s.subscribed.load(Relaxed) >= step
+        })
+        .await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let (rss, fds) = gateway_usage(dir);
+        println!(
+            "| {step} | {:.1} | {:.1} | {fds} | {:.0} |",
+            rss as f64 / 1024.0,
+            rss.saturating_sub(rss0) as f64 / step as f64,
+            (step - from) as f64 / secs
+        );
+    }
+
+    // Delivery at full count.
+    let sent = send_round(&sender, args.sample, "live").await?;
+    let s = shared.clone();
+    let wanted: HashSet<String> = sent.iter().map(|(c, _)| c.clone()).collect();
+    let _ = wait_until("every sample delivery", Duration::from_secs(30), || {
+        let a = s.arrived.lock().expect("arrived poisoned");
+        wanted.iter().all(|c| a.contains_key(c))
+    })
+    .await;
+    let (lat, missing) = latencies(&sent, &shared);
+    println!(
+        "send→delivery with {opened} subscribed, {} sample messages: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {missing} not delivered",
+        sent.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 1.0)
+    );
+
+    if !args.no_restart {
+        cluster.stop("gateway-1", Duration::from_secs(10)).await?;
+        let s = shared.clone();
+        wait_until("every stream ended", Duration::from_secs(60), || {
+            s.subscribed.load(Relaxed) == 0
+        })
+        .await?;
+        let during = send_round(&sender, args.sample, "outage").await?;
+        cluster.restart("gateway-1")?;
+        let s = shared.clone();
+        let back = wait_until(
+            "every client subscribed again",
+            Duration::from_secs(900),
+            || s.subscribed.load(Relaxed) >= opened,
+        )
+        .await?;
+        let s = shared.clone();
+        let wanted: HashSet<String> = during.iter().map(|(c, _)| c.clone()).collect();
+        let _ = wait_until("the outage's messages", Duration::from_secs(60), || {
+            let a = s.arrived.lock().expect("arrived poisoned");
+            wanted.iter().all(|c| a.contains_key(c))
+        })
+        .await;
+        let (_, missed) = latencies(&during, &shared);
+        let (rss, fds) = gateway_usage(dir);
+        println!(
+            "gateway-1 restarted: all {opened} clients subscribed again {:.1} s after the restart ({:.0}/s); {missed} of {} messages sent while it was down missed; gateway RSS {:.1} MiB, {fds} descriptors",
+            back.as_secs_f64(),
+            opened as f64 / back.as_secs_f64().max(0.001),
+            during.len(),
+            rss as f64 / 1024.0
+        );
+    }
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
