@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("chat_descriptor.bin"))
         .bytes(".chat.store.log.v1.Append.body")
+        .codec_path("crate::codec::LeanCodec")
         .compile_protos(&paths, &[root])?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use chat_resilience::deadline;
 
 use crate::batcher::SendBatcher;
 use crate::routers::{RouterPool, via_router};
-use crate::sessions::{OUT_QUEUE, Push, Session, Sessions};
+use crate::sessions::{OUT_QUEUE, Outgoing, Push, Session, Sessions};
 
 /// The authenticated user of a request, set by the [`crate::guard::Guard`],
 /// and when their token expires (unix seconds).
@@ -169,7 +169,8 @@ impl Chat for ChatApi {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    type SubscribeStream = ReceiverStream<Result<cpb::Event, Status>>;
+    type SubscribeStream =
+        futures::stream::Map<ReceiverStream<Outgoing>, fn(Outgoing) -> Result<cpb::Event, Status>>;
 
     async fn subscribe(
         &self,
@@ -209,7 +210,11 @@ impl Chat for ChatApi {
             session.run(pushes).await;
             sessions.close(&user, id);
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let unbox: fn(Outgoing) -> Result<cpb::Event, Status> = crate::sessions::unbox;
+        Ok(Response::new(futures::StreamExt::map(
+            ReceiverStream::new(rx),
+            unbox,
+        )))
     }
 
     async fn history(
@@ -380,16 +385,20 @@ impl GatewayDelivery for DeliveryApi {
         request: Request<rpb::DeliverRequest>,
     ) -> Result<Response<rpb::DeliverResponse>, Status> {
         for item in request.into_inner().items {
-            let Some(kind) = item.kind else { continue };
-            for user in &item.user_ids {
-                match &kind {
-                    rpb::delivery::Kind::Message(m) => {
-                        self.sessions.push(user, || Push::Message(m.clone()))
-                    }
-                    rpb::delivery::Kind::Typing(t) => {
-                        self.sessions.push(user, || Push::Typing(t.clone()))
-                    }
+            // One copy, shared by every session it goes to.
+            let make: Box<dyn Fn() -> Push> = match item.kind {
+                Some(rpb::delivery::Kind::Message(m)) => {
+                    let m = Arc::new(m);
+                    Box::new(move || Push::Message(m.clone()))
                 }
+                Some(rpb::delivery::Kind::Typing(t)) => {
+                    let t = Arc::new(t);
+                    Box::new(move || Push::Typing(t.clone()))
+                }
+                None => continue,
+            };
+            for user in &item.user_ids {
+                self.sessions.push(user, &make);
             }
         }
         Ok(Response::new(rpb::DeliverResponse {}))

@@ -54,16 +54,29 @@ const MAX_TOKEN_WAIT_SECS: u64 = 365 * 86_400;
 /// Most messages held per conversation while waiting for a gap.
 const MAX_HELD: usize = 1_024;
 
+/// An event on its way to a subscriber, boxed so that the slots of a
+/// session's outgoing channel are small while it is empty.
+pub type Outgoing = Box<Result<cpb::Event, Status>>;
+
+/// What the subscriber's stream yields.
+pub fn unbox(o: Outgoing) -> Result<cpb::Event, Status> {
+    *o
+}
+
 /// Messages pushed ahead of a gap in one conversation, and since when.
 type Held = (
     tokio::time::Instant,
     std::collections::BTreeMap<u64, spb::StoredMessage>,
 );
 
+/// What is pushed to a session. A message or typing event is one
+/// allocation shared by every session it goes to (each takes its own copy
+/// only when it writes it out), and a push is small, so a session's queue
+/// costs little while it is empty.
 pub enum Push {
-    Message(spb::StoredMessage),
-    Typing(rpb::TypingEvent),
-    Status(cpb::StatusEvent),
+    Message(Arc<spb::StoredMessage>),
+    Typing(Arc<rpb::TypingEvent>),
+    Status(Box<cpb::StatusEvent>),
 }
 
 impl Push {
@@ -249,11 +262,14 @@ impl Sessions {
         let (tx, rx) = push_queue(PUSH_QUEUE, PUSH_BYTES, self.push_budget.clone());
         // A new subscriber learns at once what is degraded now.
         if let Some(s) = self.status().filter(|s| s.state != STATE_OK) {
-            let _ = tx.try_send(Push::Status(s));
+            let _ = tx.try_send(Push::Status(Box::new(s)));
         }
         // ... and of every open incident.
         for text in self.open_incidents() {
-            let _ = tx.try_send(Push::Status(incident_event(STATE_INCIDENT, &text)));
+            let _ = tx.try_send(Push::Status(Box::new(incident_event(
+                STATE_INCIDENT,
+                &text,
+            ))));
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut g = self.by_user.lock().expect("sessions lock poisoned");
@@ -332,7 +348,7 @@ impl Sessions {
         drop(g);
         let users = self.by_user.lock().expect("sessions lock poisoned");
         for (_, tx) in users.values().flatten() {
-            let _ = tx.try_send(Push::Status(event.clone()));
+            let _ = tx.try_send(Push::Status(Box::new(event.clone())));
         }
         true
     }
@@ -377,7 +393,7 @@ impl Sessions {
             let users = self.by_user.lock().expect("sessions lock poisoned");
             for (_, tx) in users.values().flatten() {
                 for e in &events {
-                    let _ = tx.try_send(Push::Status(e.clone()));
+                    let _ = tx.try_send(Push::Status(Box::new(e.clone())));
                 }
             }
         }
@@ -436,7 +452,7 @@ pub struct Session {
     pub user: String,
     pub cursors: HashMap<String, u64>,
     pub pool: Arc<RouterPool>,
-    pub out: mpsc::Sender<Result<cpb::Event, Status>>,
+    pub out: mpsc::Sender<Outgoing>,
     pub sweep: Duration,
     /// Gateway shutdown: the stream ends with UNAVAILABLE so the client
     /// resumes elsewhere.
@@ -477,24 +493,25 @@ impl Session {
                 }
                 _ = self.out.closed() => return,
                 _ = tokio::time::sleep_until(expiry) => {
-                    let _ = self.out.try_send(Err(Status::unauthenticated("token expired; subscribe again with a fresh one")));
+                    let _ = self.out.try_send(Box::new(Err(Status::unauthenticated("token expired; subscribe again with a fresh one"))));
                     return;
                 }
                 _ = self.stop.cancelled() => {
-                    let _ = self.out.try_send(Err(Status::unavailable("gateway is shutting down; resume on another")));
+                    let _ = self.out.try_send(Box::new(Err(Status::unavailable("gateway is shutting down; resume on another"))));
                     return;
                 }
                 p = pushes.recv() => match p {
-                    Some(Push::Message(m)) => self.on_message(m).await,
+                    Some(Push::Message(m)) => self.on_message(Arc::unwrap_or_clone(m)).await,
                     Some(Push::Status(s)) => {
-                        let ev = cpb::Event { kind: Some(cpb::event::Kind::Status(s)) };
-                        let _ = self.out.try_send(Ok(ev));
+                        let ev = cpb::Event { kind: Some(cpb::event::Kind::Status(*s)) };
+                        let _ = self.out.try_send(Box::new(Ok(ev)));
                         Ok(())
                     }
                     Some(Push::Typing(t)) => {
                         // Lowest priority: dropped when the client is behind.
+                        let t = Arc::unwrap_or_clone(t);
                         let ev = cpb::Event { kind: Some(cpb::event::Kind::Typing(cpb::Typing { conversation_id: t.conversation_id, user_id: t.user_id })) };
-                        let _ = self.out.try_send(Ok(ev));
+                        let _ = self.out.try_send(Box::new(Ok(ev)));
                         Ok(())
                     }
                     None => return,
@@ -644,7 +661,7 @@ impl Session {
         self.cursors.insert(m.conversation_id.clone(), m.seq);
         // A client that stops reading must not hold up a shutdown.
         tokio::select! {
-            r = self.out.send(Ok(to_event(m))) => r.map_err(|_| Gone),
+            r = self.out.send(Box::new(Ok(to_event(m)))) => r.map_err(|_| Gone),
             _ = self.stop.cancelled() => Err(Gone),
         }
     }
@@ -667,10 +684,10 @@ mod tests {
     async fn a_slow_subscriber_holds_at_most_its_byte_budget_of_pushes() {
         let (tx, mut rx) = push_queue(100, 1_000, PushBudget::new(PUSH_BYTES_TOTAL));
         let big = |seq| {
-            Push::Message(spb::StoredMessage {
+            Push::Message(Arc::new(spb::StoredMessage {
                 body: vec![0; 400],
                 ..msg(seq)
-            })
+            }))
         };
         assert!(tx.try_send(big(1)));
         assert!(tx.try_send(big(2)));
@@ -679,7 +696,7 @@ mod tests {
             "a third 400-byte push is over 1,000 bytes"
         );
         // Small events are not counted and still go through.
-        assert!(tx.try_send(Push::Status(status_event(Vec::new()))));
+        assert!(tx.try_send(Push::Status(Box::new(status_event(Vec::new())))));
         // Reading gives the bytes back.
         assert!(matches!(rx.recv().await, Some(Push::Message(m)) if m.seq == 1));
         assert!(tx.try_send(big(4)));
@@ -690,10 +707,10 @@ mod tests {
     async fn slow_subscribers_together_hold_at_most_the_gateways_budget_past_their_floors() {
         let body = PUSH_FLOOR / 4;
         let push = || {
-            Push::Message(spb::StoredMessage {
+            Push::Message(Arc::new(spb::StoredMessage {
                 body: vec![0; body],
                 ..msg(1)
-            })
+            }))
         };
         // A budget of two floors and a bit; per-session caps far above.
         let budget = PushBudget::new(2 * PUSH_FLOOR + body);
@@ -764,7 +781,7 @@ mod tests {
         };
         let task = tokio::spawn(session.run(pushes));
         for seq in [2, 1, 1, 3] {
-            assert!(push_tx.try_send(Push::Message(msg(seq))));
+            assert!(push_tx.try_send(Push::Message(Arc::new(msg(seq)))));
         }
         let mut seqs = Vec::new();
         while seqs.len() < 3 {

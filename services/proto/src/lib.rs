@@ -3,6 +3,8 @@
 //! Only the edges of each service (its gRPC handlers, transport and storage
 //! codecs) use these types; domain types live in the service crates.
 
+pub mod codec;
+
 pub mod chat {
     pub mod v1 {
         tonic::include_proto!("chat.v1");
