@@ -4,17 +4,17 @@
 //!
 //! A key may spend up to `burst` at once and regains `per_second` a
 //! second. What this module adds to the library is a bound on memory: every
-//! [`CHECK_EVERY`] checks a thread looks at how many keys are held, and past
-//! `max_keys` it first forgets the keys whose allowance is full again (they
-//! have been quiet long enough to be owed nothing), and if that is not
-//! enough, forgets every key, which errs towards letting traffic through
-//! rather than growing without bound under a flood of new keys. So at most
-//! `max_keys` plus `CHECK_EVERY` per checking thread are held.
+//! [`CHECK_EVERY`] checks of a limiter it looks at how many keys are held,
+//! and past `max_keys` it first forgets the keys whose allowance is full
+//! again (they have been quiet long enough to be owed nothing), and if that
+//! is not enough, forgets every key, which errs towards letting traffic
+//! through rather than growing without bound under a flood of new keys. So
+//! at most `max_keys` plus `CHECK_EVERY` are held.
 
-use std::cell::Cell;
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -24,13 +24,8 @@ use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::state::{RateLimiter, StateStore};
 use governor::{NotUntil, Quota};
 
-/// How many checks a thread makes between looks at the number of keys.
+/// How many checks of a limiter go between looks at its number of keys.
 pub const CHECK_EVERY: u32 = 256;
-
-thread_local! {
-    /// Checks this thread made since its last look at the key count.
-    static SINCE_LOOK: Cell<u32> = const { Cell::new(0) };
-}
 
 /// One key's allowance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +81,8 @@ pub struct KeyedBuckets<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
     clock: C,
     map: Arc<DashMapStateStore<K>>,
     limiter: RateLimiter<K, Store<K>, C, NoOpMiddleware<C::Instant>>,
+    /// Checks made, counted towards the next look at the key count.
+    checks: AtomicU32,
 }
 
 impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
@@ -104,6 +101,7 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedBuckets<K, C> {
             limiter: RateLimiter::new(rate.quota(), Store(map.clone()), clock.clone()),
             clock,
             map,
+            checks: AtomicU32::new(0),
         }
     }
 
@@ -141,14 +139,10 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedBuckets<K, C> {
         not_until.wait_time_from(self.clock.now())
     }
 
-    /// Every `CHECK_EVERY` checks of this thread: past `max_keys`, forget
+    /// Every `CHECK_EVERY` checks of this limiter: past `max_keys`, forget
     /// the keys owed nothing, then, if still past it, every key.
     fn keep_bounded(&self) {
-        let look = SINCE_LOOK.with(|c| {
-            let n = c.get() + 1;
-            c.set(n % CHECK_EVERY);
-            n >= CHECK_EVERY
-        });
+        let look = self.checks.fetch_add(1, Ordering::Relaxed) % CHECK_EVERY == CHECK_EVERY - 1;
         if look && self.map.len() > self.max_keys {
             self.limiter.retain_recent();
             if self.map.len() > self.max_keys {
@@ -228,6 +222,25 @@ mod tests {
             "{} keys held",
             b.len()
         );
+    }
+
+    #[test]
+    fn limiters_checked_in_turn_on_one_thread_each_stay_bounded() {
+        // As the gateway checks the per-IP then the per-user limit of
+        // every call: each must look at its own count.
+        let (ip, _c1) = buckets::<u32>(1, 2, 64);
+        let (user, _c2) = buckets::<u32>(1, 2, 64);
+        for k in 0..10_000u32 {
+            let _ = ip.check(&k);
+            let _ = user.check(&k);
+        }
+        for b in [&ip, &user] {
+            assert!(
+                b.len() <= 64 + CHECK_EVERY as usize,
+                "{} keys held",
+                b.len()
+            );
+        }
     }
 
     #[test]
