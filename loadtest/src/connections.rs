@@ -8,18 +8,20 @@
 //! subscribed again, checking that the sample missed nothing sent while it
 //! was down.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf as _, Bytes, BytesMut};
+use bytes::{Buf as _, BytesMut};
 use chat_proto::chat::v1 as cpb;
 use chatctl::local::{LocalCluster, LocalOptions};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+
+use crate::rawgrpc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -148,20 +150,18 @@ async fn subscribe(
     sample: bool,
     shared: &Shared,
 ) -> anyhow::Result<h2::RecvStream> {
-    let s = tokio::net::TcpSocket::new_v4()?;
-    s.bind(SocketAddr::new(src, 0))?;
-    let tcp = tokio::time::timeout(Duration::from_secs(10), s.connect(gateway)).await??;
+    let tcp =
+        tokio::time::timeout(Duration::from_secs(10), rawgrpc::tcp_from(src, gateway)).await??;
     tcp.set_nodelay(true)?;
     let (h2, conn) = h2::client::handshake(tcp).await?;
     tokio::spawn(conn);
     let mut h2 = h2.ready().await?;
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{gateway}/chat.v1.Chat/Subscribe"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("authorization", token)
-        .body(())?;
+    let req = rawgrpc::request(
+        "http",
+        &gateway.to_string(),
+        "/chat.v1.Chat/Subscribe",
+        token,
+    );
     let (response, mut stream) = h2.send_request(req, false)?;
     let cursors = if sample {
         shared
@@ -177,12 +177,10 @@ async fn subscribe(
     } else {
         Vec::new()
     };
-    let msg = cpb::SubscribeRequest { cursors }.encode_to_vec();
-    let mut frame = Vec::with_capacity(5 + msg.len());
-    frame.push(0);
-    frame.extend_from_slice(&u32::try_from(msg.len())?.to_be_bytes());
-    frame.extend_from_slice(&msg);
-    stream.send_data(Bytes::from(frame), true)?;
+    stream.send_data(
+        rawgrpc::frame(&cpb::SubscribeRequest { cursors }.encode_to_vec()),
+        true,
+    )?;
     let resp = tokio::time::timeout(Duration::from_secs(30), response).await??;
     anyhow::ensure!(
         resp.status() == http::StatusCode::OK && !resp.headers().contains_key("grpc-status"),
@@ -257,6 +255,16 @@ async fn send_round(
         Ok::<_, anyhow::Error>((cmid, at))
     });
     futures::future::try_join_all(sends).await
+}
+
+/// Waits up to `within` for every message of `sent` to arrive; what did
+/// not is counted by [`latencies`].
+async fn wait_for_arrivals(shared: &Shared, sent: &[(String, Instant)], within: Duration) {
+    let _ = wait_until("arrivals", within, || {
+        let a = shared.arrived.lock().expect("arrived poisoned");
+        sent.iter().all(|(c, _)| a.contains_key(c))
+    })
+    .await;
 }
 
 fn latencies(sent: &[(String, Instant)], shared: &Shared) -> (Vec<Duration>, usize) {
@@ -372,13 +380,7 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
 
     // Delivery at full count.
     let sent = send_round(&sender, args.sample, "live").await?;
-    let s = shared.clone();
-    let wanted: HashSet<String> = sent.iter().map(|(c, _)| c.clone()).collect();
-    let _ = wait_until("every sample delivery", Duration::from_secs(30), || {
-        let a = s.arrived.lock().expect("arrived poisoned");
-        wanted.iter().all(|c| a.contains_key(c))
-    })
-    .await;
+    wait_for_arrivals(&shared, &sent, Duration::from_secs(30)).await;
     let (lat, missing) = latencies(&sent, &shared);
     println!(
         "send→delivery with {opened} subscribed, {} sample messages: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {missing} not delivered",
@@ -404,13 +406,7 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
             || s.subscribed.load(Relaxed) >= opened,
         )
         .await?;
-        let s = shared.clone();
-        let wanted: HashSet<String> = during.iter().map(|(c, _)| c.clone()).collect();
-        let _ = wait_until("the outage's messages", Duration::from_secs(60), || {
-            let a = s.arrived.lock().expect("arrived poisoned");
-            wanted.iter().all(|c| a.contains_key(c))
-        })
-        .await;
+        wait_for_arrivals(&shared, &during, Duration::from_secs(60)).await;
         let (_, missed) = latencies(&during, &shared);
         let (rss, fds) = gateway_usage(dir);
         println!(

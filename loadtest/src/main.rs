@@ -14,6 +14,7 @@ mod connections;
 mod cpu;
 mod e2e_bench;
 mod engine_bench;
+mod rawgrpc;
 mod rejoin_bench;
 mod scenario;
 mod store_bench;

@@ -19,6 +19,8 @@ use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::rawgrpc;
+
 /// The attacks, by name, and what each does.
 pub const KINDS: [(&str, &str); 6] = [
     (
@@ -314,24 +316,38 @@ fn chat(env: &Env, src: IpAddr) -> anyhow::Result<cpb::chat_client::ChatClient<C
     ))
 }
 
-fn bearer(env: &Env, user: &str) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+fn bearer(env: &Env, user: &str) -> Auth {
     format!("Bearer {}", env.key.sign_for(user, 3600))
         .parse()
         .expect("a token is ASCII")
 }
 
-fn with_auth<T>(
-    msg: T,
-    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-) -> tonic::Request<T> {
+fn with_auth<T>(msg: T, auth: &Auth) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert("authorization", auth.clone());
     r
 }
 
+type Auth = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
+/// An attacker `{run}-{name}`: its token, a client from `src`, and its
+/// own conversation `{run}-{name}` with `members`.
+async fn attacker(
+    env: &Env,
+    src: IpAddr,
+    name: &str,
+    members: Vec<String>,
+) -> anyhow::Result<(Auth, cpb::chat_client::ChatClient<Channel>, String)> {
+    let id = format!("{}-{name}", env.run);
+    let auth = bearer(env, &id);
+    let mut client = chat(env, src)?;
+    create(&mut client, &auth, &id, members).await?;
+    Ok((auth, client, id))
+}
+
 async fn create(
     client: &mut cpb::chat_client::ChatClient<Channel>,
-    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    auth: &Auth,
     id: &str,
     members: Vec<String>,
 ) -> anyhow::Result<()> {
@@ -353,7 +369,7 @@ async fn create(
 /// One Send of `body_bytes`, its outcome counted in `c`.
 async fn send_counted(
     client: &mut cpb::chat_client::ChatClient<Channel>,
-    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    auth: &Auth,
     conversation_id: String,
     client_msg_id: String,
     body_bytes: usize,
@@ -369,11 +385,7 @@ async fn send_counted(
 
 /// (a) One user far over its limit, sending and subscribing.
 async fn hot_user(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> anyhow::Result<()> {
-    let user = format!("{}-hot", env.run);
-    let auth = bearer(env, &user);
-    let mut client = chat(env, src)?;
-    let conv = format!("{}-hot", env.run);
-    create(&mut client, &auth, &conv, Vec::new()).await?;
+    let (auth, mut client, conv) = attacker(env, src, "hot", Vec::new()).await?;
     // Twice the subscriptions one user may hold, kept open, never read.
     let mut held = Vec::new();
     for _ in 0..2 * SESSIONS_PER_USER {
@@ -436,12 +448,6 @@ fn gateway_addr(env: &Env) -> anyhow::Result<SocketAddr> {
         .ok_or_else(|| anyhow::anyhow!("{} has no IPv4 address", env.gateway))
 }
 
-async fn tcp_from(src: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let s = tokio::net::TcpSocket::new_v4()?;
-    s.bind(SocketAddr::new(src, 0))?;
-    s.connect(to).await
-}
-
 /// Whether the peer closes `s` within `within` (reading and dropping what
 /// it sends).
 async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
@@ -473,7 +479,7 @@ async fn idle_connections(
             break;
         }
         c.attempt();
-        let mut s = match tcp_from(src, to).await {
+        let mut s = match rawgrpc::tcp_from(src, to).await {
             Ok(s) => s,
             Err(e) => {
                 c.refused("connect failed");
@@ -512,7 +518,7 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 async fn connect(env: &Env, src: IpAddr) -> anyhow::Result<Box<dyn Io>> {
-    let tcp = tcp_from(src, gateway_addr(env)?).await?;
+    let tcp = rawgrpc::tcp_from(src, gateway_addr(env)?).await?;
     tcp.set_nodelay(true)?;
     let Some(ca) = &env.ca else {
         return Ok(Box::new(tcp));
@@ -543,23 +549,7 @@ async fn connect(env: &Env, src: IpAddr) -> anyhow::Result<Box<dyn Io>> {
 
 fn grpc_request(env: &Env, path: &str, auth: &str) -> http::Request<()> {
     let scheme = if env.ca.is_some() { "https" } else { "http" };
-    http::Request::builder()
-        .method("POST")
-        .uri(format!("{scheme}://{}{path}", env.gateway))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("authorization", auth)
-        .body(())
-        .expect("a valid request")
-}
-
-/// A gRPC message frame: uncompressed, length-prefixed.
-fn grpc_frame(msg: &[u8]) -> Bytes {
-    let mut b = Vec::with_capacity(5 + msg.len());
-    b.push(0);
-    b.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
-    b.extend_from_slice(msg);
-    Bytes::from(b)
+    rawgrpc::request(scheme, &env.gateway, path, auth)
 }
 
 /// (d) HTTP/2 rapid reset: streams opened and cancelled at once, as fast as
@@ -627,11 +617,7 @@ async fn rapid_reset(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> a
 
 /// (e) Malformed and oversized requests.
 async fn malformed(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> anyhow::Result<()> {
-    let user = format!("{}-malformed", env.run);
-    let auth = bearer(env, &user);
-    let mut client = chat(env, src)?;
-    let conv = format!("{}-malformed", env.run);
-    create(&mut client, &auth, &conv, Vec::new()).await?;
+    let (auth, _, conv) = attacker(env, src, "malformed", Vec::new()).await?;
     let huge = chat(env, src)?
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
@@ -682,11 +668,7 @@ async fn malformed(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> any
 }
 
 /// A Send whose message does not decode.
-async fn bad_protobuf(
-    env: &Env,
-    src: IpAddr,
-    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-) -> Result<(), tonic::Status> {
+async fn bad_protobuf(env: &Env, src: IpAddr, auth: &Auth) -> Result<(), tonic::Status> {
     let unavailable = |e: String| tonic::Status::unavailable(e);
     let io = connect(env, src)
         .await
@@ -701,7 +683,7 @@ async fn bad_protobuf(
         .send_request(grpc_request(env, "/chat.v1.Chat/Send", auth), false)
         .map_err(|e| unavailable(e.to_string()))?;
     // Field 1 declared as 200 bytes long, then 3 bytes.
-    let _ = stream.send_data(grpc_frame(&[0x0a, 0xc8, 0x01, 1, 2, 3]), true);
+    let _ = stream.send_data(rawgrpc::frame(&[0x0a, 0xc8, 0x01, 1, 2, 3]), true);
     let result = async {
         let resp = response.await.map_err(|e| unavailable(e.to_string()))?;
         let status = |h: &http::HeaderMap| {
@@ -738,11 +720,8 @@ fn grpc_result(code: i32) -> Result<(), tonic::Status> {
 /// conversation within its own limits.
 async fn slow_readers(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> anyhow::Result<()> {
     let readers: Vec<String> = (0..SLOW).map(|i| format!("{}-slow-{i}", env.run)).collect();
-    let sender = format!("{}-slow-sender", env.run);
-    let auth = bearer(env, &sender);
-    let mut client = chat(env, src)?;
-    let conv = format!("{}-slow", env.run);
-    create(&mut client, &auth, &conv, readers.clone()).await?;
+    // The sender is the conversation's maker.
+    let (auth, client, conv) = attacker(env, src, "slow", readers.clone()).await?;
     // Each reader on a connection of its own, its stream's window never
     // given back.
     let mut held = Vec::new();
@@ -759,7 +738,7 @@ async fn slow_readers(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> 
         let (response, mut stream) =
             h2.send_request(grpc_request(env, "/chat.v1.Chat/Subscribe", &token), false)?;
         stream.send_data(
-            grpc_frame(&cpb::SubscribeRequest::default().encode_to_vec()),
+            rawgrpc::frame(&cpb::SubscribeRequest::default().encode_to_vec()),
             true,
         )?;
         match tokio::time::timeout(Duration::from_secs(5), response).await {

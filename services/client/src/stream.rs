@@ -199,6 +199,8 @@ async fn start(
     token: &MetadataValue<Ascii>,
     first: pb::SendFrame,
 ) -> Result<Open, Status> {
+    // Unbounded only in type: every frame carries sends that each hold a
+    // place in the window, so at most `WINDOW` sends wait in it.
     let (frames, rx) = mpsc::unbounded_channel();
     frames
         .send(first)

@@ -59,6 +59,10 @@ const MAX_HELD: usize = 1_024;
 pub type Outgoing = Box<Result<cpb::Event, Status>>;
 
 /// What the subscriber's stream yields.
+#[allow(
+    clippy::boxed_local,
+    reason = "the stream's map function takes the channel's item as it is"
+)]
 pub fn unbox(o: Outgoing) -> Result<cpb::Event, Status> {
     *o
 }

@@ -128,16 +128,18 @@ impl Page {
 
     /// One sample of the family `name` (started with [`Page::family`]).
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
-        if !self.scraped.iter().any(|f| f.name == name) {
-            self.family(name, Kind::Gauge, "");
-        }
-        if let Some(f) = self.scraped.iter_mut().rev().find(|f| f.name == name) {
-            let labels = labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            f.samples.push((labels, value));
-        }
+        let i = match self.scraped.iter().rposition(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                self.family(name, Kind::Gauge, "");
+                self.scraped.len() - 1
+            }
+        };
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.scraped[i].samples.push((labels, value));
         self
     }
 
