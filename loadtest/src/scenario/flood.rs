@@ -56,8 +56,10 @@ const SESSIONS_PER_USER: usize = 16;
 const MANY: usize = 500;
 /// Connections `idle-connections` opens.
 const IDLE: usize = 1_000;
-/// Streams `rapid-reset` opens and resets a second, at most.
+/// Streams `rapid-reset` opens and resets a second, at most, sent in a
+/// burst every `RESET_BURST_EVERY` (100 streams a burst).
 const RESETS_PER_SECOND: u64 = 2_000;
+const RESET_BURST_EVERY: Duration = Duration::from_millis(50);
 /// Subscribers of `slow-readers`, and the body size its sender fills them
 /// with.
 const SLOW: usize = 20;
@@ -581,7 +583,10 @@ async fn rapid_reset(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> a
             }
         };
         let driver = tokio::spawn(conn);
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        // In bursts, as the attack is made in the wild: a burst of opened
+        // and reset streams lands in one read, before the server can take
+        // any of them on.
+        let mut tick = tokio::time::interval(RESET_BURST_EVERY);
         let closed = 'conn: loop {
             if Instant::now() >= end {
                 break false;
