@@ -473,7 +473,10 @@ struct Gone;
 
 impl Session {
     pub async fn run(mut self, mut pushes: PushReceiver) {
-        if self.sync().await.is_err() {
+        // A sync and a gap fill make router calls, whose futures are
+        // several KiB: boxed while they run, so an idle session's task,
+        // one per subscriber, does not hold room for them.
+        if Box::pin(self.sync()).await.is_err() {
             return;
         }
         let mut sweep = tokio::time::interval(self.sweep);
@@ -493,7 +496,7 @@ impl Session {
             let gap_deadline = self.held.values().map(|(since, _)| *since + GAP_WAIT).min();
             let step = tokio::select! {
                 _ = tokio::time::sleep_until(gap_deadline.unwrap_or_else(tokio::time::Instant::now)), if gap_deadline.is_some() => {
-                    self.fill_expired_gaps().await
+                    Box::pin(self.fill_expired_gaps()).await
                 }
                 _ = self.out.closed() => return,
                 _ = tokio::time::sleep_until(expiry) => {
@@ -520,7 +523,7 @@ impl Session {
                     }
                     None => return,
                 },
-                _ = sweep.tick() => self.sync().await,
+                _ = sweep.tick() => Box::pin(self.sync()).await,
             };
             if step.is_err() {
                 return;
@@ -560,47 +563,62 @@ impl Session {
 
     async fn on_message(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
         let conv = m.conversation_id.clone();
-        let cursor = *self.cursors.entry(conv.clone()).or_insert(0);
+        // Written as one loop over plain functions, so the task holds no
+        // nested futures: one per subscriber, idle most of the time.
+        let mut next = self.admit(m);
+        while let Some(m) = next {
+            if let Some(ev) = self.queue(m)? {
+                Box::pin(self.send_when_read(ev)).await?;
+            }
+            next = self.next_held(&conv);
+        }
+        Ok(())
+    }
+
+    /// A pushed message if it is next in line; one already delivered is
+    /// dropped, one past a gap held until the gap is filled.
+    fn admit(&mut self, m: spb::StoredMessage) -> Option<spb::StoredMessage> {
+        let cursor = *self.cursors.entry(m.conversation_id.clone()).or_insert(0);
         if m.seq <= cursor {
-            return Ok(());
+            return None;
         }
         if m.seq > cursor + 1 {
             let (_, held) = self
                 .held
-                .entry(conv)
+                .entry(m.conversation_id.clone())
                 .or_insert_with(|| (tokio::time::Instant::now(), Default::default()));
             if held.len() < MAX_HELD {
                 held.insert(m.seq, m);
             }
-            return Ok(());
+            return None;
         }
-        self.emit(m).await?;
-        self.release_held(&conv).await
+        Some(m)
     }
 
-    /// Emits held messages that are now next in line; drops those already
-    /// delivered.
-    async fn release_held(&mut self, conv: &str) -> Result<(), Gone> {
-        loop {
-            let cursor = self.cursors.get(conv).copied().unwrap_or(0);
-            let Some((_, held)) = self.held.get_mut(conv) else {
-                return Ok(());
-            };
-            while held.first_key_value().is_some_and(|(&s, _)| s <= cursor) {
-                held.pop_first();
-            }
-            let next = match held.first_key_value() {
-                Some((&s, _)) if s == cursor + 1 => held.pop_first().map(|(_, m)| m),
-                _ => None,
-            };
-            if held.is_empty() {
-                self.held.remove(conv);
-            }
-            match next {
-                Some(m) => self.emit(m).await?,
-                None => return Ok(()),
-            }
+    /// The held message of `conv` that is now next in line, dropping those
+    /// already delivered.
+    fn next_held(&mut self, conv: &str) -> Option<spb::StoredMessage> {
+        let cursor = self.cursors.get(conv).copied().unwrap_or(0);
+        let (_, held) = self.held.get_mut(conv)?;
+        while held.first_key_value().is_some_and(|(&s, _)| s <= cursor) {
+            held.pop_first();
         }
+        let next = match held.first_key_value() {
+            Some((&s, _)) if s == cursor + 1 => held.pop_first().map(|(_, m)| m),
+            _ => None,
+        };
+        if held.is_empty() {
+            self.held.remove(conv);
+        }
+        next
+    }
+
+    /// Emits held messages that are now next in line.
+    async fn release_held(&mut self, conv: &str) -> Result<(), Gone> {
+        while let Some(m) = self.next_held(conv) {
+            self.emit(m).await?;
+        }
+        Ok(())
     }
 
     /// Reads from the store the gaps no push filled in time.
@@ -661,11 +679,30 @@ impl Session {
         }
     }
 
+    /// Queues `m` for the client, waiting for room when it is behind.
     async fn emit(&mut self, m: spb::StoredMessage) -> Result<(), Gone> {
+        match self.queue(m)? {
+            None => Ok(()),
+            // Boxed: rare, and every subscriber's task would otherwise
+            // hold room for the wait.
+            Some(ev) => Box::pin(self.send_when_read(ev)).await,
+        }
+    }
+
+    /// Queues `m` if there is room; gives it back as an event otherwise.
+    fn queue(&mut self, m: spb::StoredMessage) -> Result<Option<Outgoing>, Gone> {
         self.cursors.insert(m.conversation_id.clone(), m.seq);
+        match self.out.try_send(Box::new(Ok(to_event(m)))) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Gone),
+            Err(mpsc::error::TrySendError::Full(ev)) => Ok(Some(ev)),
+        }
+    }
+
+    async fn send_when_read(&self, ev: Outgoing) -> Result<(), Gone> {
         // A client that stops reading must not hold up a shutdown.
         tokio::select! {
-            r = self.out.send(Box::new(Ok(to_event(m)))) => r.map_err(|_| Gone),
+            r = self.out.send(ev) => r.map_err(|_| Gone),
             _ = self.stop.cancelled() => Err(Gone),
         }
     }
@@ -757,6 +794,38 @@ mod tests {
         );
         assert!(!tx1.try_send(push()), "nobody reads it any more");
         assert_eq!(budget.used(), PUSH_FLOOR);
+    }
+
+    /// An idle subscriber costs its session task; the router calls of a
+    /// sync or a gap fill, each several KiB of future, are boxed for the
+    /// moment they run rather than held in every task (BENCHMARKS.md, "Idle
+    /// subscribers on one gateway").
+    #[tokio::test]
+    async fn an_idle_session_task_stays_small() {
+        let pool = Arc::new(
+            RouterPool::new(
+                &["127.0.0.1:9".to_string()],
+                Duration::from_millis(50),
+                None,
+            )
+            .unwrap(),
+        );
+        let (out, _rx) = mpsc::channel(16);
+        let (_push_tx, pushes) = push_queue(16, PUSH_BYTES, PushBudget::new(PUSH_BYTES_TOTAL));
+        let session = Session {
+            user: "b".into(),
+            cursors: HashMap::new(),
+            pool,
+            out,
+            sweep: Duration::from_secs(3600),
+            stop: tokio_util::sync::CancellationToken::new(),
+            held: HashMap::new(),
+            token_expires: u64::MAX,
+        };
+        let task = session.run(pushes);
+        // 960 bytes on tokio 1.54; 3,392 before the router calls were boxed.
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1_280, "a session's task holds {size} bytes");
     }
 
     #[tokio::test]
