@@ -6,22 +6,24 @@
 //! accepted at, send→delivery latency to a sample of them at full count,
 //! and, after the gateway is restarted, how long until every client is
 //! subscribed again, checking that the sample missed nothing sent while it
-//! was down.
+//! was down. It runs against a local cluster it starts, or against the
+//! compose cluster (`--compose`), whose public port is TLS.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, BytesMut};
 use chat_proto::chat::v1 as cpb;
-use chatctl::local::{LocalCluster, LocalOptions};
+use chatctl::local::LocalOptions;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::rawgrpc;
+use crate::scenario::target::Target;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,7 +44,17 @@ pub struct Args {
     /// Leave out the gateway restart.
     #[arg(long)]
     no_restart: bool,
+    /// Run against the docker compose cluster of this file (started with
+    /// deploy/up.sh) instead of a local cluster.
+    #[arg(long, value_name = "FILE")]
+    compose: Option<PathBuf>,
+    /// Compose project name (deploy/up.sh uses CHAT_PROJECT, default chat).
+    #[arg(long, default_value = "chat", env = "CHAT_PROJECT")]
+    compose_project: String,
 }
+
+/// The gateway the clients connect to.
+const GATEWAY: &str = "gateway-1";
 
 /// What the clients share with the run.
 #[derive(Default)]
@@ -87,18 +99,9 @@ fn raise_fd_limit(n: u64) -> anyhow::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-fn gateway_pid(dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(dir.join("run").join("gateway-1"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// The gateway's resident memory (KiB) and open descriptors.
-fn gateway_usage(dir: &Path) -> (u64, usize) {
-    let Some(pid) = gateway_pid(dir) else {
+fn gateway_usage(target: &Target) -> (u64, usize) {
+    let Some(pid) = target.pid(GATEWAY) else {
         return (0, 0);
     };
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -116,7 +119,7 @@ fn gateway_usage(dir: &Path) -> (u64, usize) {
 /// One client: connects, subscribes (with its cursors), reads until the
 /// stream ends, and does it again after a jittered pause, until `stop`.
 async fn client(
-    gateway: SocketAddr,
+    gateway: rawgrpc::Gateway,
     src: IpAddr,
     token: String,
     sample: bool,
@@ -126,7 +129,7 @@ async fn client(
 ) {
     let mut first = first;
     while !stop.is_cancelled() {
-        if let Ok(body) = subscribe(gateway, src, &token, sample, &shared).await {
+        if let Ok(body) = subscribe(&gateway, src, &token, sample, &shared).await {
             drop(first.take());
             shared.subscribed.fetch_add(1, Relaxed);
             tokio::select! {
@@ -144,24 +147,17 @@ async fn client(
 }
 
 async fn subscribe(
-    gateway: SocketAddr,
+    gateway: &rawgrpc::Gateway,
     src: IpAddr,
     token: &str,
     sample: bool,
     shared: &Shared,
 ) -> anyhow::Result<h2::RecvStream> {
-    let tcp =
-        tokio::time::timeout(Duration::from_secs(10), rawgrpc::tcp_from(src, gateway)).await??;
-    tcp.set_nodelay(true)?;
-    let (h2, conn) = h2::client::handshake(tcp).await?;
+    let io = tokio::time::timeout(Duration::from_secs(10), gateway.connect(src)).await??;
+    let (h2, conn) = h2::client::handshake(io).await?;
     tokio::spawn(conn);
     let mut h2 = h2.ready().await?;
-    let req = rawgrpc::request(
-        "http",
-        &gateway.to_string(),
-        "/chat.v1.Chat/Subscribe",
-        token,
-    );
+    let req = gateway.request("/chat.v1.Chat/Subscribe", token);
     let (response, mut stream) = h2.send_request(req, false)?;
     let cursors = if sample {
         shared
@@ -239,23 +235,47 @@ async fn wait_until(
 }
 
 /// Sends one message to each sample conversation through the other
-/// gateway; returns the client message ids with their send times.
+/// gateway, a few at a time; returns the client message ids with their send times.
 async fn send_round(
     sender: &chat_client::ChatClient,
+    run: &str,
     sample: usize,
     round: &str,
 ) -> anyhow::Result<Vec<(String, Instant)>> {
     let sends = (0..sample).map(|j| async move {
-        let cmid = format!("{round}-{j}");
+        let cmid = format!("{run}-{round}-{j}");
         let at = Instant::now();
-        sender
-            .send(&format!("conn-{j}"), &cmid, b"hello".to_vec())
-            .await
-            .map_err(|s| anyhow::anyhow!("send: {:?}: {}", s.code(), s.message()))?;
+        loop {
+            match sender
+                .send(&format!("{run}-{j}"), &cmid, b"hello".to_vec())
+                .await
+            {
+                Ok(_) => break,
+                // Shed: again after the hint, with the same id, as a
+                // client does; the latency counts from the first try.
+                Err(s)
+                    if s.code() == tonic::Code::ResourceExhausted
+                        && at.elapsed() < Duration::from_secs(30) =>
+                {
+                    let hint = chat_client::retry_after(&s).unwrap_or_default();
+                    tokio::time::sleep(hint.max(Duration::from_millis(50))).await;
+                }
+                Err(s) => anyhow::bail!("send: {:?}: {}", s.code(), s.message()),
+            }
+        }
         Ok::<_, anyhow::Error>((cmid, at))
     });
-    futures::future::try_join_all(sends).await
+    // A few at a time, as a client would: the whole sample at once is a
+    // burst the routers' concurrency limits may shed (compose's are small).
+    use futures::{StreamExt as _, TryStreamExt as _};
+    futures::stream::iter(sends)
+        .buffered(SENDS_AT_ONCE)
+        .try_collect()
+        .await
 }
+
+/// Sample sends in flight at once.
+const SENDS_AT_ONCE: usize = 16;
 
 /// Waits up to `within` for every message of `sent` to arrive; what did
 /// not is counted by [`latencies`].
@@ -293,48 +313,80 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.sample <= args.steps[0] && args.per_address > 0 && args.opening > 0,
         "--sample must fit in the first step; --per-address and --opening above 0"
     );
-    // One descriptor per client here; the gateway, started after, inherits
-    // the limit and needs one per client too.
+    // One descriptor per client here; a local gateway, started after,
+    // inherits the limit and needs one per client too.
     let limit = raise_fd_limit(total as u64)?;
     println!("connections: open-file limit {limit}");
     let dir = tempfile::tempdir()?;
-    let bin_dir = crate::sibling_binary(None, "chatctl")?
-        .parent()
-        .map(Path::to_path_buf);
-    let opts = LocalOptions {
-        dir: dir.path().to_owned(),
-        base_port: 0,
-        bin_dir,
-        ..LocalOptions::default()
+    let mut target = match &args.compose {
+        Some(file) => {
+            let t = Target::compose(file.clone(), args.compose_project.clone(), None)?;
+            let unhealthy = t.wait_healthy(Duration::from_secs(60)).await;
+            anyhow::ensure!(unhealthy.is_empty(), "not healthy: {unhealthy:?}");
+            t
+        }
+        None => {
+            let bin_dir = crate::sibling_binary(None, "chatctl")?
+                .parent()
+                .map(Path::to_path_buf);
+            let opts = LocalOptions {
+                bin_dir,
+                ..LocalOptions::default()
+            };
+            Target::local(dir.path(), opts).await?
+        }
     };
-    let mut cluster = LocalCluster::start(&opts)?;
-    cluster.wait_healthy(Duration::from_secs(60)).await?;
-    let result = measure(&args, &mut cluster, dir.path()).await;
-    cluster.shutdown(Duration::from_secs(5)).await;
+    let result = measure(&args, &mut target).await;
+    target.shutdown().await;
     result
 }
 
-async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow::Result<()> {
-    let key = chat_auth::TokenKey::new(cluster.key.clone().into_bytes())?;
-    let gateway: SocketAddr = cluster.gateways[0].parse()?;
-    let sender = chat_client::ChatClient::new(
-        vec![cluster.gateways[1].clone()],
-        &key.sign_for("conn-sender", 24 * 3600),
-        Duration::from_secs(30),
-    )
+async fn measure(args: &Args, target: &mut Target) -> anyhow::Result<()> {
+    let key = chat_auth::TokenKey::new(target.key().as_bytes().to_vec())?;
+    let ca = target.gateway_ca();
+    let gateways = target.gateways();
+    // On compose, straight to the gateway's container on the project's
+    // network: the host's port publisher (docker-proxy) in between gave up
+    // after a few thousand connections here (BENCHMARKS.md), and it is the
+    // gateway being measured. Clients then share one source address.
+    let (gateway, spread) = match target.network_addr(GATEWAY, 7201) {
+        Some(addr) => (
+            rawgrpc::Gateway::new(&addr, ca.as_deref())?.named(GATEWAY)?,
+            false,
+        ),
+        None => (rawgrpc::Gateway::new(&gateways[0], ca.as_deref())?, true),
+    };
+    let sender_token = key.sign_for("conn-sender", 24 * 3600);
+    let sender_at = vec![gateways[1].clone()];
+    let timeout = Duration::from_secs(30);
+    let sender = match &ca {
+        Some(ca) => chat_client::ChatClient::new_tls(sender_at, &sender_token, timeout, ca),
+        None => chat_client::ChatClient::new(sender_at, &sender_token, timeout),
+    }
     .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    // Conversations of this run (a compose cluster keeps those of earlier
+    // runs).
+    let run = format!(
+        "conn-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
     for j in 0..args.sample {
         sender
-            .create_conversation(&format!("conn-{j}"), &[format!("conn-user-{j}")])
+            .create_conversation(&format!("{run}-{j}"), &[format!("conn-user-{j}")])
             .await
             .map_err(|s| anyhow::anyhow!("create: {:?}: {}", s.code(), s.message()))?;
     }
     let shared = Arc::new(Shared::default());
     let stop = CancellationToken::new();
     let opening = Arc::new(tokio::sync::Semaphore::new(args.opening));
-    let (rss0, fds0) = gateway_usage(dir);
+    let (rss0, fds0) = gateway_usage(target);
     println!(
-        "connections: gateway-1 at {gateway}, before any client: RSS {:.1} MiB, {fds0} descriptors",
+        "connections: {GATEWAY} at {} ({}), before any client: RSS {:.1} MiB, {fds0} descriptors",
+        gateway.authority,
+        target.describe(),
         rss0 as f64 / 1024.0
     );
     println!(
@@ -353,8 +405,12 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
                 key.sign_for(&format!("conn-user-{opened}"), 24 * 3600)
             );
             tasks.spawn(client(
-                gateway,
-                source(opened, args.per_address),
+                gateway.clone(),
+                if spread {
+                    source(opened, args.per_address)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                },
                 token,
                 opened < args.sample,
                 shared.clone(),
@@ -369,7 +425,7 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
         })
         .await?;
         let secs = t0.elapsed().as_secs_f64();
-        let (rss, fds) = gateway_usage(dir);
+        let (rss, fds) = gateway_usage(target);
         println!(
             "| {step} | {:.1} | {:.1} | {fds} | {:.0} |",
             rss as f64 / 1024.0,
@@ -379,7 +435,7 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
     }
 
     // Delivery at full count.
-    let sent = send_round(&sender, args.sample, "live").await?;
+    let sent = send_round(&sender, &run, args.sample, "live").await?;
     wait_for_arrivals(&shared, &sent, Duration::from_secs(30)).await;
     let (lat, missing) = latencies(&sent, &shared);
     println!(
@@ -391,14 +447,14 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
     );
 
     if !args.no_restart {
-        cluster.stop("gateway-1", Duration::from_secs(10)).await?;
+        target.stop(GATEWAY, Duration::from_secs(10)).await?;
         let s = shared.clone();
         wait_until("every stream ended", Duration::from_secs(60), || {
             s.subscribed.load(Relaxed) == 0
         })
         .await?;
-        let during = send_round(&sender, args.sample, "outage").await?;
-        cluster.restart("gateway-1")?;
+        let during = send_round(&sender, &run, args.sample, "outage").await?;
+        target.restart(GATEWAY).await?;
         let s = shared.clone();
         let back = wait_until(
             "every client subscribed again",
@@ -408,9 +464,9 @@ async fn measure(args: &Args, cluster: &mut LocalCluster, dir: &Path) -> anyhow:
         .await?;
         wait_for_arrivals(&shared, &during, Duration::from_secs(60)).await;
         let (_, missed) = latencies(&during, &shared);
-        let (rss, fds) = gateway_usage(dir);
+        let (rss, fds) = gateway_usage(target);
         println!(
-            "gateway-1 restarted: all {opened} clients subscribed again {:.1} s after the restart ({:.0}/s); {missed} of {} messages sent while it was down missed; gateway RSS {:.1} MiB, {fds} descriptors",
+            "{GATEWAY} restarted: all {opened} clients subscribed again {:.1} s after the restart ({:.0}/s); {missed} of {} messages sent while it was down missed; gateway RSS {:.1} MiB, {fds} descriptors",
             back.as_secs_f64(),
             opened as f64 / back.as_secs_f64().max(0.001),
             during.len(),

@@ -8,7 +8,7 @@
 //! attack, and shows the gateways' peak memory.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chat_proto::chat::v1 as cpb;
 use prost::Message as _;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::rawgrpc;
@@ -73,6 +73,8 @@ pub struct Env {
     pub key: chat_auth::TokenKey,
     /// The gateways' public CA (None: plaintext).
     pub ca: Option<Vec<u8>>,
+    /// The attacked gateway as raw connections reach it.
+    pub raw: rawgrpc::Gateway,
     pub run: String,
     /// The gateways' per-user and per-IP call limits (calls a second).
     pub user_limit: u32,
@@ -442,14 +444,6 @@ async fn many_users(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> an
     Ok(())
 }
 
-fn gateway_addr(env: &Env) -> anyhow::Result<SocketAddr> {
-    use std::net::ToSocketAddrs as _;
-    env.gateway
-        .to_socket_addrs()?
-        .find(SocketAddr::is_ipv4)
-        .ok_or_else(|| anyhow::anyhow!("{} has no IPv4 address", env.gateway))
-}
-
 /// Whether the peer closes `s` within `within` (reading and dropping what
 /// it sends).
 async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
@@ -471,7 +465,7 @@ async fn idle_connections(
     end: Instant,
     c: &Arc<Counts>,
 ) -> anyhow::Result<()> {
-    let to = gateway_addr(env)?;
+    let to = env.raw.addr();
     // Past the per-IP cap, so some are closed at once; the rest are held
     // until the gateway closes them or the load ends.
     let n = IDLE.max(env.connections_per_ip as usize + 100);
@@ -514,46 +508,6 @@ async fn idle_connections(
     Ok(())
 }
 
-/// A connection to the gateway from `src`, over TLS when the gateway's
-/// public port has it.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-async fn connect(env: &Env, src: IpAddr) -> anyhow::Result<Box<dyn Io>> {
-    let tcp = rawgrpc::tcp_from(src, gateway_addr(env)?).await?;
-    tcp.set_nodelay(true)?;
-    let Some(ca) = &env.ca else {
-        return Ok(Box::new(tcp));
-    };
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca) {
-        roots.add(cert?)?;
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let host = env
-        .gateway
-        .rsplit_once(':')
-        .map_or(env.gateway.as_str(), |(h, _)| h)
-        .to_owned();
-    let name = rustls::pki_types::ServerName::try_from(host)?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    Ok(Box::new(tls))
-}
-
-fn grpc_request(env: &Env, path: &str, auth: &str) -> http::Request<()> {
-    let scheme = if env.ca.is_some() { "https" } else { "http" };
-    rawgrpc::request(scheme, &env.gateway, path, auth)
-}
-
 /// (d) HTTP/2 rapid reset: streams opened and cancelled at once, as fast as
 /// the pace allows, on one connection after another.
 async fn rapid_reset(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> anyhow::Result<()> {
@@ -564,7 +518,7 @@ async fn rapid_reset(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> a
     let started = Instant::now();
     let mut sent = 0u64;
     while Instant::now() < end {
-        let io = match connect(env, src).await {
+        let io = match env.raw.connect(src).await {
             Ok(io) => io,
             Err(e) => {
                 c.refused("connect failed");
@@ -598,7 +552,7 @@ async fn rapid_reset(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> a
                     Ok(h) => h,
                     Err(_) => break 'conn true,
                 };
-                let req = grpc_request(env, "/chat.v1.Chat/Send", &auth);
+                let req = env.raw.request("/chat.v1.Chat/Send", &auth);
                 match h2.send_request(req, false) {
                     Ok((_response, mut stream)) => {
                         stream.send_reset(h2::Reason::CANCEL);
@@ -635,7 +589,7 @@ async fn malformed(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> any
             match k % 3 {
                 // An HTTP/2 connection whose first frame after the preface
                 // is garbage: the gateway must close it.
-                0 => match connect(&env, src).await {
+                0 => match env.raw.connect(src).await {
                     Ok(mut io) => {
                         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
                         // A 16 MiB frame of an unknown type on stream 0,
@@ -675,7 +629,9 @@ async fn malformed(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> any
 /// A Send whose message does not decode.
 async fn bad_protobuf(env: &Env, src: IpAddr, auth: &Auth) -> Result<(), tonic::Status> {
     let unavailable = |e: String| tonic::Status::unavailable(e);
-    let io = connect(env, src)
+    let io = env
+        .raw
+        .connect(src)
         .await
         .map_err(|e| unavailable(format!("{e:#}")))?;
     let (h2, conn) = h2::client::handshake(io)
@@ -685,7 +641,7 @@ async fn bad_protobuf(env: &Env, src: IpAddr, auth: &Auth) -> Result<(), tonic::
     let mut h2 = h2.ready().await.map_err(|e| unavailable(e.to_string()))?;
     let auth = auth.to_str().unwrap_or_default();
     let (response, mut stream) = h2
-        .send_request(grpc_request(env, "/chat.v1.Chat/Send", auth), false)
+        .send_request(env.raw.request("/chat.v1.Chat/Send", auth), false)
         .map_err(|e| unavailable(e.to_string()))?;
     // Field 1 declared as 200 bytes long, then 3 bytes.
     let _ = stream.send_data(rawgrpc::frame(&[0x0a, 0xc8, 0x01, 1, 2, 3]), true);
@@ -732,7 +688,7 @@ async fn slow_readers(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> 
     let mut held = Vec::new();
     for r in &readers {
         c.attempt();
-        let io = connect(env, src).await?;
+        let io = env.raw.connect(src).await?;
         let (h2, conn) = h2::client::Builder::new()
             .initial_window_size(65_535)
             .handshake::<_, Bytes>(io)
@@ -741,7 +697,7 @@ async fn slow_readers(env: &Env, src: IpAddr, end: Instant, c: &Arc<Counts>) -> 
         let mut h2 = h2.ready().await?;
         let token = format!("Bearer {}", env.key.sign_for(r, 3600));
         let (response, mut stream) =
-            h2.send_request(grpc_request(env, "/chat.v1.Chat/Subscribe", &token), false)?;
+            h2.send_request(env.raw.request("/chat.v1.Chat/Subscribe", &token), false)?;
         stream.send_data(
             rawgrpc::frame(&cpb::SubscribeRequest::default().encode_to_vec()),
             true,
@@ -1019,6 +975,7 @@ mod tests {
             key: chat_auth::TokenKey::new(b"0123456789abcdef0123456789abcdef".to_vec())
                 .expect("a key"),
             ca: None,
+            raw: rawgrpc::Gateway::new("127.0.0.1:1", None).expect("an address"),
             run: "t".into(),
             user_limit: 10,
             ip_limit: 100,

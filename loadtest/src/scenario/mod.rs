@@ -13,7 +13,7 @@ pub mod fault;
 mod flood;
 mod report;
 mod rollout;
-mod target;
+pub mod target;
 mod verify;
 
 use std::collections::HashMap;
@@ -1009,15 +1009,19 @@ async fn exercise(
     ));
     let ticker = progress.start(ctx.clone(), load_start, probe_sends);
     let plan = Plan::new(scenario, args);
-    let flood_env = (scenario == Scenario::Flood).then(|| flood::Env {
-        gateway: ctx.gateways[0].clone(),
-        key: ctx.key.clone(),
-        ca: ctx.gateway_ca.clone(),
-        run: ctx.run.clone(),
-        user_limit: args.user_limit,
-        ip_limit: args.ip_limit,
-        connections_per_ip: args.connections_per_ip,
-    });
+    let flood_env = match scenario {
+        Scenario::Flood => Some(flood::Env {
+            gateway: ctx.gateways[0].clone(),
+            key: ctx.key.clone(),
+            ca: ctx.gateway_ca.clone(),
+            raw: crate::rawgrpc::Gateway::new(&ctx.gateways[0], ctx.gateway_ca.as_deref())?,
+            run: ctx.run.clone(),
+            user_limit: args.user_limit,
+            ip_limit: args.ip_limit,
+            connections_per_ip: args.connections_per_ip,
+        }),
+        _ => None,
+    };
     let attack_at = args.attack_at.unwrap_or(args.duration / 2.0);
     let attack_kinds: Vec<String> = if args.attacks.is_empty() {
         flood::KINDS.iter().map(|(k, _)| (*k).to_owned()).collect()

@@ -309,6 +309,72 @@ impl Target {
         Ok(self.local_cluster()?.log(name))
     }
 
+    /// The process id of service `name` as this host sees it (compose: the
+    /// container's main process), while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        match self {
+            Target::Local(c) => c.pid(name),
+            Target::Compose(c) => {
+                let init: u32 = c
+                    .docker(&["inspect", "-f", "{{.State.Pid}}", &c.container(name)])
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&pid| pid != 0)?;
+                // The container's first process is Docker's init; the
+                // service is its child.
+                let children =
+                    std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+                Some(
+                    children
+                        .split_whitespace()
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(init),
+                )
+            }
+            Target::Gateways { .. } => None,
+        }
+    }
+
+    /// The address of compose service `name`'s `port` on the project's own
+    /// network, reachable from this host without the port publisher
+    /// (None for other targets).
+    pub fn network_addr(&self, name: &str, port: u16) -> Option<String> {
+        let Target::Compose(c) = self else {
+            return None;
+        };
+        let ips = c
+            .docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                &c.container(name),
+            ])
+            .ok()?;
+        ips.split_whitespace()
+            .next()
+            .map(|ip| format!("{ip}:{port}"))
+    }
+
+    /// Stops service `name` gracefully (SIGTERM, SIGKILL after `grace`);
+    /// [`Target::restart`] starts it again.
+    pub async fn stop(&mut self, name: &str, grace: Duration) -> anyhow::Result<()> {
+        match self {
+            Target::Local(c) => c.stop(name, grace).await,
+            Target::Compose(c) => c
+                .docker(&[
+                    "stop",
+                    "-t",
+                    &grace.as_secs().to_string(),
+                    &c.container(name),
+                ])
+                .map(drop),
+            Target::Gateways { .. } => bail!("no faults against a running cluster"),
+        }
+    }
+
     /// SIGKILLs local service `name` (not to be started again by itself).
     pub async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
         match self {

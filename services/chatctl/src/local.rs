@@ -766,6 +766,11 @@ impl LocalCluster {
         write_run_file(&self.dir, name, pid, &addr)
     }
 
+    /// The process id of `name`, while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.iter().find(|p| p.name == name)?.child.id()
+    }
+
     /// The peak resident memory (VmHWM, KiB) of every running process,
     /// since it last started.
     pub fn peak_rss_kib(&self) -> Vec<(String, u64)> {
