@@ -159,7 +159,10 @@ pub mod stack {
                     internal_advertise: ia.clone(),
                     max_body_bytes: 64 * 1024,
                     lease: Duration::from_secs(3),
-                    sweep: Duration::from_millis(500),
+                    sweep: chat_gateway::sessions::Sweep {
+                        every: Duration::from_millis(500),
+                        rate: 0,
+                    },
                     router_timeout: Duration::from_secs(10),
                     admission: Default::default(),
                     limits: Default::default(),

@@ -235,13 +235,15 @@ async fn wait_until(
 }
 
 /// Sends one message to each sample conversation through the other
-/// gateway, a few at a time; returns the client message ids with their send times.
+/// gateway, a few at a time; returns the client message ids with their
+/// send times, and how many tries were shed and made again.
 async fn send_round(
     sender: &chat_client::ChatClient,
     run: &str,
     sample: usize,
     round: &str,
-) -> anyhow::Result<Vec<(String, Instant)>> {
+) -> anyhow::Result<(Vec<(String, Instant)>, usize)> {
+    let shed = &AtomicUsize::new(0);
     let sends = (0..sample).map(|j| async move {
         let cmid = format!("{run}-{round}-{j}");
         let at = Instant::now();
@@ -257,6 +259,7 @@ async fn send_round(
                     if s.code() == tonic::Code::ResourceExhausted
                         && at.elapsed() < Duration::from_secs(30) =>
                 {
+                    shed.fetch_add(1, Relaxed);
                     let hint = chat_client::retry_after(&s).unwrap_or_default();
                     tokio::time::sleep(hint.max(Duration::from_millis(50))).await;
                 }
@@ -268,10 +271,11 @@ async fn send_round(
     // A few at a time, as a client would: the whole sample at once is a
     // burst the routers' concurrency limits may shed (compose's are small).
     use futures::{StreamExt as _, TryStreamExt as _};
-    futures::stream::iter(sends)
+    let sent = futures::stream::iter(sends)
         .buffered(SENDS_AT_ONCE)
         .try_collect()
-        .await
+        .await?;
+    Ok((sent, shed.load(Relaxed)))
 }
 
 /// Sample sends in flight at once.
@@ -435,11 +439,11 @@ async fn measure(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     }
 
     // Delivery at full count.
-    let sent = send_round(&sender, &run, args.sample, "live").await?;
+    let (sent, shed) = send_round(&sender, &run, args.sample, "live").await?;
     wait_for_arrivals(&shared, &sent, Duration::from_secs(30)).await;
     let (lat, missing) = latencies(&sent, &shared);
     println!(
-        "send→delivery with {opened} subscribed, {} sample messages: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {missing} not delivered",
+        "send→delivery with {opened} subscribed, {} sample messages: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {missing} not delivered ({shed} tries shed and made again)",
         sent.len(),
         pct(&lat, 0.5),
         pct(&lat, 0.99),
@@ -453,7 +457,7 @@ async fn measure(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             s.subscribed.load(Relaxed) == 0
         })
         .await?;
-        let during = send_round(&sender, &run, args.sample, "outage").await?;
+        let (during, _) = send_round(&sender, &run, args.sample, "outage").await?;
         target.restart(GATEWAY).await?;
         let s = shared.clone();
         let back = wait_until(

@@ -57,7 +57,7 @@ pub struct GatewayOptions {
     /// Lease of the session registrations sent to routers.
     pub lease: Duration,
     /// How often each subscriber is checked against the store.
-    pub sweep: Duration,
+    pub sweep: sessions::Sweep,
     /// Deadline of each router call, retries included.
     pub router_timeout: Duration,
     /// Overload protection of sends; `enabled: false` also switches off

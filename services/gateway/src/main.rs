@@ -74,6 +74,11 @@ struct Config {
     /// How often each subscriber is reconciled with the store.
     #[arg(long, env = "CHAT_GATEWAY_SWEEP_MS", default_value_t = 2_000)]
     sweep_ms: u64,
+    /// Reconciliations a second for all subscribers together (0: no
+    /// bound); with more than rate × sweep-ms subscribers, each one's
+    /// interval stretches rather than the store's load growing.
+    #[arg(long, env = "CHAT_GATEWAY_SWEEP_RATE", default_value_t = 500)]
+    sweep_rate: u32,
     /// Deadline of each router call, retries included.
     #[arg(long, env = "CHAT_GATEWAY_ROUTER_TIMEOUT_MS", default_value_t = 5_000)]
     router_timeout_ms: u64,
@@ -232,7 +237,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_else(|| cfg.internal_listen.to_string()),
         max_body_bytes: cfg.max_body_bytes,
         lease: Duration::from_millis(cfg.lease_ms),
-        sweep: Duration::from_millis(cfg.sweep_ms),
+        sweep: chat_gateway::sessions::Sweep {
+            every: Duration::from_millis(cfg.sweep_ms),
+            rate: cfg.sweep_rate,
+        },
         router_timeout: Duration::from_millis(cfg.router_timeout_ms),
         admission: chat_gateway::batcher::Admission {
             enabled: !cfg.no_overload_protection,

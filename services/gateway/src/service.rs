@@ -122,7 +122,7 @@ pub struct ChatApi {
     pub load: Arc<chat_resilience::layer::LoadSignal>,
     /// Call counts and latencies (streamed sends are counted as `Send`).
     pub rpc: Arc<chat_telemetry::metrics::RpcMetrics>,
-    pub sweep: Duration,
+    pub sweep: crate::sessions::Sweep,
     pub stop: tokio_util::sync::CancellationToken,
 }
 
@@ -201,6 +201,7 @@ impl Chat for ChatApi {
             pool: self.pool.clone(),
             out,
             sweep: self.sweep,
+            sessions: self.sessions.clone(),
             stop: self.stop.clone(),
             held: HashMap::new(),
             token_expires: expires,

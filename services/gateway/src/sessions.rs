@@ -5,8 +5,8 @@
 //! to the client's stream, so delivery is ordered per conversation and never
 //! repeats a seq. Pushes from routers are a fast path only: a push that skips
 //! seqs makes the session read the gap from the store first, and every
-//! `sweep` interval the session compares its cursors with the store's last
-//! seqs. A router that dies mid-delivery therefore delays messages; it never
+//! sweep interval ([`Sweep`]) the session compares its cursors with the
+//! store's last seqs. A router that dies mid-delivery therefore delays messages; it never
 //! loses them.
 
 use std::collections::HashMap;
@@ -222,6 +222,8 @@ pub struct Sessions {
     send_streams: AtomicU64,
     /// Bytes queued in every session's pushes.
     pub push_budget: Arc<PushBudget>,
+    /// Sessions open now.
+    open: AtomicUsize,
 }
 
 impl Default for Sessions {
@@ -234,6 +236,7 @@ impl Default for Sessions {
             incidents: Mutex::default(),
             send_streams: AtomicU64::default(),
             push_budget: PushBudget::new(PUSH_BYTES_TOTAL),
+            open: AtomicUsize::default(),
         }
     }
 }
@@ -283,6 +286,7 @@ impl Sessions {
         }
         let first = list.is_empty();
         list.push((id, tx));
+        self.open.fetch_add(1, Ordering::Relaxed);
         drop(g);
         if first {
             self.changed.notify_one();
@@ -293,7 +297,9 @@ impl Sessions {
     pub fn close(&self, user: &str, id: u64) {
         let mut g = self.by_user.lock().expect("sessions lock poisoned");
         if let Some(list) = g.get_mut(user) {
+            let before = list.len();
             list.retain(|(i, _)| *i != id);
+            self.open.fetch_sub(before - list.len(), Ordering::Relaxed);
             if list.is_empty() {
                 g.remove(user);
                 drop(g);
@@ -328,6 +334,11 @@ impl Sessions {
             .values()
             .map(Vec::len)
             .sum()
+    }
+
+    /// Sessions open now, without taking the lock.
+    pub fn open_now(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// The current status event, if the service has been degraded since
@@ -451,13 +462,44 @@ fn to_event(m: spb::StoredMessage) -> cpb::Event {
     }
 }
 
+/// How often sessions are reconciled with the store.
+#[derive(Clone, Copy, Debug)]
+pub struct Sweep {
+    /// Each session's interval while the gateway holds few of them.
+    pub every: Duration,
+    /// Reconciliations a second for all of this gateway's sessions
+    /// together (0: no bound). Each is a router call and a store read, so
+    /// without a bound a crowd of idle subscribers would load the store in
+    /// proportion to its size; past `rate × every` sessions each one's
+    /// interval stretches instead.
+    pub rate: u32,
+}
+
+impl Sweep {
+    /// The wait before a session's next sweep while `sessions` are open,
+    /// spread ±20 % so that sessions opened together (a reconnect storm)
+    /// do not sweep together.
+    pub fn wait(&self, sessions: usize) -> Duration {
+        let spread = if self.rate == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(sessions as f64 / f64::from(self.rate))
+        };
+        self.every
+            .max(spread)
+            .mul_f64(0.8 + 0.4 * rand::random::<f64>())
+    }
+}
+
 /// One subscriber's delivery loop.
 pub struct Session {
     pub user: String,
     pub cursors: HashMap<String, u64>,
     pub pool: Arc<RouterPool>,
     pub out: mpsc::Sender<Outgoing>,
-    pub sweep: Duration,
+    pub sweep: Sweep,
+    /// The gateway's sessions (how many are open paces the sweep).
+    pub sessions: Arc<Sessions>,
     /// Gateway shutdown: the stream ends with UNAVAILABLE so the client
     /// resumes elsewhere.
     pub stop: tokio_util::sync::CancellationToken,
@@ -479,9 +521,8 @@ impl Session {
         if Box::pin(self.sync()).await.is_err() {
             return;
         }
-        let mut sweep = tokio::time::interval(self.sweep);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        sweep.tick().await;
+        let mut next_sweep =
+            tokio::time::Instant::now() + self.sweep.wait(self.sessions.open_now());
         let now_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -523,7 +564,11 @@ impl Session {
                     }
                     None => return,
                 },
-                _ = sweep.tick() => Box::pin(self.sync()).await,
+                _ = tokio::time::sleep_until(next_sweep) => {
+                    let r = Box::pin(self.sync()).await;
+                    next_sweep = tokio::time::Instant::now() + self.sweep.wait(self.sessions.open_now());
+                    r
+                }
             };
             if step.is_err() {
                 return;
@@ -796,6 +841,47 @@ mod tests {
         assert_eq!(budget.used(), PUSH_FLOOR);
     }
 
+    #[test]
+    fn a_crowd_of_sessions_stretches_the_sweep_rather_than_loading_the_store() {
+        let sweep = Sweep {
+            every: Duration::from_secs(2),
+            rate: 500,
+        };
+        let within = |d: Duration, lo: u64, hi: u64| {
+            d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi)
+        };
+        let mut spread = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            // Few sessions: the configured interval, spread ±20 %.
+            let few = sweep.wait(100);
+            assert!(within(few, 1_600, 2_400), "{few:?}");
+            spread.insert(few.as_millis());
+            // 10,000 sessions at 500 a second: each every 20 s (±20 %),
+            // so together they stay near 500 a second.
+            let many = sweep.wait(10_000);
+            assert!(within(many, 16_000, 24_000), "{many:?}");
+        }
+        assert!(spread.len() > 20, "sweeps not spread: {spread:?}");
+        let unbounded = Sweep { rate: 0, ..sweep };
+        assert!(within(unbounded.wait(1_000_000), 1_600, 2_400));
+    }
+
+    #[test]
+    fn open_sessions_are_counted_as_they_open_and_close() {
+        let s = Sessions::default();
+        let (a1, _r1) = s.open("a", 4).unwrap();
+        let (_a2, _r2) = s.open("a", 4).unwrap();
+        let (b1, _r3) = s.open("b", 4).unwrap();
+        assert!(s.open("b", 1).is_none(), "over the cap");
+        assert_eq!(s.open_now(), 3);
+        s.close("a", a1);
+        s.close("a", a1);
+        s.close("nobody", b1);
+        assert_eq!(s.open_now(), 2);
+        s.close("b", b1);
+        assert_eq!((s.open_now(), s.count()), (1, 1));
+    }
+
     /// An idle subscriber costs its session task; the router calls of a
     /// sync or a gap fill, each several KiB of future, are boxed for the
     /// moment they run rather than held in every task (BENCHMARKS.md, "Idle
@@ -817,7 +903,11 @@ mod tests {
             cursors: HashMap::new(),
             pool,
             out,
-            sweep: Duration::from_secs(3600),
+            sweep: Sweep {
+                every: Duration::from_secs(3600),
+                rate: 0,
+            },
+            sessions: Arc::new(Sessions::default()),
             stop: tokio_util::sync::CancellationToken::new(),
             held: HashMap::new(),
             token_expires: u64::MAX,
@@ -847,7 +937,11 @@ mod tests {
             cursors: HashMap::from([("c".to_string(), 0)]),
             pool,
             out,
-            sweep: Duration::from_secs(3600),
+            sweep: Sweep {
+                every: Duration::from_secs(3600),
+                rate: 0,
+            },
+            sessions: Arc::new(Sessions::default()),
             stop: tokio_util::sync::CancellationToken::new(),
             held: HashMap::new(),
             token_expires: u64::MAX,
