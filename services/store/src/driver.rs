@@ -355,6 +355,14 @@ impl Driver {
         self.fail_all(StoreError::ShuttingDown);
         self.writer.stop();
         if !crash.is_cancelled() {
+            // A follower stopped gracefully applies what it has gathered,
+            // so its state (and an offline backup of its directory) holds
+            // every entry it had taken as committed.
+            if result.is_ok()
+                && let Err(e) = self.apply_pending()
+            {
+                warn!(error = %e, "applying gathered entries at stop failed");
+            }
             if let Err(e) = self.log.sync() {
                 warn!(error = %e, "final raft log sync failed");
             }

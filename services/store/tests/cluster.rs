@@ -662,6 +662,51 @@ async fn a_leader_stopped_gracefully_hands_over_before_it_exits() {
     cluster.stop_all().await;
 }
 
+/// A follower gathers committed entries for a while before it applies
+/// them; stopped gracefully in that window, it still leaves a state that
+/// holds every entry it knew committed (an operator who stops a replica to
+/// back up its directory gets all of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stopped_gracefully_has_applied_everything_it_knew_committed() {
+    let opts = ClusterOptions {
+        power_cuts: true,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start(3, opts).await.unwrap();
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let client = cluster.client();
+    create(&client, "s", &["a"]).await;
+    for i in 0..5 {
+        client
+            .append(append_req("s", "a", &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    // As soon as the follower knows the last append committed (before its
+    // gathering window has run out), stop it.
+    let target = cluster.node(leader).unwrap().status().commit;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let known = loop {
+        let s = cluster.node(follower).unwrap().status();
+        if s.commit >= target {
+            break s.commit;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never learned the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    cluster.shutdown(follower).await.unwrap();
+    let applied = cluster.disk_applied(follower).unwrap();
+    assert!(
+        applied >= known,
+        "stopped knowing {known} committed, its state holds only up to {applied}"
+    );
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lossy_network_slows_replication_but_loses_nothing() {
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await.unwrap();
