@@ -68,12 +68,11 @@ const SLOW_BODY: usize = 60_000;
 /// What the attacks need to know about the deployment.
 #[derive(Clone)]
 pub struct Env {
-    /// The gateway attacked (host:port, as published).
-    pub gateway: String,
     pub key: chat_auth::TokenKey,
     /// The gateways' public CA (None: plaintext).
     pub ca: Option<Vec<u8>>,
-    /// The attacked gateway as raw connections reach it.
+    /// The gateway attacked (`authority`: host:port, as published), as
+    /// raw connections reach it.
     pub raw: rawgrpc::Gateway,
     pub run: String,
     /// The gateways' per-user and per-IP call limits (calls a second).
@@ -301,7 +300,7 @@ where
 
 fn endpoint(env: &Env, src: IpAddr) -> anyhow::Result<Endpoint> {
     let scheme = if env.ca.is_some() { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{}", env.gateway))?
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{}", env.raw.authority))?
         .local_address(Some(src))
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
@@ -971,7 +970,6 @@ mod tests {
     #[test]
     fn an_attack_is_judged_by_how_the_gateway_answered_it() {
         let env = Env {
-            gateway: "127.0.0.1:1".into(),
             key: chat_auth::TokenKey::new(b"0123456789abcdef0123456789abcdef".to_vec())
                 .expect("a key"),
             ca: None,

@@ -1011,7 +1011,6 @@ async fn exercise(
     let plan = Plan::new(scenario, args);
     let flood_env = match scenario {
         Scenario::Flood => Some(flood::Env {
-            gateway: ctx.gateways[0].clone(),
             key: ctx.key.clone(),
             ca: ctx.gateway_ca.clone(),
             raw: crate::rawgrpc::Gateway::new(&ctx.gateways[0], ctx.gateway_ca.as_deref())?,

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chat_proto::chat::v1 as cpb;
 use chat_proto::chat::v1::chat_server::Chat;

@@ -6,8 +6,8 @@
 //! repeats a seq. Pushes from routers are a fast path only: a push that skips
 //! seqs makes the session read the gap from the store first, and every
 //! sweep interval ([`Sweep`]) the session compares its cursors with the
-//! store's last seqs. A router that dies mid-delivery therefore delays messages; it never
-//! loses them.
+//! store's last seqs. A router that dies mid-delivery therefore delays
+//! messages; it never loses them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -327,17 +327,8 @@ impl Sessions {
         SendStreamOpen(self.clone())
     }
 
+    /// Sessions open now (kept beside the map, so no lock is taken).
     pub fn count(&self) -> usize {
-        self.by_user
-            .lock()
-            .expect("sessions lock poisoned")
-            .values()
-            .map(Vec::len)
-            .sum()
-    }
-
-    /// Sessions open now, without taking the lock.
-    pub fn open_now(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 
@@ -521,8 +512,7 @@ impl Session {
         if Box::pin(self.sync()).await.is_err() {
             return;
         }
-        let mut next_sweep =
-            tokio::time::Instant::now() + self.sweep.wait(self.sessions.open_now());
+        let mut next_sweep = tokio::time::Instant::now() + self.sweep.wait(self.sessions.count());
         let now_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -566,7 +556,7 @@ impl Session {
                 },
                 _ = tokio::time::sleep_until(next_sweep) => {
                     let r = Box::pin(self.sync()).await;
-                    next_sweep = tokio::time::Instant::now() + self.sweep.wait(self.sessions.open_now());
+                    next_sweep = tokio::time::Instant::now() + self.sweep.wait(self.sessions.count());
                     r
                 }
             };
@@ -873,13 +863,13 @@ mod tests {
         let (_a2, _r2) = s.open("a", 4).unwrap();
         let (b1, _r3) = s.open("b", 4).unwrap();
         assert!(s.open("b", 1).is_none(), "over the cap");
-        assert_eq!(s.open_now(), 3);
+        assert_eq!(s.count(), 3);
         s.close("a", a1);
         s.close("a", a1);
         s.close("nobody", b1);
-        assert_eq!(s.open_now(), 2);
+        assert_eq!(s.count(), 2);
         s.close("b", b1);
-        assert_eq!((s.open_now(), s.count()), (1, 1));
+        assert_eq!(s.count(), 1);
     }
 
     /// A session of user `b` whose only router is unreachable, with its
