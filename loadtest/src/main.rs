@@ -17,6 +17,7 @@ mod engine_bench;
 mod rawgrpc;
 mod rejoin_bench;
 mod scenario;
+mod sim;
 mod store_bench;
 
 use std::process::ExitCode;
@@ -77,6 +78,9 @@ enum Cmd {
     /// descriptors per client, accept rate, delivery latency at that count,
     /// and every client back after a gateway restart.
     Connections(connections::Args),
+    /// The store's deterministic simulator: seeded runs of the replicas'
+    /// code under network, crash and clock faults, with invariant checks.
+    Sim(sim::Args),
     /// Sends and deliveries through the whole cluster (`chatctl local up`).
     E2eBench(e2e_bench::Args),
     /// A replica whose disk was wiped rejoining a store of --gib GiB.
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
         Cmd::Connections(args) => rt.block_on(connections::run(args)).map(|()| true),
         Cmd::RejoinBench(args) => rt.block_on(rejoin_bench::run(args)).map(|()| true),
         Cmd::BackupBench(args) => rt.block_on(backup_bench::run(args)).map(|()| true),
+        Cmd::Sim(args) => sim::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

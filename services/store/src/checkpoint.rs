@@ -61,6 +61,22 @@ pub fn checkpoint(log: &LogStore, durable: &Durable) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// One round of the checkpointer: checkpoint the state, then drop the log
+/// files the compactions since the last round freed.
+pub fn checkpoint_and_purge(log: &LogStore, durable: &Durable) {
+    // A failed sync leaves the checkpoint where it was: the log is then
+    // kept (not compacted) until a sync succeeds.
+    if let Err(e) = checkpoint(log, durable) {
+        error!(error = %e, "state checkpoint failed; the raft log is kept until one succeeds");
+    }
+    // Compactions are written without a sync; purging may drop the files
+    // that held the truncation point before them, so make them durable
+    // first.
+    if let Err(e) = log.sync_compaction().and_then(|()| log.wal().purge()) {
+        warn!(error = %e, "raft log purge failed");
+    }
+}
+
 /// A running checkpointer thread; stops when dropped or `stop`ped.
 pub struct Checkpointer {
     stop: Option<SyncSender<()>>,
@@ -137,17 +153,7 @@ fn run(
             next_wal_sync = Some(now + every);
         }
         if now >= next_checkpoint {
-            // A failed sync leaves the checkpoint where it was: the log is
-            // then kept (not compacted) until a sync succeeds.
-            if let Err(e) = checkpoint(&log, &durable) {
-                error!(error = %e, "state checkpoint failed; the raft log is kept until one succeeds");
-            }
-            // Compactions are written without a sync; purging may drop
-            // the files that held the truncation point before them, so
-            // make them durable first.
-            if let Err(e) = log.sync_compaction().and_then(|()| log.wal().purge()) {
-                warn!(error = %e, "raft log purge failed");
-            }
+            checkpoint_and_purge(&log, &durable);
             next_checkpoint = now + interval;
         }
     }

@@ -29,7 +29,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::Durable;
+use crate::clock::Clock;
 use crate::codec;
 use crate::engine::Engine;
 use crate::error::StoreError;
@@ -51,7 +52,7 @@ use crate::node::{
     StatusReport,
 };
 use crate::state_machine::{Applier, Heads};
-use crate::transport::{Transport, TransportEvent};
+use crate::transport::{Network, TransportEvent};
 use crate::types::{NodeId, Op};
 use crate::writer::{LogWriter, Persisted, WriteTask};
 
@@ -114,10 +115,11 @@ pub(crate) struct Driver {
     state: Arc<dyn Engine>,
     /// Writes Readies to the WAL off this thread.
     writer: LogWriter,
+    clock: Clock,
     /// Applied index the state engine has made durable; the log is never
     /// compacted past it.
     durable: Durable,
-    transport: Transport,
+    transport: Box<dyn Network>,
     requests: mpsc::Receiver<Request>,
     inbox: mpsc::Receiver<Message>,
     events: mpsc::Receiver<TransportEvent>,
@@ -157,10 +159,27 @@ pub(crate) struct Driver {
     /// replica.
     lost_logs: HashMap<u64, u64>,
     /// Last time a snapshot was being built or sent.
-    snapshot_needed: std::time::Instant,
+    snapshot_needed: Instant,
     /// Committed entries a follower has not applied yet, and when it will.
     pending_apply: Vec<Entry>,
-    apply_due: Option<tokio::time::Instant>,
+    apply_due: Option<Instant>,
+}
+
+/// Everything outside the replica's logic that the driver talks to: the
+/// network, the log writer, the clock, and the randomness it needs. The
+/// replica's runtime (`replica.rs`) gives it real ones; the simulator
+/// (`sim`) gives it queues it delivers itself, a writer that writes when
+/// told, a virtual clock and numbers drawn from its seed.
+pub(crate) struct DriverIo {
+    pub net: Box<dyn Network>,
+    pub writer: LogWriter,
+    pub clock: Clock,
+    /// Tells this run of the replica from earlier ones (see `incarnation`).
+    pub incarnation: u64,
+    /// A fixed election timeout in ticks, instead of raft-rs drawing one
+    /// (from the thread's RNG) between `election_ticks` and twice that
+    /// after every election; the simulator draws it from its seed.
+    pub election_timeout: Option<usize>,
 }
 
 /// A follower applies committed entries in batches gathered over this long
@@ -180,9 +199,7 @@ pub(crate) const SLOW: Duration = Duration::from_millis(200);
 const SNAPSHOT_KEPT: Duration = Duration::from_secs(60);
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::clock::system_ms()
 }
 
 impl Driver {
@@ -191,7 +208,7 @@ impl Driver {
         cfg: DriverConfig,
         log: LogStore,
         durable: Durable,
-        transport: Transport,
+        io: DriverIo,
         requests: mpsc::Receiver<Request>,
         inbox: mpsc::Receiver<Message>,
         events: mpsc::Receiver<TransportEvent>,
@@ -207,6 +224,8 @@ impl Driver {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            min_election_tick: io.election_timeout.unwrap_or(0),
+            max_election_tick: io.election_timeout.map_or(0, |t| t + 1),
             ..Default::default()
         };
         raft_cfg
@@ -217,20 +236,16 @@ impl Driver {
         let start_commit = log.hard_state().commit;
         let freshness = log.freshness()?;
         let state = log.state().clone();
-        let writer = LogWriter::start(
-            log.clone(),
-            format!("raft-log-{}", cfg.id),
-            transport.faults().clone(),
-            cfg.id,
-        )?;
+        let snapshot_needed = io.clock.now();
         Ok(Self {
-            writer,
+            writer: io.writer,
+            clock: io.clock,
+            transport: io.net,
             cfg,
             raw,
             log,
             state,
             durable,
-            transport,
             requests,
             inbox,
             events,
@@ -248,9 +263,9 @@ impl Driver {
             stats: DriverStats::default(),
             heads: Heads::default(),
             freshness,
-            incarnation: rand::random(),
+            incarnation: io.incarnation,
             lost_logs: HashMap::new(),
-            snapshot_needed: std::time::Instant::now(),
+            snapshot_needed,
             pending_apply: Vec::new(),
             apply_due: None,
         })
@@ -285,16 +300,16 @@ impl Driver {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let persisted = self.writer.wake();
-        let mut last_tick = std::time::Instant::now();
+        let mut last_tick = Instant::now();
         let result = loop {
-            let apply_due = self.apply_due;
+            let apply_due = self.apply_due.map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = persisted.notified() => {}
                 _ = tick.tick() => {
                     let gap = last_tick.elapsed();
-                    last_tick = std::time::Instant::now();
+                    last_tick = Instant::now();
                     if gap >= self.cfg.tick + SLOW {
                         warn!(
                             replica = %self.cfg.id,
@@ -302,7 +317,7 @@ impl Driver {
                             "raft ticks were late (the replica's thread did not run)"
                         );
                     }
-                    self.raw.tick();
+                    self.tick();
                 }
                 _ = sleep_until_some(apply_due), if apply_due.is_some() => {
                     if let Err(e) = self.apply_pending() {
@@ -314,53 +329,103 @@ impl Driver {
                 Some(r) = self.requests.recv() => self.accept(r),
                 Some(e) = self.events.recv() => self.on_transport_event(e),
             }
-            let turn = std::time::Instant::now();
-            for _ in 0..DRAIN_LIMIT {
-                match self.inbox.try_recv() {
-                    Ok(m) => self.step(m),
-                    Err(_) => break,
-                }
-            }
-            for _ in 0..DRAIN_LIMIT {
-                match self.requests.try_recv() {
-                    Ok(r) => self.accept(r),
-                    Err(_) => break,
-                }
-            }
-            while let Ok(e) = self.events.try_recv() {
-                self.on_transport_event(e);
-            }
-            if let Err(e) = self.take_persisted() {
-                error!(replica = %self.cfg.id, error = %e, "raft log write failed; stopping the replica");
+            let turn = Instant::now();
+            if let Err(e) = self.turn() {
                 break Err(e);
             }
-            self.propose_queued();
-            self.issue_reads();
-            let ready = std::time::Instant::now();
-            if let Err(e) = self.on_ready() {
-                error!(replica = %self.cfg.id, error = %e, "storage failed; stopping the replica");
-                break Err(e);
-            }
-            self.publish_status();
             let took = turn.elapsed();
             if took >= SLOW {
                 warn!(
                     replica = %self.cfg.id,
                     took_ms = took.as_millis() as u64,
-                    ready_ms = ready.elapsed().as_millis() as u64,
                     "a turn of the raft loop was slow (heartbeats waited)"
                 );
             }
         };
+        self.stop(!crash.is_cancelled(), result.is_ok());
+        result
+    }
+
+    /// One raft tick.
+    pub(crate) fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// The rest of a turn of the loop, after its first input: takes every
+    /// other input already queued and the writer's reports, turns queued
+    /// proposals into entries, handles the Readies and publishes the
+    /// status. The simulator calls it after each input it delivers.
+    pub(crate) fn turn(&mut self) -> Result<(), StoreError> {
+        for _ in 0..DRAIN_LIMIT {
+            match self.inbox.try_recv() {
+                Ok(m) => self.step(m),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..DRAIN_LIMIT {
+            match self.requests.try_recv() {
+                Ok(r) => self.accept(r),
+                Err(_) => break,
+            }
+        }
+        while let Ok(e) = self.events.try_recv() {
+            self.on_transport_event(e);
+        }
+        if let Err(e) = self.take_persisted() {
+            error!(replica = %self.cfg.id, error = %e, "raft log write failed; stopping the replica");
+            return Err(e);
+        }
+        self.propose_queued();
+        self.issue_reads();
+        if let Err(e) = self.on_ready() {
+            error!(replica = %self.cfg.id, error = %e, "storage failed; stopping the replica");
+            return Err(e);
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    /// The raft node, for the simulator's checkers.
+    pub(crate) fn raw(&self) -> &RawNode<LogStore> {
+        &self.raw
+    }
+
+    /// Stops as a crash does: what the writer had not written is lost,
+    /// nothing is synced, nobody is answered.
+    pub(crate) fn crash(mut self) {
+        self.writer.discard();
+        self.transport.shutdown();
+    }
+
+    /// Simulator: writes up to `max` queued Readies (see
+    /// `LogWriter::complete`); the next turn takes the report.
+    pub(crate) fn complete_writes(&mut self, max: usize) -> usize {
+        self.writer.complete(max)
+    }
+
+    /// Simulator: Readies waiting for the disk.
+    pub(crate) fn writes_queued(&self) -> usize {
+        self.writer.queued()
+    }
+
+    /// When a follower's gathered entries are due to be applied
+    /// (`apply_pending`).
+    pub(crate) fn apply_due(&self) -> Option<Instant> {
+        self.apply_due
+    }
+
+    /// Stops: fails what waits, lets the writer finish, and with
+    /// `graceful` syncs the log and checkpoints the state (a crash does
+    /// neither), having applied what a follower gathered if storage is
+    /// `healthy`.
+    pub(crate) fn stop(&mut self, graceful: bool, healthy: bool) {
         self.fail_all(StoreError::ShuttingDown);
         self.writer.stop();
-        if !crash.is_cancelled() {
+        if graceful {
             // A follower stopped gracefully applies what it has gathered,
             // so its state (and an offline backup of its directory) holds
             // every entry it had taken as committed.
-            if result.is_ok()
-                && let Err(e) = self.apply_pending()
-            {
+            if healthy && let Err(e) = self.apply_pending() {
                 warn!(error = %e, "applying gathered entries at stop failed");
             }
             if let Err(e) = self.log.sync() {
@@ -376,7 +441,6 @@ impl Driver {
             s.caught_up = false;
         });
         self.transport.shutdown();
-        result
     }
 
     /// Why raft-rs must not see `m`, if it must not: a sender that is not
@@ -617,7 +681,7 @@ impl Driver {
             }
             return;
         }
-        let ts = now_ms();
+        let ts = self.clock.wall_ms();
         let mut ops: Vec<Op> = Vec::new();
         let mut replies: Vec<(usize, ProposeReply)> = Vec::new();
         let mut bytes = 0usize;
@@ -913,14 +977,12 @@ impl Driver {
             return Ok(());
         }
         if self.pending_apply.is_empty() {
-            self.apply_due = Some(tokio::time::Instant::now() + FOLLOWER_APPLY_DELAY);
+            self.apply_due = Some(self.clock.now() + FOLLOWER_APPLY_DELAY);
         }
         self.pending_apply.extend(committed);
         if self.is_leader()
             || self.pending_apply.len() >= FOLLOWER_APPLY_ENTRIES
-            || self
-                .apply_due
-                .is_some_and(|due| due <= tokio::time::Instant::now())
+            || self.apply_due.is_some_and(|due| due <= self.clock.now())
         {
             self.apply_gathered()?;
         }
@@ -935,7 +997,7 @@ impl Driver {
     }
 
     /// Applies what a follower has gathered, outside a Ready.
-    fn apply_pending(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn apply_pending(&mut self) -> Result<(), StoreError> {
         if self.pending_apply.is_empty() {
             self.apply_due = None;
             return Ok(());
@@ -1110,10 +1172,15 @@ impl Driver {
                 .iter()
                 .any(|(_, p)| p.state == raft::ProgressState::Snapshot);
         let pinned = if sending || snapshots.building() {
-            self.snapshot_needed = std::time::Instant::now();
+            self.snapshot_needed = self.clock.now();
             snapshots.pinned()
         } else {
-            if self.snapshot_needed.elapsed() > SNAPSHOT_KEPT {
+            if self
+                .clock
+                .now()
+                .saturating_duration_since(self.snapshot_needed)
+                > SNAPSHOT_KEPT
+            {
                 snapshots.release();
             }
             None

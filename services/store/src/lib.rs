@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod backup;
 pub mod checkpoint;
+pub mod clock;
 /// The store's client, from `chat-store-client`.
 pub mod client {
     pub use chat_store_client::client::*;
@@ -28,6 +29,7 @@ pub mod logging;
 pub mod node;
 pub mod replica;
 pub mod service;
+pub mod sim;
 pub mod snapshot;
 pub mod state_machine;
 pub mod testkit;

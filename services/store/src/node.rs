@@ -78,6 +78,23 @@ pub struct NodeStatus {
     pub stopped: bool,
 }
 
+impl NodeStatus {
+    /// A replica's status before its driver's first turn.
+    pub fn starting(id: NodeId) -> Self {
+        Self {
+            id,
+            role: StateRole::Follower,
+            term: 0,
+            leader: None,
+            commit: 0,
+            applied: 0,
+            caught_up: false,
+            serving: false,
+            stopped: false,
+        }
+    }
+}
+
 /// A membership change request.
 #[derive(Clone, Debug)]
 pub enum MembershipChange {

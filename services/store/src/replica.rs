@@ -19,7 +19,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::checkpoint::{Checkpointer, Durable};
-use crate::driver::{Driver, DriverConfig, SyncMode};
+use crate::driver::{Driver, DriverConfig, DriverIo, SyncMode};
 use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::faults::Faults;
@@ -145,17 +145,7 @@ impl Replica {
         let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
         let (event_tx, event_rx) = mpsc::channel(1024);
-        let (status_tx, status_rx) = watch::channel(NodeStatus {
-            id,
-            role: StateRole::Follower,
-            term: 0,
-            leader: None,
-            commit: 0,
-            applied: 0,
-            caught_up: false,
-            serving: false,
-            stopped: false,
-        });
+        let (status_tx, status_rx) = watch::channel(NodeStatus::starting(id));
         let transport = Transport::new(
             id,
             addresses.clone(),
@@ -168,11 +158,24 @@ impl Replica {
                 tls: opts.tls.clone(),
             },
         );
+        let writer = crate::writer::LogWriter::start(
+            log.clone(),
+            format!("raft-log-{id}"),
+            faults.clone(),
+            id,
+        )?;
+        let io = DriverIo {
+            net: Box::new(transport),
+            writer,
+            clock: crate::clock::Clock::System,
+            incarnation: rand::random(),
+            election_timeout: None,
+        };
         let driver = Driver::new(
             opts.driver.clone(),
             log,
             durable,
-            transport,
+            io,
             req_rx,
             inbox_rx,
             event_rx,

@@ -64,6 +64,39 @@ pub enum TransportEvent {
     Snapshot(NodeId, bool),
 }
 
+/// What the driver needs of the network: where raft's messages go. The
+/// `Transport` below in production; the simulator's queues in `sim`.
+pub trait Network: Send {
+    /// Queues messages for their peers; never waits.
+    fn send(&mut self, msgs: Vec<Message>);
+    fn set_peer(&mut self, id: NodeId, addr: String);
+    fn remove_peer(&mut self, id: NodeId);
+    fn addresses(&self) -> &Addresses;
+    fn shutdown(&self);
+}
+
+impl Network for Transport {
+    fn send(&mut self, msgs: Vec<Message>) {
+        Transport::send(self, msgs)
+    }
+
+    fn set_peer(&mut self, id: NodeId, addr: String) {
+        Transport::set_peer(self, id, addr)
+    }
+
+    fn remove_peer(&mut self, id: NodeId) {
+        Transport::remove_peer(self, id)
+    }
+
+    fn addresses(&self) -> &Addresses {
+        Transport::addresses(self)
+    }
+
+    fn shutdown(&self) {
+        Transport::shutdown(self)
+    }
+}
+
 struct Peer {
     addr: String,
     tx: mpsc::Sender<Message>,

@@ -15,6 +15,7 @@
 //! and a Ready's persisted messages leave only after an fdatasync that
 //! covers it and every Ready before it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 
@@ -56,12 +57,27 @@ pub struct Persisted {
 
 /// The driver's end of the writer.
 pub struct LogWriter {
-    tasks: Option<SyncSender<WriteTask>>,
-    done: Receiver<Result<Persisted, StoreError>>,
-    wake: Arc<Notify>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    backend: Backend,
     /// Tasks queued and not yet reported.
     in_flight: usize,
+}
+
+enum Backend {
+    /// The writer thread (production).
+    Thread {
+        tasks: Option<SyncSender<WriteTask>>,
+        done: Receiver<Result<Persisted, StoreError>>,
+        wake: Arc<Notify>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+    /// The simulator's disk: tasks wait until it says they are written
+    /// (`complete`), or are lost in a crash (`discard`).
+    Manual {
+        log: LogStore,
+        queued: VecDeque<WriteTask>,
+        done: VecDeque<Result<Persisted, StoreError>>,
+        wake: Arc<Notify>,
+    },
 }
 
 impl LogWriter {
@@ -81,17 +97,34 @@ impl LogWriter {
             .spawn(move || run(log, rx, done_tx, notify, faults, id))
             .map_err(|e| StoreError::Storage(format!("cannot start the log writer: {e}")))?;
         Ok(Self {
-            tasks: Some(tx),
-            done: done_rx,
-            wake,
-            thread: Some(thread),
+            backend: Backend::Thread {
+                tasks: Some(tx),
+                done: done_rx,
+                wake,
+                thread: Some(thread),
+            },
             in_flight: 0,
         })
     }
 
+    /// A writer without a thread: it writes when `complete` is called.
+    pub fn manual(log: LogStore) -> Self {
+        Self {
+            backend: Backend::Manual {
+                log,
+                queued: VecDeque::new(),
+                done: VecDeque::new(),
+                wake: Arc::new(Notify::new()),
+            },
+            in_flight: 0,
+        }
+    }
+
     /// Fires when a report is ready to be taken with `try_done`.
     pub fn wake(&self) -> Arc<Notify> {
-        self.wake.clone()
+        match &self.backend {
+            Backend::Thread { wake, .. } | Backend::Manual { wake, .. } => wake.clone(),
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -99,28 +132,35 @@ impl LogWriter {
     }
 
     pub fn submit(&mut self, task: WriteTask) -> Result<(), StoreError> {
-        let tasks = self
-            .tasks
-            .as_ref()
-            .ok_or_else(|| StoreError::Storage("the log writer has stopped".into()))?;
-        tasks
-            .send(task)
-            .map_err(|_| StoreError::Storage("the log writer has stopped".into()))?;
+        match &mut self.backend {
+            Backend::Thread { tasks, .. } => {
+                let tasks = tasks
+                    .as_ref()
+                    .ok_or_else(|| StoreError::Storage("the log writer has stopped".into()))?;
+                tasks
+                    .send(task)
+                    .map_err(|_| StoreError::Storage("the log writer has stopped".into()))?;
+            }
+            Backend::Manual { queued, .. } => queued.push_back(task),
+        }
         self.in_flight += 1;
         Ok(())
     }
 
     /// A report, if one is ready.
     pub fn try_done(&mut self) -> Option<Result<Persisted, StoreError>> {
-        let report = match self.done.try_recv() {
-            Ok(r) => r,
-            Err(TryRecvError::Empty) => return None,
-            Err(TryRecvError::Disconnected) => {
-                if self.in_flight == 0 {
-                    return None;
+        let report = match &mut self.backend {
+            Backend::Thread { done, .. } => match done.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => {
+                    if self.in_flight == 0 {
+                        return None;
+                    }
+                    Err(StoreError::Storage("the log writer has stopped".into()))
                 }
-                Err(StoreError::Storage("the log writer has stopped".into()))
-            }
+            },
+            Backend::Manual { done, .. } => done.pop_front()?,
         };
         self.note(&report);
         Some(report)
@@ -128,13 +168,58 @@ impl LogWriter {
 
     /// Waits (blocking this thread) for the next report.
     pub fn wait_done(&mut self) -> Result<Persisted, StoreError> {
-        let report = self
-            .done
-            .recv()
-            .map_err(|_| StoreError::Storage("the log writer has stopped".into()))
-            .and_then(|r| r);
+        let report = match &mut self.backend {
+            Backend::Thread { done, .. } => done
+                .recv()
+                .map_err(|_| StoreError::Storage("the log writer has stopped".into()))
+                .and_then(|r| r),
+            Backend::Manual { .. } => {
+                self.complete(usize::MAX);
+                match &mut self.backend {
+                    Backend::Manual { done, .. } => done.pop_front().unwrap_or_else(|| {
+                        Err(StoreError::Storage("no log write is queued".into()))
+                    }),
+                    Backend::Thread { .. } => unreachable!("the backend does not change"),
+                }
+            }
+        };
         self.note(&report);
         report
+    }
+
+    /// Manual writer: writes up to `max` queued tasks as one group (one
+    /// fdatasync if any needs it), as the thread does. Returns how many.
+    pub fn complete(&mut self, max: usize) -> usize {
+        let Backend::Manual {
+            log, queued, done, ..
+        } = &mut self.backend
+        else {
+            return 0;
+        };
+        let n = queued.len().min(max).min(GROUP_LIMIT);
+        if n == 0 {
+            return 0;
+        }
+        let group: Vec<WriteTask> = queued.drain(..n).collect();
+        done.push_back(write_group(log, group));
+        n
+    }
+
+    /// Manual writer: tasks queued and not yet written.
+    pub fn queued(&self) -> usize {
+        match &self.backend {
+            Backend::Manual { queued, .. } => queued.len(),
+            Backend::Thread { .. } => 0,
+        }
+    }
+
+    /// Manual writer: forgets what is queued, as a crash does.
+    pub fn discard(&mut self) {
+        if let Backend::Manual { queued, done, .. } = &mut self.backend {
+            queued.clear();
+            done.clear();
+        }
+        self.in_flight = 0;
     }
 
     fn note(&mut self, report: &Result<Persisted, StoreError>) {
@@ -146,11 +231,16 @@ impl LogWriter {
 
     /// Lets the writer finish what is queued, and waits for it.
     pub fn stop(&mut self) {
-        self.tasks.take();
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            error!("log writer thread panicked");
+        match &mut self.backend {
+            Backend::Thread { tasks, thread, .. } => {
+                tasks.take();
+                if let Some(t) = thread.take()
+                    && t.join().is_err()
+                {
+                    error!("log writer thread panicked");
+                }
+            }
+            Backend::Manual { .. } => while self.complete(usize::MAX) > 0 {},
         }
     }
 }

@@ -5,6 +5,7 @@
 //! Used by the store's tests and by benchmarks; everything waits on
 //! conditions with deadlines, never on fixed sleeps.
 
+pub mod mem_fs;
 pub mod power;
 pub mod process;
 

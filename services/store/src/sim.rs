@@ -1,0 +1,1663 @@
+//! Deterministic simulation of a store group: the replicas' real driver,
+//! log store, WAL (raft-engine) and state machine, stepped by one thread
+//! from one seeded RNG on a virtual clock, with the network, the disks and
+//! the clients played by the simulator.
+//!
+//! What is real: `Driver` (raft-rs, the replica's message handling, group
+//! commit, apply, compaction), `LogStore` over raft-engine, the state
+//! machine over `MemEngine`, the checkpointer's round. What is simulated:
+//! the network (`SimNet`: every message becomes an event, delayed, dropped,
+//! duplicated, reordered or cut by a partition), the disk (the log writer
+//! writes only when the simulator completes a write; raft-engine's files
+//! live in `MemFs`, which keeps only synced bytes across a crash, as the
+//! state engine does), time (`VirtualClock`; one wall clock per replica,
+//! which faults step) and raft-rs's election timeouts (drawn from the seed
+//! at every start).
+//!
+//! Checked at every step: at most one leader per term; an entry committed
+//! at an index never changes (on any replica, across crashes); a client's
+//! retries of one message are acknowledged with one seq. Checked at the end,
+//! after the faults stop and every replica is back: every replica applied
+//! the same entries, every acknowledged append is stored once, with its
+//! acknowledged seq, on every replica; seqs are gapless; no client id is
+//! stored twice. A run that finds a violation returns it with the seed and
+//! the command that replays it (`loadtest sim --seed N --trace`).
+//!
+//! Not simulated yet: snapshots (the log is never compacted, so no replica
+//! needs one), disk wipes, membership changes, leader transfer, reads.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft::eraftpb::{Message, MessageType};
+use raft::{GetEntriesContext, StateRole};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::checkpoint::Durable;
+use crate::clock::{Clock, VirtualClock};
+use crate::driver::{Driver, DriverConfig, DriverIo, SyncMode};
+use crate::engine::{Engine, MemEngine};
+use crate::error::StoreError;
+use crate::log_store::LogStore;
+use crate::node::{Addresses, NodeStatus, OpResults, Request};
+use crate::snapshot::Snapshots;
+use crate::state_machine::Reader;
+use crate::testkit::mem_fs::MemFs;
+use crate::transport::{Network, TransportEvent};
+use crate::types::{ConversationId, NewMessage, NodeId, Op, OpOutcome, Seq, UserId};
+use crate::wal::RaftEngineWal;
+use crate::writer::LogWriter;
+
+/// What a run does; every figure is in virtual time.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub replicas: usize,
+    pub clients: usize,
+    pub conversations: usize,
+    /// How long faults and new sends go on.
+    pub duration: Duration,
+    /// After that, how long the healed group has to finish every send.
+    pub settle: Duration,
+    pub faults: bool,
+    /// The faults to inject instead of the ones drawn from the seed
+    /// (`fault_plan`): what a shrunk failure replays.
+    pub plan: Option<Vec<Fault>>,
+    /// Disks acknowledge fdatasync without making anything durable (seven
+    /// times in eight): a bug the checkers must catch (acknowledged appends
+    /// and votes lost in crashes).
+    pub lying_disks: bool,
+    /// Keep a readable trace of every event (printed on failure).
+    pub trace: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 3,
+            clients: 6,
+            conversations: 3,
+            duration: Duration::from_secs(20),
+            settle: Duration::from_secs(20),
+            faults: true,
+            plan: None,
+            lying_disks: false,
+            trace: false,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct SimReport {
+    pub seed: u64,
+    /// Hash of every event in order: the same seed gives the same hash.
+    pub trace_hash: u64,
+    pub events: u64,
+    pub acked: usize,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub clock_steps: u64,
+    pub transfers: u64,
+    pub elections: usize,
+    pub committed: u64,
+    pub trace: Vec<String>,
+}
+
+/// A violated invariant, with what replays it.
+#[derive(Debug)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub opts: SimOptions,
+    pub at: Duration,
+    pub what: String,
+    pub trace: Vec<String>,
+}
+
+impl SimFailure {
+    /// The command that runs this seed again with its trace.
+    pub fn replay_command(&self) -> String {
+        let o = &self.opts;
+        let d = SimOptions::default();
+        let mut cmd = format!("target/release/loadtest sim --seed {} --trace", self.seed);
+        if o.replicas != d.replicas {
+            cmd += &format!(" --replicas {}", o.replicas);
+        }
+        if o.clients != d.clients {
+            cmd += &format!(" --clients {}", o.clients);
+        }
+        if o.conversations != d.conversations {
+            cmd += &format!(" --conversations {}", o.conversations);
+        }
+        if o.duration != d.duration {
+            cmd += &format!(" --duration-secs {}", o.duration.as_secs());
+        }
+        if !o.faults {
+            cmd += " --no-faults";
+        }
+        if let Some(plan) = &o.plan {
+            cmd += &format!(" --plan '{}'", format_plan(plan));
+        }
+        if o.lying_disks {
+            cmd += " --lying-disks";
+        }
+        cmd
+    }
+}
+
+impl std::fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} at {:.3} s (virtual): {}\nreplay: {}",
+            self.seed,
+            self.at.as_secs_f64(),
+            self.what,
+            self.replay_command()
+        )
+    }
+}
+
+/// A fault, at a virtual time. Replicas are numbered from 1 in its text
+/// form (`AT_MS:KIND[:ARGS]`, as `loadtest sim --plan` takes it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub at_ms: u64,
+    pub kind: FaultKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The replica crashes (power lost) and starts again `down_ms` later.
+    Crash { replica: usize, down_ms: u64 },
+    /// The replica hears nothing and is heard by no one.
+    Isolate { replica: usize },
+    /// Messages from `from` to `to` are lost (one way).
+    Cut { from: usize, to: usize },
+    /// Every partition ends.
+    Heal,
+    /// The replica's wall clock jumps by `ms` (either way).
+    StepClock { replica: usize, ms: i64 },
+    /// The leader is asked to hand leadership to the most caught-up voter.
+    TransferLeader,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:", self.at_ms)?;
+        match self.kind {
+            FaultKind::Crash { replica, down_ms } => write!(f, "crash:{}:{down_ms}", replica + 1),
+            FaultKind::Isolate { replica } => write!(f, "isolate:{}", replica + 1),
+            FaultKind::Cut { from, to } => write!(f, "cut:{}:{}", from + 1, to + 1),
+            FaultKind::Heal => write!(f, "heal"),
+            FaultKind::StepClock { replica, ms } => write!(f, "clock:{}:{ms}", replica + 1),
+            FaultKind::TransferLeader => write!(f, "transfer"),
+        }
+    }
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let bad = || {
+            format!(
+                "fault {s:?}: expected AT_MS:crash:REPLICA:DOWN_MS, AT_MS:isolate:REPLICA, AT_MS:cut:FROM:TO, AT_MS:heal, AT_MS:clock:REPLICA:MS or AT_MS:transfer"
+            )
+        };
+        let num = |i: usize| -> Result<u64, String> {
+            parts.get(i).and_then(|p| p.parse().ok()).ok_or_else(bad)
+        };
+        let replica = |i: usize| -> Result<usize, String> {
+            match num(i)? {
+                0 => Err(format!("fault {s:?}: replicas are numbered from 1")),
+                n => Ok(n as usize - 1),
+            }
+        };
+        let at_ms = num(0)?;
+        let (kind, arity) = match parts.get(1).copied() {
+            Some("crash") => (
+                FaultKind::Crash {
+                    replica: replica(2)?,
+                    down_ms: num(3)?,
+                },
+                4,
+            ),
+            Some("isolate") => (
+                FaultKind::Isolate {
+                    replica: replica(2)?,
+                },
+                3,
+            ),
+            Some("cut") => (
+                FaultKind::Cut {
+                    from: replica(2)?,
+                    to: replica(3)?,
+                },
+                4,
+            ),
+            Some("heal") => (FaultKind::Heal, 2),
+            Some("clock") => {
+                let ms = parts.get(3).and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                (
+                    FaultKind::StepClock {
+                        replica: replica(2)?,
+                        ms,
+                    },
+                    4,
+                )
+            }
+            Some("transfer") => (FaultKind::TransferLeader, 2),
+            _ => return Err(bad()),
+        };
+        if parts.len() != arity {
+            return Err(bad());
+        }
+        Ok(Fault { at_ms, kind })
+    }
+}
+
+/// Parses a comma-separated list of faults.
+pub fn parse_plan(s: &str) -> Result<Vec<Fault>, String> {
+    s.split(',')
+        .filter(|f| !f.trim().is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+/// Formats faults as `parse_plan` reads them.
+pub fn format_plan(plan: &[Fault]) -> String {
+    plan.iter()
+        .map(Fault::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The faults a seed injects: one every 0.1–1 s of the run, drawn from a
+/// stream of its own (so removing one leaves the others as they were).
+pub fn fault_plan(seed: u64, opts: &SimOptions) -> Vec<Fault> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_fa17_0000_0000);
+    let n = opts.replicas.max(1);
+    let end = opts.duration.as_millis() as u64;
+    let mut plan = Vec::new();
+    let mut at = rng.random_range(200..800);
+    while at < end {
+        let replica = rng.random_range(0..n);
+        let kind = match rng.random_range(0..11) {
+            0..=3 => FaultKind::Crash {
+                replica,
+                down_ms: rng.random_range(50..1500),
+            },
+            4 | 5 => FaultKind::Isolate { replica },
+            6 if n > 1 => FaultKind::Cut {
+                from: (replica + 1 + rng.random_range(0..n - 1)) % n,
+                to: replica,
+            },
+            6..=8 => FaultKind::Heal,
+            9 => FaultKind::StepClock {
+                replica,
+                ms: rng.random_range(-5_000..=5_000),
+            },
+            _ => FaultKind::TransferLeader,
+        };
+        plan.push(Fault { at_ms: at, kind });
+        at += rng.random_range(100..1000);
+    }
+    plan
+}
+
+/// What kind of violation a failure is, to keep shrinking on one bug.
+fn category(what: &str) -> &'static str {
+    const KINDS: [&str; 8] = [
+        "two leaders",
+        "changed",
+        "lost",
+        "stored twice",
+        "seq",
+        "other messages",
+        "no progress",
+        "stopped",
+    ];
+    KINDS
+        .iter()
+        .find(|k| what.contains(*k))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Shrinks a failing seed's faults: drops chunks of them, then single
+/// ones, as long as the run still fails the same way (at most `max_runs`
+/// runs). Returns the smallest failing plan found and its failure, or
+/// None when the seed does not fail.
+pub fn shrink(
+    seed: u64,
+    opts: &SimOptions,
+    max_runs: usize,
+) -> Option<(Vec<Fault>, Box<SimFailure>)> {
+    let quiet = SimOptions {
+        trace: false,
+        ..opts.clone()
+    };
+    let mut plan = opts.plan.clone().unwrap_or_else(|| fault_plan(seed, opts));
+    let fails = |plan: &[Fault]| {
+        run(
+            seed,
+            &SimOptions {
+                plan: Some(plan.to_vec()),
+                ..quiet.clone()
+            },
+        )
+        .err()
+    };
+    let mut failure = fails(&plan)?;
+    let kind = category(&failure.what);
+    let mut runs = 1;
+    let mut chunk = plan.len().div_ceil(2).max(1);
+    loop {
+        let mut i = 0;
+        let mut removed = false;
+        while i < plan.len() && runs < max_runs {
+            let mut candidate = plan.clone();
+            candidate.drain(i..(i + chunk).min(plan.len()));
+            runs += 1;
+            match fails(&candidate) {
+                Some(f) if category(&f.what) == kind => {
+                    plan = candidate;
+                    failure = f;
+                    removed = true;
+                }
+                _ => i += chunk,
+            }
+        }
+        if runs >= max_runs || (chunk == 1 && !removed) {
+            break;
+        }
+        if !removed {
+            chunk = chunk.div_ceil(2);
+        }
+    }
+    Some((plan, failure))
+}
+
+const TICK: Duration = Duration::from_millis(10);
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 2;
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// A client gives up on an attempt after this long and tries another
+/// replica with the same client message id.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(400);
+
+#[derive(Debug)]
+enum Event {
+    Tick(usize, u64),
+    Deliver(usize, Message),
+    /// The disk finishes a write of this life of the replica.
+    Disk(usize, u64),
+    Apply(usize, u64),
+    Checkpoint(usize, u64),
+    Restart(usize),
+    Client(usize),
+    /// The plan's fault with this index.
+    Fault(usize),
+    /// The client's attempt got no answer in time: try another replica.
+    ClientTimeout(usize, u64),
+    /// The client's attempt failed: try again where the answer pointed.
+    Retry(usize, u64),
+    /// The client's read got no answer in time: it gives it up.
+    ReadTimeout(usize, u64),
+}
+
+/// The replicas' network: what the driver sends lands here and becomes
+/// delivery events.
+struct SimNet {
+    outbox: Arc<Mutex<Vec<Message>>>,
+    addresses: Addresses,
+}
+
+impl Network for SimNet {
+    fn send(&mut self, msgs: Vec<Message>) {
+        self.outbox.lock().expect("outbox lock").extend(msgs);
+    }
+
+    fn set_peer(&mut self, id: NodeId, addr: String) {
+        self.addresses.set(id, addr);
+    }
+
+    fn remove_peer(&mut self, id: NodeId) {
+        self.addresses.remove(id);
+    }
+
+    fn addresses(&self) -> &Addresses {
+        &self.addresses
+    }
+
+    fn shutdown(&self) {}
+}
+
+struct Running {
+    driver: Driver,
+    requests: mpsc::Sender<Request>,
+    inbox: mpsc::Sender<Message>,
+    events: mpsc::Sender<TransportEvent>,
+    status: watch::Receiver<NodeStatus>,
+    outbox: Arc<Mutex<Vec<Message>>>,
+    log: LogStore,
+    durable: Durable,
+    /// When an Apply event is already scheduled for.
+    apply_at: Option<Duration>,
+    disk_busy: bool,
+}
+
+struct Replica {
+    id: NodeId,
+    dir: tempfile::TempDir,
+    fs: MemFs,
+    state: MemEngine,
+    clock: VirtualClock,
+    /// Bumped at every start and crash; events of an older life are void.
+    life: u64,
+    running: Option<Running>,
+    /// Highest committed index checked against the group's history.
+    checked: u64,
+}
+
+/// One message a client is getting acknowledged.
+struct Sending {
+    op: Op,
+    conversation: usize,
+    /// Client message id (None: the create that precedes a client's sends).
+    id: Option<String>,
+    attempt: u64,
+    /// Every attempt's reply that may still come, by attempt.
+    replies: Vec<(u64, OpReply)>,
+    acked: Option<Seq>,
+}
+
+/// Where the answer to one attempt of an operation comes.
+type OpReply = oneshot::Receiver<Result<OpResults, StoreError>>;
+
+struct Client {
+    user: UserId,
+    target: usize,
+    sent: u64,
+    current: Option<Sending>,
+    /// Replies to earlier messages' attempts that may still come, with
+    /// the seq each was acknowledged with.
+    late: Vec<(String, Seq, OpReply)>,
+    /// A linearizable read in flight.
+    reading: Option<Reading>,
+    /// Actions so far (sends and reads), to tell its timeouts apart.
+    actions: u64,
+}
+
+/// A linearizable read: a ReadIndex barrier on the replica the client
+/// thinks leads, then the conversation read from that replica's state.
+struct Reading {
+    conversation: usize,
+    target: usize,
+    invoked: Duration,
+    action: u64,
+    reply: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+/// A read that completed: what it returned and when it was asked and
+/// answered.
+struct ReadSeen {
+    invoked: Duration,
+    answered: Duration,
+    messages: Vec<(u64, String)>,
+}
+
+struct Sim {
+    seed: u64,
+    opts: SimOptions,
+    rng: StdRng,
+    clock: VirtualClock,
+    now: Duration,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    slots: Vec<Option<Event>>,
+    free: Vec<usize>,
+    next_seq: u64,
+    replicas: Vec<Replica>,
+    clients: Vec<Client>,
+    conversations: Vec<ConversationId>,
+    users: Vec<UserId>,
+    /// cut[a][b]: messages from a to b are lost.
+    cut: Vec<Vec<bool>>,
+    /// Leader of each term seen.
+    leaders: BTreeMap<u64, usize>,
+    /// (term, hash of data) of each committed index.
+    committed: HashMap<u64, (u64, u64)>,
+    /// conversation, client message id → acknowledged seq.
+    acked: BTreeMap<(usize, String), Seq>,
+    /// When each acknowledged append was first sent and acknowledged.
+    sent_at: HashMap<(usize, String), Duration>,
+    acked_at: HashMap<(usize, String), Duration>,
+    /// Completed reads, by conversation.
+    reads: Vec<Vec<ReadSeen>>,
+    hash: DefaultHasher,
+    events: u64,
+    report: SimReport,
+    trace: Vec<String>,
+    faults_on: bool,
+    sending_on: bool,
+    plan: Vec<Fault>,
+}
+
+/// Runs one simulation.
+pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Box<SimFailure>> {
+    let mut sim = Sim::new(seed, opts.clone()).map_err(|what| {
+        Box::new(SimFailure {
+            seed,
+            opts: opts.clone(),
+            at: Duration::ZERO,
+            what,
+            trace: Vec::new(),
+        })
+    })?;
+    match sim.run() {
+        Ok(()) => {
+            let mut report = sim.report.clone();
+            report.trace_hash = sim.hash.finish();
+            report.events = sim.events;
+            report.acked = sim.acked.len();
+            report.elections = sim.leaders.len();
+            report.committed = sim.committed.keys().max().copied().unwrap_or(0);
+            report.trace = std::mem::take(&mut sim.trace);
+            Ok(report)
+        }
+        Err(what) => Err(Box::new(SimFailure {
+            seed,
+            opts: opts.clone(),
+            at: sim.now,
+            what,
+            trace: std::mem::take(&mut sim.trace),
+        })),
+    }
+}
+
+fn entry_hash(data: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
+
+impl Sim {
+    fn new(seed: u64, opts: SimOptions) -> Result<Self, String> {
+        let clock = VirtualClock::new(1_700_000_000_000);
+        let n = opts.replicas;
+        let mut replicas = Vec::with_capacity(n);
+        for i in 0..n {
+            let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+            std::fs::create_dir_all(dir.path().join("wal")).map_err(|e| e.to_string())?;
+            let fs = MemFs::default();
+            if opts.lying_disks {
+                fs.lie_about_syncs(8);
+            }
+            replicas.push(Replica {
+                id: NodeId(i as u64 + 1),
+                dir,
+                fs,
+                state: MemEngine::new(),
+                clock: clock.own_wall(),
+                life: 0,
+                running: None,
+                checked: 0,
+            });
+        }
+        let users: Vec<UserId> = (0..opts.clients)
+            .map(|c| UserId::parse(&format!("u{c}")).expect("valid user id"))
+            .collect();
+        let conversations = (0..opts.conversations.max(1))
+            .map(|c| ConversationId::parse(&format!("c{c}")).expect("valid conversation id"))
+            .collect();
+        let clients = users
+            .iter()
+            .enumerate()
+            .map(|(c, u)| Client {
+                user: u.clone(),
+                target: c % n,
+                sent: 0,
+                current: None,
+                late: Vec::new(),
+                reading: None,
+                actions: 0,
+            })
+            .collect();
+        let report = SimReport {
+            seed,
+            trace_hash: 0,
+            events: 0,
+            acked: 0,
+            crashes: 0,
+            partitions: 0,
+            clock_steps: 0,
+            transfers: 0,
+            elections: 0,
+            committed: 0,
+            trace: Vec::new(),
+        };
+        Ok(Self {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            clock,
+            now: Duration::ZERO,
+            queue: BinaryHeap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            next_seq: 0,
+            replicas,
+            clients,
+            conversations,
+            users,
+            cut: vec![vec![false; n]; n],
+            leaders: BTreeMap::new(),
+            committed: HashMap::new(),
+            acked: BTreeMap::new(),
+            sent_at: HashMap::new(),
+            acked_at: HashMap::new(),
+            reads: Vec::new(),
+            hash: DefaultHasher::new(),
+            events: 0,
+            report,
+            trace: Vec::new(),
+            faults_on: opts.faults,
+            sending_on: true,
+            plan: Vec::new(),
+            opts,
+        })
+    }
+
+    fn at(&mut self, after: Duration, e: Event) {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s] = Some(e);
+                s
+            }
+            None => {
+                self.slots.push(Some(e));
+                self.slots.len() - 1
+            }
+        };
+        self.next_seq += 1;
+        self.queue
+            .push(Reverse((self.now + after, self.next_seq, slot)));
+    }
+
+    fn note(&mut self, line: impl FnOnce() -> String) {
+        if self.opts.trace {
+            let line = line();
+            self.trace
+                .push(format!("{:>9.3} {line}", self.now.as_secs_f64()));
+        }
+    }
+
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_micros(self.rng.random_range(lo * 1000..=hi * 1000))
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        for r in 0..self.replicas.len() {
+            self.start(r)?;
+        }
+        for c in 0..self.clients.len() {
+            let d = self.ms(0, 50);
+            self.at(d, Event::Client(c));
+        }
+        if self.faults_on {
+            self.plan = match &self.opts.plan {
+                Some(p) => p.clone(),
+                None => fault_plan(self.seed, &self.opts),
+            };
+            for i in 0..self.plan.len() {
+                let at = Duration::from_millis(self.plan[i].at_ms);
+                self.at(at, Event::Fault(i));
+            }
+        }
+        let end = self.opts.duration;
+        let deadline = end + self.opts.settle;
+        let mut settled_at = None;
+        while let Some(Reverse((t, _, slot))) = self.queue.pop() {
+            let event = self.slots[slot].take().expect("event in its slot");
+            self.free.push(slot);
+            self.now = t;
+            self.clock.advance_to(t);
+            if t >= end && settled_at.is_none() {
+                settled_at = Some(t);
+                self.heal_all()?;
+            }
+            if t >= deadline {
+                break;
+            }
+            self.events += 1;
+            self.record(&event);
+            self.handle(event)?;
+            self.poll_clients()?;
+            if settled_at.is_some() && self.quiet() {
+                break;
+            }
+        }
+        if !self.quiet() {
+            return Err(format!(
+                "no progress: {} s after the faults stopped and every replica was back, {} client(s) still wait for an acknowledgement (commit indexes {:?})",
+                self.opts.settle.as_secs(),
+                self.clients.iter().filter(|c| c.current.is_some()).count(),
+                self.replicas
+                    .iter()
+                    .map(|r| r.running.as_ref().map(|x| x.status.borrow().commit))
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        self.check_final()
+    }
+
+    /// Every client is done and every replica has applied all the group
+    /// committed.
+    fn quiet(&self) -> bool {
+        if self
+            .clients
+            .iter()
+            .any(|c| c.current.is_some() || c.reading.is_some())
+        {
+            return false;
+        }
+        let statuses: Vec<NodeStatus> = self
+            .replicas
+            .iter()
+            .filter_map(|r| r.running.as_ref().map(|x| x.status.borrow().clone()))
+            .collect();
+        if statuses.len() != self.replicas.len() {
+            return false;
+        }
+        let commit = statuses.iter().map(|s| s.commit).max().unwrap_or(0);
+        statuses.iter().all(|s| s.applied == commit)
+    }
+
+    fn record(&mut self, e: &Event) {
+        let now = self.now.as_nanos() as u64;
+        now.hash(&mut self.hash);
+        match e {
+            Event::Tick(r, _) => (0u8, *r).hash(&mut self.hash),
+            Event::Deliver(to, m) => {
+                (1u8, *to, m.get_msg_type() as i32, m.from, m.term, m.index).hash(&mut self.hash);
+                (m.log_term, m.commit, m.entries.len(), m.reject).hash(&mut self.hash);
+            }
+            Event::Disk(r, _) => (2u8, *r).hash(&mut self.hash),
+            Event::Apply(r, _) => (3u8, *r).hash(&mut self.hash),
+            Event::Checkpoint(r, _) => (4u8, *r).hash(&mut self.hash),
+            Event::Restart(r) => (5u8, *r).hash(&mut self.hash),
+            Event::Client(c) => (6u8, *c).hash(&mut self.hash),
+            Event::ClientTimeout(c, a) => (7u8, *c, *a).hash(&mut self.hash),
+            Event::Retry(c, a) => (9u8, *c, *a).hash(&mut self.hash),
+            Event::ReadTimeout(c, a) => (10u8, *c, *a).hash(&mut self.hash),
+            Event::Fault(i) => (8u8, *i).hash(&mut self.hash),
+        }
+        if self.opts.trace {
+            match e {
+                Event::Tick(..) | Event::Checkpoint(..) => {}
+                Event::Deliver(to, m) => {
+                    let (ty, from, term, index, commit, n, reject) = (
+                        m.get_msg_type(),
+                        m.from,
+                        m.term,
+                        m.index,
+                        m.commit,
+                        m.entries.len(),
+                        m.reject,
+                    );
+                    let to = self.replicas[*to].id;
+                    self.note(|| {
+                        format!(
+                            "deliver {ty:?} {from}→{to} term {term} index {index} commit {commit} entries {n}{}",
+                            if reject { " reject" } else { "" }
+                        )
+                    });
+                }
+                other => {
+                    let s = format!("{other:?}");
+                    self.note(|| s);
+                }
+            }
+        }
+    }
+
+    /// Replica `r`, if it runs and is still in the life an event was
+    /// scheduled for.
+    fn running(&mut self, r: usize, life: u64) -> Option<&mut Running> {
+        let rep = &mut self.replicas[r];
+        if rep.life != life {
+            return None;
+        }
+        rep.running.as_mut()
+    }
+
+    fn handle(&mut self, e: Event) -> Result<(), String> {
+        match e {
+            Event::Tick(r, life) => {
+                let Some(x) = self.running(r, life) else {
+                    return Ok(());
+                };
+                x.driver.tick();
+                self.turn(r)?;
+                let jitter = self.ms(0, 2);
+                self.at(TICK + jitter, Event::Tick(r, life));
+            }
+            Event::Deliver(r, m) => {
+                if let Some(x) = self.replicas[r].running.as_mut() {
+                    // The driver's inbox is bounded; a full one drops, as
+                    // the transport's does.
+                    let _ = x.inbox.try_send(m);
+                    self.turn(r)?;
+                }
+            }
+            Event::Disk(r, life) => {
+                let Some(x) = self.running(r, life) else {
+                    return Ok(());
+                };
+                x.disk_busy = false;
+                x.driver.complete_writes(usize::MAX);
+                self.turn(r)?;
+            }
+            Event::Apply(r, life) => {
+                let Some(x) = self.running(r, life) else {
+                    return Ok(());
+                };
+                x.apply_at = None;
+                if x.driver.apply_due().is_some() {
+                    x.driver
+                        .apply_pending()
+                        .map_err(|e| format!("replica {} apply: {e}", r + 1))?;
+                }
+                self.turn(r)?;
+            }
+            Event::Checkpoint(r, life) => {
+                let Some(x) = self.running(r, life) else {
+                    return Ok(());
+                };
+                crate::checkpoint::checkpoint_and_purge(&x.log, &x.durable);
+                self.at(CHECKPOINT_EVERY, Event::Checkpoint(r, life));
+            }
+            Event::Restart(r) => {
+                if self.replicas[r].running.is_none() {
+                    self.start(r)?;
+                }
+            }
+            Event::Client(c) => self.client_send(c)?,
+            Event::ReadTimeout(c, action) => {
+                if self.clients[c]
+                    .reading
+                    .as_ref()
+                    .is_some_and(|r| r.action == action)
+                {
+                    let r = self.clients[c].reading.take().expect("checked");
+                    let n = self.replicas.len();
+                    self.clients[c].target = (r.target + 1) % n;
+                    let d = self.ms(0, 20);
+                    self.at(d, Event::Client(c));
+                }
+            }
+            Event::ClientTimeout(c, attempt) | Event::Retry(c, attempt) => {
+                let stale = self.clients[c]
+                    .current
+                    .as_ref()
+                    .is_none_or(|s| s.attempt != attempt);
+                if !stale {
+                    if matches!(e, Event::ClientTimeout(..)) {
+                        let n = self.replicas.len();
+                        self.clients[c].target = (self.clients[c].target + 1) % n;
+                    }
+                    self.attempt(c)?;
+                }
+            }
+            Event::Fault(i) => {
+                if self.faults_on && self.now < self.opts.duration {
+                    let kind = self.plan[i].kind.clone();
+                    self.inject(kind)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts replica `r` on what its disk holds.
+    fn start(&mut self, r: usize) -> Result<(), String> {
+        let voters: Vec<(NodeId, String)> = self
+            .replicas
+            .iter()
+            .map(|x| (x.id, format!("sim-{}", x.id)))
+            .collect();
+        let timeout = self.rng.random_range(ELECTION_TICKS..2 * ELECTION_TICKS);
+        let incarnation: u64 = self.rng.random();
+        let rep = &mut self.replicas[r];
+        rep.life += 1;
+        rep.checked = 0;
+        let life = rep.life;
+        let id = rep.id;
+        let fail = |what: &str, e: StoreError| format!("replica {id}: {what}: {e}");
+        let wal = RaftEngineWal::open_with(&rep.dir.path().join("wal"), Arc::new(rep.fs.clone()))
+            .map_err(|e| fail("open the WAL", e))?;
+        let state: Arc<dyn Engine> = Arc::new(rep.state.clone());
+        let snapshots = Snapshots::open(&rep.dir.path().join("snap"), state.clone())
+            .map_err(|e| fail("open snapshots", e))?;
+        let log = LogStore::open(Arc::new(wal), state.clone(), snapshots, id, &voters)
+            .map_err(|e| fail("open the log", e))?;
+        state.sync().map_err(|e| fail("sync the state", e))?;
+        let (applied, _) = log.applied().map_err(|e| fail("read applied", e))?;
+        let durable = Durable::new(applied);
+        let addresses = Addresses::default();
+        for (n, a) in &voters {
+            addresses.set(*n, a.clone());
+        }
+        let outbox = Arc::new(Mutex::new(Vec::new()));
+        let (req_tx, req_rx) = mpsc::channel(crate::node::REQUEST_QUEUE);
+        let (inbox_tx, inbox_rx) = mpsc::channel(crate::transport::INBOX);
+        let (event_tx, event_rx) = mpsc::channel(1024);
+        let (status_tx, status_rx) = watch::channel(NodeStatus::starting(id));
+        let cfg = DriverConfig {
+            id,
+            tick: TICK,
+            election_ticks: ELECTION_TICKS,
+            heartbeat_ticks: HEARTBEAT_TICKS,
+            sync: SyncMode::Always,
+            snapshot_entries: u64::MAX,
+            compact_keep: 0,
+            checkpoint_interval: CHECKPOINT_EVERY,
+            wal_sync_interval: CHECKPOINT_EVERY,
+            dedup_window: Duration::from_secs(3600),
+        };
+        let io = DriverIo {
+            net: Box::new(SimNet {
+                outbox: outbox.clone(),
+                addresses,
+            }),
+            writer: LogWriter::manual(log.clone()),
+            clock: Clock::Virtual(rep.clock.clone()),
+            incarnation,
+            election_timeout: Some(timeout),
+        };
+        let driver = Driver::new(
+            cfg,
+            log.clone(),
+            durable.clone(),
+            io,
+            req_rx,
+            inbox_rx,
+            event_rx,
+            status_tx,
+        )
+        .map_err(|e| fail("start the driver", e))?;
+        rep.running = Some(Running {
+            driver,
+            requests: req_tx,
+            inbox: inbox_tx,
+            events: event_tx,
+            status: status_rx,
+            outbox,
+            log,
+            durable,
+            apply_at: None,
+            disk_busy: false,
+        });
+        self.note(|| format!("start replica {id} (election timeout {timeout} ticks)"));
+        let d = self.ms(0, 10);
+        self.at(d, Event::Tick(r, life));
+        let d = self.ms(0, 500);
+        self.at(d, Event::Checkpoint(r, life));
+        Ok(())
+    }
+
+    /// Kills replica `r`: what no sync covered is gone from its disk.
+    fn crash(&mut self, r: usize) {
+        let rep = &mut self.replicas[r];
+        let Some(x) = rep.running.take() else {
+            return;
+        };
+        rep.life += 1;
+        x.driver.crash();
+        drop(x.log);
+        drop(x.durable);
+        rep.fs.crash();
+        rep.state.power_cut();
+        self.report.crashes += 1;
+        let id = rep.id;
+        self.note(|| format!("crash replica {id}"));
+    }
+
+    /// A turn of replica `r`'s driver, then its outputs: messages onto the
+    /// network, writes onto the disk, a due apply onto the clock; then the
+    /// checks.
+    fn turn(&mut self, r: usize) -> Result<(), String> {
+        let Some(x) = self.replicas[r].running.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = x.driver.turn() {
+            return Err(format!("replica {} stopped: {e}", r + 1));
+        }
+        let msgs = std::mem::take(&mut *x.outbox.lock().expect("outbox lock"));
+        let writes = x.driver.writes_queued() > 0 && !x.disk_busy;
+        if writes {
+            x.disk_busy = true;
+        }
+        let due = x.driver.apply_due().map(|at| {
+            let from_now = at.saturating_duration_since(Clock::Virtual(self.clock.clone()).now());
+            self.now + from_now
+        });
+        let schedule_apply = match (due, x.apply_at) {
+            (Some(at), None) => Some(at),
+            (Some(at), Some(scheduled)) if at < scheduled => Some(at),
+            _ => None,
+        };
+        if let Some(at) = schedule_apply {
+            x.apply_at = Some(at);
+        }
+        let life = self.replicas[r].life;
+        if writes {
+            let d = if self.rng.random_bool(0.02) {
+                self.ms(20, 120)
+            } else {
+                self.ms(0, 2)
+            };
+            self.at(d, Event::Disk(r, life));
+        }
+        if let Some(at) = schedule_apply {
+            self.at(at.saturating_sub(self.now), Event::Apply(r, life));
+        }
+        for m in msgs {
+            self.send(r, m);
+        }
+        self.check(r)
+    }
+
+    fn send(&mut self, from: usize, m: Message) {
+        let Some(to) = (m.to as usize)
+            .checked_sub(1)
+            .filter(|&t| t < self.replicas.len())
+        else {
+            return;
+        };
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            // Snapshots are not simulated (nothing is compacted); the
+            // transport reports the failure, as it does on a broken link.
+            if let Some(x) = self.replicas[from].running.as_ref() {
+                let _ = x
+                    .events
+                    .try_send(TransportEvent::Snapshot(NodeId(m.to), false));
+            }
+            return;
+        }
+        if self.faults_on && (self.cut[from][to] || self.rng.random_bool(0.01)) {
+            return;
+        }
+        let copies = if self.faults_on && self.rng.random_bool(0.01) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let d = if self.rng.random_bool(0.05) {
+                self.ms(5, 60)
+            } else {
+                self.ms(0, 2)
+            };
+            self.at(d, Event::Deliver(to, m.clone()));
+        }
+    }
+
+    /// Invariants after a turn of replica `r`.
+    fn check(&mut self, r: usize) -> Result<(), String> {
+        let Some(x) = self.replicas[r].running.as_ref() else {
+            return Ok(());
+        };
+        let raw = x.driver.raw();
+        let term = raw.raft.term;
+        let leads = raw.raft.state == StateRole::Leader;
+        let log = &raw.raft.raft_log;
+        let committed = log.committed;
+        let from = self.replicas[r]
+            .checked
+            .max(log.first_index().saturating_sub(1))
+            + 1;
+        let entries = if committed >= from {
+            log.slice(
+                from,
+                committed + 1,
+                None::<u64>,
+                GetEntriesContext::empty(false),
+            )
+            .map_err(|e| format!("replica {}: read committed entries: {e}", r + 1))?
+        } else {
+            Vec::new()
+        };
+        if leads {
+            match self.leaders.get(&term) {
+                Some(&other) if other != r => {
+                    return Err(format!(
+                        "two leaders in term {term}: replicas {} and {}",
+                        other + 1,
+                        r + 1
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.leaders.insert(term, r);
+                    self.note(|| format!("replica {} leads term {term}", r + 1));
+                }
+            }
+        }
+        for e in entries {
+            let seen = (e.term, entry_hash(&e.data));
+            match self.committed.get(&e.index) {
+                Some(&first) if first != seen => {
+                    return Err(format!(
+                        "committed entry {} changed: replica {} holds one of term {} where one of term {} was committed",
+                        e.index,
+                        r + 1,
+                        e.term,
+                        first.0
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.committed.insert(e.index, seen);
+                }
+            }
+        }
+        self.replicas[r].checked = self.replicas[r].checked.max(committed);
+        Ok(())
+    }
+
+    fn inject(&mut self, kind: FaultKind) -> Result<(), String> {
+        let n = self.replicas.len();
+        match kind {
+            FaultKind::Crash { replica, down_ms }
+                if replica < n && self.replicas[replica].running.is_some() =>
+            {
+                self.crash(replica);
+                self.at(Duration::from_millis(down_ms), Event::Restart(replica));
+            }
+            FaultKind::Isolate { replica } if replica < n => {
+                for o in 0..n {
+                    if o != replica {
+                        self.cut[replica][o] = true;
+                        self.cut[o][replica] = true;
+                    }
+                }
+                self.report.partitions += 1;
+                self.note(|| format!("isolate replica {}", replica + 1));
+            }
+            FaultKind::Cut { from, to } if from < n && to < n => {
+                self.cut[from][to] = true;
+                self.report.partitions += 1;
+                self.note(|| format!("cut {} → {}", from + 1, to + 1));
+            }
+            FaultKind::Heal => {
+                for row in &mut self.cut {
+                    row.iter_mut().for_each(|c| *c = false);
+                }
+                self.note(|| "heal the network".into());
+            }
+            FaultKind::StepClock { replica, ms } if replica < n => {
+                self.replicas[replica].clock.step_wall(ms);
+                self.report.clock_steps += 1;
+                self.note(|| format!("step replica {}'s wall clock by {ms} ms", replica + 1));
+            }
+            FaultKind::TransferLeader => {
+                let leader = (0..n).find(|&r| {
+                    self.replicas[r]
+                        .running
+                        .as_ref()
+                        .is_some_and(|x| x.driver.raw().raft.state == StateRole::Leader)
+                });
+                if let Some(r) = leader
+                    && let Some(x) = self.replicas[r].running.as_ref()
+                {
+                    let (reply, _) = oneshot::channel();
+                    let _ = x.requests.try_send(Request::TransferLeader {
+                        target: None,
+                        reply,
+                    });
+                    self.report.transfers += 1;
+                    self.note(|| format!("replica {} asked to transfer leadership", r + 1));
+                    self.turn(r)?;
+                }
+            }
+            // A fault naming a replica the group does not have (a plan
+            // given by hand for another size) does nothing.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The faults end: the network heals and every replica is started.
+    fn heal_all(&mut self) -> Result<(), String> {
+        self.sending_on = false;
+        self.faults_on = false;
+        for row in &mut self.cut {
+            row.iter_mut().for_each(|c| *c = false);
+        }
+        for r in 0..self.replicas.len() {
+            if self.replicas[r].running.is_none() {
+                self.start(r)?;
+            }
+        }
+        self.note(|| "faults end: network healed, every replica up".into());
+        Ok(())
+    }
+
+    fn client_send(&mut self, c: usize) -> Result<(), String> {
+        if self.clients[c].current.is_some() || self.clients[c].reading.is_some() {
+            return Ok(());
+        }
+        let k = self.conversations.len();
+        self.clients[c].actions += 1;
+        if self.clients[c].sent as usize >= k && self.sending_on && self.rng.random_bool(0.2) {
+            let conv = self.rng.random_range(0..k);
+            return self.read(c, conv);
+        }
+        let client = &mut self.clients[c];
+        let conv = (c + client.sent as usize) % k;
+        // A client's first operations create every conversation (a create
+        // of one that exists with the same members is a no-op).
+        let sending = if (client.sent as usize) < k {
+            let conv = client.sent as usize;
+            Sending {
+                op: Op::CreateConversation {
+                    conversation: self.conversations[conv].clone(),
+                    members: self.users.clone(),
+                },
+                conversation: conv,
+                id: None,
+                attempt: 0,
+                replies: Vec::new(),
+                acked: None,
+            }
+        } else {
+            if !self.sending_on {
+                return Ok(());
+            }
+            let id = format!("{}-{}", client.user, client.sent);
+            self.sent_at.insert((conv, id.clone()), self.now);
+            Sending {
+                op: Op::Append(NewMessage {
+                    conversation: self.conversations[conv].clone(),
+                    sender: client.user.clone(),
+                    client_msg_id: id.clone(),
+                    body: bytes::Bytes::from(id.clone().into_bytes()),
+                }),
+                conversation: conv,
+                id: Some(id),
+                attempt: 0,
+                replies: Vec::new(),
+                acked: None,
+            }
+        };
+        client.current = Some(sending);
+        self.attempt(c)
+    }
+
+    /// Sends the client's current message (again) to its target replica.
+    fn attempt(&mut self, c: usize) -> Result<(), String> {
+        let target = self.clients[c].target;
+        let Some(s) = self.clients[c].current.as_mut() else {
+            return Ok(());
+        };
+        s.attempt += 1;
+        let attempt = s.attempt;
+        let (tx, rx) = oneshot::channel();
+        s.replies.push((attempt, rx));
+        let op = s.op.clone();
+        let id = s.id.clone();
+        self.note(|| {
+            format!(
+                "client {c} sends {id:?} to replica {} (attempt {attempt})",
+                target + 1
+            )
+        });
+        if let Some(x) = self.replicas[target].running.as_ref() {
+            let _ = x.requests.try_send(Request::Propose {
+                ops: vec![op],
+                reply: tx,
+            });
+            self.turn(target)?;
+            self.at(ATTEMPT_TIMEOUT, Event::ClientTimeout(c, attempt));
+        } else {
+            // Connection refused: the next replica, soon.
+            let d = self.ms(5, 20);
+            self.at(d, Event::ClientTimeout(c, attempt));
+        }
+        Ok(())
+    }
+
+    /// Takes every reply that came.
+    fn poll_clients(&mut self) -> Result<(), String> {
+        for c in 0..self.clients.len() {
+            self.poll_late(c)?;
+            self.poll_read(c)?;
+            let Some(mut s) = self.clients[c].current.take() else {
+                continue;
+            };
+            let mut failed_latest = false;
+            let latest = s.attempt;
+            let mut i = 0;
+            while i < s.replies.len() {
+                let outcome = match s.replies[i].1.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        i += 1;
+                        continue;
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => Err(StoreError::ShuttingDown),
+                    Ok(r) => r,
+                };
+                let is_latest = s.replies[i].0 == latest;
+                s.replies.remove(i);
+                match outcome.map(|mut v| v.pop()) {
+                    Ok(Some(Ok(OpOutcome::Appended(a)))) => {
+                        let id = s.id.clone().unwrap_or_default();
+                        if let Some(seq) = s.acked
+                            && seq != a.seq
+                        {
+                            return Err(format!(
+                                "message {id} acknowledged twice with different seqs: {} and {}",
+                                seq.0, a.seq.0
+                            ));
+                        }
+                        s.acked = Some(a.seq);
+                    }
+                    Ok(Some(Ok(_))) => s.acked = Some(Seq(0)),
+                    Ok(Some(Err(e))) => {
+                        return Err(format!("client {c}: operation refused: {e}"));
+                    }
+                    Ok(None) => return Err(format!("client {c}: an empty answer")),
+                    Err(e) => {
+                        if is_latest {
+                            failed_latest = true;
+                            let from = self.clients[c].target;
+                            self.redirect(c, from, &e);
+                        }
+                    }
+                }
+            }
+            if let Some(seq) = s.acked {
+                if let Some(id) = s.id.clone() {
+                    let key = (s.conversation, id.clone());
+                    if let Some(&prev) = self.acked.get(&key)
+                        && prev != seq
+                    {
+                        return Err(format!(
+                            "message {id} acknowledged with seq {} and later {}",
+                            prev.0, seq.0
+                        ));
+                    }
+                    self.acked.insert(key.clone(), seq);
+                    self.acked_at.entry(key).or_insert(self.now);
+                    let client = &mut self.clients[c];
+                    for (_, rx) in s.replies.drain(..) {
+                        client.late.push((id.clone(), seq, rx));
+                    }
+                    self.note(|| format!("client {c}: {id} acknowledged with seq {}", seq.0));
+                }
+                self.clients[c].sent += 1;
+                let d = self.ms(0, 20);
+                self.at(d, Event::Client(c));
+                continue;
+            }
+            self.clients[c].current = Some(s);
+            if failed_latest {
+                let d = self.ms(10, 50);
+                self.at(d, Event::Retry(c, latest));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where client `c` goes after replica `from` refused it: the leader
+    /// it named, or the next replica.
+    fn redirect(&mut self, c: usize, from: usize, e: &StoreError) {
+        self.clients[c].target = match e {
+            StoreError::NotLeader {
+                leader: Some((lead, _)),
+            } => (lead.0 as usize).saturating_sub(1),
+            _ => (from + 1) % self.replicas.len(),
+        };
+    }
+
+    /// Starts a linearizable read of `conv` on the client's target.
+    fn read(&mut self, c: usize, conv: usize) -> Result<(), String> {
+        let target = self.clients[c].target;
+        let action = self.clients[c].actions;
+        let (tx, rx) = oneshot::channel();
+        self.clients[c].reading = Some(Reading {
+            conversation: conv,
+            target,
+            invoked: self.now,
+            action,
+            reply: rx,
+        });
+        self.note(|| format!("client {c} reads c{conv} on replica {}", target + 1));
+        if let Some(x) = self.replicas[target].running.as_ref() {
+            let _ = x.requests.try_send(Request::Read { reply: tx });
+            self.turn(target)?;
+        }
+        self.at(ATTEMPT_TIMEOUT, Event::ReadTimeout(c, action));
+        Ok(())
+    }
+
+    /// Takes the answer to a client's read, if it came: on success the
+    /// conversation is read from that replica's state at once.
+    fn poll_read(&mut self, c: usize) -> Result<(), String> {
+        let Some(mut r) = self.clients[c].reading.take() else {
+            return Ok(());
+        };
+        let answer = match r.reply.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => {
+                self.clients[c].reading = Some(r);
+                return Ok(());
+            }
+            Err(oneshot::error::TryRecvError::Closed) => Err(StoreError::ShuttingDown),
+            Ok(a) => a,
+        };
+        match answer {
+            Ok(()) => {
+                let Some(x) = self.replicas[r.target].running.as_ref() else {
+                    return Ok(());
+                };
+                let reader = Reader::new(x.log.state().clone());
+                let conv = &self.conversations[r.conversation];
+                let messages: Vec<(u64, String)> = reader
+                    .messages(conv, Seq(0), Seq(0), usize::MAX)
+                    .map_err(|e| format!("replica {}: read {conv}: {e}", r.target + 1))?
+                    .into_iter()
+                    .map(|m| (m.seq.0, m.client_msg_id))
+                    .collect();
+                let n = messages.len();
+                if self.reads.len() < self.conversations.len() {
+                    self.reads.resize_with(self.conversations.len(), Vec::new);
+                }
+                self.reads[r.conversation].push(ReadSeen {
+                    invoked: r.invoked,
+                    answered: self.now,
+                    messages,
+                });
+                let conv = r.conversation;
+                self.note(|| format!("client {c} read {n} messages of c{conv}"));
+            }
+            Err(e) => self.redirect(c, r.target, &e),
+        }
+        let d = self.ms(0, 20);
+        self.at(d, Event::Client(c));
+        Ok(())
+    }
+
+    /// Every completed linearizable read is consistent with one order of
+    /// the operations that respects real time: it returned a prefix of
+    /// the conversation as finally stored, holding every append
+    /// acknowledged before the read was sent, and no shorter than a read
+    /// answered before it was sent.
+    fn check_reads(&self, stored: &[Vec<(u64, String)>]) -> Result<(), String> {
+        for (ci, reads) in self.reads.iter().enumerate() {
+            let conv = &self.conversations[ci];
+            let finals = &stored[ci];
+            // (acknowledged at, seq), by time.
+            let mut acks: Vec<(Duration, u64)> = self
+                .acked
+                .range((ci, String::new())..)
+                .take_while(|((c, _), _)| *c == ci)
+                .filter_map(|(k, seq)| self.acked_at.get(k).map(|at| (*at, seq.0)))
+                .collect();
+            acks.sort();
+            let mut highest = Vec::with_capacity(acks.len());
+            let mut top = 0;
+            for (_, seq) in &acks {
+                top = top.max(*seq);
+                highest.push(top);
+            }
+            let mut by_answer: Vec<(Duration, usize)> = reads
+                .iter()
+                .map(|r| (r.answered, r.messages.len()))
+                .collect();
+            by_answer.sort();
+            let mut longest = Vec::with_capacity(by_answer.len());
+            let mut top = 0;
+            for (_, n) in &by_answer {
+                top = top.max(*n);
+                longest.push(top);
+            }
+            for r in reads {
+                if finals.len() < r.messages.len() || finals[..r.messages.len()] != r.messages[..] {
+                    return Err(format!(
+                        "a linearizable read of {conv} at {:.3} s returned {} messages that are not what {conv} finally holds",
+                        r.answered.as_secs_f64(),
+                        r.messages.len()
+                    ));
+                }
+                let before = acks.partition_point(|(at, _)| *at < r.invoked);
+                if before > 0 && highest[before - 1] > r.messages.len() as u64 {
+                    return Err(format!(
+                        "a linearizable read of {conv} sent at {:.3} s returned {} messages, but seq {} was acknowledged before it was sent (stale read)",
+                        r.invoked.as_secs_f64(),
+                        r.messages.len(),
+                        highest[before - 1]
+                    ));
+                }
+                let earlier = by_answer.partition_point(|(at, _)| *at < r.invoked);
+                if earlier > 0 && longest[earlier - 1] > r.messages.len() {
+                    return Err(format!(
+                        "a linearizable read of {conv} sent at {:.3} s returned {} messages, fewer than a read answered before it was sent ({})",
+                        r.invoked.as_secs_f64(),
+                        r.messages.len(),
+                        longest[earlier - 1]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replies to attempts of messages already acknowledged: any that
+    /// says "appended" must give the same seq.
+    fn poll_late(&mut self, c: usize) -> Result<(), String> {
+        let late = &mut self.clients[c].late;
+        let mut i = 0;
+        while i < late.len() {
+            match late[i].2.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => i += 1,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    late.swap_remove(i);
+                }
+                Ok(r) => {
+                    let (id, seq, _) = late.swap_remove(i);
+                    if let Ok(mut v) = r
+                        && let Some(Ok(OpOutcome::Appended(a))) = v.pop()
+                        && a.seq != seq
+                    {
+                        return Err(format!(
+                            "a retry of message {id} was acknowledged with seq {}, the first attempt with {}",
+                            a.seq.0, seq.0
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the run: every replica holds every acknowledged append once,
+    /// with its seq, and the same conversations.
+    fn check_final(&mut self) -> Result<(), String> {
+        let mut first: Option<Vec<Vec<(u64, String)>>> = None;
+        for r in 0..self.replicas.len() {
+            let reader = Reader::new(Arc::new(self.replicas[r].state.clone()));
+            let mut convs = Vec::new();
+            for (ci, conv) in self.conversations.iter().enumerate() {
+                let msgs = reader
+                    .messages(conv, Seq(0), Seq(0), usize::MAX)
+                    .map_err(|e| format!("replica {}: read {conv}: {e}", r + 1))?;
+                let mut seen = HashMap::new();
+                for (i, m) in msgs.iter().enumerate() {
+                    if m.seq.0 != i as u64 + 1 {
+                        return Err(format!(
+                            "replica {}: conversation {conv} has seq {} at position {} (gap)",
+                            r + 1,
+                            m.seq.0,
+                            i + 1
+                        ));
+                    }
+                    if let Some(prev) = seen.insert(m.client_msg_id.clone(), m.seq.0) {
+                        return Err(format!(
+                            "replica {}: message {} stored twice in {conv}, seqs {prev} and {}",
+                            r + 1,
+                            m.client_msg_id,
+                            m.seq.0
+                        ));
+                    }
+                }
+                for ((c, id), seq) in self.acked.range((ci, String::new())..) {
+                    if *c != ci {
+                        break;
+                    }
+                    match seen.get(id) {
+                        Some(s) if *s == seq.0 => {}
+                        Some(s) => {
+                            return Err(format!(
+                                "replica {}: acknowledged message {id} is stored at seq {s}, acknowledged with {}",
+                                r + 1,
+                                seq.0
+                            ));
+                        }
+                        None => {
+                            return Err(format!(
+                                "replica {}: acknowledged message {id} (seq {}) is lost from {conv}",
+                                r + 1,
+                                seq.0
+                            ));
+                        }
+                    }
+                }
+                convs.push(
+                    msgs.into_iter()
+                        .map(|m| (m.seq.0, m.client_msg_id))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            match &first {
+                None => {
+                    self.check_reads(&convs)?;
+                    first = Some(convs);
+                }
+                Some(f) if *f != convs => {
+                    return Err(format!(
+                        "replica {} holds other messages than replica 1",
+                        r + 1
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
