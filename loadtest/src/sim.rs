@@ -81,13 +81,15 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                 }
                 if args.seed.is_some() {
                     println!(
-                        "seed {seed}: {} events, {} acknowledged, {} crashes, {} partitions, {} clock steps, {} leadership transfers, {} terms with a leader, commit index {}, trace hash {:016x}",
+                        "seed {seed}: {} events, {} acknowledged, {} crashes, {} partitions, {} clock steps, {} leadership transfers, {} disks wiped, {} snapshots sent, {} terms with a leader, commit index {}, trace hash {:016x}",
                         r.events,
                         r.acked,
                         r.crashes,
                         r.partitions,
                         r.clock_steps,
                         r.transfers,
+                        r.wipes,
+                        r.snapshots,
                         r.elections,
                         r.committed,
                         r.trace_hash

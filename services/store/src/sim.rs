@@ -23,8 +23,16 @@
 //! stored twice. A run that finds a violation returns it with the seed and
 //! the command that replays it (`loadtest sim --seed N --trace`).
 //!
-//! Not simulated yet: snapshots (the log is never compacted, so no replica
-//! needs one), disk wipes, membership changes, leader transfer, reads.
+//! Snapshots are real too: the log is compacted every few hundred entries,
+//! a snapshot is built by the real builder (`Snapshots::open_deferred`: at
+//! a time the simulator picks, on its thread), its file travels in chunks
+//! through the receiver's resumable receiving (some transfers break off and
+//! resume), and the replica installs it as it would. Disk wipes (one
+//! replica at a time) make a replica start over empty and catch up by
+//! snapshot.
+//!
+//! Not simulated yet: membership changes, the gRPC services in front of
+//! the driver, and torn or reordered writes below an fdatasync.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -103,6 +111,9 @@ pub struct SimReport {
     pub partitions: u64,
     pub clock_steps: u64,
     pub transfers: u64,
+    pub wipes: u64,
+    /// Snapshots that reached a replica and were handed to it.
+    pub snapshots: u64,
     pub elections: usize,
     pub committed: u64,
     pub trace: Vec<String>,
@@ -174,6 +185,11 @@ pub struct Fault {
 pub enum FaultKind {
     /// The replica crashes (power lost) and starts again `down_ms` later.
     Crash { replica: usize, down_ms: u64 },
+    /// The replica crashes and its disk is replaced by an empty one; it
+    /// starts again `down_ms` later and must catch up from the others
+    /// (one at a time: a second wipe before the first caught up is
+    /// skipped, as losing a majority's disks loses data).
+    Wipe { replica: usize, down_ms: u64 },
     /// The replica hears nothing and is heard by no one.
     Isolate { replica: usize },
     /// Messages from `from` to `to` are lost (one way).
@@ -191,6 +207,7 @@ impl std::fmt::Display for Fault {
         write!(f, "{}:", self.at_ms)?;
         match self.kind {
             FaultKind::Crash { replica, down_ms } => write!(f, "crash:{}:{down_ms}", replica + 1),
+            FaultKind::Wipe { replica, down_ms } => write!(f, "wipe:{}:{down_ms}", replica + 1),
             FaultKind::Isolate { replica } => write!(f, "isolate:{}", replica + 1),
             FaultKind::Cut { from, to } => write!(f, "cut:{}:{}", from + 1, to + 1),
             FaultKind::Heal => write!(f, "heal"),
@@ -207,7 +224,7 @@ impl std::str::FromStr for Fault {
         let parts: Vec<&str> = s.trim().split(':').collect();
         let bad = || {
             format!(
-                "fault {s:?}: expected AT_MS:crash:REPLICA:DOWN_MS, AT_MS:isolate:REPLICA, AT_MS:cut:FROM:TO, AT_MS:heal, AT_MS:clock:REPLICA:MS or AT_MS:transfer"
+                "fault {s:?}: expected AT_MS:crash:REPLICA:DOWN_MS, AT_MS:wipe:REPLICA:DOWN_MS, AT_MS:isolate:REPLICA, AT_MS:cut:FROM:TO, AT_MS:heal, AT_MS:clock:REPLICA:MS or AT_MS:transfer"
             )
         };
         let num = |i: usize| -> Result<u64, String> {
@@ -223,6 +240,13 @@ impl std::str::FromStr for Fault {
         let (kind, arity) = match parts.get(1).copied() {
             Some("crash") => (
                 FaultKind::Crash {
+                    replica: replica(2)?,
+                    down_ms: num(3)?,
+                },
+                4,
+            ),
+            Some("wipe") => (
+                FaultKind::Wipe {
                     replica: replica(2)?,
                     down_ms: num(3)?,
                 },
@@ -288,8 +312,12 @@ pub fn fault_plan(seed: u64, opts: &SimOptions) -> Vec<Fault> {
     let mut at = rng.random_range(200..800);
     while at < end {
         let replica = rng.random_range(0..n);
-        let kind = match rng.random_range(0..11) {
+        let kind = match rng.random_range(0..12) {
             0..=3 => FaultKind::Crash {
+                replica,
+                down_ms: rng.random_range(50..1500),
+            },
+            11 => FaultKind::Wipe {
                 replica,
                 down_ms: rng.random_range(50..1500),
             },
@@ -388,6 +416,12 @@ const TICK: Duration = Duration::from_millis(10);
 const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 2;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// The log is compacted often, so a replica that was down for a second
+/// or lost its disk catches up by snapshot.
+const SNAPSHOT_ENTRIES: u64 = 300;
+const COMPACT_KEEP: u64 = 100;
+/// Chunks a snapshot file travels in.
+const SNAPSHOT_CHUNK: usize = 16 << 10;
 /// A client gives up on an attempt after this long and tries another
 /// replica with the same client message id.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(400);
@@ -404,6 +438,10 @@ enum Event {
     Client(usize),
     /// The plan's fault with this index.
     Fault(usize),
+    /// The replica's deferred snapshot build runs.
+    Build(usize, u64),
+    /// A snapshot's file and then its message reach a replica (from, to).
+    Transfer(usize, usize, Message),
     /// The client's attempt got no answer in time: try another replica.
     ClientTimeout(usize, u64),
     /// The client's attempt failed: try again where the answer pointed.
@@ -451,6 +489,9 @@ struct Running {
     /// When an Apply event is already scheduled for.
     apply_at: Option<Duration>,
     disk_busy: bool,
+    snapshots: Arc<Snapshots>,
+    /// A Build event is scheduled for the deferred snapshot build.
+    build_scheduled: bool,
 }
 
 struct Replica {
@@ -547,6 +588,8 @@ struct Sim {
     faults_on: bool,
     sending_on: bool,
     plan: Vec<Fault>,
+    /// A replica whose disk was wiped and has not caught up yet.
+    wiped: Option<usize>,
 }
 
 /// Runs one simulation.
@@ -638,6 +681,8 @@ impl Sim {
             partitions: 0,
             clock_steps: 0,
             transfers: 0,
+            wipes: 0,
+            snapshots: 0,
             elections: 0,
             committed: 0,
             trace: Vec::new(),
@@ -669,6 +714,7 @@ impl Sim {
             faults_on: opts.faults,
             sending_on: true,
             plan: Vec::new(),
+            wiped: None,
             opts,
         })
     }
@@ -795,6 +841,10 @@ impl Sim {
             Event::ClientTimeout(c, a) => (7u8, *c, *a).hash(&mut self.hash),
             Event::Retry(c, a) => (9u8, *c, *a).hash(&mut self.hash),
             Event::ReadTimeout(c, a) => (10u8, *c, *a).hash(&mut self.hash),
+            Event::Build(r, _) => (11u8, *r).hash(&mut self.hash),
+            Event::Transfer(from, to, m) => {
+                (12u8, *from, *to, m.term, m.index).hash(&mut self.hash)
+            }
             Event::Fault(i) => (8u8, *i).hash(&mut self.hash),
         }
         if self.opts.trace {
@@ -882,6 +932,30 @@ impl Sim {
                 crate::checkpoint::checkpoint_and_purge(&x.log, &x.durable);
                 self.at(CHECKPOINT_EVERY, Event::Checkpoint(r, life));
             }
+            Event::Build(r, life) => {
+                let Some(x) = self.running(r, life) else {
+                    return Ok(());
+                };
+                x.build_scheduled = false;
+                x.snapshots.run_deferred_build();
+                self.turn(r)?;
+            }
+            Event::Transfer(from, to, m) => {
+                let delivered = self.transfer(from, to, &m);
+                if delivered && let Some(x) = self.replicas[to].running.as_ref() {
+                    self.report.snapshots += 1;
+                    let _ = x.inbox.try_send(m);
+                    self.turn(to)?;
+                }
+                if let Some(x) = self.replicas[from].running.as_ref() {
+                    let _ = x
+                        .events
+                        .try_send(TransportEvent::Snapshot(NodeId(to as u64 + 1), delivered));
+                    self.turn(from)?;
+                }
+                let (a, b) = (from + 1, to + 1);
+                self.note(|| format!("snapshot {a}→{b} delivered: {delivered}"));
+            }
             Event::Restart(r) => {
                 if self.replicas[r].running.is_none() {
                     self.start(r)?;
@@ -942,9 +1016,9 @@ impl Sim {
         let wal = RaftEngineWal::open_with(&rep.dir.path().join("wal"), Arc::new(rep.fs.clone()))
             .map_err(|e| fail("open the WAL", e))?;
         let state: Arc<dyn Engine> = Arc::new(rep.state.clone());
-        let snapshots = Snapshots::open(&rep.dir.path().join("snap"), state.clone())
+        let snapshots = Snapshots::open_deferred(&rep.dir.path().join("snap"), state.clone())
             .map_err(|e| fail("open snapshots", e))?;
-        let log = LogStore::open(Arc::new(wal), state.clone(), snapshots, id, &voters)
+        let log = LogStore::open(Arc::new(wal), state.clone(), snapshots.clone(), id, &voters)
             .map_err(|e| fail("open the log", e))?;
         state.sync().map_err(|e| fail("sync the state", e))?;
         let (applied, _) = log.applied().map_err(|e| fail("read applied", e))?;
@@ -964,8 +1038,8 @@ impl Sim {
             election_ticks: ELECTION_TICKS,
             heartbeat_ticks: HEARTBEAT_TICKS,
             sync: SyncMode::Always,
-            snapshot_entries: u64::MAX,
-            compact_keep: 0,
+            snapshot_entries: SNAPSHOT_ENTRIES,
+            compact_keep: COMPACT_KEEP,
             checkpoint_interval: CHECKPOINT_EVERY,
             wal_sync_interval: CHECKPOINT_EVERY,
             dedup_window: Duration::from_secs(3600),
@@ -1002,6 +1076,8 @@ impl Sim {
             durable,
             apply_at: None,
             disk_busy: false,
+            snapshots: snapshots.clone(),
+            build_scheduled: false,
         });
         self.note(|| format!("start replica {id} (election timeout {timeout} ticks)"));
         let d = self.ms(0, 10);
@@ -1026,6 +1102,25 @@ impl Sim {
         self.report.crashes += 1;
         let id = rep.id;
         self.note(|| format!("crash replica {id}"));
+    }
+
+    /// Replaces stopped replica `r`'s disk with an empty one.
+    fn wipe(&mut self, r: usize) -> Result<(), String> {
+        let rep = &mut self.replicas[r];
+        rep.fs.wipe();
+        rep.state = MemEngine::new();
+        let dir = rep.dir.path().to_owned();
+        for sub in ["wal", "snap"] {
+            let path = dir.join(sub);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)
+                    .map_err(|e| format!("wipe {}: {e}", path.display()))?;
+            }
+        }
+        std::fs::create_dir_all(dir.join("wal")).map_err(|e| format!("wipe: {e}"))?;
+        self.report.wipes += 1;
+        self.note(|| format!("wipe replica {}'s disk", r + 1));
+        Ok(())
     }
 
     /// A turn of replica `r`'s driver, then its outputs: messages onto the
@@ -1055,6 +1150,10 @@ impl Sim {
         if let Some(at) = schedule_apply {
             x.apply_at = Some(at);
         }
+        let build = !x.build_scheduled && x.snapshots.has_deferred_build();
+        if build {
+            x.build_scheduled = true;
+        }
         let life = self.replicas[r].life;
         if writes {
             let d = if self.rng.random_bool(0.02) {
@@ -1066,6 +1165,10 @@ impl Sim {
         }
         if let Some(at) = schedule_apply {
             self.at(at.saturating_sub(self.now), Event::Apply(r, life));
+        }
+        if build {
+            let d = self.ms(5, 40);
+            self.at(d, Event::Build(r, life));
         }
         for m in msgs {
             self.send(r, m);
@@ -1081,13 +1184,10 @@ impl Sim {
             return;
         };
         if m.get_msg_type() == MessageType::MsgSnapshot {
-            // Snapshots are not simulated (nothing is compacted); the
-            // transport reports the failure, as it does on a broken link.
-            if let Some(x) = self.replicas[from].running.as_ref() {
-                let _ = x
-                    .events
-                    .try_send(TransportEvent::Snapshot(NodeId(m.to), false));
-            }
+            // The file goes first, then the message (as the transport
+            // does); the sender hears whether both arrived.
+            let d = self.ms(5, 50);
+            self.at(d, Event::Transfer(from, to, m));
             return;
         }
         if self.faults_on && (self.cut[from][to] || self.rng.random_bool(0.01)) {
@@ -1108,11 +1208,57 @@ impl Sim {
         }
     }
 
+    /// Copies the snapshot file `m` describes from replica `from` to
+    /// replica `to` in chunks, through the receiver's real resumable
+    /// receiving (`Snapshots::receive_chunk`). False when either is down,
+    /// the link is cut, or the file is gone or refused.
+    fn transfer(&mut self, from: usize, to: usize, m: &Message) -> bool {
+        if self.faults_on && (self.cut[from][to] || self.rng.random_bool(0.05)) {
+            return false;
+        }
+        let (Some(src), Some(dst)) = (
+            self.replicas[from].running.as_ref(),
+            self.replicas[to].running.as_ref(),
+        ) else {
+            return false;
+        };
+        let Ok(d) = crate::snapshot::Descriptor::decode(m.get_snapshot().get_data()) else {
+            return false;
+        };
+        let Ok(bytes) = std::fs::read(src.snapshots.outgoing(&d)) else {
+            return false;
+        };
+        let Ok((mut held, mut complete)) = dst.snapshots.progress(&d) else {
+            return false;
+        };
+        // Some transfers break off after a chunk and resume next time.
+        let breaks = self.faults_on && self.rng.random_bool(0.2);
+        while !complete {
+            let end = (held as usize + SNAPSHOT_CHUNK).min(bytes.len());
+            let chunk = match bytes.get(held as usize..end) {
+                Some(c) if !c.is_empty() => c,
+                _ => return false,
+            };
+            match dst.snapshots.receive_chunk(&d, held, chunk) {
+                Ok((h, c)) => (held, complete) = (h, c),
+                Err(_) => return false,
+            }
+            if breaks && !complete {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Invariants after a turn of replica `r`.
     fn check(&mut self, r: usize) -> Result<(), String> {
         let Some(x) = self.replicas[r].running.as_ref() else {
             return Ok(());
         };
+        if self.wiped == Some(r) && x.status.borrow().caught_up {
+            self.wiped = None;
+        }
+        let x = self.replicas[r].running.as_ref().expect("checked above");
         let raw = x.driver.raw();
         let term = raw.raft.term;
         let leads = raw.raft.state == StateRole::Leader;
@@ -1178,6 +1324,12 @@ impl Sim {
                 if replica < n && self.replicas[replica].running.is_some() =>
             {
                 self.crash(replica);
+                self.at(Duration::from_millis(down_ms), Event::Restart(replica));
+            }
+            FaultKind::Wipe { replica, down_ms } if replica < n && self.wiped.is_none() => {
+                self.crash(replica);
+                self.wipe(replica)?;
+                self.wiped = Some(replica);
                 self.at(Duration::from_millis(down_ms), Event::Restart(replica));
             }
             FaultKind::Isolate { replica } if replica < n => {

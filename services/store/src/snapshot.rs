@@ -255,6 +255,8 @@ struct Inner {
     building: Option<u64>,
     /// The newest complete snapshot, ready to send.
     ready: Option<(Descriptor, SnapshotMetadata)>,
+    /// A build started and not yet run, when builds are deferred.
+    deferred: Option<(u64, SnapshotMetadata)>,
 }
 
 impl Inner {
@@ -273,6 +275,9 @@ pub struct Snapshots {
     dir: PathBuf,
     state: Arc<dyn Engine>,
     inner: Mutex<Inner>,
+    /// Builds run when `run_deferred_build` is called (the simulator's
+    /// choice of when) instead of on a thread of their own.
+    defer_builds: bool,
 }
 
 impl Snapshots {
@@ -292,7 +297,32 @@ impl Snapshots {
             dir: dir.to_owned(),
             state,
             inner: Mutex::default(),
+            defer_builds: false,
         }))
+    }
+
+    /// `open`, with builds that run only when `run_deferred_build` is
+    /// called, on the caller's thread.
+    pub fn open_deferred(dir: &Path, state: Arc<dyn Engine>) -> Result<Arc<Self>, StoreError> {
+        let mut this = Self::open(dir, state)?;
+        Arc::get_mut(&mut this)
+            .expect("a new Snapshots is not shared")
+            .defer_builds = true;
+        Ok(this)
+    }
+
+    /// Whether a deferred build waits to be run.
+    pub fn has_deferred_build(&self) -> bool {
+        self.lock().deferred.is_some()
+    }
+
+    /// Runs the deferred build, if there is one (from the state as of its
+    /// start, whatever was applied since).
+    pub fn run_deferred_build(self: &Arc<Self>) {
+        let pending = self.lock().deferred.take();
+        if let Some((generation, meta)) = pending {
+            self.clone().build(generation, meta);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -342,6 +372,10 @@ impl Snapshots {
         meta.index = applied.0;
         meta.term = applied.1;
         meta.set_conf_state(conf_state.clone());
+        if self.defer_builds {
+            self.lock().deferred = Some((generation, meta));
+            return Ok(None);
+        }
         let this = self.clone();
         std::thread::Builder::new()
             .name("snapshot-build".into())
@@ -386,6 +420,7 @@ impl Snapshots {
             }
             inner.overlay = None;
             inner.building = None;
+            inner.deferred = None;
             inner.generation += 1;
         }
         self.release();
