@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                 }
                 if args.seed.is_some() {
                     println!(
-                        "seed {seed}: {} events, {} acknowledged, {} crashes, {} partitions, {} clock steps, {} leadership transfers, {} disks wiped, {} snapshots sent, {} terms with a leader, commit index {}, trace hash {:016x}",
+                        "seed {seed}: {} events, {} acknowledged, {} crashes, {} partitions, {} clock steps, {} leadership transfers, {} disks wiped, {} replicas replaced, {} snapshots sent, {} terms with a leader, commit index {}, trace hash {:016x}",
                         r.events,
                         r.acked,
                         r.crashes,
@@ -89,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                         r.clock_steps,
                         r.transfers,
                         r.wipes,
+                        r.replacements,
                         r.snapshots,
                         r.elections,
                         r.committed,

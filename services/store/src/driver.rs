@@ -443,14 +443,25 @@ impl Driver {
         self.transport.shutdown();
     }
 
-    /// Why raft-rs must not see `m`, if it must not: a sender that is not
-    /// in the group (once this replica knows the group), or an append whose
+    /// Why raft-rs must not see `m`, if it must not: a vote request from a
+    /// replica that is not in the group (once this replica knows the
+    /// group: a removed replica must not disrupt it), or an append whose
     /// entries do not follow its index in order and term (raft-rs stops
     /// the process on some of those, for example one that rewrites
     /// committed entries).
+    ///
+    /// Anything else from a non-member is let through: this replica's view
+    /// of the group may be the stale one. A replica that lagged behind (or
+    /// lost its disk) while a new replica joined and became leader knows
+    /// that leader only from the entries it is about to receive from it;
+    /// refusing them left it behind for good (found by the simulator).
     fn refusal(&self, m: &Message) -> Option<String> {
         let prs = self.raw.raft.prs();
-        if prs.iter().next().is_some() && prs.get(m.from).is_none() {
+        let vote = matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        if vote && prs.iter().next().is_some() && prs.get(m.from).is_none() {
             return Some(format!("replica {} is not a member of the group", m.from));
         }
         if m.get_msg_type() == MessageType::MsgAppend {
@@ -632,7 +643,7 @@ impl Driver {
     /// A built snapshot at `min_index` or later, or starts a build at the
     /// applied index (here, between applies, as raft's own requests do).
     fn snapshot_file(&self, min_index: u64) -> Result<Option<SnapshotFile>, StoreError> {
-        let Some(snap) = self.log.snapshot_at(min_index)? else {
+        let Some(snap) = self.log.snapshot_at(min_index, None)? else {
             return Ok(None);
         };
         let descriptor = crate::snapshot::Descriptor::decode(&snap.data)?;

@@ -744,13 +744,19 @@ impl LogStore {
     /// the state has applied `min`, starts a build at the applied index and
     /// returns None (ask again). Call on the raft thread, between applies,
     /// so that the applied index and conf state match the engine.
-    pub fn snapshot_at(&self, min: u64) -> Result<Option<Snapshot>, StoreError> {
+    /// `for_replica`: the replica it is for, which its membership must
+    /// name (see `Snapshots::get_or_build`).
+    pub fn snapshot_at(
+        &self,
+        min: u64,
+        for_replica: Option<u64>,
+    ) -> Result<Option<Snapshot>, StoreError> {
         let applied = self.applied()?;
         if applied.0 < min {
             return Ok(None);
         }
         self.snapshots
-            .get_or_build(min, applied, &self.conf_state())
+            .get_or_build(min, for_replica, applied, &self.conf_state())
     }
 
     /// The replica's snapshot files.
@@ -933,9 +939,9 @@ impl raft::Storage for LogStore {
     /// built in the background (see `snapshot`); until it is ready raft
     /// hears "temporarily unavailable" and asks again later. It must reach
     /// the compacted log, so that the follower goes on from the log.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let min = request_index.max(self.truncated_index());
-        self.snapshot_at(min)
+        self.snapshot_at(min, Some(to))
             .map_err(to_raft)?
             .ok_or(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,

@@ -31,8 +31,14 @@
 //! replica at a time) make a replica start over empty and catch up by
 //! snapshot.
 //!
-//! Not simulated yet: membership changes, the gRPC services in front of
-//! the driver, and torn or reordered writes below an fdatasync.
+//! A crash keeps what the last fdatasync covered and, half the time, a
+//! random part of what was written after it (a torn tail). A replica's
+//! machine can be lost for good: the operator adds a new replica as a
+//! learner, promotes it once caught up and removes the old one (real
+//! membership changes through the driver).
+//!
+//! Not simulated yet: the gRPC services in front of the driver, and
+//! writes below an fdatasync that reach the disk out of order.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -52,7 +58,7 @@ use crate::driver::{Driver, DriverConfig, DriverIo, SyncMode};
 use crate::engine::{Engine, MemEngine};
 use crate::error::StoreError;
 use crate::log_store::LogStore;
-use crate::node::{Addresses, NodeStatus, OpResults, Request};
+use crate::node::{Addresses, MembershipChange, NodeStatus, OpResults, Request};
 use crate::snapshot::Snapshots;
 use crate::state_machine::Reader;
 use crate::testkit::mem_fs::MemFs;
@@ -112,6 +118,8 @@ pub struct SimReport {
     pub clock_steps: u64,
     pub transfers: u64,
     pub wipes: u64,
+    /// Replicas replaced by new ones through membership changes.
+    pub replacements: u64,
     /// Snapshots that reached a replica and were handed to it.
     pub snapshots: u64,
     pub elections: usize,
@@ -196,6 +204,11 @@ pub enum FaultKind {
     Cut { from: usize, to: usize },
     /// Every partition ends.
     Heal,
+    /// The replica's machine is lost for good; the operator replaces it
+    /// with a new replica (new id, empty disk): added as a learner,
+    /// promoted once caught up, then the old one removed (one at a time,
+    /// and not while a wiped replica is catching up).
+    Replace { replica: usize },
     /// The replica's wall clock jumps by `ms` (either way).
     StepClock { replica: usize, ms: i64 },
     /// The leader is asked to hand leadership to the most caught-up voter.
@@ -211,6 +224,7 @@ impl std::fmt::Display for Fault {
             FaultKind::Isolate { replica } => write!(f, "isolate:{}", replica + 1),
             FaultKind::Cut { from, to } => write!(f, "cut:{}:{}", from + 1, to + 1),
             FaultKind::Heal => write!(f, "heal"),
+            FaultKind::Replace { replica } => write!(f, "replace:{}", replica + 1),
             FaultKind::StepClock { replica, ms } => write!(f, "clock:{}:{ms}", replica + 1),
             FaultKind::TransferLeader => write!(f, "transfer"),
         }
@@ -224,7 +238,7 @@ impl std::str::FromStr for Fault {
         let parts: Vec<&str> = s.trim().split(':').collect();
         let bad = || {
             format!(
-                "fault {s:?}: expected AT_MS:crash:REPLICA:DOWN_MS, AT_MS:wipe:REPLICA:DOWN_MS, AT_MS:isolate:REPLICA, AT_MS:cut:FROM:TO, AT_MS:heal, AT_MS:clock:REPLICA:MS or AT_MS:transfer"
+                "fault {s:?}: expected AT_MS:crash:REPLICA:DOWN_MS, AT_MS:wipe:REPLICA:DOWN_MS, AT_MS:isolate:REPLICA, AT_MS:cut:FROM:TO, AT_MS:heal, AT_MS:replace:REPLICA, AT_MS:clock:REPLICA:MS or AT_MS:transfer"
             )
         };
         let num = |i: usize| -> Result<u64, String> {
@@ -266,6 +280,12 @@ impl std::str::FromStr for Fault {
                 4,
             ),
             Some("heal") => (FaultKind::Heal, 2),
+            Some("replace") => (
+                FaultKind::Replace {
+                    replica: replica(2)?,
+                },
+                3,
+            ),
             Some("clock") => {
                 let ms = parts.get(3).and_then(|p| p.parse().ok()).ok_or_else(bad)?;
                 (
@@ -312,7 +332,7 @@ pub fn fault_plan(seed: u64, opts: &SimOptions) -> Vec<Fault> {
     let mut at = rng.random_range(200..800);
     while at < end {
         let replica = rng.random_range(0..n);
-        let kind = match rng.random_range(0..12) {
+        let kind = match rng.random_range(0..13) {
             0..=3 => FaultKind::Crash {
                 replica,
                 down_ms: rng.random_range(50..1500),
@@ -321,6 +341,7 @@ pub fn fault_plan(seed: u64, opts: &SimOptions) -> Vec<Fault> {
                 replica,
                 down_ms: rng.random_range(50..1500),
             },
+            12 => FaultKind::Replace { replica },
             4 | 5 => FaultKind::Isolate { replica },
             6 if n > 1 => FaultKind::Cut {
                 from: (replica + 1 + rng.random_range(0..n - 1)) % n,
@@ -438,6 +459,8 @@ enum Event {
     Client(usize),
     /// The plan's fault with this index.
     Fault(usize),
+    /// The operator looks at its replacement under way.
+    Operate,
     /// The replica's deferred snapshot build runs.
     Build(usize, u64),
     /// A snapshot's file and then its message reach a replica (from, to).
@@ -505,6 +528,9 @@ struct Replica {
     running: Option<Running>,
     /// Highest committed index checked against the group's history.
     checked: u64,
+    /// Joined an existing group (a replacement): starts with no voters of
+    /// its own and waits for the leader's snapshot.
+    joiner: bool,
 }
 
 /// One message a client is getting acknowledged.
@@ -571,7 +597,7 @@ struct Sim {
     /// cut[a][b]: messages from a to b are lost.
     cut: Vec<Vec<bool>>,
     /// Leader of each term seen.
-    leaders: BTreeMap<u64, usize>,
+    leaders: BTreeMap<u64, NodeId>,
     /// (term, hash of data) of each committed index.
     committed: HashMap<u64, (u64, u64)>,
     /// conversation, client message id → acknowledged seq.
@@ -590,6 +616,44 @@ struct Sim {
     plan: Vec<Fault>,
     /// A replica whose disk was wiped and has not caught up yet.
     wiped: Option<usize>,
+    /// The group's voters when it was created.
+    initial_voters: Vec<(NodeId, String)>,
+    /// The id the next replacement replica gets.
+    next_id: u64,
+    /// A replacement under way.
+    operation: Option<Replacement>,
+}
+
+/// The operator replacing a lost machine, as the runbook does: the new
+/// replica (a new id, an empty disk) joins as a learner, is promoted once
+/// it has caught up, then the old one is removed.
+struct Replacement {
+    slot: usize,
+    old: NodeId,
+    new: NodeId,
+    step: Step,
+    /// The membership change asked and not yet answered, and when asked.
+    asked: Option<(Duration, MembershipReply)>,
+}
+
+type MembershipReply = oneshot::Receiver<Result<Vec<crate::node::ReplicaView>, StoreError>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    AddLearner,
+    CatchUp,
+    Promote,
+    RemoveOld,
+    Done,
+}
+
+fn next_step(s: Step) -> Step {
+    match s {
+        Step::AddLearner => Step::CatchUp,
+        Step::CatchUp => Step::Promote,
+        Step::Promote => Step::RemoveOld,
+        Step::RemoveOld | Step::Done => Step::Done,
+    }
 }
 
 /// Runs one simulation.
@@ -624,6 +688,11 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Box<SimFailure>> {
     }
 }
 
+/// A simulated replica's address (only its name matters).
+fn address(id: NodeId) -> String {
+    format!("sim-{id}")
+}
+
 fn entry_hash(data: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     data.hash(&mut h);
@@ -651,6 +720,7 @@ impl Sim {
                 life: 0,
                 running: None,
                 checked: 0,
+                joiner: false,
             });
         }
         let users: Vec<UserId> = (0..opts.clients)
@@ -682,6 +752,7 @@ impl Sim {
             clock_steps: 0,
             transfers: 0,
             wipes: 0,
+            replacements: 0,
             snapshots: 0,
             elections: 0,
             committed: 0,
@@ -715,6 +786,11 @@ impl Sim {
             sending_on: true,
             plan: Vec::new(),
             wiped: None,
+            initial_voters: (1..=n as u64)
+                .map(|i| (NodeId(i), address(NodeId(i))))
+                .collect(),
+            next_id: n as u64 + 1,
+            operation: None,
             opts,
         })
     }
@@ -789,14 +865,38 @@ impl Sim {
             }
         }
         if !self.quiet() {
+            let replicas: Vec<String> = self
+                .replicas
+                .iter()
+                .map(|r| match &r.running {
+                    Some(x) => {
+                        let s = x.status.borrow();
+                        format!(
+                            "{} {:?} commit {} applied {}{}",
+                            r.id,
+                            s.role,
+                            s.commit,
+                            s.applied,
+                            if s.caught_up { "" } else { " not caught up" }
+                        )
+                    }
+                    None => format!("{} down", r.id),
+                })
+                .collect();
             return Err(format!(
-                "no progress: {} s after the faults stopped and every replica was back, {} client(s) still wait for an acknowledgement (commit indexes {:?})",
+                "no progress: {} s after the faults stopped and every replica was back, {} client(s) still wait for an acknowledgement; replacement under way: {}; replicas: {}",
                 self.opts.settle.as_secs(),
-                self.clients.iter().filter(|c| c.current.is_some()).count(),
-                self.replicas
+                self.clients
                     .iter()
-                    .map(|r| r.running.as_ref().map(|x| x.status.borrow().commit))
-                    .collect::<Vec<_>>(),
+                    .filter(|c| c.current.is_some() || c.reading.is_some())
+                    .count(),
+                self.operation
+                    .as_ref()
+                    .map_or("none".to_owned(), |o| format!(
+                        "{} for {} at {:?}",
+                        o.new, o.old, o.step
+                    )),
+                replicas.join(", "),
             ));
         }
         self.check_final()
@@ -805,6 +905,9 @@ impl Sim {
     /// Every client is done and every replica has applied all the group
     /// committed.
     fn quiet(&self) -> bool {
+        if self.operation.is_some() {
+            return false;
+        }
         if self
             .clients
             .iter()
@@ -842,6 +945,7 @@ impl Sim {
             Event::Retry(c, a) => (9u8, *c, *a).hash(&mut self.hash),
             Event::ReadTimeout(c, a) => (10u8, *c, *a).hash(&mut self.hash),
             Event::Build(r, _) => (11u8, *r).hash(&mut self.hash),
+            Event::Operate => 13u8.hash(&mut self.hash),
             Event::Transfer(from, to, m) => {
                 (12u8, *from, *to, m.term, m.index).hash(&mut self.hash)
             }
@@ -950,12 +1054,13 @@ impl Sim {
                 if let Some(x) = self.replicas[from].running.as_ref() {
                     let _ = x
                         .events
-                        .try_send(TransportEvent::Snapshot(NodeId(to as u64 + 1), delivered));
+                        .try_send(TransportEvent::Snapshot(self.replicas[to].id, delivered));
                     self.turn(from)?;
                 }
                 let (a, b) = (from + 1, to + 1);
                 self.note(|| format!("snapshot {a}→{b} delivered: {delivered}"));
             }
+            Event::Operate => self.operate()?,
             Event::Restart(r) => {
                 if self.replicas[r].running.is_none() {
                     self.start(r)?;
@@ -1000,10 +1105,16 @@ impl Sim {
 
     /// Starts replica `r` on what its disk holds.
     fn start(&mut self, r: usize) -> Result<(), String> {
-        let voters: Vec<(NodeId, String)> = self
-            .replicas
+        let voters = if self.replicas[r].joiner {
+            Vec::new()
+        } else {
+            self.initial_voters.clone()
+        };
+        let peers: Vec<(NodeId, String)> = self
+            .initial_voters
             .iter()
-            .map(|x| (x.id, format!("sim-{}", x.id)))
+            .cloned()
+            .chain(self.replicas.iter().map(|x| (x.id, address(x.id))))
             .collect();
         let timeout = self.rng.random_range(ELECTION_TICKS..2 * ELECTION_TICKS);
         let incarnation: u64 = self.rng.random();
@@ -1024,7 +1135,7 @@ impl Sim {
         let (applied, _) = log.applied().map_err(|e| fail("read applied", e))?;
         let durable = Durable::new(applied);
         let addresses = Addresses::default();
-        for (n, a) in &voters {
+        for (n, a) in &peers {
             addresses.set(*n, a.clone());
         }
         let outbox = Arc::new(Mutex::new(Vec::new()));
@@ -1097,11 +1208,101 @@ impl Sim {
         x.driver.crash();
         drop(x.log);
         drop(x.durable);
-        rep.fs.crash();
+        // Half the time, part of what was written after the last fdatasync
+        // survives too, its last write possibly torn.
+        let rng = &mut self.rng;
+        rep.fs.crash_torn(|unsynced| {
+            if unsynced == 0 || rng.random_bool(0.5) {
+                0
+            } else {
+                rng.random_range(0..=unsynced)
+            }
+        });
         rep.state.power_cut();
         self.report.crashes += 1;
         let id = rep.id;
         self.note(|| format!("crash replica {id}"));
+    }
+
+    /// The slot replica `id` runs in.
+    fn slot(&self, id: NodeId) -> Option<usize> {
+        self.replicas.iter().position(|x| x.id == id)
+    }
+
+    /// The slot of a running replica that leads, if any.
+    fn leader(&self) -> Option<usize> {
+        (0..self.replicas.len()).find(|&r| {
+            self.replicas[r]
+                .running
+                .as_ref()
+                .is_some_and(|x| x.driver.raw().raft.state == StateRole::Leader)
+        })
+    }
+
+    /// One look of the operator at its replacement: takes the answer to
+    /// the change it asked, moves to the next step, or asks (again) the
+    /// replica that leads now.
+    fn operate(&mut self) -> Result<(), String> {
+        let Some(mut op) = self.operation.take() else {
+            return Ok(());
+        };
+        if let Some((at, mut rx)) = op.asked.take() {
+            match rx.try_recv() {
+                Ok(Ok(_)) => op.step = next_step(op.step),
+                // A replacement's old replica already gone counts as
+                // removed (the answer to an earlier ask was lost).
+                Ok(Err(StoreError::NotFound(_))) if op.step == Step::RemoveOld => {
+                    op.step = next_step(op.step)
+                }
+                Err(oneshot::error::TryRecvError::Empty) if self.now < at + ATTEMPT_TIMEOUT => {
+                    op.asked = Some((at, rx));
+                }
+                // Refused, lost or unanswered: ask again below.
+                _ => {}
+            }
+        }
+        if op.step == Step::CatchUp {
+            let commit = self
+                .leader()
+                .and_then(|l| self.replicas[l].running.as_ref())
+                .map(|x| x.status.borrow().commit);
+            let caught_up = self.replicas[op.slot].running.as_ref().is_some_and(|x| {
+                let s = x.status.borrow();
+                s.caught_up && commit.is_some_and(|c| s.applied + 100 >= c)
+            });
+            if caught_up {
+                op.step = Step::Promote;
+            }
+        }
+        let change = match op.step {
+            Step::AddLearner => Some(MembershipChange::AddLearner {
+                id: op.new,
+                address: address(op.new),
+            }),
+            Step::Promote => Some(MembershipChange::Promote { id: op.new }),
+            Step::RemoveOld => Some(MembershipChange::Remove { id: op.old }),
+            Step::CatchUp | Step::Done => None,
+        };
+        if op.step == Step::Done {
+            let (old, new) = (op.old, op.new);
+            self.note(|| format!("replica {new} replaced replica {old}"));
+            return Ok(());
+        }
+        if let Some(change) = change
+            && op.asked.is_none()
+            && let Some(l) = self.leader()
+            && let Some(x) = self.replicas[l].running.as_ref()
+        {
+            let (reply, rx) = oneshot::channel();
+            let step = op.step;
+            let _ = x.requests.try_send(Request::Membership { change, reply });
+            op.asked = Some((self.now, rx));
+            self.note(|| format!("operator asks replica {}: {step:?}", l + 1));
+            self.turn(l)?;
+        }
+        self.operation = Some(op);
+        self.at(Duration::from_millis(50), Event::Operate);
+        Ok(())
     }
 
     /// Replaces stopped replica `r`'s disk with an empty one.
@@ -1118,7 +1319,6 @@ impl Sim {
             }
         }
         std::fs::create_dir_all(dir.join("wal")).map_err(|e| format!("wipe: {e}"))?;
-        self.report.wipes += 1;
         self.note(|| format!("wipe replica {}'s disk", r + 1));
         Ok(())
     }
@@ -1177,10 +1377,7 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, m: Message) {
-        let Some(to) = (m.to as usize)
-            .checked_sub(1)
-            .filter(|&t| t < self.replicas.len())
-        else {
+        let Some(to) = self.slot(NodeId(m.to)) else {
             return;
         };
         if m.get_msg_type() == MessageType::MsgSnapshot {
@@ -1280,18 +1477,17 @@ impl Sim {
             Vec::new()
         };
         if leads {
+            let id = self.replicas[r].id;
             match self.leaders.get(&term) {
-                Some(&other) if other != r => {
+                Some(&other) if other != id => {
                     return Err(format!(
-                        "two leaders in term {term}: replicas {} and {}",
-                        other + 1,
-                        r + 1
+                        "two leaders in term {term}: replicas {other} and {id}"
                     ));
                 }
                 Some(_) => {}
                 None => {
-                    self.leaders.insert(term, r);
-                    self.note(|| format!("replica {} leads term {term}", r + 1));
+                    self.leaders.insert(term, id);
+                    self.note(|| format!("replica {id} leads term {term}"));
                 }
             }
         }
@@ -1326,11 +1522,36 @@ impl Sim {
                 self.crash(replica);
                 self.at(Duration::from_millis(down_ms), Event::Restart(replica));
             }
-            FaultKind::Wipe { replica, down_ms } if replica < n && self.wiped.is_none() => {
+            FaultKind::Wipe { replica, down_ms }
+                if replica < n && self.wiped.is_none() && self.operation.is_none() =>
+            {
                 self.crash(replica);
                 self.wipe(replica)?;
+                self.report.wipes += 1;
                 self.wiped = Some(replica);
                 self.at(Duration::from_millis(down_ms), Event::Restart(replica));
+            }
+            FaultKind::Replace { replica }
+                if replica < n && self.wiped.is_none() && self.operation.is_none() =>
+            {
+                self.crash(replica);
+                let old = self.replicas[replica].id;
+                let new = NodeId(self.next_id);
+                self.next_id += 1;
+                self.wipe(replica)?;
+                self.replicas[replica].id = new;
+                self.replicas[replica].joiner = true;
+                self.report.replacements += 1;
+                self.note(|| format!("replica {old}'s machine is lost; replica {new} replaces it"));
+                self.start(replica)?;
+                self.operation = Some(Replacement {
+                    slot: replica,
+                    old,
+                    new,
+                    step: Step::AddLearner,
+                    asked: None,
+                });
+                self.at(Duration::from_millis(10), Event::Operate);
             }
             FaultKind::Isolate { replica } if replica < n => {
                 for o in 0..n {
@@ -1359,13 +1580,7 @@ impl Sim {
                 self.note(|| format!("step replica {}'s wall clock by {ms} ms", replica + 1));
             }
             FaultKind::TransferLeader => {
-                let leader = (0..n).find(|&r| {
-                    self.replicas[r]
-                        .running
-                        .as_ref()
-                        .is_some_and(|x| x.driver.raw().raft.state == StateRole::Leader)
-                });
-                if let Some(r) = leader
+                if let Some(r) = self.leader()
                     && let Some(x) = self.replicas[r].running.as_ref()
                 {
                     let (reply, _) = oneshot::channel();
@@ -1573,7 +1788,7 @@ impl Sim {
         self.clients[c].target = match e {
             StoreError::NotLeader {
                 leader: Some((lead, _)),
-            } => (lead.0 as usize).saturating_sub(1),
+            } => self.slot(*lead).unwrap_or(from),
             _ => (from + 1) % self.replicas.len(),
         };
     }

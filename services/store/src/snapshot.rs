@@ -348,15 +348,26 @@ impl Snapshots {
     /// starts a build at `applied` (call on the raft thread, between
     /// applies, so that `applied` and `conf_state` match the engine) and
     /// returns None: raft asks again.
+    ///
+    /// A snapshot for `for_replica` must name it among its voters or
+    /// learners: raft-rs refuses one that does not, so a replica added
+    /// after the built snapshot was taken would be sent it forever. Such a
+    /// snapshot is rebuilt (unless the state has not moved since).
     pub fn get_or_build(
         self: &Arc<Self>,
         min_index: u64,
+        for_replica: Option<u64>,
         applied: (u64, u64),
         conf_state: &ConfState,
     ) -> Result<Option<Snapshot>, StoreError> {
         let mut inner = self.lock();
         if let Some((d, meta)) = &inner.ready
             && d.index >= min_index
+            && (d.index >= applied.0
+                || for_replica.is_none_or(|id| {
+                    let cs = meta.get_conf_state();
+                    cs.voters.contains(&id) || cs.learners.contains(&id)
+                }))
         {
             let mut snap = Snapshot::default();
             snap.data = d.encode().into();
@@ -713,7 +724,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Some(snap) = s
-                .get_or_build(min_index, applied, &ConfState::default())
+                .get_or_build(min_index, None, applied, &ConfState::default())
                 .unwrap()
             {
                 return snap;
@@ -780,7 +791,7 @@ mod tests {
         let snaps = Snapshots::open(dir.path(), state).unwrap();
         assert!(
             snaps
-                .get_or_build(0, (9, 4), &ConfState::default())
+                .get_or_build(0, None, (9, 4), &ConfState::default())
                 .unwrap()
                 .is_none(),
             "the first request only starts a build"
@@ -794,7 +805,7 @@ mod tests {
         // A follower needing more than it holds gets a new build.
         assert!(
             snaps
-                .get_or_build(10, (12, 4), &ConfState::default())
+                .get_or_build(10, None, (12, 4), &ConfState::default())
                 .unwrap()
                 .is_none()
         );
@@ -806,12 +817,58 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_added_after_a_snapshot_was_built_gets_one_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with(&[("s/k1", "v1")]);
+        let snaps = Snapshots::open_deferred(dir.path(), state).unwrap();
+        let conf = |voters: &[u64], learners: &[u64]| {
+            let mut cs = ConfState::default();
+            cs.voters = voters.to_vec();
+            cs.learners = learners.to_vec();
+            cs
+        };
+        let old = conf(&[1, 2, 3], &[]);
+        assert!(
+            snaps
+                .get_or_build(0, Some(2), (9, 4), &old)
+                .unwrap()
+                .is_none()
+        );
+        snaps.run_deferred_build();
+        let built = snaps.get_or_build(0, Some(2), (9, 4), &old).unwrap();
+        assert_eq!(built.expect("built").get_metadata().index, 9);
+        // Replica 4 joined as a learner at 11: the snapshot at 9 does not
+        // name it (raft-rs would refuse it), so a new one is built for it,
+        // while replica 2 may still have the one at 9.
+        let new = conf(&[1, 2, 3], &[4]);
+        assert!(
+            snaps
+                .get_or_build(0, Some(4), (12, 4), &new)
+                .unwrap()
+                .is_none()
+        );
+        snaps.run_deferred_build();
+        let rebuilt = snaps
+            .get_or_build(0, Some(4), (12, 4), &new)
+            .unwrap()
+            .expect("rebuilt");
+        assert_eq!(rebuilt.get_metadata().index, 12);
+        assert!(
+            rebuilt
+                .get_metadata()
+                .get_conf_state()
+                .learners
+                .contains(&4)
+        );
+    }
+
+    #[test]
     fn a_transfer_resumes_where_it_stopped_and_a_damaged_file_is_refused() {
         let src = tempfile::tempdir().unwrap();
         let state = state_with(&[("s/k", "value"), ("s/l", "another value")]);
         let sender = Snapshots::open(src.path(), state).unwrap();
         sender
-            .get_or_build(0, (3, 1), &ConfState::default())
+            .get_or_build(0, None, (3, 1), &ConfState::default())
             .unwrap();
         let snap = wait_built(&sender, 0, (3, 1));
         let d = Descriptor::decode(&snap.data).unwrap();

@@ -44,7 +44,7 @@ fn seeded_runs_under_faults_lose_nothing_acknowledged() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
     let (mut acked, mut crashes, mut partitions, mut steps, mut terms) = (0, 0, 0, 0, 0);
-    let (mut wipes, mut snapshots) = (0, 0);
+    let (mut wipes, mut snapshots, mut replacements) = (0, 0, 0);
     for seed in 1..=seeds {
         let r = run_or_fail(seed, &opts);
         acked += r.acked;
@@ -54,6 +54,7 @@ fn seeded_runs_under_faults_lose_nothing_acknowledged() {
         terms += r.elections;
         wipes += r.wipes;
         snapshots += r.snapshots;
+        replacements += r.replacements;
     }
     // The runs did exercise what they claim to.
     assert!(
@@ -68,6 +69,7 @@ fn seeded_runs_under_faults_lose_nothing_acknowledged() {
     assert!(steps > 0 && terms > seeds as usize);
     assert!(wipes > 0, "no disk was wiped");
     assert!(snapshots > 0, "no replica caught up by snapshot");
+    assert!(replacements > 0, "no replica was replaced");
 }
 
 #[test]
@@ -148,4 +150,28 @@ fn a_plan_with_a_mistake_is_refused_with_what_is_expected() {
     assert!(err.contains("numbered from 1"), "{err}");
     let plan = sim::parse_plan("100:crash:2:300, 900:heal,1200:clock:1:-40").expect("valid");
     assert_eq!(plan.len(), 3);
+}
+
+/// Regressions the simulator found, each as the shrunk plan it printed.
+#[test]
+fn shrunk_failures_found_by_the_simulator_stay_fixed() {
+    let five = SimOptions {
+        replicas: 5,
+        clients: 8,
+        ..SimOptions::default()
+    };
+    let cases = [
+        // Replica 5 replaced by 6, which then led; replica 4 lost its disk
+        // and restarted with the group's initial voters, refused every
+        // message from 6 (not a member as far as it knew) and never
+        // caught up.
+        (3, "10277:crash:1:341,18898:replace:5,19785:wipe:4:340"),
+    ];
+    for (seed, plan) in cases {
+        let opts = SimOptions {
+            plan: Some(sim::parse_plan(plan).expect("plan parses")),
+            ..five.clone()
+        };
+        run_or_fail(seed, &opts);
+    }
 }

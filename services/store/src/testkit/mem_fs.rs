@@ -52,9 +52,22 @@ impl MemFs {
     /// Cuts every file back to what its last sync covered. Call only while
     /// nothing has the files open (the engine on them was dropped).
     pub fn crash(&self) {
-        for f in self.files().values() {
-            let mut c = f.lock();
-            let keep = c.synced;
+        self.crash_torn(|_| 0);
+    }
+
+    /// A crash in which some of what was written after the last sync
+    /// reached the platter anyway: each file keeps what its sync covered
+    /// and `survives(unsynced bytes)` bytes of the rest (at most all of
+    /// it), so its tail may end in the middle of a write. Files are taken
+    /// in name order, so a seeded `survives` gives the same disk each time.
+    pub fn crash_torn(&self, mut survives: impl FnMut(usize) -> usize) {
+        let files = self.files();
+        let mut names: Vec<&PathBuf> = files.keys().collect();
+        names.sort();
+        for name in names {
+            let mut c = files[name].lock();
+            let unsynced = c.bytes.len() - c.synced;
+            let keep = c.synced + survives(unsynced).min(unsynced);
             c.bytes.truncate(keep);
         }
     }
