@@ -443,25 +443,31 @@ impl Driver {
         self.transport.shutdown();
     }
 
-    /// Why raft-rs must not see `m`, if it must not: a vote request from a
-    /// replica that is not in the group (once this replica knows the
-    /// group: a removed replica must not disrupt it), or an append whose
+    /// Why raft-rs must not see `m`, if it must not: a sender that is not
+    /// in the group (once this replica knows the group), or an append whose
     /// entries do not follow its index in order and term (raft-rs stops
     /// the process on some of those, for example one that rewrites
     /// committed entries).
     ///
-    /// Anything else from a non-member is let through: this replica's view
-    /// of the group may be the stale one. A replica that lagged behind (or
-    /// lost its disk) while a new replica joined and became leader knows
-    /// that leader only from the entries it is about to receive from it;
-    /// refusing them left it behind for good (found by the simulator).
+    /// A replica's view of the group can be out of date: a new data
+    /// directory knows only the initial voters, and a replica that was cut
+    /// off while a replacement joined and took the lead does not know that
+    /// leader. Such a replica refusing the leader stays behind for good
+    /// (both found by the simulator). So from a sender it does not know it
+    /// refuses vote requests always, and anything else only while it
+    /// follows a leader of its own: when it is new, has no leader, or the
+    /// sender is the leader it follows, the message goes to raft, whose
+    /// terms and log matching decide. (A stranger's heartbeat must still
+    /// not move the term of a replica that follows a live leader.)
     fn refusal(&self, m: &Message) -> Option<String> {
         let prs = self.raw.raft.prs();
         let vote = matches!(
             m.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
         );
-        if vote && prs.iter().next().is_some() && prs.get(m.from).is_none() {
+        let lead = self.raw.raft.leader_id;
+        let may_be_stale = self.freshness != Freshness::Settled || lead == 0 || lead == m.from;
+        if (vote || !may_be_stale) && prs.iter().next().is_some() && prs.get(m.from).is_none() {
             return Some(format!("replica {} is not a member of the group", m.from));
         }
         if m.get_msg_type() == MessageType::MsgAppend {

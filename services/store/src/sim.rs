@@ -461,6 +461,8 @@ enum Event {
     Fault(usize),
     /// The operator looks at its replacement under way.
     Operate,
+    /// A follower reads on from its cursor.
+    Follow(usize),
     /// The replica's deferred snapshot build runs.
     Build(usize, u64),
     /// A snapshot's file and then its message reach a replica (from, to).
@@ -562,6 +564,16 @@ struct Client {
     actions: u64,
 }
 
+/// A reader that follows one conversation from a cursor with stale reads
+/// on any caught-up replica, as a subscriber resuming from its cursor
+/// does: what it gets must continue its cursor without a gap, and be
+/// what the conversation finally holds at those seqs.
+struct Follower {
+    conversation: usize,
+    cursor: u64,
+    got: Vec<(u64, String)>,
+}
+
 /// A linearizable read: a ReadIndex barrier on the replica the client
 /// thinks leads, then the conversation read from that replica's state.
 struct Reading {
@@ -607,6 +619,7 @@ struct Sim {
     acked_at: HashMap<(usize, String), Duration>,
     /// Completed reads, by conversation.
     reads: Vec<Vec<ReadSeen>>,
+    followers: Vec<Follower>,
     hash: DefaultHasher,
     events: u64,
     report: SimReport,
@@ -778,6 +791,13 @@ impl Sim {
             sent_at: HashMap::new(),
             acked_at: HashMap::new(),
             reads: Vec::new(),
+            followers: (0..opts.conversations.max(1))
+                .map(|conversation| Follower {
+                    conversation,
+                    cursor: 0,
+                    got: Vec::new(),
+                })
+                .collect(),
             hash: DefaultHasher::new(),
             events: 0,
             report,
@@ -830,6 +850,10 @@ impl Sim {
         for c in 0..self.clients.len() {
             let d = self.ms(0, 50);
             self.at(d, Event::Client(c));
+        }
+        for f in 0..self.followers.len() {
+            let d = self.ms(0, 100);
+            self.at(d, Event::Follow(f));
         }
         if self.faults_on {
             self.plan = match &self.opts.plan {
@@ -946,6 +970,7 @@ impl Sim {
             Event::ReadTimeout(c, a) => (10u8, *c, *a).hash(&mut self.hash),
             Event::Build(r, _) => (11u8, *r).hash(&mut self.hash),
             Event::Operate => 13u8.hash(&mut self.hash),
+            Event::Follow(f) => (14u8, *f).hash(&mut self.hash),
             Event::Transfer(from, to, m) => {
                 (12u8, *from, *to, m.term, m.index).hash(&mut self.hash)
             }
@@ -1061,6 +1086,11 @@ impl Sim {
                 self.note(|| format!("snapshot {a}→{b} delivered: {delivered}"));
             }
             Event::Operate => self.operate()?,
+            Event::Follow(f) => {
+                self.follow(f)?;
+                let d = self.ms(20, 100);
+                self.at(d, Event::Follow(f));
+            }
             Event::Restart(r) => {
                 if self.replicas[r].running.is_none() {
                     self.start(r)?;
@@ -1782,6 +1812,35 @@ impl Sim {
         Ok(())
     }
 
+    /// Follower `f` reads on from its cursor on a replica picked at random,
+    /// if that replica serves stale reads (it has caught up, as the Store
+    /// service asks).
+    fn follow(&mut self, f: usize) -> Result<(), String> {
+        let r = self.rng.random_range(0..self.replicas.len());
+        let Some(x) = self.replicas[r].running.as_ref() else {
+            return Ok(());
+        };
+        if !x.status.borrow().caught_up {
+            return Ok(());
+        }
+        let follower = &mut self.followers[f];
+        let conv = &self.conversations[follower.conversation];
+        let page = Reader::new(x.log.state().clone())
+            .messages(conv, Seq(follower.cursor), Seq(0), 100)
+            .map_err(|e| format!("replica {}: read {conv}: {e}", self.replicas[r].id))?;
+        for m in page {
+            if m.seq.0 != follower.cursor + 1 {
+                return Err(format!(
+                    "a read of {conv} after cursor {} on replica {} returned seq {} (a gap)",
+                    follower.cursor, self.replicas[r].id, m.seq.0
+                ));
+            }
+            follower.cursor = m.seq.0;
+            follower.got.push((m.seq.0, m.client_msg_id));
+        }
+        Ok(())
+    }
+
     /// Where client `c` goes after replica `from` refused it: the leader
     /// it named, or the next replica.
     fn redirect(&mut self, c: usize, from: usize, e: &StoreError) {
@@ -2014,6 +2073,16 @@ impl Sim {
             match &first {
                 None => {
                     self.check_reads(&convs)?;
+                    for f in &self.followers {
+                        let finals = &convs[f.conversation];
+                        if finals.len() < f.got.len() || finals[..f.got.len()] != f.got[..] {
+                            return Err(format!(
+                                "a follower of {} read {} messages from its cursor that are not what it finally holds",
+                                self.conversations[f.conversation],
+                                f.got.len()
+                            ));
+                        }
+                    }
                     first = Some(convs);
                 }
                 Some(f) if *f != convs => {

@@ -166,6 +166,9 @@ fn shrunk_failures_found_by_the_simulator_stay_fixed() {
         // message from 6 (not a member as far as it knew) and never
         // caught up.
         (3, "10277:crash:1:341,18898:replace:5,19785:wipe:4:340"),
+        // Replica 1 cut off while 3 was replaced by 6 and 6 took the lead:
+        // it refused 6 (not in its view of the group) for good.
+        (1051, "12705:isolate:1,16995:replace:3,18512:transfer"),
     ];
     for (seed, plan) in cases {
         let opts = SimOptions {
