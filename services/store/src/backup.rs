@@ -179,7 +179,7 @@ pub fn from_data_dir(dir: &Path, path: &Path) -> Result<(BackupHeader, u64), Sto
             size,
             crc,
             replicas,
-            taken_at_ms: crate::driver::now_ms(),
+            taken_at_ms: crate::clock::system_ms(),
             taken_by: owner,
         };
         let mut out = BackupWriter::create(path, header)?;

@@ -96,7 +96,8 @@ impl VirtualClock {
         self.wall_step_ms.fetch_add(ms, Ordering::AcqRel);
     }
 
-    fn now(&self) -> Instant {
+    /// The instant standing for the current virtual time.
+    pub fn now(&self) -> Instant {
         self.time.base + self.elapsed()
     }
 

@@ -198,10 +198,6 @@ pub(crate) const SLOW: Duration = Duration::from_millis(200);
 /// interrupted transfer resumes rather than starting over with a new build.
 const SNAPSHOT_KEPT: Duration = Duration::from_secs(60);
 
-pub(crate) fn now_ms() -> i64 {
-    crate::clock::system_ms()
-}
-
 impl Driver {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(

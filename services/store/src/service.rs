@@ -643,7 +643,7 @@ async fn stream_backup(
                 matched: 0,
             })
             .collect(),
-        taken_at_ms: crate::driver::now_ms(),
+        taken_at_ms: crate::clock::system_ms(),
         taken_by: node.id().0,
     };
     let part = |p| Ok(api::BackupChunk { part: Some(p) });

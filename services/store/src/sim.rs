@@ -181,8 +181,10 @@ impl std::fmt::Display for SimFailure {
     }
 }
 
-/// A fault, at a virtual time. Replicas are numbered from 1 in its text
-/// form (`AT_MS:KIND[:ARGS]`, as `loadtest sim --plan` takes it).
+/// A fault, at a virtual time. It names replicas by machine (slot),
+/// numbered from 1 in its text form (`AT_MS:KIND[:ARGS]`, as `loadtest sim
+/// --plan` takes it): the replica running on that machine at the time,
+/// which after a replacement has a new id (traces and failures name ids).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub at_ms: u64,
@@ -514,7 +516,6 @@ struct Running {
     /// When an Apply event is already scheduled for.
     apply_at: Option<Duration>,
     disk_busy: bool,
-    snapshots: Arc<Snapshots>,
     /// A Build event is scheduled for the deferred snapshot build.
     build_scheduled: bool,
 }
@@ -614,8 +615,7 @@ struct Sim {
     committed: HashMap<u64, (u64, u64)>,
     /// conversation, client message id → acknowledged seq.
     acked: BTreeMap<(usize, String), Seq>,
-    /// When each acknowledged append was first sent and acknowledged.
-    sent_at: HashMap<(usize, String), Duration>,
+    /// When each acknowledged append was acknowledged.
     acked_at: HashMap<(usize, String), Duration>,
     /// Completed reads, by conversation.
     reads: Vec<Vec<ReadSeen>>,
@@ -788,9 +788,8 @@ impl Sim {
             leaders: BTreeMap::new(),
             committed: HashMap::new(),
             acked: BTreeMap::new(),
-            sent_at: HashMap::new(),
             acked_at: HashMap::new(),
-            reads: Vec::new(),
+            reads: (0..opts.conversations.max(1)).map(|_| Vec::new()).collect(),
             followers: (0..opts.conversations.max(1))
                 .map(|conversation| Follower {
                     conversation,
@@ -1050,7 +1049,7 @@ impl Sim {
                 if x.driver.apply_due().is_some() {
                     x.driver
                         .apply_pending()
-                        .map_err(|e| format!("replica {} apply: {e}", r + 1))?;
+                        .map_err(|e| format!("replica {} apply: {e}", self.replicas[r].id))?;
                 }
                 self.turn(r)?;
             }
@@ -1066,7 +1065,7 @@ impl Sim {
                     return Ok(());
                 };
                 x.build_scheduled = false;
-                x.snapshots.run_deferred_build();
+                x.log.snapshots().run_deferred_build();
                 self.turn(r)?;
             }
             Event::Transfer(from, to, m) => {
@@ -1082,7 +1081,7 @@ impl Sim {
                         .try_send(TransportEvent::Snapshot(self.replicas[to].id, delivered));
                     self.turn(from)?;
                 }
-                let (a, b) = (from + 1, to + 1);
+                let (a, b) = (self.replicas[from].id, self.replicas[to].id);
                 self.note(|| format!("snapshot {a}→{b} delivered: {delivered}"));
             }
             Event::Operate => self.operate()?,
@@ -1159,7 +1158,7 @@ impl Sim {
         let state: Arc<dyn Engine> = Arc::new(rep.state.clone());
         let snapshots = Snapshots::open_deferred(&rep.dir.path().join("snap"), state.clone())
             .map_err(|e| fail("open snapshots", e))?;
-        let log = LogStore::open(Arc::new(wal), state.clone(), snapshots.clone(), id, &voters)
+        let log = LogStore::open(Arc::new(wal), state.clone(), snapshots, id, &voters)
             .map_err(|e| fail("open the log", e))?;
         state.sync().map_err(|e| fail("sync the state", e))?;
         let (applied, _) = log.applied().map_err(|e| fail("read applied", e))?;
@@ -1217,7 +1216,6 @@ impl Sim {
             durable,
             apply_at: None,
             disk_busy: false,
-            snapshots: snapshots.clone(),
             build_scheduled: false,
         });
         self.note(|| format!("start replica {id} (election timeout {timeout} ticks)"));
@@ -1236,6 +1234,8 @@ impl Sim {
         };
         rep.life += 1;
         x.driver.crash();
+        // The WAL closes with the last handle on it, before its files are
+        // cut below.
         drop(x.log);
         drop(x.durable);
         // Half the time, part of what was written after the last fdatasync
@@ -1327,7 +1327,8 @@ impl Sim {
             let step = op.step;
             let _ = x.requests.try_send(Request::Membership { change, reply });
             op.asked = Some((self.now, rx));
-            self.note(|| format!("operator asks replica {}: {step:?}", l + 1));
+            let name = self.replicas[l].id;
+            self.note(|| format!("operator asks replica {name}: {step:?}"));
             self.turn(l)?;
         }
         self.operation = Some(op);
@@ -1349,7 +1350,8 @@ impl Sim {
             }
         }
         std::fs::create_dir_all(dir.join("wal")).map_err(|e| format!("wipe: {e}"))?;
-        self.note(|| format!("wipe replica {}'s disk", r + 1));
+        let name = self.replicas[r].id;
+        self.note(|| format!("wipe replica {name}'s disk"));
         Ok(())
     }
 
@@ -1361,7 +1363,7 @@ impl Sim {
             return Ok(());
         };
         if let Err(e) = x.driver.turn() {
-            return Err(format!("replica {} stopped: {e}", r + 1));
+            return Err(format!("replica {} stopped: {e}", self.replicas[r].id));
         }
         let msgs = std::mem::take(&mut *x.outbox.lock().expect("outbox lock"));
         let writes = x.driver.writes_queued() > 0 && !x.disk_busy;
@@ -1369,7 +1371,7 @@ impl Sim {
             x.disk_busy = true;
         }
         let due = x.driver.apply_due().map(|at| {
-            let from_now = at.saturating_duration_since(Clock::Virtual(self.clock.clone()).now());
+            let from_now = at.saturating_duration_since(self.clock.now());
             self.now + from_now
         });
         let schedule_apply = match (due, x.apply_at) {
@@ -1380,7 +1382,7 @@ impl Sim {
         if let Some(at) = schedule_apply {
             x.apply_at = Some(at);
         }
-        let build = !x.build_scheduled && x.snapshots.has_deferred_build();
+        let build = !x.build_scheduled && x.log.snapshots().has_deferred_build();
         if build {
             x.build_scheduled = true;
         }
@@ -1452,10 +1454,11 @@ impl Sim {
         let Ok(d) = crate::snapshot::Descriptor::decode(m.get_snapshot().get_data()) else {
             return false;
         };
-        let Ok(bytes) = std::fs::read(src.snapshots.outgoing(&d)) else {
+        let Ok(bytes) = std::fs::read(src.log.snapshots().outgoing(&d)) else {
             return false;
         };
-        let Ok((mut held, mut complete)) = dst.snapshots.progress(&d) else {
+        let dst = dst.log.snapshots();
+        let Ok((mut held, mut complete)) = dst.progress(&d) else {
             return false;
         };
         // Some transfers break off after a chunk and resume next time.
@@ -1466,7 +1469,7 @@ impl Sim {
                 Some(c) if !c.is_empty() => c,
                 _ => return false,
             };
-            match dst.snapshots.receive_chunk(&d, held, chunk) {
+            match dst.receive_chunk(&d, held, chunk) {
                 Ok((h, c)) => (held, complete) = (h, c),
                 Err(_) => return false,
             }
@@ -1502,7 +1505,12 @@ impl Sim {
                 None::<u64>,
                 GetEntriesContext::empty(false),
             )
-            .map_err(|e| format!("replica {}: read committed entries: {e}", r + 1))?
+            .map_err(|e| {
+                format!(
+                    "replica {}: read committed entries: {e}",
+                    self.replicas[r].id
+                )
+            })?
         } else {
             Vec::new()
         };
@@ -1527,10 +1535,7 @@ impl Sim {
                 Some(&first) if first != seen => {
                     return Err(format!(
                         "committed entry {} changed: replica {} holds one of term {} where one of term {} was committed",
-                        e.index,
-                        r + 1,
-                        e.term,
-                        first.0
+                        e.index, self.replicas[r].id, e.term, first.0
                     ));
                 }
                 Some(_) => {}
@@ -1591,12 +1596,14 @@ impl Sim {
                     }
                 }
                 self.report.partitions += 1;
-                self.note(|| format!("isolate replica {}", replica + 1));
+                let name = self.replicas[replica].id;
+                self.note(|| format!("isolate replica {name}"));
             }
             FaultKind::Cut { from, to } if from < n && to < n => {
                 self.cut[from][to] = true;
                 self.report.partitions += 1;
-                self.note(|| format!("cut {} → {}", from + 1, to + 1));
+                let (a, b) = (self.replicas[from].id, self.replicas[to].id);
+                self.note(|| format!("cut {a} → {b}"));
             }
             FaultKind::Heal => {
                 for row in &mut self.cut {
@@ -1607,7 +1614,8 @@ impl Sim {
             FaultKind::StepClock { replica, ms } if replica < n => {
                 self.replicas[replica].clock.step_wall(ms);
                 self.report.clock_steps += 1;
-                self.note(|| format!("step replica {}'s wall clock by {ms} ms", replica + 1));
+                let name = self.replicas[replica].id;
+                self.note(|| format!("step replica {name}'s wall clock by {ms} ms"));
             }
             FaultKind::TransferLeader => {
                 if let Some(r) = self.leader()
@@ -1619,7 +1627,8 @@ impl Sim {
                         reply,
                     });
                     self.report.transfers += 1;
-                    self.note(|| format!("replica {} asked to transfer leadership", r + 1));
+                    let name = self.replicas[r].id;
+                    self.note(|| format!("replica {name} asked to transfer leadership"));
                     self.turn(r)?;
                 }
             }
@@ -1678,7 +1687,6 @@ impl Sim {
                 return Ok(());
             }
             let id = format!("{}-{}", client.user, client.sent);
-            self.sent_at.insert((conv, id.clone()), self.now);
             Sending {
                 op: Op::Append(NewMessage {
                     conversation: self.conversations[conv].clone(),
@@ -1709,12 +1717,8 @@ impl Sim {
         s.replies.push((attempt, rx));
         let op = s.op.clone();
         let id = s.id.clone();
-        self.note(|| {
-            format!(
-                "client {c} sends {id:?} to replica {} (attempt {attempt})",
-                target + 1
-            )
-        });
+        let name = self.replicas[target].id;
+        self.note(|| format!("client {c} sends {id:?} to replica {name} (attempt {attempt})"));
         if let Some(x) = self.replicas[target].running.as_ref() {
             let _ = x.requests.try_send(Request::Propose {
                 ops: vec![op],
@@ -1782,16 +1786,8 @@ impl Sim {
             if let Some(seq) = s.acked {
                 if let Some(id) = s.id.clone() {
                     let key = (s.conversation, id.clone());
-                    if let Some(&prev) = self.acked.get(&key)
-                        && prev != seq
-                    {
-                        return Err(format!(
-                            "message {id} acknowledged with seq {} and later {}",
-                            prev.0, seq.0
-                        ));
-                    }
                     self.acked.insert(key.clone(), seq);
-                    self.acked_at.entry(key).or_insert(self.now);
+                    self.acked_at.insert(key, self.now);
                     let client = &mut self.clients[c];
                     for (_, rx) in s.replies.drain(..) {
                         client.late.push((id.clone(), seq, rx));
@@ -1823,22 +1819,38 @@ impl Sim {
         if !x.status.borrow().caught_up {
             return Ok(());
         }
+        let (conv, cursor) = (self.followers[f].conversation, self.followers[f].cursor);
+        let page = self.stored(r, conv, cursor, 100)?;
         let follower = &mut self.followers[f];
-        let conv = &self.conversations[follower.conversation];
-        let page = Reader::new(x.log.state().clone())
-            .messages(conv, Seq(follower.cursor), Seq(0), 100)
-            .map_err(|e| format!("replica {}: read {conv}: {e}", self.replicas[r].id))?;
-        for m in page {
-            if m.seq.0 != follower.cursor + 1 {
+        for (seq, id) in page {
+            if seq != follower.cursor + 1 {
                 return Err(format!(
-                    "a read of {conv} after cursor {} on replica {} returned seq {} (a gap)",
-                    follower.cursor, self.replicas[r].id, m.seq.0
+                    "a read of {} after cursor {} on replica {} returned seq {seq} (a gap)",
+                    self.conversations[conv], follower.cursor, self.replicas[r].id
                 ));
             }
-            follower.cursor = m.seq.0;
-            follower.got.push((m.seq.0, m.client_msg_id));
+            follower.cursor = seq;
+            follower.got.push((seq, id));
         }
         Ok(())
+    }
+
+    /// Conversation `conv` as replica `r`'s state holds it after seq
+    /// `after`: up to `limit` (seq, client message id) pairs.
+    fn stored(
+        &self,
+        r: usize,
+        conv: usize,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, String> {
+        let id = &self.conversations[conv];
+        Ok(Reader::new(Arc::new(self.replicas[r].state.clone()))
+            .messages(id, Seq(after), Seq(0), limit)
+            .map_err(|e| format!("replica {}: read {id}: {e}", self.replicas[r].id))?
+            .into_iter()
+            .map(|m| (m.seq.0, m.client_msg_id))
+            .collect())
     }
 
     /// Where client `c` goes after replica `from` refused it: the leader
@@ -1864,7 +1876,8 @@ impl Sim {
             action,
             reply: rx,
         });
-        self.note(|| format!("client {c} reads c{conv} on replica {}", target + 1));
+        let name = self.replicas[target].id;
+        self.note(|| format!("client {c} reads c{conv} on replica {name}"));
         if let Some(x) = self.replicas[target].running.as_ref() {
             let _ = x.requests.try_send(Request::Read { reply: tx });
             self.turn(target)?;
@@ -1888,22 +1901,9 @@ impl Sim {
             Ok(a) => a,
         };
         match answer {
-            Ok(()) => {
-                let Some(x) = self.replicas[r.target].running.as_ref() else {
-                    return Ok(());
-                };
-                let reader = Reader::new(x.log.state().clone());
-                let conv = &self.conversations[r.conversation];
-                let messages: Vec<(u64, String)> = reader
-                    .messages(conv, Seq(0), Seq(0), usize::MAX)
-                    .map_err(|e| format!("replica {}: read {conv}: {e}", r.target + 1))?
-                    .into_iter()
-                    .map(|m| (m.seq.0, m.client_msg_id))
-                    .collect();
+            Ok(()) if self.replicas[r.target].running.is_some() => {
+                let messages = self.stored(r.target, r.conversation, 0, usize::MAX)?;
                 let n = messages.len();
-                if self.reads.len() < self.conversations.len() {
-                    self.reads.resize_with(self.conversations.len(), Vec::new);
-                }
                 self.reads[r.conversation].push(ReadSeen {
                     invoked: r.invoked,
                     answered: self.now,
@@ -1912,6 +1912,7 @@ impl Sim {
                 let conv = r.conversation;
                 self.note(|| format!("client {c} read {n} messages of c{conv}"));
             }
+            Ok(()) => {}
             Err(e) => self.redirect(c, r.target, &e),
         }
         let d = self.ms(0, 20);
@@ -1954,7 +1955,7 @@ impl Sim {
                 longest.push(top);
             }
             for r in reads {
-                if finals.len() < r.messages.len() || finals[..r.messages.len()] != r.messages[..] {
+                if !finals.starts_with(&r.messages) {
                     return Err(format!(
                         "a linearizable read of {conv} at {:.3} s returned {} messages that are not what {conv} finally holds",
                         r.answered.as_secs_f64(),
@@ -2014,31 +2015,24 @@ impl Sim {
 
     /// After the run: every replica holds every acknowledged append once,
     /// with its seq, and the same conversations.
-    fn check_final(&mut self) -> Result<(), String> {
+    fn check_final(&self) -> Result<(), String> {
         let mut first: Option<Vec<Vec<(u64, String)>>> = None;
         for r in 0..self.replicas.len() {
-            let reader = Reader::new(Arc::new(self.replicas[r].state.clone()));
+            let name = self.replicas[r].id;
             let mut convs = Vec::new();
             for (ci, conv) in self.conversations.iter().enumerate() {
-                let msgs = reader
-                    .messages(conv, Seq(0), Seq(0), usize::MAX)
-                    .map_err(|e| format!("replica {}: read {conv}: {e}", r + 1))?;
+                let msgs = self.stored(r, ci, 0, usize::MAX)?;
                 let mut seen = HashMap::new();
-                for (i, m) in msgs.iter().enumerate() {
-                    if m.seq.0 != i as u64 + 1 {
+                for (i, (seq, id)) in msgs.iter().enumerate() {
+                    if *seq != i as u64 + 1 {
                         return Err(format!(
-                            "replica {}: conversation {conv} has seq {} at position {} (gap)",
-                            r + 1,
-                            m.seq.0,
+                            "replica {name}: conversation {conv} has seq {seq} at position {} (gap)",
                             i + 1
                         ));
                     }
-                    if let Some(prev) = seen.insert(m.client_msg_id.clone(), m.seq.0) {
+                    if let Some(prev) = seen.insert(id.clone(), *seq) {
                         return Err(format!(
-                            "replica {}: message {} stored twice in {conv}, seqs {prev} and {}",
-                            r + 1,
-                            m.client_msg_id,
-                            m.seq.0
+                            "replica {name}: message {id} stored twice in {conv}, seqs {prev} and {seq}"
                         ));
                     }
                 }
@@ -2050,32 +2044,26 @@ impl Sim {
                         Some(s) if *s == seq.0 => {}
                         Some(s) => {
                             return Err(format!(
-                                "replica {}: acknowledged message {id} is stored at seq {s}, acknowledged with {}",
-                                r + 1,
+                                "replica {name}: acknowledged message {id} is stored at seq {s}, acknowledged with {}",
                                 seq.0
                             ));
                         }
                         None => {
                             return Err(format!(
-                                "replica {}: acknowledged message {id} (seq {}) is lost from {conv}",
-                                r + 1,
+                                "replica {name}: acknowledged message {id} (seq {}) is lost from {conv}",
                                 seq.0
                             ));
                         }
                     }
                 }
-                convs.push(
-                    msgs.into_iter()
-                        .map(|m| (m.seq.0, m.client_msg_id))
-                        .collect::<Vec<_>>(),
-                );
+                convs.push(msgs);
             }
             match &first {
                 None => {
                     self.check_reads(&convs)?;
                     for f in &self.followers {
                         let finals = &convs[f.conversation];
-                        if finals.len() < f.got.len() || finals[..f.got.len()] != f.got[..] {
+                        if !finals.starts_with(&f.got) {
                             return Err(format!(
                                 "a follower of {} read {} messages from its cursor that are not what it finally holds",
                                 self.conversations[f.conversation],
@@ -2087,8 +2075,8 @@ impl Sim {
                 }
                 Some(f) if *f != convs => {
                     return Err(format!(
-                        "replica {} holds other messages than replica 1",
-                        r + 1
+                        "replica {name} holds other messages than replica {}",
+                        self.replicas[0].id
                     ));
                 }
                 Some(_) => {}

@@ -285,6 +285,20 @@ impl Snapshots {
     /// snapshot built to send (rebuilt on demand); received files stay, as
     /// an interrupted install is finished from its file.
     pub fn open(dir: &Path, state: Arc<dyn Engine>) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(dir, state, false)
+    }
+
+    /// `open`, with builds that run only when `run_deferred_build` is
+    /// called, on the caller's thread.
+    pub fn open_deferred(dir: &Path, state: Arc<dyn Engine>) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(dir, state, true)
+    }
+
+    fn open_with(
+        dir: &Path,
+        state: Arc<dyn Engine>,
+        defer_builds: bool,
+    ) -> Result<Arc<Self>, StoreError> {
         let incoming = dir.join(INCOMING);
         std::fs::create_dir_all(&incoming).map_err(|e| io(incoming.display(), e))?;
         for entry in std::fs::read_dir(dir).map_err(|e| io(dir.display(), e))? {
@@ -297,18 +311,8 @@ impl Snapshots {
             dir: dir.to_owned(),
             state,
             inner: Mutex::default(),
-            defer_builds: false,
+            defer_builds,
         }))
-    }
-
-    /// `open`, with builds that run only when `run_deferred_build` is
-    /// called, on the caller's thread.
-    pub fn open_deferred(dir: &Path, state: Arc<dyn Engine>) -> Result<Arc<Self>, StoreError> {
-        let mut this = Self::open(dir, state)?;
-        Arc::get_mut(&mut this)
-            .expect("a new Snapshots is not shared")
-            .defer_builds = true;
-        Ok(this)
     }
 
     /// Whether a deferred build waits to be run.

@@ -175,12 +175,10 @@ impl LogWriter {
                 .and_then(|r| r),
             Backend::Manual { .. } => {
                 self.complete(usize::MAX);
-                match &mut self.backend {
-                    Backend::Manual { done, .. } => done.pop_front().unwrap_or_else(|| {
-                        Err(StoreError::Storage("no log write is queued".into()))
-                    }),
-                    Backend::Thread { .. } => unreachable!("the backend does not change"),
+                if let Some(report) = self.try_done() {
+                    return report;
                 }
+                Err(StoreError::Storage("no log write is queued".into()))
             }
         };
         self.note(&report);

@@ -72,13 +72,18 @@ fn seeded_runs_under_faults_lose_nothing_acknowledged() {
     assert!(replacements > 0, "no replica was replaced");
 }
 
-#[test]
-fn five_replicas_under_faults_lose_nothing_acknowledged() {
-    let opts = SimOptions {
+/// Five replicas and eight clients, the rest as by default.
+fn five_replicas() -> SimOptions {
+    SimOptions {
         replicas: 5,
         clients: 8,
         ..SimOptions::default()
-    };
+    }
+}
+
+#[test]
+fn five_replicas_under_faults_lose_nothing_acknowledged() {
+    let opts = five_replicas();
     for seed in 1..=10 {
         run_or_fail(seed, &opts);
     }
@@ -155,11 +160,7 @@ fn a_plan_with_a_mistake_is_refused_with_what_is_expected() {
 /// Regressions the simulator found, each as the shrunk plan it printed.
 #[test]
 fn shrunk_failures_found_by_the_simulator_stay_fixed() {
-    let five = SimOptions {
-        replicas: 5,
-        clients: 8,
-        ..SimOptions::default()
-    };
+    let five = five_replicas();
     let cases = [
         // Replica 5 replaced by 6, which then led; replica 4 lost its disk
         // and restarted with the group's initial voters, refused every

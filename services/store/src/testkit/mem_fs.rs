@@ -1,8 +1,8 @@
 //! An in-memory file system under raft-engine, for the simulator: file
 //! contents live in memory, so a write costs no disk time and the same
 //! operations give the same bytes on every run; each file remembers how
-//! much of it the last `sync` covered, and `crash` cuts every file back to
-//! that, as losing power does (the model of `power::TrackingFs`, without
+//! much of it the last `sync` covered, and `crash_torn` cuts every file back
+//! to that (or a little past it), as losing power does (the model of `power::TrackingFs`, without
 //! the disk).
 //!
 //! raft-engine finds its files by listing and locking the real directory
@@ -22,6 +22,13 @@ struct Contents {
     bytes: Vec<u8>,
     /// Length the last sync covered.
     synced: usize,
+}
+
+impl Contents {
+    fn truncate(&mut self, offset: usize) {
+        self.bytes.truncate(offset);
+        self.synced = self.synced.min(offset);
+    }
 }
 
 /// One file's bytes, shared by its handle, readers and writers.
@@ -49,16 +56,12 @@ impl MemFs {
         self.files.lock().expect("mem fs lock poisoned")
     }
 
-    /// Cuts every file back to what its last sync covered. Call only while
-    /// nothing has the files open (the engine on them was dropped).
-    pub fn crash(&self) {
-        self.crash_torn(|_| 0);
-    }
-
-    /// A crash in which some of what was written after the last sync
-    /// reached the platter anyway: each file keeps what its sync covered
-    /// and `survives(unsynced bytes)` bytes of the rest (at most all of
-    /// it), so its tail may end in the middle of a write. Files are taken
+    /// A crash: each file keeps what its last sync covered and
+    /// `survives(unsynced bytes)` bytes of the rest (at most all of it;
+    /// 0 is a clean power cut, more means part of what was written after
+    /// the sync reached the platter anyway, its last write possibly torn).
+    /// Call only while nothing has the files open (the engine on them was
+    /// dropped). Files are taken
     /// in name order, so a seeded `survives` gives the same disk each time.
     pub fn crash_torn(&self, mut survives: impl FnMut(usize) -> usize) {
         let files = self.files();
@@ -82,11 +85,6 @@ impl MemFs {
     /// at once and cover nothing.
     pub fn lie_about_syncs(&self, every: u64) {
         self.lies.every.store(every, Ordering::Release);
-    }
-
-    /// Bytes held, over all files.
-    pub fn bytes(&self) -> usize {
-        self.files().values().map(|f| f.lock().bytes.len()).sum()
     }
 }
 
@@ -112,9 +110,7 @@ pub struct MemHandle(Arc<MemFile>, Arc<Lies>);
 
 impl Handle for MemHandle {
     fn truncate(&self, offset: usize) -> IoResult<()> {
-        let mut c = self.0.lock();
-        c.bytes.truncate(offset);
-        c.synced = c.synced.min(offset);
+        self.0.lock().truncate(offset);
         Ok(())
     }
 
@@ -185,9 +181,7 @@ impl Seek for Cursor {
 
 impl WriteExt for Cursor {
     fn truncate(&mut self, offset: usize) -> IoResult<()> {
-        let mut c = self.file.lock();
-        c.bytes.truncate(offset);
-        c.synced = c.synced.min(offset);
+        self.file.lock().truncate(offset);
         Ok(())
     }
 
