@@ -158,6 +158,7 @@ pub(crate) struct Driver {
     /// As leader: the incarnation whose lost log was last handled, by
     /// replica.
     lost_logs: HashMap<u64, u64>,
+    known_bug: Option<KnownBug>,
     /// Last time a snapshot was being built or sent.
     snapshot_needed: Instant,
     /// Committed entries a follower has not applied yet, and when it will.
@@ -180,6 +181,25 @@ pub(crate) struct DriverIo {
     /// (from the thread's RNG) between `election_ticks` and twice that
     /// after every election; the simulator draws it from its seed.
     pub election_timeout: Option<usize>,
+    /// A bug this driver once had, put back: only the simulator's tests
+    /// set one, to show that the simulator finds it.
+    pub known_bug: Option<KnownBug>,
+}
+
+/// Bugs the replica logic once had, which the simulator's tests put back
+/// (`sim::SimOptions::known_bug`) to show that its checkers find them.
+/// Production never sets one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnownBug {
+    /// A replica whose data directory was new counted itself caught up
+    /// (voted, served) on the first message of any leader, before it had
+    /// applied what that leader had committed: its vote could then elect a
+    /// candidate missing an acknowledged append.
+    EarlyVote,
+    /// A leader acted on every rejection showing that a replica lost its
+    /// log, delayed duplicates included, each time setting the replica's
+    /// progress back to what it held then.
+    StaleLostLog,
 }
 
 /// A follower applies committed entries in batches gathered over this long
@@ -261,6 +281,7 @@ impl Driver {
             freshness,
             incarnation: io.incarnation,
             lost_logs: HashMap::new(),
+            known_bug: io.known_bug,
             snapshot_needed,
             pending_apply: Vec::new(),
             apply_due: None,
@@ -490,6 +511,16 @@ impl Driver {
             return;
         }
         let kind = m.get_msg_type();
+        if self.known_bug == Some(KnownBug::EarlyVote)
+            && self.freshness != Freshness::Settled
+            && m.term >= self.raw.raft.term
+            && matches!(
+                kind,
+                MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+            )
+        {
+            self.settle();
+        }
         if self.freshness == Freshness::AwaitingLeader && m.term >= self.raw.raft.term {
             // The first leader's log to reach a fresh replica shows how far
             // the group had committed: the replica settles (votes, serves)
@@ -567,7 +598,8 @@ impl Driver {
             {
                 let incarnation = u64::from_be_bytes(m.context[..].try_into().expect("8 bytes"));
                 let from = m.from;
-                let handled = self.lost_logs.get(&from) == Some(&incarnation);
+                let handled = self.lost_logs.get(&from) == Some(&incarnation)
+                    && self.known_bug != Some(KnownBug::StaleLostLog);
                 if let Some(pr) = self.raw.raft.mut_prs().get_mut(from)
                     && m.reject_hint < pr.matched
                 {

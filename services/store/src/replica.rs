@@ -170,6 +170,7 @@ impl Replica {
             clock: crate::clock::Clock::System,
             incarnation: rand::random(),
             election_timeout: None,
+            known_bug: None,
         };
         let driver = Driver::new(
             opts.driver.clone(),

@@ -15,12 +15,15 @@
 //! at every start).
 //!
 //! Checked at every step: at most one leader per term; an entry committed
-//! at an index never changes (on any replica, across crashes); a client's
-//! retries of one message are acknowledged with one seq. Checked at the end,
-//! after the faults stop and every replica is back: every replica applied
-//! the same entries, every acknowledged append is stored once, with its
-//! acknowledged seq, on every replica; seqs are gapless; no client id is
-//! stored twice. A run that finds a violation returns it with the seed and
+//! at an index never changes (on any replica, across crashes); a leader
+//! sets a follower's progress back at most once per loss of its log; a
+//! client's retries of one message are acknowledged with one seq. Checked
+//! at the end, after the faults stop and every replica is back: every
+//! replica applied the same entries, every acknowledged append is stored
+//! once, with its acknowledged seq, on every replica; seqs are gapless; no
+//! client id is stored twice (unless its retries outlived the dedup
+//! window); what the replicas hold is what a plain model of the state
+//! machine (`Model`) makes of the committed log. A run that finds a violation returns it with the seed and
 //! the command that replays it (`loadtest sim --seed N --trace`).
 //!
 //! Snapshots are real too: the log is compacted every few hundred entries,
@@ -37,8 +40,8 @@
 //! learner, promotes it once caught up and removes the old one (real
 //! membership changes through the driver).
 //!
-//! Not simulated yet: the gRPC services in front of the driver, and
-//! writes below an fdatasync that reach the disk out of order.
+//! Not simulated: the gRPC services in front of the driver, writes below
+//! an fdatasync that reach the disk out of order, routers and gateways.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -46,7 +49,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raft::eraftpb::{Message, MessageType};
+use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::{GetEntriesContext, StateRole};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -54,6 +57,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpoint::Durable;
 use crate::clock::{Clock, VirtualClock};
+pub use crate::driver::KnownBug;
 use crate::driver::{Driver, DriverConfig, DriverIo, SyncMode};
 use crate::engine::{Engine, MemEngine};
 use crate::error::StoreError;
@@ -87,6 +91,15 @@ pub struct SimOptions {
     pub lying_disks: bool,
     /// Keep a readable trace of every event (printed on failure).
     pub trace: bool,
+    /// A bug the replica logic once had, put back: what the tests use to
+    /// show the simulator finds it.
+    pub known_bug: Option<KnownBug>,
+    /// The replicas' dedup window (`--dedup-window-secs`). Shorter than a
+    /// client's retries can last, it makes retries stored anew and dedup
+    /// records expire during the run; the checkers then allow a message
+    /// stored twice only when its attempts were sent at least this far
+    /// apart (less the wall clocks' skew).
+    pub dedup_window: Duration,
 }
 
 impl Default for SimOptions {
@@ -101,6 +114,8 @@ impl Default for SimOptions {
             plan: None,
             lying_disks: false,
             trace: false,
+            known_bug: None,
+            dedup_window: Duration::from_secs(3600),
         }
     }
 }
@@ -124,6 +139,11 @@ pub struct SimReport {
     pub snapshots: u64,
     pub elections: usize,
     pub committed: u64,
+    /// Retries the state machine answered as duplicates.
+    pub duplicates: u64,
+    /// Messages stored more than once because a retry came after the dedup
+    /// window (on replica 1; every replica holds the same).
+    pub stored_anew: u64,
     pub trace: Vec<String>,
 }
 
@@ -155,6 +175,9 @@ impl SimFailure {
         if o.duration != d.duration {
             cmd += &format!(" --duration-secs {}", o.duration.as_secs());
         }
+        if o.dedup_window != d.dedup_window {
+            cmd += &format!(" --dedup-window-secs {}", o.dedup_window.as_secs());
+        }
         if !o.faults {
             cmd += " --no-faults";
         }
@@ -163,6 +186,11 @@ impl SimFailure {
         }
         if o.lying_disks {
             cmd += " --lying-disks";
+        }
+        match o.known_bug {
+            Some(KnownBug::EarlyVote) => cmd += " --known-bug early-vote",
+            Some(KnownBug::StaleLostLog) => cmd += " --known-bug stale-lost-log",
+            None => {}
         }
         cmd
     }
@@ -364,8 +392,10 @@ pub fn fault_plan(seed: u64, opts: &SimOptions) -> Vec<Fault> {
 
 /// What kind of violation a failure is, to keep shrinking on one bug.
 fn category(what: &str) -> &'static str {
-    const KINDS: [&str; 8] = [
+    const KINDS: [&str; 10] = [
+        "panicked",
         "two leaders",
+        "progress back",
         "changed",
         "lost",
         "stored twice",
@@ -534,6 +564,81 @@ struct Replica {
     /// Joined an existing group (a replacement): starts with no voters of
     /// its own and waits for the leader's snapshot.
     joiner: bool,
+    /// Times this replica lost what it had acknowledged (its disk wiped;
+    /// with lying disks, any crash).
+    losses: u64,
+    /// Sum of the steps of its wall clock.
+    wall_step_ms: i64,
+}
+
+/// The state machine's specification, applied to the committed log in
+/// index order: what every replica must end up holding. Its dedup is the
+/// documented rule, written plainly: a retry (conversation, sender, client
+/// message id) is a duplicate while the dedup clock (the newest entry
+/// timestamp so far) is less than the window past the record's timestamp;
+/// otherwise it is stored anew.
+#[derive(Default)]
+struct Model {
+    /// Committed entries not applied yet, by index (empty: no ops).
+    pending: BTreeMap<u64, Vec<u8>>,
+    /// Last index applied.
+    applied: u64,
+    clock: i64,
+    /// Client message ids by seq - 1, by conversation.
+    conversations: HashMap<ConversationId, Vec<String>>,
+    /// (conversation, sender, client message id) → (seq, timestamp).
+    dedup: HashMap<(ConversationId, UserId, String), (u64, i64)>,
+}
+
+impl Model {
+    /// Applies the committed entries that follow the last applied one.
+    fn advance(&mut self, window: Duration) -> Result<(), String> {
+        if self.applied == 0 {
+            self.applied = crate::log_store::BOOTSTRAP_INDEX;
+        }
+        let window = window.as_millis() as i64;
+        while let Some(data) = self.pending.remove(&(self.applied + 1)) {
+            self.applied += 1;
+            if data.is_empty() {
+                continue;
+            }
+            let p = crate::codec::decode_proposal(&data)
+                .map_err(|e| format!("committed entry {}: {e}", self.applied))?;
+            for op in &p.ops {
+                self.clock = self.clock.max(p.ts_ms);
+                match op {
+                    Op::CreateConversation { conversation, .. } => {
+                        self.conversations.entry(conversation.clone()).or_default();
+                    }
+                    Op::Append(m) => {
+                        let Some(stored) = self.conversations.get_mut(&m.conversation) else {
+                            continue;
+                        };
+                        let key = (
+                            m.conversation.clone(),
+                            m.sender.clone(),
+                            m.client_msg_id.clone(),
+                        );
+                        if let Some(&(_, ts)) = self.dedup.get(&key)
+                            && self.clock.saturating_sub(ts) < window
+                        {
+                            continue;
+                        }
+                        stored.push(m.client_msg_id.clone());
+                        self.dedup.insert(key, (stored.len() as u64, p.ts_ms));
+                    }
+                    Op::Noop => {}
+                    other => {
+                        return Err(format!(
+                            "committed entry {}: the model has no rule for {other:?}",
+                            self.applied
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One message a client is getting acknowledged.
@@ -558,7 +663,7 @@ struct Client {
     current: Option<Sending>,
     /// Replies to earlier messages' attempts that may still come, with
     /// the seq each was acknowledged with.
-    late: Vec<(String, Seq, OpReply)>,
+    late: Vec<(usize, String, Seq, OpReply)>,
     /// A linearizable read in flight.
     reading: Option<Reading>,
     /// Actions so far (sends and reads), to tell its timeouts apart.
@@ -590,7 +695,12 @@ struct Reading {
 struct ReadSeen {
     invoked: Duration,
     answered: Duration,
-    messages: Vec<(u64, String)>,
+    /// How many messages the read found, and the last of them: the
+    /// conversation is append-only with gapless seqs, so the read saw a
+    /// prefix of the final conversation when its last message is there
+    /// (reading all of them every time made runs quadratic).
+    count: usize,
+    last: Option<(u64, String)>,
 }
 
 struct Sim {
@@ -635,6 +745,17 @@ struct Sim {
     next_id: u64,
     /// A replacement under way.
     operation: Option<Replacement>,
+    /// (term, follower id) → the follower's progress (matched index) as
+    /// the leader of that term last had it, and how many times it went
+    /// back.
+    progress: HashMap<(u64, u64), (u64, u64)>,
+    /// The committed log applied to a model of the state machine.
+    model: Model,
+    /// The largest step any wall clock was off by during the run.
+    skew_ms: i64,
+    /// conversation, client message id → when its first and its latest
+    /// attempt were sent.
+    sent_between: HashMap<(usize, String), (Duration, Duration)>,
 }
 
 /// The operator replacing a lost machine, as the runbook does: the new
@@ -680,7 +801,18 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Box<SimFailure>> {
             trace: Vec::new(),
         })
     })?;
-    match sim.run() {
+    // A panic in the replicas' code (or raft-rs's, or raft-engine's) is a
+    // failure of the seed like any other, with its trace and replay line.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(format!("panicked: {what}"))
+        });
+    match outcome {
         Ok(()) => {
             let mut report = sim.report.clone();
             report.trace_hash = sim.hash.finish();
@@ -733,6 +865,8 @@ impl Sim {
                 life: 0,
                 running: None,
                 checked: 0,
+                losses: 0,
+                wall_step_ms: 0,
                 joiner: false,
             });
         }
@@ -769,6 +903,8 @@ impl Sim {
             snapshots: 0,
             elections: 0,
             committed: 0,
+            duplicates: 0,
+            stored_anew: 0,
             trace: Vec::new(),
         };
         Ok(Self {
@@ -805,6 +941,10 @@ impl Sim {
             sending_on: true,
             plan: Vec::new(),
             wiped: None,
+            progress: HashMap::new(),
+            skew_ms: 0,
+            model: Model::default(),
+            sent_between: HashMap::new(),
             initial_voters: (1..=n as u64)
                 .map(|i| (NodeId(i), address(NodeId(i))))
                 .collect(),
@@ -1182,7 +1322,7 @@ impl Sim {
             compact_keep: COMPACT_KEEP,
             checkpoint_interval: CHECKPOINT_EVERY,
             wal_sync_interval: CHECKPOINT_EVERY,
-            dedup_window: Duration::from_secs(3600),
+            dedup_window: self.opts.dedup_window,
         };
         let io = DriverIo {
             net: Box::new(SimNet {
@@ -1193,6 +1333,7 @@ impl Sim {
             clock: Clock::Virtual(rep.clock.clone()),
             incarnation,
             election_timeout: Some(timeout),
+            known_bug: self.opts.known_bug,
         };
         let driver = Driver::new(
             cfg,
@@ -1249,6 +1390,9 @@ impl Sim {
             }
         });
         rep.state.power_cut();
+        if self.opts.lying_disks {
+            rep.losses += 1;
+        }
         self.report.crashes += 1;
         let id = rep.id;
         self.note(|| format!("crash replica {id}"));
@@ -1341,6 +1485,7 @@ impl Sim {
         let rep = &mut self.replicas[r];
         rep.fs.wipe();
         rep.state = MemEngine::new();
+        rep.losses += 1;
         let dir = rep.dir.path().to_owned();
         for sub in ["wal", "snap"] {
             let path = dir.join(sub);
@@ -1515,6 +1660,30 @@ impl Sim {
             Vec::new()
         };
         if leads {
+            // Within a term, a leader's record of what a follower holds
+            // goes back only when the follower lost it, once per loss (an
+            // acknowledgement sent before a loss may still raise it after).
+            for (f, pr) in raw.raft.prs().iter() {
+                let Some(losses) = self
+                    .replicas
+                    .iter()
+                    .find(|x| x.id.0 == *f)
+                    .map(|x| x.losses)
+                else {
+                    continue;
+                };
+                let (was, back) = self.progress.entry((term, *f)).or_insert((pr.matched, 0));
+                if pr.matched < *was {
+                    *back += 1;
+                    if *back > losses {
+                        return Err(format!(
+                            "replica {} (leading term {term}) set replica {f}'s progress back from {was} to {} ({} times), though it lost its log {losses} times",
+                            self.replicas[r].id, pr.matched, back
+                        ));
+                    }
+                }
+                *was = pr.matched;
+            }
             let id = self.replicas[r].id;
             match self.leaders.get(&term) {
                 Some(&other) if other != id => {
@@ -1541,9 +1710,15 @@ impl Sim {
                 Some(_) => {}
                 None => {
                     self.committed.insert(e.index, seen);
+                    if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
+                        self.model.pending.insert(e.index, e.data.to_vec());
+                    } else {
+                        self.model.pending.insert(e.index, Vec::new());
+                    }
                 }
             }
         }
+        self.model.advance(self.opts.dedup_window)?;
         self.replicas[r].checked = self.replicas[r].checked.max(committed);
         Ok(())
     }
@@ -1613,6 +1788,8 @@ impl Sim {
             }
             FaultKind::StepClock { replica, ms } if replica < n => {
                 self.replicas[replica].clock.step_wall(ms);
+                self.replicas[replica].wall_step_ms += ms;
+                self.skew_ms = self.skew_ms.max(self.replicas[replica].wall_step_ms.abs());
                 self.report.clock_steps += 1;
                 let name = self.replicas[replica].id;
                 self.note(|| format!("step replica {name}'s wall clock by {ms} ms"));
@@ -1717,6 +1894,13 @@ impl Sim {
         s.replies.push((attempt, rx));
         let op = s.op.clone();
         let id = s.id.clone();
+        if let Some(id) = &id {
+            let now = self.now;
+            self.sent_between
+                .entry((s.conversation, id.clone()))
+                .and_modify(|(_, last)| *last = now)
+                .or_insert((now, now));
+        }
         let name = self.replicas[target].id;
         self.note(|| format!("client {c} sends {id:?} to replica {name} (attempt {attempt})"));
         if let Some(x) = self.replicas[target].running.as_ref() {
@@ -1759,8 +1943,10 @@ impl Sim {
                 match outcome.map(|mut v| v.pop()) {
                     Ok(Some(Ok(OpOutcome::Appended(a)))) => {
                         let id = s.id.clone().unwrap_or_default();
+                        self.report.duplicates += u64::from(a.duplicate);
                         if let Some(seq) = s.acked
                             && seq != a.seq
+                            && !self.may_store_anew(s.conversation, &id)
                         {
                             return Err(format!(
                                 "message {id} acknowledged twice with different seqs: {} and {}",
@@ -1790,7 +1976,7 @@ impl Sim {
                     self.acked_at.insert(key, self.now);
                     let client = &mut self.clients[c];
                     for (_, rx) in s.replies.drain(..) {
-                        client.late.push((id.clone(), seq, rx));
+                        client.late.push((s.conversation, id.clone(), seq, rx));
                     }
                     self.note(|| format!("client {c}: {id} acknowledged with seq {}", seq.0));
                 }
@@ -1902,12 +2088,21 @@ impl Sim {
         };
         match answer {
             Ok(()) if self.replicas[r.target].running.is_some() => {
-                let messages = self.stored(r.target, r.conversation, 0, usize::MAX)?;
-                let n = messages.len();
+                let head = self.replicas[r.target].state.clone();
+                let id = &self.conversations[r.conversation];
+                let n = Reader::new(Arc::new(head))
+                    .last_seq(id)
+                    .map_err(|e| format!("read the head of {id}: {e}"))?
+                    .0;
+                let last = self
+                    .stored(r.target, r.conversation, n.saturating_sub(1), 1)?
+                    .pop();
+                let n = n as usize;
                 self.reads[r.conversation].push(ReadSeen {
                     invoked: r.invoked,
                     answered: self.now,
-                    messages,
+                    count: n,
+                    last,
                 });
                 let conv = r.conversation;
                 self.note(|| format!("client {c} read {n} messages of c{conv}"));
@@ -1943,10 +2138,8 @@ impl Sim {
                 top = top.max(*seq);
                 highest.push(top);
             }
-            let mut by_answer: Vec<(Duration, usize)> = reads
-                .iter()
-                .map(|r| (r.answered, r.messages.len()))
-                .collect();
+            let mut by_answer: Vec<(Duration, usize)> =
+                reads.iter().map(|r| (r.answered, r.count)).collect();
             by_answer.sort();
             let mut longest = Vec::with_capacity(by_answer.len());
             let mut top = 0;
@@ -1955,28 +2148,32 @@ impl Sim {
                 longest.push(top);
             }
             for r in reads {
-                if !finals.starts_with(&r.messages) {
+                let prefix = match &r.last {
+                    None => r.count == 0,
+                    Some(m) => r.count > 0 && finals.get(r.count - 1) == Some(m),
+                };
+                if !prefix {
                     return Err(format!(
                         "a linearizable read of {conv} at {:.3} s returned {} messages that are not what {conv} finally holds",
                         r.answered.as_secs_f64(),
-                        r.messages.len()
+                        r.count
                     ));
                 }
                 let before = acks.partition_point(|(at, _)| *at < r.invoked);
-                if before > 0 && highest[before - 1] > r.messages.len() as u64 {
+                if before > 0 && highest[before - 1] > r.count as u64 {
                     return Err(format!(
                         "a linearizable read of {conv} sent at {:.3} s returned {} messages, but seq {} was acknowledged before it was sent (stale read)",
                         r.invoked.as_secs_f64(),
-                        r.messages.len(),
+                        r.count,
                         highest[before - 1]
                     ));
                 }
                 let earlier = by_answer.partition_point(|(at, _)| *at < r.invoked);
-                if earlier > 0 && longest[earlier - 1] > r.messages.len() {
+                if earlier > 0 && longest[earlier - 1] > r.count {
                     return Err(format!(
                         "a linearizable read of {conv} sent at {:.3} s returned {} messages, fewer than a read answered before it was sent ({})",
                         r.invoked.as_secs_f64(),
-                        r.messages.len(),
+                        r.count,
                         longest[earlier - 1]
                     ));
                 }
@@ -1988,41 +2185,62 @@ impl Sim {
     /// Replies to attempts of messages already acknowledged: any that
     /// says "appended" must give the same seq.
     fn poll_late(&mut self, c: usize) -> Result<(), String> {
+        let mut answered = Vec::new();
         let late = &mut self.clients[c].late;
         let mut i = 0;
         while i < late.len() {
-            match late[i].2.try_recv() {
+            match late[i].3.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => i += 1,
                 Err(oneshot::error::TryRecvError::Closed) => {
                     late.swap_remove(i);
                 }
                 Ok(r) => {
-                    let (id, seq, _) = late.swap_remove(i);
+                    let (conversation, id, seq, _) = late.swap_remove(i);
                     if let Ok(mut v) = r
                         && let Some(Ok(OpOutcome::Appended(a))) = v.pop()
                         && a.seq != seq
                     {
-                        return Err(format!(
-                            "a retry of message {id} was acknowledged with seq {}, the first attempt with {}",
-                            a.seq.0, seq.0
-                        ));
+                        answered.push((conversation, id, seq, a.seq));
                     }
                 }
+            }
+        }
+        for (conversation, id, first, then) in answered {
+            if !self.may_store_anew(conversation, &id) {
+                return Err(format!(
+                    "a retry of message {id} was acknowledged with seq {}, the first attempt with {}",
+                    then.0, first.0
+                ));
             }
         }
         Ok(())
     }
 
-    /// After the run: every replica holds every acknowledged append once,
+    /// Whether the state machine may have stored message `id` anew, its
+    /// dedup record expired: its attempts were sent at least the dedup
+    /// window apart, less twice the largest clock step (the first copy's
+    /// timestamp from a clock behind, the retry judged by one ahead) and
+    /// a second for a proposal's wait in a leader's queue.
+    fn may_store_anew(&self, conversation: usize, id: &str) -> bool {
+        let Some(&(first, last)) = self.sent_between.get(&(conversation, id.to_owned())) else {
+            return false;
+        };
+        let slack = 2 * self.skew_ms.unsigned_abs() + 1000;
+        (last - first).as_millis() as u64 + slack >= self.opts.dedup_window.as_millis() as u64
+    }
+
+    /// After the run: every replica holds every acknowledged append once
+    /// (more than once only when its retries outlived the dedup window),
     /// with its seq, and the same conversations.
-    fn check_final(&self) -> Result<(), String> {
+    fn check_final(&mut self) -> Result<(), String> {
         let mut first: Option<Vec<Vec<(u64, String)>>> = None;
+        let mut stored_anew = 0;
         for r in 0..self.replicas.len() {
             let name = self.replicas[r].id;
             let mut convs = Vec::new();
             for (ci, conv) in self.conversations.iter().enumerate() {
                 let msgs = self.stored(r, ci, 0, usize::MAX)?;
-                let mut seen = HashMap::new();
+                let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
                 for (i, (seq, id)) in msgs.iter().enumerate() {
                     if *seq != i as u64 + 1 {
                         return Err(format!(
@@ -2030,21 +2248,28 @@ impl Sim {
                             i + 1
                         ));
                     }
-                    if let Some(prev) = seen.insert(id.clone(), *seq) {
+                    let seqs = seen.entry(id.clone()).or_default();
+                    if let Some(prev) = seqs.first()
+                        && !self.may_store_anew(ci, id)
+                    {
                         return Err(format!(
                             "replica {name}: message {id} stored twice in {conv}, seqs {prev} and {seq}"
                         ));
                     }
+                    if r == 0 && !seqs.is_empty() {
+                        stored_anew += 1;
+                    }
+                    seqs.push(*seq);
                 }
                 for ((c, id), seq) in self.acked.range((ci, String::new())..) {
                     if *c != ci {
                         break;
                     }
                     match seen.get(id) {
-                        Some(s) if *s == seq.0 => {}
+                        Some(s) if s.contains(&seq.0) => {}
                         Some(s) => {
                             return Err(format!(
-                                "replica {name}: acknowledged message {id} is stored at seq {s}, acknowledged with {}",
+                                "replica {name}: acknowledged message {id} is stored at seq {s:?}, acknowledged with {}",
                                 seq.0
                             ));
                         }
@@ -2080,6 +2305,40 @@ impl Sim {
                     ));
                 }
                 Some(_) => {}
+            }
+        }
+        self.report.stored_anew = stored_anew;
+        self.check_model(first.as_deref().unwrap_or_default())
+    }
+
+    /// What replica 1 holds (and every replica, checked above) is what the
+    /// specification makes of the committed log.
+    fn check_model(&self, held: &[Vec<(u64, String)>]) -> Result<(), String> {
+        let top = self.committed.keys().max().copied().unwrap_or(0);
+        if self.model.applied < top {
+            return Err(format!(
+                "simulator: the model applied the committed log to {} of {top}: entry {} was never seen committed",
+                self.model.applied,
+                self.model.applied + 1
+            ));
+        }
+        for (ci, conv) in self.conversations.iter().enumerate() {
+            let want = self
+                .model
+                .conversations
+                .get(conv)
+                .map_or(&[][..], |v| &v[..]);
+            let got = &held[ci];
+            if let Some(i) = (0..want.len().max(got.len()))
+                .find(|&i| want.get(i) != got.get(i).map(|(_, id)| id))
+            {
+                return Err(format!(
+                    "{conv} holds {:?} at seq {}, where the committed log makes it {:?} (dedup window {} ms)",
+                    got.get(i).map(|(_, id)| id),
+                    i + 1,
+                    want.get(i),
+                    self.opts.dedup_window.as_millis()
+                ));
             }
         }
         Ok(())

@@ -18,8 +18,10 @@
 //! `fdatasync` of the log file covering it. The raft driver acknowledges
 //! nothing (to a leader or a client) that a synced write does not cover.
 
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use raft::eraftpb::Entry;
 use raft_engine::env::{DefaultFileSystem, FileSystem};
@@ -94,6 +96,82 @@ fn wal_error(e: raft_engine::Error) -> StoreError {
 /// The WAL on raft-engine, over any file system raft-engine can use.
 pub struct RaftEngineWal<F: FileSystem = DefaultFileSystem> {
     engine: raft_engine::Engine<F>,
+    /// Tells this opening of a log from every other in the process.
+    instance: u64,
+}
+
+/// raft-engine keeps the last block of entries it read in a cache per
+/// thread, keyed by the block's place in its files (file number, offset,
+/// length) and not by engine. When two logs are read on one thread (the
+/// simulator's replicas; a log opened again after a crash cut its files
+/// back and new writes took the same places) one could be served the
+/// other's bytes: raft-engine then panics on an entry with the wrong
+/// index, or returns a wrong entry. So a log that was not the last to read
+/// on this thread first evicts that block by reading from a sentinel log
+/// whose one file has a number no real log reaches. A process with one log
+/// never builds the sentinel.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static LAST_READER: Cell<u64> = const { Cell::new(0) };
+    static SENTINEL: RefCell<Option<Sentinel>> = const { RefCell::new(None) };
+}
+
+/// The sentinel's file number: raft-engine numbers files from 1 and a log
+/// starts a new file every `TARGET_FILE_BYTES`.
+const SENTINEL_FILE: u64 = 1 << 48;
+
+struct Sentinel {
+    engine: raft_engine::Engine<DefaultFileSystem>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    fn build() -> Result<Self, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| {
+            StoreError::Storage(format!(
+                "raft log: cannot build the block cache sentinel: {e}"
+            ))
+        };
+        let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
+        // raft-engine creates file 1 with its header; renamed, the same
+        // file is the sentinel's only one.
+        drop(raft_engine::Engine::open(config(dir.path())).map_err(|e| fail(&e))?);
+        std::fs::rename(
+            dir.path().join(format!("{:016}.raftlog", 1)),
+            dir.path().join(format!("{SENTINEL_FILE:016}.raftlog")),
+        )
+        .map_err(|e| fail(&e))?;
+        let engine = raft_engine::Engine::open(config(dir.path())).map_err(|e| fail(&e))?;
+        let mut batch = LogBatch::default();
+        let entry = Entry {
+            index: 1,
+            ..Entry::default()
+        };
+        batch
+            .add_entries::<EntryExt>(LOG_GROUP, &[entry])
+            .map_err(|e| fail(&e))?;
+        engine.write(&mut batch, false).map_err(|e| fail(&e))?;
+        Ok(Self { engine, _dir: dir })
+    }
+}
+
+/// Leaves the sentinel's block in this thread's raft-engine block cache.
+fn evict_block_cache() -> Result<(), StoreError> {
+    SENTINEL.with(|cell| {
+        let mut sentinel = cell.borrow_mut();
+        if sentinel.is_none() {
+            *sentinel = Some(Sentinel::build()?);
+        }
+        let s = sentinel.as_ref().expect("built above");
+        match s.engine.get_entry::<EntryExt>(LOG_GROUP, 1) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(StoreError::Storage(
+                "raft log: the block cache sentinel lost its entry".into(),
+            )),
+            Err(e) => Err(wal_error(e)),
+        }
+    })
 }
 
 fn config(dir: &Path) -> Config {
@@ -127,7 +205,19 @@ impl<F: FileSystem + 'static> RaftEngineWal<F> {
                 dir.display()
             ))
         })?;
-        Ok(Self { engine })
+        Ok(Self {
+            engine,
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Before raft-engine reads entries on this thread: see `SENTINEL`.
+    fn claim_block_cache(&self) -> Result<(), StoreError> {
+        let last = LAST_READER.with(|l| l.replace(self.instance));
+        if last != 0 && last != self.instance {
+            evict_block_cache()?;
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +249,7 @@ impl<F: FileSystem + 'static> Wal for RaftEngineWal<F> {
         max_size: Option<usize>,
         out: &mut Vec<Entry>,
     ) -> Result<(), StoreError> {
+        self.claim_block_cache()?;
         self.engine
             .fetch_entries_to::<EntryExt>(LOG_GROUP, low, high, max_size, out)
             .map(|_| ())
@@ -166,6 +257,7 @@ impl<F: FileSystem + 'static> Wal for RaftEngineWal<F> {
     }
 
     fn entry(&self, index: u64) -> Result<Option<Entry>, StoreError> {
+        self.claim_block_cache()?;
         self.engine
             .get_entry::<EntryExt>(LOG_GROUP, index)
             .map_err(wal_error)
@@ -179,6 +271,8 @@ impl<F: FileSystem + 'static> Wal for RaftEngineWal<F> {
     }
 
     fn purge(&self) -> Result<(), StoreError> {
+        // Rewriting old files reads their entries.
+        self.claim_block_cache()?;
         self.engine
             .purge_expired_files()
             .map(|_| ())
@@ -187,5 +281,47 @@ impl<F: FileSystem + 'static> Wal for RaftEngineWal<F> {
 
     fn size_on_disk(&self) -> u64 {
         self.engine.get_used_size() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(dir: &Path, body: &[u8]) -> RaftEngineWal {
+        let wal = RaftEngineWal::open(dir).expect("open");
+        let entries: Vec<Entry> = (1..=3)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                data: body.to_vec().into(),
+                ..Entry::default()
+            })
+            .collect();
+        let mut batch = LogBatch::default();
+        batch
+            .add_entries::<EntryExt>(LOG_GROUP, &entries)
+            .expect("batch");
+        wal.write(&mut batch, true).expect("write");
+        wal
+    }
+
+    #[test]
+    fn two_logs_read_on_one_thread_each_get_their_own_entries() {
+        // Same sizes, so the entries sit at the same places in both logs'
+        // files: raft-engine's block cache would serve one log's bytes to
+        // the other.
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = log_with(a.path(), b"first log");
+        let second = log_with(b.path(), b"other log");
+        for _ in 0..2 {
+            let e = first.entry(2).unwrap().expect("entry 2");
+            assert_eq!(&e.data[..], b"first log");
+            let e = second.entry(2).unwrap().expect("entry 2");
+            assert_eq!(&e.data[..], b"other log");
+            let mut out = Vec::new();
+            first.entries(1, 4, None, &mut out).unwrap();
+            assert!(out.iter().all(|e| &e.data[..] == b"first log"));
+        }
     }
 }

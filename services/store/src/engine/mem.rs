@@ -2,22 +2,28 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::{Engine, Pair, WriteBatch, WriteOp};
 use crate::error::StoreError;
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+/// A key written since the last counted sync, with what it held before.
+type Undo = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// A `BTreeMap` behind a lock. Clones share the same data, so a test can
 /// "restart" a replica on the engine it had.
 ///
 /// It models a disk's durability too: `sync` records what is durable, and
-/// `power_cut` forgets every write that no `sync` covered.
+/// `power_cut` forgets every write that no `sync` covered. It keeps an undo
+/// log rather than a second copy: each write since the last counted sync
+/// with what its key held before, undone in reverse by a power cut (a copy
+/// made every sync or cut cost a simulation as much as its whole state).
 #[derive(Clone, Default)]
 pub struct MemEngine {
     map: Arc<RwLock<Map>>,
-    durable: Arc<RwLock<Map>>,
+    /// Keys written since the last counted sync, with their earlier values.
+    undo: Arc<Mutex<Undo>>,
     /// Power is going: syncs do not count until `power_cut`.
     frozen: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -37,12 +43,14 @@ impl MemEngine {
     pub fn power_cut(&self) {
         self.frozen
             .store(false, std::sync::atomic::Ordering::Release);
-        let durable = self
-            .durable
-            .read()
-            .expect("mem engine lock poisoned")
-            .clone();
-        *self.map.write().expect("mem engine lock poisoned") = durable;
+        let mut map = self.map.write().expect("mem engine lock poisoned");
+        let mut undo = self.undo.lock().expect("mem engine lock poisoned");
+        for (k, before) in undo.drain(..).rev() {
+            match before {
+                Some(v) => map.insert(k, v),
+                None => map.remove(&k),
+            };
+        }
     }
 }
 
@@ -58,20 +66,25 @@ impl Engine for MemEngine {
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut map = self.map.write().expect("mem engine lock poisoned");
+        let mut undo = self.undo.lock().expect("mem engine lock poisoned");
         for op in batch.ops {
             match op {
                 WriteOp::Put(k, v) => {
-                    map.insert(k, v);
+                    let before = map.insert(k.clone(), v);
+                    undo.push((k, before));
                 }
                 WriteOp::Delete(k) => {
-                    map.remove(&k);
+                    if let Some(before) = map.remove(&k) {
+                        undo.push((k, Some(before)));
+                    }
                 }
                 WriteOp::DeleteRange(start, end) => {
                     if start < end {
                         let doomed: Vec<Vec<u8>> =
                             map.range(start..end).map(|(k, _)| k.clone()).collect();
                         for k in doomed {
-                            map.remove(&k);
+                            let before = map.remove(&k);
+                            undo.push((k, before));
                         }
                     }
                 }
@@ -111,8 +124,7 @@ impl Engine for MemEngine {
         if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        let now = self.map.read().expect("mem engine lock poisoned").clone();
-        *self.durable.write().expect("mem engine lock poisoned") = now;
+        self.undo.lock().expect("mem engine lock poisoned").clear();
         Ok(())
     }
 
