@@ -31,6 +31,11 @@ pub struct Args {
     /// dedup records expire during the run.
     #[arg(long, default_value_t = 3600)]
     dedup_window_secs: u64,
+    /// Wipes and replacements do not wait for replicas with new disks to
+    /// catch up (double faults): only safety is checked, a group that
+    /// stops making progress passes.
+    #[arg(long)]
+    double_faults: bool,
     /// Run without faults.
     #[arg(long)]
     no_faults: bool,
@@ -53,7 +58,7 @@ pub struct Args {
     #[arg(long)]
     trace: bool,
     /// Put back a bug the replica logic once had, to watch the simulator
-    /// find it: early-vote or stale-lost-log.
+    /// find it: early-vote, stale-lost-log or bootstrap-vote.
     #[arg(long, value_parser = parse_bug)]
     known_bug: Option<KnownBug>,
     /// Threads running seeds side by side (each run is one thread).
@@ -65,8 +70,9 @@ fn parse_bug(s: &str) -> Result<KnownBug, String> {
     match s {
         "early-vote" => Ok(KnownBug::EarlyVote),
         "stale-lost-log" => Ok(KnownBug::StaleLostLog),
+        "bootstrap-vote" => Ok(KnownBug::BootstrapVote),
         _ => Err(format!(
-            "unknown bug {s:?}: expected early-vote or stale-lost-log"
+            "unknown bug {s:?}: expected early-vote, stale-lost-log or bootstrap-vote"
         )),
     }
 }
@@ -92,6 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         lying_disks: args.lying_disks,
         known_bug: args.known_bug,
         dedup_window: Duration::from_secs(args.dedup_window_secs),
+        double_faults: args.double_faults,
         trace: args.trace,
         plan: args
             .plan

@@ -158,6 +158,12 @@ pub(crate) struct Driver {
     /// As leader: the incarnation whose lost log was last handled, by
     /// replica.
     lost_logs: HashMap<u64, u64>,
+    /// While not caught up since the data directory was created: the end
+    /// of each replica's log (last term, last index) as it has shown it this
+    /// run of the replica, in its vote requests (a leader shows that it has
+    /// entries of its term, how many is not known). See
+    /// `may_vote_while_fresh`.
+    shown_logs: HashMap<u64, (u64, u64)>,
     known_bug: Option<KnownBug>,
     /// Last time a snapshot was being built or sent.
     snapshot_needed: Instant,
@@ -196,6 +202,11 @@ pub enum KnownBug {
     /// applied what that leader had committed: its vote could then elect a
     /// candidate missing an acknowledged append.
     EarlyVote,
+    /// A replica whose data directory was new voted, until it caught up,
+    /// for any candidate with no history (as in a group's creation): with
+    /// its lost copy of the group's first entries, such a candidate could
+    /// win without them.
+    BootstrapVote,
     /// A leader acted on every rejection showing that a replica lost its
     /// log, delayed duplicates included, each time setting the replica's
     /// progress back to what it held then.
@@ -281,6 +292,7 @@ impl Driver {
             freshness,
             incarnation: io.incarnation,
             lost_logs: HashMap::new(),
+            shown_logs: HashMap::new(),
             known_bug: io.known_bug,
             snapshot_needed,
             pending_apply: Vec::new(),
@@ -540,15 +552,20 @@ impl Driver {
                 }
             }
         }
+        if self.freshness != Freshness::Settled {
+            match kind {
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => {
+                    self.shown_logs.insert(m.from, (m.log_term, m.index));
+                }
+                MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
+                    self.shown_logs.insert(m.from, (m.term, u64::MAX));
+                }
+                _ => {}
+            }
+        }
         match kind {
-            // A replica whose data directory is new knows nothing the group
-            // has committed. Were it a voter that lost its disk, its vote
-            // could elect a candidate missing acknowledged entries. So until
-            // it has caught up with a leader, it votes only for candidates
-            // that have no history either: those of a group being created.
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-                if self.freshness != Freshness::Settled
-                    && m.index > crate::log_store::BOOTSTRAP_INDEX =>
+                if self.freshness != Freshness::Settled && !self.may_vote_while_fresh(&m) =>
             {
                 debug!(replica = %self.cfg.id, candidate = m.from, "fresh replica withholds its vote");
                 return;
@@ -629,6 +646,45 @@ impl Driver {
         if let Err(e) = self.raw.step(m) {
             debug!(error = %e, "dropped raft message");
         }
+    }
+
+    /// A replica whose data directory is new knows nothing the group has
+    /// committed. Were it a voter that lost its disk, its vote could elect a
+    /// candidate missing acknowledged entries. So until it has caught up
+    /// with a leader it votes only for a candidate whose log is at least as
+    /// up to date as that of every other voter, each shown to it this run
+    /// (raft's own rule, applied to all the others instead of itself): an
+    /// entry committed on a majority that included this replica's lost
+    /// copy is on another replica of that majority, which shows it.
+    ///
+    /// The simulator found the rule this replaces (vote for any candidate
+    /// with no history, as in a group's creation) losing a group's first
+    /// entry: committed by this replica and one other, then this replica's
+    /// disk wiped, and the third, which had been down, elected with its
+    /// vote. The price: a new group elects its first leader once every
+    /// initial replica has started, and a replica that lost its disk waits
+    /// for every other voter to be heard (one that joined an existing group
+    /// and lost its disk does not vote until it has caught up).
+    fn may_vote_while_fresh(&self, m: &Message) -> bool {
+        if self.known_bug == Some(KnownBug::BootstrapVote) {
+            return m.index <= crate::log_store::BOOTSTRAP_INDEX;
+        }
+        // A replica that joined an existing group starts knowing no voters
+        // (it learns them from the leader's snapshot): it cannot know whom
+        // to hear from, and does not vote.
+        let voters = self.raw.raft.prs().conf().voters();
+        if !voters.contains(self.cfg.id.0) {
+            return false;
+        }
+        let candidate = (m.log_term, m.index);
+        voters.ids().iter().all(|v| {
+            v == self.cfg.id.0
+                || v == m.from
+                || self
+                    .shown_logs
+                    .get(&v)
+                    .is_some_and(|&shown| candidate >= shown)
+        })
     }
 
     /// The replica holds what the group had committed when a leader first

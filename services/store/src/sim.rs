@@ -100,6 +100,12 @@ pub struct SimOptions {
     /// stored twice only when its attempts were sent at least this far
     /// apart (less the wall clocks' skew).
     pub dedup_window: Duration,
+    /// Wipes and replacements do not wait for replicas with new disks to
+    /// catch up, so the group's entries can be left on fewer than a
+    /// majority. Safety is still checked at every step; a run that then
+    /// stops making progress passes (`SimReport::stuck`), since waiting for
+    /// the missing replica is the right outcome.
+    pub double_faults: bool,
 }
 
 impl Default for SimOptions {
@@ -116,6 +122,7 @@ impl Default for SimOptions {
             trace: false,
             known_bug: None,
             dedup_window: Duration::from_secs(3600),
+            double_faults: false,
         }
     }
 }
@@ -144,6 +151,8 @@ pub struct SimReport {
     /// Messages stored more than once because a retry came after the dedup
     /// window (on replica 1; every replica holds the same).
     pub stored_anew: u64,
+    /// With `double_faults`: the group stopped making progress (safely).
+    pub stuck: bool,
     pub trace: Vec<String>,
 }
 
@@ -175,6 +184,9 @@ impl SimFailure {
         if o.duration != d.duration {
             cmd += &format!(" --duration-secs {}", o.duration.as_secs());
         }
+        if o.double_faults {
+            cmd += " --double-faults";
+        }
         if o.dedup_window != d.dedup_window {
             cmd += &format!(" --dedup-window-secs {}", o.dedup_window.as_secs());
         }
@@ -190,6 +202,7 @@ impl SimFailure {
         match o.known_bug {
             Some(KnownBug::EarlyVote) => cmd += " --known-bug early-vote",
             Some(KnownBug::StaleLostLog) => cmd += " --known-bug stale-lost-log",
+            Some(KnownBug::BootstrapVote) => cmd += " --known-bug bootstrap-vote",
             None => {}
         }
         cmd
@@ -237,7 +250,8 @@ pub enum FaultKind {
     /// The replica's machine is lost for good; the operator replaces it
     /// with a new replica (new id, empty disk): added as a learner,
     /// promoted once caught up, then the old one removed (one at a time,
-    /// and not while a wiped replica is catching up).
+    /// and like a wipe only while every replica's disk has caught up with
+    /// the group since it was new).
     Replace { replica: usize },
     /// The replica's wall clock jumps by `ms` (either way).
     StepClock { replica: usize, ms: i64 },
@@ -737,8 +751,13 @@ struct Sim {
     faults_on: bool,
     sending_on: bool,
     plan: Vec<Fault>,
-    /// A replica whose disk was wiped and has not caught up yet.
-    wiped: Option<usize>,
+    /// A replica whose disk is new (the group's creation, a wipe, a
+    /// replacement) and has not caught up with the group yet. Wipes and
+    /// replacements wait until there is none: with a replica that never
+    /// had the group's entries, losing another's leaves them on fewer than
+    /// a majority, beyond what a majority-replicated log can survive
+    /// (the replicas then wait, safely, for the lost one to return).
+    new_disk: Vec<bool>,
     /// The group's voters when it was created.
     initial_voters: Vec<(NodeId, String)>,
     /// The id the next replacement replica gets.
@@ -905,6 +924,7 @@ impl Sim {
             committed: 0,
             duplicates: 0,
             stored_anew: 0,
+            stuck: false,
             trace: Vec::new(),
         };
         Ok(Self {
@@ -940,7 +960,7 @@ impl Sim {
             faults_on: opts.faults,
             sending_on: true,
             plan: Vec::new(),
-            wiped: None,
+            new_disk: vec![true; opts.replicas],
             progress: HashMap::new(),
             skew_ms: 0,
             model: Model::default(),
@@ -1026,6 +1046,12 @@ impl Sim {
             if settled_at.is_some() && self.quiet() {
                 break;
             }
+        }
+        if !self.quiet() && self.opts.double_faults {
+            // Safety was checked at every step; a group that lost its
+            // entries' majority waits for the missing replica, as it must.
+            self.report.stuck = true;
+            return Ok(());
         }
         if !self.quiet() {
             let replicas: Vec<String> = self
@@ -1630,8 +1656,8 @@ impl Sim {
         let Some(x) = self.replicas[r].running.as_ref() else {
             return Ok(());
         };
-        if self.wiped == Some(r) && x.status.borrow().caught_up {
-            self.wiped = None;
+        if self.new_disk[r] && x.status.borrow().caught_up {
+            self.new_disk[r] = false;
         }
         let x = self.replicas[r].running.as_ref().expect("checked above");
         let raw = x.driver.raw();
@@ -1733,16 +1759,20 @@ impl Sim {
                 self.at(Duration::from_millis(down_ms), Event::Restart(replica));
             }
             FaultKind::Wipe { replica, down_ms }
-                if replica < n && self.wiped.is_none() && self.operation.is_none() =>
+                if replica < n
+                    && (self.opts.double_faults || !self.new_disk.contains(&true))
+                    && self.operation.is_none() =>
             {
                 self.crash(replica);
                 self.wipe(replica)?;
                 self.report.wipes += 1;
-                self.wiped = Some(replica);
+                self.new_disk[replica] = true;
                 self.at(Duration::from_millis(down_ms), Event::Restart(replica));
             }
             FaultKind::Replace { replica }
-                if replica < n && self.wiped.is_none() && self.operation.is_none() =>
+                if replica < n
+                    && (self.opts.double_faults || !self.new_disk.contains(&true))
+                    && self.operation.is_none() =>
             {
                 self.crash(replica);
                 let old = self.replicas[replica].id;
@@ -1751,6 +1781,7 @@ impl Sim {
                 self.wipe(replica)?;
                 self.replicas[replica].id = new;
                 self.replicas[replica].joiner = true;
+                self.new_disk[replica] = true;
                 self.report.replacements += 1;
                 self.note(|| format!("replica {old}'s machine is lost; replica {new} replaces it"));
                 self.start(replica)?;

@@ -190,19 +190,17 @@ fn the_simulator_finds_the_bugs_the_store_once_had() {
         // A replica whose disk was wiped counted itself caught up on the
         // first heartbeat of a leader and voted before it had applied what
         // that leader had committed, electing a candidate that lacked
-        // committed entries. The first failing seed of 1..=600 was 196:
-        // "committed entry 6 changed: replica 3 holds one of term 13 where
-        // one of term 6 was committed"; shrunk to
-        // 11089:isolate:1,11375:transfer,13161:wipe:3:555,
-        // 14978:crash:2:1475,16514:heal,16646:wipe:2:1496.
-        (KnownBug::EarlyVote, 196, "changed"),
+        // committed entries. The first failing seed was 48: "committed
+        // entry 245 changed: replica 2 holds one of term 8 where one of
+        // term 6 was committed".
+        (KnownBug::EarlyVote, 48, "changed"),
         // A leader acted on every rejection showing that a replica lost
         // its log, delayed duplicates included, setting the replica's
         // progress back each time it had caught up a little. The first
-        // failing seed was 15: "replica 1 (leading term 11) set replica
-        // 2's progress back from 1389 to 5 (2 times), though it lost its
+        // failing seed was 131: "replica 2 (leading term 6) set replica
+        // 1's progress back from 219 to 5 (2 times), though it lost its
         // log 1 times".
-        (KnownBug::StaleLostLog, 15, "progress back"),
+        (KnownBug::StaleLostLog, 131, "progress back"),
     ];
     for (bug, seed, what) in cases {
         let opts = SimOptions {
@@ -241,4 +239,32 @@ fn retries_after_the_dedup_window_are_stored_anew_exactly_as_the_log_says() {
     }
     assert!(duplicates > 0, "no retry was answered as a duplicate");
     assert!(stored_anew > 0, "no retry came after the dedup window");
+}
+
+/// A group's first entry, committed by replicas 1 and 3 while 2 had not
+/// yet caught up, then replica 1's disk wiped: replica 2 (no history) and
+/// the wiped 1 elected 2, and the entry was lost. Found at seed 4885 of
+/// 10-second runs, before wipes waited for new disks to catch up, when a
+/// replica that lost its disk voted for any candidate with no history
+/// (`KnownBug::BootstrapVote`). Now it votes only for a candidate at least
+/// as up to date as every other voter has shown itself to be, and the
+/// group waits for replica 3 instead.
+#[test]
+fn a_wiped_replica_does_not_help_elect_a_candidate_missing_the_first_entry() {
+    let opts = SimOptions {
+        duration: Duration::from_secs(10),
+        plan: Some(sim::parse_plan("252:crash:2:1122,1099:wipe:1:1198").expect("plan parses")),
+        double_faults: true,
+        ..SimOptions::default()
+    };
+    run_or_fail(4885, &opts);
+    let before = sim::run(
+        4885,
+        &SimOptions {
+            known_bug: Some(KnownBug::BootstrapVote),
+            ..opts
+        },
+    );
+    let failure = before.err().expect("the vote rule of that time passed");
+    assert!(failure.what.contains("changed"), "{}", failure.what);
 }
