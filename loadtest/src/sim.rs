@@ -140,6 +140,13 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
                             t.crashes += r.crashes;
                             t.duplicates += r.duplicates;
                             t.stored_anew += r.stored_anew;
+                            if args.seed.is_none() && t.runs.is_multiple_of(5000) {
+                                eprintln!(
+                                    "{} seeds passed in {:.0} s",
+                                    t.runs,
+                                    started.elapsed().as_secs_f64()
+                                );
+                            }
                         }
                         Err(f) => {
                             stop.store(true, Ordering::Relaxed);

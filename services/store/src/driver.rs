@@ -419,6 +419,27 @@ impl Driver {
         &self.raw
     }
 
+    /// What the simulator prints of a replica that made no progress.
+    pub(crate) fn describe(&self) -> String {
+        let mut shown: Vec<_> = self.shown_logs.iter().collect();
+        shown.sort();
+        format!(
+            "term {} lead {} {:?} voters {:?} shown {:?}",
+            self.raw.raft.term,
+            self.raw.raft.leader_id,
+            self.freshness,
+            self.raw
+                .raft
+                .prs()
+                .conf()
+                .voters()
+                .ids()
+                .iter()
+                .collect::<Vec<_>>(),
+            shown
+        )
+    }
+
     /// Stops as a crash does: what the writer had not written is lost,
     /// nothing is synced, nobody is answered.
     pub(crate) fn crash(mut self) {

@@ -23,8 +23,9 @@
 //! once, with its acknowledged seq, on every replica; seqs are gapless; no
 //! client id is stored twice (unless its retries outlived the dedup
 //! window); what the replicas hold is what a plain model of the state
-//! machine (`Model`) makes of the committed log. A run that finds a violation returns it with the seed and
-//! the command that replays it (`loadtest sim --seed N --trace`).
+//! machine (`Model`) makes of the committed log. A run that finds a
+//! violation returns it with the seed and the command that replays it
+//! (`loadtest sim --seed N --trace`).
 //!
 //! Snapshots are real too: the log is compacted every few hundred entries,
 //! a snapshot is built by the real builder (`Snapshots::open_deferred`: at
@@ -1061,12 +1062,13 @@ impl Sim {
                     Some(x) => {
                         let s = x.status.borrow();
                         format!(
-                            "{} {:?} commit {} applied {}{}",
+                            "{} {:?} commit {} applied {}{} ({})",
                             r.id,
                             s.role,
                             s.commit,
                             s.applied,
-                            if s.caught_up { "" } else { " not caught up" }
+                            if s.caught_up { "" } else { " not caught up" },
+                            x.driver.describe()
                         )
                     }
                     None => format!("{} down", r.id),
@@ -1526,6 +1528,36 @@ impl Sim {
         Ok(())
     }
 
+    /// Whether a disk or a machine may be lost without making it a second
+    /// fault: every replica's disk has caught up with the group since it was
+    /// new, and every running replica applied the group's membership as it
+    /// is (a replacement's removal of the old replica, which its leader may
+    /// have reported before the followers learned it was committed: until
+    /// they apply it, they count the lost replica among the voters).
+    fn at_full_strength(&self) -> bool {
+        if self.new_disk.contains(&true) {
+            return false;
+        }
+        let mut ids: Vec<u64> = self.replicas.iter().map(|r| r.id.0).collect();
+        ids.sort_unstable();
+        self.replicas.iter().all(|r| {
+            r.running.as_ref().is_none_or(|x| {
+                let mut voters: Vec<u64> = x
+                    .driver
+                    .raw()
+                    .raft
+                    .prs()
+                    .conf()
+                    .voters()
+                    .ids()
+                    .iter()
+                    .collect();
+                voters.sort_unstable();
+                voters == ids
+            })
+        })
+    }
+
     /// A turn of replica `r`'s driver, then its outputs: messages onto the
     /// network, writes onto the disk, a due apply onto the clock; then the
     /// checks.
@@ -1760,7 +1792,7 @@ impl Sim {
             }
             FaultKind::Wipe { replica, down_ms }
                 if replica < n
-                    && (self.opts.double_faults || !self.new_disk.contains(&true))
+                    && (self.opts.double_faults || self.at_full_strength())
                     && self.operation.is_none() =>
             {
                 self.crash(replica);
@@ -1771,7 +1803,7 @@ impl Sim {
             }
             FaultKind::Replace { replica }
                 if replica < n
-                    && (self.opts.double_faults || !self.new_disk.contains(&true))
+                    && (self.opts.double_faults || self.at_full_strength())
                     && self.operation.is_none() =>
             {
                 self.crash(replica);
