@@ -386,9 +386,12 @@ async fn grpc_health_reports_serving_only_with_a_leader() -> anyhow::Result<()> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(answered > 0, "health never answered");
+    // A new group elects its first leader once every initial replica has
+    // started (an empty data directory could be one that lost its disk).
     g.replicas[1].start()?;
+    g.replicas[2].start()?;
     let deadline = tokio::time::Instant::now() + WAIT;
-    for r in &g.replicas[..2] {
+    for r in &g.replicas {
         while health(&r.addr).await != Some(ServingStatus::Serving as i32) {
             anyhow::ensure!(
                 tokio::time::Instant::now() < deadline,
