@@ -428,16 +428,16 @@ impl Driver {
             self.raw.raft.term,
             self.raw.raft.leader_id,
             self.freshness,
-            self.raw
-                .raft
-                .prs()
-                .conf()
-                .voters()
-                .ids()
-                .iter()
-                .collect::<Vec<_>>(),
+            self.voters(),
             shown
         )
+    }
+
+    /// The voters as this replica knows them, in order.
+    pub(crate) fn voters(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Stops as a crash does: what the writer had not written is lost,

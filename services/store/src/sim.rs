@@ -1540,22 +1540,9 @@ impl Sim {
         }
         let mut ids: Vec<u64> = self.replicas.iter().map(|r| r.id.0).collect();
         ids.sort_unstable();
-        self.replicas.iter().all(|r| {
-            r.running.as_ref().is_none_or(|x| {
-                let mut voters: Vec<u64> = x
-                    .driver
-                    .raw()
-                    .raft
-                    .prs()
-                    .conf()
-                    .voters()
-                    .ids()
-                    .iter()
-                    .collect();
-                voters.sort_unstable();
-                voters == ids
-            })
-        })
+        self.replicas
+            .iter()
+            .all(|r| r.running.as_ref().is_none_or(|x| x.driver.voters() == ids))
     }
 
     /// A turn of replica `r`'s driver, then its outputs: messages onto the

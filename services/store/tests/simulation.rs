@@ -265,6 +265,6 @@ fn a_wiped_replica_does_not_help_elect_a_candidate_missing_the_first_entry() {
             ..opts
         },
     );
-    let failure = before.err().expect("the vote rule of that time passed");
+    let failure = before.expect_err("the vote rule of that time passed");
     assert!(failure.what.contains("changed"), "{}", failure.what);
 }
