@@ -91,9 +91,10 @@ impl VirtualClock {
             .fetch_max(to.as_nanos() as u64, Ordering::AcqRel);
     }
 
-    /// Steps this wall clock (not the monotonic one) by `ms`, either way.
-    pub fn step_wall(&self, ms: i64) {
-        self.wall_step_ms.fetch_add(ms, Ordering::AcqRel);
+    /// Steps this wall clock (not the monotonic one) by `ms`, either way;
+    /// returns the sum of its steps so far.
+    pub fn step_wall(&self, ms: i64) -> i64 {
+        self.wall_step_ms.fetch_add(ms, Ordering::AcqRel) + ms
     }
 
     /// The instant standing for the current virtual time.

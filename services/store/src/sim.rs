@@ -582,8 +582,6 @@ struct Replica {
     /// Times this replica lost what it had acknowledged (its disk wiped;
     /// with lying disks, any crash).
     losses: u64,
-    /// Sum of the steps of its wall clock.
-    wall_step_ms: i64,
 }
 
 /// The state machine's specification, applied to the committed log in
@@ -886,7 +884,6 @@ impl Sim {
                 running: None,
                 checked: 0,
                 losses: 0,
-                wall_step_ms: 0,
                 joiner: false,
             });
         }
@@ -1709,12 +1706,7 @@ impl Sim {
             // goes back only when the follower lost it, once per loss (an
             // acknowledgement sent before a loss may still raise it after).
             for (f, pr) in raw.raft.prs().iter() {
-                let Some(losses) = self
-                    .replicas
-                    .iter()
-                    .find(|x| x.id.0 == *f)
-                    .map(|x| x.losses)
-                else {
+                let Some(losses) = self.slot(NodeId(*f)).map(|s| self.replicas[s].losses) else {
                     continue;
                 };
                 let (was, back) = self.progress.entry((term, *f)).or_insert((pr.matched, 0));
@@ -1837,9 +1829,8 @@ impl Sim {
                 self.note(|| "heal the network".into());
             }
             FaultKind::StepClock { replica, ms } if replica < n => {
-                self.replicas[replica].clock.step_wall(ms);
-                self.replicas[replica].wall_step_ms += ms;
-                self.skew_ms = self.skew_ms.max(self.replicas[replica].wall_step_ms.abs());
+                let off = self.replicas[replica].clock.step_wall(ms);
+                self.skew_ms = self.skew_ms.max(off.abs());
                 self.report.clock_steps += 1;
                 let name = self.replicas[replica].id;
                 self.note(|| format!("step replica {name}'s wall clock by {ms} ms"));
