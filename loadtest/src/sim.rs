@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(long)]
     trace: bool,
     /// Put back a bug the replica logic once had, to watch the simulator
-    /// find it: early-vote, stale-lost-log or bootstrap-vote.
+    /// find it: early-vote, stale-lost-log, bootstrap-vote or revote-after-wipe.
     #[arg(long, value_parser = parse_bug)]
     known_bug: Option<KnownBug>,
     /// Threads running seeds side by side (each run is one thread).
@@ -70,9 +70,10 @@ fn parse_bug(s: &str) -> Result<KnownBug, String> {
     match s {
         "early-vote" => Ok(KnownBug::EarlyVote),
         "stale-lost-log" => Ok(KnownBug::StaleLostLog),
+        "revote-after-wipe" => Ok(KnownBug::RevoteAfterWipe),
         "bootstrap-vote" => Ok(KnownBug::BootstrapVote),
         _ => Err(format!(
-            "unknown bug {s:?}: expected early-vote, stale-lost-log or bootstrap-vote"
+            "unknown bug {s:?}: expected early-vote, stale-lost-log, bootstrap-vote or revote-after-wipe"
         )),
     }
 }

@@ -164,6 +164,9 @@ pub(crate) struct Driver {
     /// entries of its term, how many is not known). See
     /// `may_vote_while_fresh`.
     shown_logs: HashMap<u64, (u64, u64)>,
+    /// Likewise, the highest term each replica has shown this run (a
+    /// delayed message does not lower it). See `may_vote_while_fresh`.
+    shown_terms: HashMap<u64, u64>,
     known_bug: Option<KnownBug>,
     /// Last time a snapshot was being built or sent.
     snapshot_needed: Instant,
@@ -211,6 +214,10 @@ pub enum KnownBug {
     /// log, delayed duplicates included, each time setting the replica's
     /// progress back to what it held then.
     StaleLostLog,
+    /// A replica whose data directory was new voted, until it caught up, in
+    /// a term the other voters had already reached: it may have voted in
+    /// that term before it lost its disk, for another candidate.
+    RevoteAfterWipe,
 }
 
 /// A follower applies committed entries in batches gathered over this long
@@ -293,6 +300,7 @@ impl Driver {
             incarnation: io.incarnation,
             lost_logs: HashMap::new(),
             shown_logs: HashMap::new(),
+            shown_terms: HashMap::new(),
             known_bug: io.known_bug,
             snapshot_needed,
             pending_apply: Vec::new(),
@@ -574,6 +582,11 @@ impl Driver {
             }
         }
         if self.freshness != Freshness::Settled {
+            // A pre-vote asks for the term after the sender's own.
+            let term = match kind {
+                MessageType::MsgRequestPreVote => m.term.saturating_sub(1),
+                _ => m.term,
+            };
             match kind {
                 MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => {
                     self.shown_logs.insert(m.from, (m.log_term, m.index));
@@ -582,6 +595,17 @@ impl Driver {
                     self.shown_logs.insert(m.from, (m.term, u64::MAX));
                 }
                 _ => {}
+            }
+            if matches!(
+                kind,
+                MessageType::MsgRequestVote
+                    | MessageType::MsgRequestPreVote
+                    | MessageType::MsgAppend
+                    | MessageType::MsgHeartbeat
+                    | MessageType::MsgSnapshot
+            ) {
+                let shown = self.shown_terms.entry(m.from).or_default();
+                *shown = (*shown).max(term);
             }
         }
         match kind {
@@ -686,6 +710,14 @@ impl Driver {
     /// initial replica has started, and a replica that lost its disk waits
     /// for every other voter to be heard (one that joined an existing group
     /// and lost its disk does not vote until it has caught up).
+    ///
+    /// Nor does it vote in a term any other voter has shown it: the replica
+    /// may have voted in that term before it lost its disk (the simulator
+    /// found one that won a term, lost its disk a moment later, and then
+    /// elected a second leader of that term with its vote). Whoever it voted
+    /// for had reached that term before the vote, and what a replica sends
+    /// arrives in order on one stream that dies with the process it was sent
+    /// to, so everything it shows this run shows that term or a later one.
     fn may_vote_while_fresh(&self, m: &Message) -> bool {
         if self.known_bug == Some(KnownBug::BootstrapVote) {
             return m.index <= crate::log_store::BOOTSTRAP_INDEX;
@@ -698,13 +730,15 @@ impl Driver {
             return false;
         }
         let candidate = (m.log_term, m.index);
+        let reused_terms = self.known_bug == Some(KnownBug::RevoteAfterWipe);
         voters.ids().iter().all(|v| {
             v == self.cfg.id.0
                 || v == m.from
-                || self
+                || (self
                     .shown_logs
                     .get(&v)
                     .is_some_and(|&shown| candidate >= shown)
+                    && (reused_terms || self.shown_terms.get(&v).is_some_and(|&t| m.term > t)))
         })
     }
 

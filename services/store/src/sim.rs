@@ -204,6 +204,7 @@ impl SimFailure {
             Some(KnownBug::EarlyVote) => cmd += " --known-bug early-vote",
             Some(KnownBug::StaleLostLog) => cmd += " --known-bug stale-lost-log",
             Some(KnownBug::BootstrapVote) => cmd += " --known-bug bootstrap-vote",
+            Some(KnownBug::RevoteAfterWipe) => cmd += " --known-bug revote-after-wipe",
             None => {}
         }
         cmd
@@ -497,7 +498,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(400);
 #[derive(Debug)]
 enum Event {
     Tick(usize, u64),
-    Deliver(usize, Message),
+    /// A raft message for this life of the replica: one sent to a life
+    /// that has ended is lost with it (the stream it travelled on dies with
+    /// the process).
+    Deliver(usize, u64, Message),
     /// The disk finishes a write of this life of the replica.
     Disk(usize, u64),
     Apply(usize, u64),
@@ -1120,7 +1124,7 @@ impl Sim {
         now.hash(&mut self.hash);
         match e {
             Event::Tick(r, _) => (0u8, *r).hash(&mut self.hash),
-            Event::Deliver(to, m) => {
+            Event::Deliver(to, _, m) => {
                 (1u8, *to, m.get_msg_type() as i32, m.from, m.term, m.index).hash(&mut self.hash);
                 (m.log_term, m.commit, m.entries.len(), m.reject).hash(&mut self.hash);
             }
@@ -1143,7 +1147,7 @@ impl Sim {
         if self.opts.trace {
             match e {
                 Event::Tick(..) | Event::Checkpoint(..) => {}
-                Event::Deliver(to, m) => {
+                Event::Deliver(to, _, m) => {
                     let (ty, from, term, index, commit, n, reject) = (
                         m.get_msg_type(),
                         m.from,
@@ -1190,8 +1194,8 @@ impl Sim {
                 let jitter = self.ms(0, 2);
                 self.at(TICK + jitter, Event::Tick(r, life));
             }
-            Event::Deliver(r, m) => {
-                if let Some(x) = self.replicas[r].running.as_mut() {
+            Event::Deliver(r, life, m) => {
+                if let Some(x) = self.running(r, life) {
                     // The driver's inbox is bounded; a full one drops, as
                     // the transport's does.
                     let _ = x.inbox.try_send(m);
@@ -1614,13 +1618,14 @@ impl Sim {
         } else {
             1
         };
+        let life = self.replicas[to].life;
         for _ in 0..copies {
             let d = if self.rng.random_bool(0.05) {
                 self.ms(5, 60)
             } else {
                 self.ms(0, 2)
             };
-            self.at(d, Event::Deliver(to, m.clone()));
+            self.at(d, Event::Deliver(to, life, m.clone()));
         }
     }
 

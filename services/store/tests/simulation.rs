@@ -268,3 +268,34 @@ fn a_wiped_replica_does_not_help_elect_a_candidate_missing_the_first_entry() {
     let failure = before.expect_err("the vote rule of that time passed");
     assert!(failure.what.contains("changed"), "{}", failure.what);
 }
+
+/// Replica 2 won term 9 and lost its disk a moment later, forgetting its
+/// term and its vote; after a partition healed, replica 1 asked for votes
+/// in term 9 and the wiped replica granted one: two leaders of term 9.
+/// Found at seed 20841 of 10-second runs. Now a replica that lost its disk
+/// votes only in a term above every term the other voters have shown it
+/// (`KnownBug::RevoteAfterWipe` puts the old rule back).
+#[test]
+fn a_wiped_replica_does_not_vote_again_in_a_term_it_may_have_voted_in() {
+    let opts = SimOptions {
+        duration: Duration::from_secs(10),
+        plan: Some(
+            sim::parse_plan(
+                "623:transfer,801:crash:1:1166,1272:crash:3:283,2499:crash:3:1177,\
+                 3066:crash:1:1470,3707:wipe:2:1019,4562:isolate:1,9614:crash:2:1472",
+            )
+            .expect("plan parses"),
+        ),
+        ..SimOptions::default()
+    };
+    run_or_fail(20841, &opts);
+    let before = sim::run(
+        20841,
+        &SimOptions {
+            known_bug: Some(KnownBug::RevoteAfterWipe),
+            ..opts
+        },
+    );
+    let failure = before.expect_err("the vote rule of that time passed");
+    assert!(failure.what.contains("two leaders"), "{}", failure.what);
+}
